@@ -1,0 +1,134 @@
+"""Packed-split attention: BAGEL's visibility rule over packed multimodal sequences.
+
+Contract (shared/DESIGN.md §6)::
+
+    packed_attention(q, k, v, sample_id, split_id, split_kind, *, impl="reference") -> [B, T, Hq, D]
+
+q is ``[B, T, Hq, D]``, k and v are ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` (grouped-query attention).
+The metadata arrays are ``[B, T]`` int32:
+
+* ``sample_id``: which sample of the pack a token belongs to; ``< 0`` marks padding.
+* ``split_id``: the split (a text span, an image block) inside its sample, increasing in sequence order.
+* ``split_kind``: ``CAUSAL`` (0), ``FULL`` (1) or ``NOISE`` (2).
+
+Visibility of key j from query i (same sample only, padding sees and is seen by nothing):
+
+* ``split_j == split_i``: visible when the split is full/noise, or causal with ``j <= i``;
+* ``split_j <  split_i``: visible unless split j is a noise split (noised targets are never context);
+* ``split_j >  split_i``: never.
+
+Only the *relative order inside a split* uses token positions; everything else uses the metadata, so a
+pack may store its understanding and generation tokens in separate regions (see modeling/packing.py).
+
+This module holds the jnp reference and the dispatch; the fused Pallas kernels live beside it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CAUSAL, FULL, NOISE = 0, 1, 2
+IMPLS = ("reference", "pallas", "pallas_interpret", "xla_dense", "auto")
+
+
+def visibility_mask(sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array) -> jax.Array:
+    """Dense visibility ``[B, Tq, Tk]`` (bool) from per-token metadata ``[B, T]``.
+
+    Position order for the causal rule is the index along T.
+    """
+    positions = jnp.arange(sample_id.shape[-1])
+    q_sample, k_sample = sample_id[:, :, None], sample_id[:, None, :]
+    q_split, k_split = split_id[:, :, None], split_id[:, None, :]
+    q_kind, k_kind = split_kind[:, :, None], split_kind[:, None, :]
+    same_sample = (q_sample == k_sample) & (q_sample >= 0)
+    same_split = q_split == k_split
+    causal_ok = (q_kind != CAUSAL) | (positions[None, None, :] <= positions[None, :, None])
+    earlier_context = (k_split < q_split) & (k_kind != NOISE)
+    return same_sample & ((same_split & causal_ok) | earlier_context)
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    sample_id: jax.Array,
+    split_id: jax.Array,
+    split_kind: jax.Array,
+) -> jax.Array:
+    """Plain jnp attention with a dense mask. Rows that see nothing return zeros.
+
+    Softmax statistics are computed in float32 whatever the input dtype.
+    """
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    mask = visibility_mask(sample_id, split_id, split_kind)  # [B, Tq, Tk]
+    # [B, T, Hkv, G, D]: query heads grouped onto their shared K/V head, no K/V repetition.
+    q_grouped = q.reshape(batch, seq_len, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, seq_len, num_q_heads, head_dim).astype(q.dtype)
+
+
+def xla_dense_attention(q, k, v, sample_id, split_id, split_kind):
+    """``jax.nn.dot_product_attention`` with a dense mask (cuDNN on GPU); for comparison benchmarks."""
+    mask = visibility_mask(sample_id, split_id, split_kind)[:, None]  # [B, 1, Tq, Tk]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    sees_something = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
+    return jnp.where(sees_something, out, 0).astype(q.dtype)
+
+
+def _validate(q, k, v, sample_id, split_id, split_kind) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"packed_attention: q/k/v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"packed_attention: shapes do not agree: q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"packed_attention: Hq={q.shape[2]} is not a multiple of Hkv={k.shape[2]}")
+    for name, meta in (("sample_id", sample_id), ("split_id", split_id), ("split_kind", split_kind)):
+        if meta.shape != q.shape[:2]:
+            raise ValueError(f"packed_attention: {name} must be [B, T] = {q.shape[:2]}; got {meta.shape}")
+
+
+def packed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    sample_id: jax.Array,
+    split_id: jax.Array,
+    split_kind: jax.Array,
+    *,
+    impl: str = "reference",
+) -> jax.Array:
+    """BAGEL packed-split attention; see the module docstring. Returns ``[B, T, Hq, D]``."""
+    _validate(q, k, v, sample_id, split_id, split_kind)
+    if impl == "auto":
+        impl = _auto_impl()
+    if impl == "reference":
+        return reference_attention(q, k, v, sample_id, split_id, split_kind)
+    if impl == "xla_dense":
+        return xla_dense_attention(q, k, v, sample_id, split_id, split_kind)
+    if impl in ("pallas", "pallas_interpret"):
+        from synermedgen_jax.kernels import pallas_attention  # noqa: PLC0415 (optional heavy import)
+
+        return pallas_attention.pallas_packed_attention(
+            q, k, v, sample_id, split_id, split_kind, interpret=(impl == "pallas_interpret")
+        )
+    raise ValueError(f"packed_attention: unknown impl {impl!r}; expected one of {IMPLS}")
+
+
+def _auto_impl() -> str:
+    platform = jax.default_backend()
+    try:
+        from synermedgen_jax.kernels import pallas_attention  # noqa: F401, PLC0415
+    except ImportError:
+        return "reference"
+    return "pallas" if platform in ("gpu", "cuda", "tpu") else "reference"
