@@ -1,0 +1,175 @@
+"""The Mixture-of-Transformers decoder (Qwen2-style), BAGEL's ``Qwen2MoTDecoderLayer``.
+
+Every layer has two experts — understanding (text, markers, ViT tokens) and generation (VAE latent tokens) —
+each with its own q/k/v/o projections, q/k RMSNorms, SwiGLU MLP and the two per-layer RMSNorms; a final norm per
+expert. The experts meet in ONE grouped-query attention over the whole pack.
+
+Routing costs nothing: the pack stores understanding tokens in ``x[:, :und_tokens]`` and generation tokens in
+``x[:, und_tokens:]`` (modeling/packing.py), so each expert runs on a contiguous slice and no token is computed
+by both. ``freeze_und`` reproduces BAGEL's detaches on the understanding side (inputs, values, normalised q/k,
+attention and MLP outputs, final norm).
+
+Parameter names follow BAGEL's checkpoint keys (``layers.{i}.self_attn.q_proj_moe_gen``…); kernels are
+``[in, out]`` (PyTorch's transposed).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from synermedgen_jax.kernels.attention import packed_attention
+from synermedgen_jax.modeling.layers import Init, Linear, RMSNorm, apply_rope, make_param, rope_cos_sin
+
+_stop = jax.lax.stop_gradient
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, compute_dtype, param_dtype):
+        kw = dict(use_bias=False, rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoTAttention(nnx.Module):
+    """Per-expert projections and q/k norms around one joint packed attention."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        llm = config.llm
+        hidden, head_dim = llm.hidden_size, llm.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, head_dim
+        self.qk_norm = llm.qk_norm
+        self.freeze_und = llm.freeze_und
+        self.attention_impl = config.attention_impl
+        kw = dict(rngs=rngs, compute_dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype))
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", Linear(hidden, llm.num_heads * head_dim, axes=("embed", "heads"), **kw))
+            setattr(self, f"k_proj{suffix}",
+                    Linear(hidden, llm.num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw))
+            setattr(self, f"v_proj{suffix}",
+                    Linear(hidden, llm.num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw))
+            setattr(self, f"o_proj{suffix}",
+                    Linear(llm.num_heads * head_dim, hidden, axes=("heads", "embed"), use_bias=False, **kw))
+            if llm.qk_norm:
+                setattr(self, f"q_norm{suffix}", RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim"))
+                setattr(self, f"k_norm{suffix}", RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim"))
+
+    def _project(self, x: jax.Array, suffix: str, frozen: bool):
+        """``x [B, t, E]`` → q ``[B, t, Hq, D]``, k/v ``[B, t, Hkv, D]`` for one expert."""
+        batch, length = x.shape[:2]
+        q = getattr(self, f"q_proj{suffix}")(x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = getattr(self, f"k_proj{suffix}")(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = getattr(self, f"v_proj{suffix}")(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = getattr(self, f"q_norm{suffix}")(q)
+            k = getattr(self, f"k_norm{suffix}")(k)
+        if frozen:
+            q, k, v = _stop(q), _stop(k), _stop(v)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """``x [B, T, E]`` (normed) → attention output ``[B, T, E]`` (after the per-expert o_proj)."""
+        freeze = self.freeze_und
+        q_und, k_und, v_und = self._project(x[:, :und_tokens], "", freeze)
+        q_gen, k_gen, v_gen = self._project(x[:, und_tokens:], "_moe_gen", False)
+        q = jnp.concatenate([q_und, q_gen], axis=1)
+        k = jnp.concatenate([k_und, k_gen], axis=1)
+        v = jnp.concatenate([v_und, v_gen], axis=1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = packed_attention(q, k, v, meta["sample_id"], meta["split_id"], meta["split_kind"],
+                               impl=self.attention_impl)
+        out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
+        out_und = self.o_proj(out[:, :und_tokens])
+        if freeze:
+            out_und = _stop(out_und)
+        return jnp.concatenate([out_und, self.o_proj_moe_gen(out[:, und_tokens:])], axis=1)
+
+
+class MoTDecoderLayer(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        llm = config.llm
+        kw = dict(rngs=rngs, compute_dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype))
+        self.freeze_und = llm.freeze_und
+        self.self_attn = MoTAttention(config, rngs=rngs)
+        self.mlp = MLP(llm.hidden_size, llm.intermediate_size, **kw)
+        self.mlp_moe_gen = MLP(llm.hidden_size, llm.intermediate_size, **kw)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
+            setattr(self, f"{name}_moe_gen", RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
+
+    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
+        """``x [B, T, E]`` → ``[B, T, E]``."""
+        x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
+        normed = jnp.concatenate([self.input_layernorm(x_und), self.input_layernorm_moe_gen(x_gen)], axis=1)
+        x = x + self.self_attn(normed, und_tokens, meta, rope).astype(x.dtype)
+        x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
+        mlp_und = self.mlp(self.post_attention_layernorm(x_und))
+        if self.freeze_und:
+            mlp_und = _stop(mlp_und)
+        mlp_gen = self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x_gen))
+        return x + jnp.concatenate([mlp_und, mlp_gen], axis=1).astype(x.dtype)
+
+
+class MoTLanguageModel(nnx.Module):
+    """``embed_tokens`` → MoT layers → per-expert final norm; ``lm_head`` applied by the caller where needed."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        llm = config.llm
+        param_dtype = _dtype(config.param_dtype)
+        self.config = config
+        self.embed_tokens = make_param(rngs, (llm.vocab_size, llm.hidden_size), ("vocab", "embed"),
+                                       Init("normal", 0.02), param_dtype)
+        self.layers = nnx.List([MoTDecoderLayer(config, rngs=rngs) for _ in range(llm.num_layers)])
+        self.norm = RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)
+        self.lm_head = make_param(rngs, (llm.hidden_size, llm.vocab_size), ("embed", "vocab"),
+                                  Init("normal", 0.02), param_dtype)
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """``[B, t]`` int → ``[B, t, E]`` in the compute dtype."""
+        table = self.embed_tokens.value
+        return jnp.take(table, token_ids, axis=0).astype(_dtype(self.config.compute_dtype))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., E]`` → ``[..., V]`` (float32 for a stable softmax)."""
+        dtype = _dtype(self.config.compute_dtype)
+        return jnp.einsum("...e,ev->...v", hidden.astype(dtype), self.lm_head.value.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, x: jax.Array, und_tokens: int, meta: dict) -> jax.Array:
+        """``x [B, T, E]`` embedded pack (und region then gen region); ``meta`` holds ``sample_id``,
+        ``split_id``, ``split_kind``, ``rope_id`` ``[B, T]``. Returns final hidden states ``[B, T, E]``."""
+        llm = self.config.llm
+        freeze = llm.freeze_und
+        if freeze:
+            x = jnp.concatenate([_stop(x[:, :und_tokens]), x[:, und_tokens:]], axis=1)
+        rope = rope_cos_sin(meta["rope_id"], llm.head_dim, llm.rope_theta)
+        for layer in self.layers:
+            x = _apply_layer(layer, x, und_tokens, meta, rope, self.config.remat)
+        out_und = self.norm(x[:, :und_tokens])
+        if freeze:
+            out_und = _stop(out_und)
+        return jnp.concatenate([out_und, self.norm_moe_gen(x[:, und_tokens:])], axis=1)
+
+
+def _apply_layer(layer: MoTDecoderLayer, x: jax.Array, und_tokens: int, meta: dict, rope, policy: str):
+    """Runs a layer, rematerialised in the backward pass as the config's remat policy says."""
+    if policy == "none":
+        return layer(x, und_tokens, meta, rope)
+    policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if policy not in policies:
+        raise ValueError(f"config.remat: unknown policy {policy!r}; expected none, full or dots")
+    call = lambda lyr, h, m, r: lyr(h, und_tokens, m, r)  # und_tokens is static: closed over
+    return nnx.remat(call, policy=policies[policy])(layer, x, meta, rope)

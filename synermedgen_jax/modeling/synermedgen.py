@@ -1,0 +1,146 @@
+"""The unified SynerMedGen / BAGEL model: ViT + connector, MoT language model, generation head, VAE.
+
+A forward pass takes one packed batch (modeling/packing.py) plus the clean VAE latents of its image slots and
+the flow-matching noise, and returns next-token logits at the CE positions and velocity predictions at every
+generation token. Attribute names mirror BAGEL's checkpoint prefixes (``language_model``, ``vit_model``,
+``connector``, ``vit_pos_embed``, ``vae2llm``, ``llm2vae``, ``time_embedder``, ``latent_pos_embed``) and
+``vae`` holds the FLUX autoencoder (BAGEL's separate ``ae.safetensors``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from synermedgen_jax.modeling import generation
+from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
+from synermedgen_jax.modeling.layers import Linear
+from synermedgen_jax.modeling.llm import MoTLanguageModel
+from synermedgen_jax.modeling.vae import AutoEncoder
+from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_table
+
+META_KEYS = ("sample_id", "split_id", "split_kind", "rope_id")
+
+
+def freeze_config(config) -> ml_collections.FrozenConfigDict:
+    """Models keep a hashable frozen copy of their config (it becomes part of the static graph)."""
+    return config if isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(config)
+
+
+class SynerMedGen(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        config = freeze_config(config)
+        self.config = config
+        hidden = config.llm.hidden_size
+        compute_dtype = jnp.dtype(config.compute_dtype)
+        token_dim = config.latent_patch_size**2 * config.vae.z_channels
+        self.language_model = MoTLanguageModel(config, rngs=rngs)
+        self.vit_model = SiglipVisionModel(config, rngs=rngs)
+        self.connector = Connector(config, rngs=rngs)
+        self.vit_pos_embed = position_table(config.vit.max_num_patch_per_side, hidden)
+        self.vae2llm = Linear(token_dim, hidden, axes=(None, "embed"), rngs=rngs, compute_dtype=compute_dtype)
+        self.llm2vae = Linear(hidden, token_dim, axes=("embed", None), rngs=rngs, compute_dtype=compute_dtype,
+                              zero_init=True)
+        self.time_embedder = TimestepEmbedder(hidden, rngs=rngs, compute_dtype=compute_dtype)
+        self.latent_pos_embed = position_table(config.max_latent_size, hidden)
+        self.vae = AutoEncoder(config, rngs=rngs)
+
+    # ------------------------------------------------------------------------------------------------------
+    def latent_tokens(self, vae_images: jax.Array, key: jax.Array | None) -> jax.Array:
+        """Clean latent tokens of every image slot, ``vae_images [B, S, H, W, C]`` → ``[B, S·L, p·p·z]``.
+
+        The VAE is frozen: no gradient flows into it from here.
+        """
+        batch, slots = vae_images.shape[:2]
+        flat = vae_images.reshape(batch * slots, *vae_images.shape[2:])
+        latents = jax.lax.stop_gradient(self.vae.encode(flat, key))
+        tokens = patchify_latents(latents, self.config.latent_patch_size)
+        return tokens.reshape(batch, slots * tokens.shape[1], tokens.shape[2])
+
+    def embed_understanding(self, batch: dict) -> jax.Array:
+        """Text embeddings with the ViT tokens scattered in: ``[B, Tu, E]``."""
+        x = self.language_model.embed(batch["token_ids"])
+        if batch["vit_patches"].shape[1] == 0:
+            return x
+        features = self.vit_model(batch["vit_patches"], batch["vit_pos_id"], batch["vit_image_id"])
+        vit_embeds = self.connector(features)
+        vit_embeds = vit_embeds + jnp.take(self.vit_pos_embed.value, batch["vit_pos_id"], axis=0)
+        rows = jnp.arange(x.shape[0])[:, None]
+        # Padding patches point one past the region and are dropped.
+        return x.at[rows, batch["vit_dest"]].set(vit_embeds.astype(x.dtype), mode="drop")
+
+    def embed_generation(self, noised_tokens: jax.Array, t: jax.Array, latent_pos_id: jax.Array) -> jax.Array:
+        """``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[pos]``: ``[B, Tg, E]``."""
+        pos = jnp.take(self.latent_pos_embed.value, latent_pos_id, axis=0)
+        return self.vae2llm(noised_tokens) + self.time_embedder(t) + pos.astype(self.vae2llm.compute_dtype)
+
+    def __call__(self, batch: dict, clean_latents: jax.Array, noise: jax.Array) -> dict:
+        """One packed forward.
+
+        Args:
+          batch: pack arrays (see packing.PackBuilder.build) with a leading ``[B]`` axis.
+          clean_latents: ``[B, S·L, p·p·z]`` from :meth:`latent_tokens`.
+          noise: ``[B, Tg, p·p·z]`` standard normal, one row per generation token.
+        Returns:
+          ``logits [B, C, V]`` at the CE positions (float32), ``velocity [B, Tg, p·p·z]``, ``target`` (ε − x0)
+          and ``hidden [B, T, E]``.
+        """
+        und_tokens = batch["token_ids"].shape[1]
+        x_und = self.embed_understanding(batch)
+        index = batch["latent_index"][..., None]
+        clean = jnp.take_along_axis(clean_latents, index, axis=1)
+        t = generation.timesteps_from_logits(batch["timestep_logit"], self.config.timestep_shift)
+        noised = generation.noise_latents(clean, noise, t)
+        x_gen = self.embed_generation(noised, t, batch["latent_pos_id"])
+        x = jnp.concatenate([x_und, x_gen.astype(x_und.dtype)], axis=1)
+        meta = {key: batch[key] for key in META_KEYS}
+        hidden = self.language_model(x, und_tokens, meta)
+        ce_hidden = jnp.take_along_axis(hidden[:, :und_tokens], batch["ce_index"][..., None], axis=1)
+        return {
+            "logits": self.language_model.logits(ce_hidden),
+            "velocity": self.llm2vae(hidden[:, und_tokens:]).astype(jnp.float32),
+            "target": (noise - clean).astype(jnp.float32),
+            "hidden": hidden,
+        }
+
+
+def compute_losses(outputs: dict, batch: dict, *, ce_weight: float = 1.0, mse_weight: float = 1.0) -> dict:
+    """BAGEL's losses: CE summed over labelled tokens / their global count; MSE averaged over the latent
+    dims, summed over noised tokens / their global count; ``loss = ce_weight·CE + mse_weight·MSE``.
+
+    Under ``jit`` over a sharded batch the sums are global, so the counts are the global token counts.
+    """
+    ce_mask = batch["ce_mask"].astype(jnp.float32)
+    token_ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], batch["ce_label"])
+    ce_count = jnp.sum(ce_mask)
+    ce = jnp.sum(token_ce * ce_mask) / jnp.maximum(ce_count, 1.0)
+    mse_mask = batch["mse_mask"].astype(jnp.float32)
+    token_mse = jnp.mean(jnp.square(outputs["velocity"] - outputs["target"]), axis=-1)
+    mse_count = jnp.sum(mse_mask)
+    mse = jnp.sum(token_mse * mse_mask) / jnp.maximum(mse_count, 1.0)
+    correct = (jnp.argmax(outputs["logits"], axis=-1) == batch["ce_label"]).astype(jnp.float32)
+    return {
+        "loss": ce_weight * ce + mse_weight * mse,
+        "ce": ce,
+        "mse": mse,
+        "ce_tokens": ce_count,
+        "mse_tokens": mse_count,
+        "token_accuracy": jnp.sum(correct * ce_mask) / jnp.maximum(ce_count, 1.0),
+    }
+
+
+def build_model(config, seed: int = 0) -> SynerMedGen:
+    """A randomly initialised model (``config`` is a model ConfigDict, e.g. configs/models.py:tiny)."""
+    return SynerMedGen(config, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: nnx.Module) -> dict[str, int]:
+    """Trainable parameter counts per top-level part (frozen sin-cos tables excluded)."""
+    counts: dict[str, int] = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(value.value.size)
+    counts["total"] = sum(counts.values())
+    return counts
