@@ -1,0 +1,222 @@
+"""Record schema, ArrayRecord shard writer/reader, the per-split slice index and atomic JSON files.
+
+One record = one (case, axial slice) with that slice in every modality of the case. Payload: msgpack of
+plain types; numpy arrays are ``{"__nd__": [dtype, shape], "b": raw bytes}`` and bit masks are
+``{"__bits__": shape, "b": packbits bytes}``. Nothing is pickled: decoding never runs code.
+
+Fields: ``schema``, ``dataset``, ``anatomy``, ``group``, ``case_id``, ``patient_id``, ``split``,
+``slice_index``, ``depth`` (slices in the volume), ``spacing`` [3] mm, ``geometry`` (see
+``volumes.SliceGeometry``), ``modalities`` [names], ``norm`` {modality: {kind, lo, hi}}, ``images``
+{modality: float16/float32 [S, S] in [-1, 1]}, ``mask`` bool [S, S], ``foreground`` (fraction),
+``routes`` [[source, target], ...].
+
+Files of a build (``out/``): ``records/<split>-NNNNN.array_record`` shards, ``records/<split>.index.json``
+(per-record metadata without images, the input of the understanding instances), ``instances/``,
+``tokenizer.json``, ``manifest.json``, ``skipped.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+SHARD_SUFFIX = ".array_record"
+
+
+def _pack_default(obj):
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == np.bool_:
+            return {"__bits__": list(obj.shape), "b": np.packbits(obj.ravel()).tobytes()}
+        if obj.dtype.kind not in "fiu":
+            raise TypeError(f"cannot store numpy dtype {obj.dtype} in a record")
+        arr = np.ascontiguousarray(obj)
+        return {"__nd__": [arr.dtype.str, list(arr.shape)], "b": arr.tobytes()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in a record")
+
+
+def _unpack_hook(obj: dict):
+    if "__nd__" in obj:
+        dtype, shape = obj["__nd__"]
+        return np.frombuffer(obj["b"], dtype=np.dtype(dtype)).reshape(shape)
+    if "__bits__" in obj:
+        shape = obj["__bits__"]
+        n = int(np.prod(shape))
+        return np.unpackbits(np.frombuffer(obj["b"], np.uint8), count=n).astype(bool).reshape(shape)
+    return obj
+
+
+def encode_record(record: Mapping) -> bytes:
+    return msgpack.packb(dict(record), default=_pack_default, use_bin_type=True)
+
+
+def decode_record(payload: bytes) -> dict:
+    record = msgpack.unpackb(payload, object_hook=_unpack_hook, raw=False, strict_map_key=False)
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+        found = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"record schema {found!r} is not the supported version {SCHEMA_VERSION}")
+    return record
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj, *, indent: int | None = 2) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+class ShardWriter:
+    """Writes records of one split to rolling ArrayRecord shards ``<split>-NNNNN.array_record``.
+
+    Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
+    truncated shard under a final name. ``close()`` returns ``[{"file", "records", "sha256"}]``.
+    """
+
+    def __init__(self, directory: str | Path, split: str, records_per_shard: int = 1000):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._writer_cls = ArrayRecordWriter
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.records_per_shard = int(records_per_shard)
+        self.shards: list[dict] = []
+        self.count = 0
+        self._writer = None
+        self._tmp: str | None = None
+        self._in_shard = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}{SHARD_SUFFIX}"
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+        os.close(fd)
+        # group_size:1 keeps every record its own chunk: cheapest random access.
+        self._writer = self._writer_cls(self._tmp, "group_size:1")
+        self._name = name
+        self._in_shard = 0
+
+    def _finish(self) -> None:
+        self._writer.close()
+        final = self.directory / self._name
+        os.replace(self._tmp, final)
+        self.shards.append({"file": f"{self.directory.name}/{self._name}", "records": self._in_shard,
+                            "sha256": sha256_file(final)})
+        self._writer, self._tmp = None, None
+
+    def write(self, payload: bytes) -> int:
+        """Appends one encoded record; returns its index within the split."""
+        if self._writer is None:
+            self._open()
+        self._writer.write(payload)
+        self._in_shard += 1
+        self.count += 1
+        if self._in_shard >= self.records_per_shard:
+            self._finish()
+        return self.count - 1
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            if self._tmp and os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            self._writer = None
+
+
+def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
+    """The split's shards in index order (record ``i`` of the split is in the concatenation)."""
+    manifest_path = Path(data_dir) / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        return [Path(data_dir) / s["file"] for s in manifest["shards"].get(split, [])]
+    return sorted((Path(data_dir) / "records").glob(f"{split}-*{SHARD_SUFFIX}"))
+
+
+class RecordReader:
+    """Random access to the decoded records of one split (``grain`` ``ArrayRecordDataSource`` underneath)."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        import grain
+
+        paths = shard_paths(data_dir, split)
+        if not paths:
+            raise FileNotFoundError(f"{data_dir}: no record shards for split {split!r}")
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{data_dir}: manifest lists missing shards: {', '.join(missing)}")
+        self.source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return decode_record(self.source[int(index)])
+
+    def raw(self, index: int) -> bytes:
+        return self.source[int(index)]
+
+
+def load_index(data_dir: str | Path, split: str) -> dict:
+    """The per-split slice index written by the builder: columnar lists, one entry per record."""
+    path = Path(data_dir) / "records" / f"{split}.index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing slice index (was the build finished?)")
+    return json.loads(path.read_text())
+
+
+def verify_shards(data_dir: str | Path) -> list[str]:
+    """Recomputes every shard checksum against ``manifest.json``; returns the problems found."""
+    data_dir = Path(data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    problems = []
+    for split, shards in manifest["shards"].items():
+        for shard in shards:
+            path = data_dir / shard["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing ({split})")
+            elif sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 mismatch")
+    return problems
