@@ -1,0 +1,18 @@
+"""Shared test setup: CPU JAX, float32 matmuls at full precision, and small shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from synermedgen_jax.config import load_config
+
+    return load_config("configs/models.py:tiny")
