@@ -1,0 +1,105 @@
+"""Build SynerMed ArrayRecord shards from NIfTI datasets (or the simulated mni152-sim default).
+
+  python -m synermedgen_jax build-data --source mni152-sim --out data/sim --subjects 16 --slice-size 64
+  python -m synermedgen_jax build-data --source brats --root /data/BraTS2021 --out data/brats
+
+Sources and the layouts they read:
+  synthrad2023  Task1/{brain,pelvis}/<case>/{mr,ct,mask}.nii.gz, Task2/{brain,pelvis}/<case>/{cbct,ct,mask}.nii.gz
+  brats         <case>/<case>_{t1,t1ce,t2,flair}.nii.gz (2021) or <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz (2023)
+  autopet       <patient>/<study>/{CTres,SUV}.nii.gz
+  mni152-sim    no files: subjects simulated from nilearn's MNI152 template (T1, T1CE, T2, FLAIR, CT, CBCT, PET)
+
+Writes to --out: records/<split>-NNNNN.array_record (one record per case and axial slice, every modality,
+normalised to [-1, 1] with the inverse parameters), records/<split>.index.json, instances/<split>.npz
+(CTS/TIA/MI, the non-aligned VQA control and Stage II pairs as index views), tokenizer.json,
+manifest.json (counts, shard sha256, config, code version) and skipped.jsonl (file, case, reason).
+Bad cases are skipped; the exit status is non-zero only when no valid record remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from synermedgen_jax.data.records import SPLITS
+
+
+def _pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}")
+    return float(parts[0]), float(parts[1])
+
+
+def _mix(text: str) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in ("cts", "tia", "mi") or not value:
+            raise argparse.ArgumentTypeError(f"expected cts=W,tia=W,mi=W, got {text!r}")
+        out.append((name, float(value)))
+    return tuple(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from synermedgen_jax.data.sources import SOURCES
+
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout")
+    parser.add_argument("--root", help="dataset folder (not needed for mni152-sim)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
+    parser.add_argument("--slice-size", type=int, default=256, help="square slice side in pixels (256)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="image storage")
+    parser.add_argument("--min-foreground", type=float, default=0.05,
+                        help="skip slices whose foreground covers less than this fraction (0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="splits, simulation and instances (0)")
+    parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                        help="patient-level split fractions (0.8 0.1 0.1)")
+    parser.add_argument("--ct-window", type=_pair, default=(-1024.0, 3071.0), help="HU window LO,HI")
+    parser.add_argument("--mr-percentiles", type=_pair, default=(0.5, 99.5), help="MR percentiles LO,HI")
+    parser.add_argument("--pet-suv-max", type=float, default=15.0, help="PET SUV clip (15)")
+    parser.add_argument("--resample", action="store_true",
+                        help="resample misaligned modalities onto the first one instead of skipping the case")
+    parser.add_argument("--neighbour-k", type=int, default=3, help="CTS distractors: slices within +-K (3)")
+    parser.add_argument("--instances-per-pair", type=float, default=2.3,
+                        help="understanding instances per paired sample (2.3, the released ratio)")
+    parser.add_argument("--mix", type=_mix, default=(("cts", 0.468), ("tia", 0.381), ("mi", 0.150)),
+                        help="task weights, e.g. cts=0.468,tia=0.381,mi=0.15")
+    parser.add_argument("--records-per-shard", type=int, default=1000)
+    parser.add_argument("--subjects", type=int, default=8, help="mni152-sim: number of subjects (8)")
+    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="mni152-sim: voxel size in mm (2)")
+    parser.add_argument("--sim-lesion-probability", type=float, default=0.8,
+                        help="mni152-sim: chance a subject has a BraTS-like lesion (0.8)")
+    parser.add_argument("--vocab-size", type=int, default=512, help="embedded tokenizer vocabulary (512)")
+    parser.add_argument("--contact-sheet", metavar="PNG", help="write a PNG of the first case, all modalities")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.data.build import BuildConfig, build, summary_lines
+    from synermedgen_jax.data.volumes import DataError
+
+    config = BuildConfig(
+        source=args.source, root=args.root, out=args.out, slice_size=args.slice_size, dtype=args.dtype,
+        min_foreground=args.min_foreground, seed=args.seed, split_fractions=tuple(args.split),
+        ct_window=tuple(args.ct_window), mr_percentiles=tuple(args.mr_percentiles), pet_suv_max=args.pet_suv_max,
+        resample=args.resample, neighbour_k=args.neighbour_k, instances_per_pair=args.instances_per_pair,
+        mix=tuple(args.mix), records_per_shard=args.records_per_shard, subjects=args.subjects,
+        sim_voxel_mm=args.sim_voxel_mm, sim_lesion_probability=args.sim_lesion_probability,
+        vocab_size=args.vocab_size, contact_sheet=args.contact_sheet, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    try:
+        result = build(config)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in summary_lines(result):
+        print(line)
+    print(f"wrote {result.out}/manifest.json")
+    if result.total_records == 0:
+        print(f"error: no valid record remains ({len(result.skipped)} cases skipped; see "
+              f"{result.out}/skipped.jsonl)", file=sys.stderr)
+        return 1
+    if not any(result.records[s] for s in SPLITS if s == "train"):
+        print("warning: the train split is empty", file=sys.stderr)
+    return 0

@@ -1,0 +1,314 @@
+"""The builder: a source's cases -> normalised paired-slice records in ArrayRecord shards, the per-split slice
+index, understanding instances and Stage II pairs, the tokenizer, ``manifest.json`` and ``skipped.jsonl``.
+
+Memory stays bounded: one case's volumes at a time; only per-record metadata (a few numbers) accumulates.
+A case that fails any check is skipped with its reason; the build fails only when no valid record remains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from synermedgen_jax.data import understanding
+from synermedgen_jax.data.records import (
+    SCHEMA_VERSION,
+    SPLITS,
+    ShardWriter,
+    encode_record,
+    write_json,
+    write_text,
+)
+from synermedgen_jax.data.sources import CaseSpec, Source, get_source
+from synermedgen_jax.data.volumes import (
+    DataError,
+    NormConfig,
+    case_foreground,
+    check_aligned,
+    modality_spec,
+    norm_params,
+    normalise,
+    slice_geometry,
+    to_axial_slices,
+)
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    source: str
+    out: str
+    root: str | None = None
+    slice_size: int = 256
+    dtype: str = "float16"  # image storage: float16 (half the space, ~1 HU resolution in the CT window)
+    min_foreground: float = 0.05  # skip slices whose foreground covers less than this fraction
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    ct_window: tuple[float, float] = (-1024.0, 3071.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    pet_suv_max: float = 15.0
+    resample: bool = False
+    affine_tolerance_mm: float = 1e-2
+    neighbour_k: int = 3
+    instances_per_pair: float = 2.3
+    mix: tuple[tuple[str, float], ...] = tuple(understanding.DEFAULT_MIX.items())
+    records_per_shard: int = 1000
+    subjects: int = 8  # mni152-sim
+    sim_voxel_mm: float = 2.0  # mni152-sim
+    sim_lesion_probability: float = 0.8  # mni152-sim
+    vocab_size: int = 512
+    contact_sheet: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def norm(self) -> NormConfig:
+        return NormConfig(tuple(self.ct_window), tuple(self.mr_percentiles), float(self.pet_suv_max))
+
+    def source_options(self) -> dict:
+        return {"subjects": self.subjects, "sim_voxel_mm": self.sim_voxel_mm, "seed": self.seed,
+                "sim_lesion_probability": self.sim_lesion_probability}
+
+
+@dataclasses.dataclass
+class BuildResult:
+    out: Path
+    records: dict[str, int]
+    skipped: list[dict]
+    manifest: dict
+
+    @property
+    def total_records(self) -> int:
+        return sum(self.records.values())
+
+
+def assign_splits(patients: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Patient -> split; a seeded permutation of the sorted unique ids (case-level split, no patient in two).
+
+    With at least three patients, val and test each get at least one patient when their fraction is > 0.
+    """
+    unique = sorted(set(patients))
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split fractions {fractions} must be three non-negative numbers")
+    total = sum(fractions)
+    n = len(unique)
+    n_val = int(round(n * fractions[1] / total))
+    n_test = int(round(n * fractions[2] / total))
+    if n >= 3:
+        n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+        n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+    n_val = min(n_val, n)
+    n_test = min(n_test, n - n_val)
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    out = {}
+    for rank, i in enumerate(order):
+        out[unique[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def code_version() -> str:
+    from synermedgen_jax import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            return f"{__version__}+git.{commit.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def process_case(case: CaseSpec, source: Source, config: BuildConfig) -> tuple[list[dict], dict]:
+    """Loads, checks and slices one case. Returns (records without split/index, case summary)."""
+    if case.problem:
+        raise DataError(case.problem)
+    loaded = source.load(case, config.source_options())
+    for name in loaded.volumes:
+        modality_spec(name)  # unknown modality -> DataError
+    volumes = dict(loaded.volumes)
+    if loaded.mask is not None:
+        volumes["__mask__"] = loaded.mask
+    volumes = check_aligned(volumes, atol_mm=config.affine_tolerance_mm, resample=config.resample)
+    mask = volumes.pop("__mask__", None)
+    first = next(iter(volumes.values()))
+    foreground = case_foreground(volumes, mask)
+    if not foreground.any():
+        raise DataError(f"{case.first_file}: empty foreground (no body voxels found)")
+    geometry = slice_geometry(first.data.shape, first.spacing, config.slice_size)
+    fg_slices = to_axial_slices(foreground.astype(np.float32), geometry, background=0.0, order=0) > 0.5
+    fraction = fg_slices.mean(axis=(1, 2))
+    keep = np.flatnonzero(fraction >= config.min_foreground)
+    if keep.size == 0:
+        raise DataError(f"{case.first_file}: no slice has foreground >= {config.min_foreground:.3g} of its area "
+                        f"(largest {fraction.max():.3g})")
+    dtype = np.dtype(config.dtype)
+    images, params = {}, {}
+    for name, vol in volumes.items():
+        params[name] = norm_params(name, vol.data, foreground, config.norm())
+        slices = to_axial_slices(normalise(vol.data, params[name]), geometry, background=-1.0)
+        images[name] = slices[keep].astype(dtype)
+        vol.data = None  # release the volume early: bounded memory
+    modalities = list(images)
+    routes = [list(r) for r in source.routes(modalities)]
+    depth = int(fraction.shape[0])
+    records = []
+    for j, z in enumerate(keep):
+        records.append({
+            "schema": SCHEMA_VERSION, "dataset": case.dataset, "anatomy": case.anatomy, "group": case.group,
+            "case_id": case.case_id, "patient_id": case.patient_id, "slice_index": int(z), "depth": depth,
+            "spacing": list(first.spacing), "geometry": geometry.to_dict(), "modalities": modalities,
+            "norm": params, "images": {m: images[m][j] for m in modalities}, "mask": fg_slices[z],
+            "foreground": float(fraction[z]), "routes": routes,
+        })
+    summary = {"key": case.key, "dataset": case.dataset, "anatomy": case.anatomy, "group": case.group,
+               "case_id": case.case_id, "patient_id": case.patient_id, "modalities": modalities,
+               "routes": routes, "depth": depth}
+    return records, summary
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    ours = ["records", "instances", "manifest.json", "skipped.jsonl", "tokenizer.json"]
+    existing = [name for name in ours if (out / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"{out}: already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (out / "records").mkdir(parents=True, exist_ok=True)
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Runs the whole build (see module doc)."""
+    from tqdm import tqdm
+
+    started = time.time()
+    source = get_source(config.source)
+    root = Path(config.root) if config.root else None
+    if root is None and config.source != "mni152-sim":
+        raise DataError(f"--root is required for source {config.source}")
+    if root is not None and config.source != "mni152-sim" and not root.is_dir():
+        raise DataError(f"--root {root}: not a folder")
+    out = Path(config.out)
+    _prepare_out(out, config.overwrite)
+    cases = source.discover(root, config.source_options())
+    split_of = assign_splits([c.patient_id for c in cases], config.split_fractions, config.seed)
+
+    writers = {s: ShardWriter(out / "records", s, config.records_per_shard) for s in SPLITS}
+    index = {s: {"cases": [], "case": [], "slice_index": [], "foreground": [], "mean": []} for s in SPLITS}
+    skipped: list[dict] = []
+    sheet_written = False
+    try:
+        for case in tqdm(cases, desc=f"build-data {config.source}", unit="case", disable=not config.progress):
+            try:
+                records, summary = process_case(case, source, config)
+            except DataError as err:
+                skipped.append({"file": case.first_file, "case": case.key, "reason": str(err)})
+                continue
+            split = split_of[case.patient_id]
+            idx = index[split]
+            summary["split"] = split
+            case_number = len(idx["cases"])
+            idx["cases"].append(summary)
+            for record in records:
+                record["split"] = split
+                writers[split].write(encode_record(record))
+                idx["case"].append(case_number)
+                idx["slice_index"].append(record["slice_index"])
+                idx["foreground"].append(round(record["foreground"], 5))
+                idx["mean"].append([round(float(np.mean(record["images"][m], dtype=np.float64)), 5)
+                                    for m in summary["modalities"]])
+            if config.contact_sheet and not sheet_written:
+                from synermedgen_jax.data.contact_sheet import write_contact_sheet
+
+                write_contact_sheet(config.contact_sheet, records, title=case.key)
+                sheet_written = True
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    shards = {s: w.close() for s, w in writers.items()}
+    counts = {s: w.count for s, w in writers.items()}
+
+    manifest_counts = _write_indices_and_instances(out, index, config)
+    tokenizer = _write_tokenizer(out, config)
+    write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "source": config.source,
+        "root": str(root) if root else None,
+        "code_version": code_version(),
+        "created_unix": int(started),
+        "build_seconds": round(time.time() - started, 2),
+        "config": _jsonable(dataclasses.asdict(config)),
+        "counts": {"cases": {s: len(index[s]["cases"]) for s in SPLITS}, "records": counts,
+                   **manifest_counts, "skipped_cases": len(skipped)},
+        "shards": shards,
+        "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size,
+                      "special_ids": tokenizer.special_ids},
+        "slice_orientation": "axial; row 0 anterior, column 0 subject left (RAS+ canonical)",
+    }
+    write_json(out / "manifest.json", manifest)
+    return BuildResult(out, counts, skipped, manifest)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _write_indices_and_instances(out: Path, index: dict, config: BuildConfig) -> dict:
+    inst_config = understanding.InstanceConfig(neighbour_k=config.neighbour_k,
+                                               instances_per_pair=config.instances_per_pair,
+                                               mix=tuple(config.mix))
+    by_dataset: dict[str, Counter] = {}
+    by_route: dict[str, Counter] = {}
+    by_task: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        idx = index[split]
+        write_json(out / "records" / f"{split}.index.json", idx, indent=None)
+        cases = idx["cases"]
+        by_dataset[split] = Counter(cases[c]["dataset"] for c in idx["case"])
+        routes: Counter = Counter()
+        for c in idx["case"]:
+            routes.update(f"{a}->{b}" for a, b in cases[c]["routes"])
+        by_route[split] = routes
+        tables = understanding.make_instances(idx, config.seed, inst_config) if idx["case"] else {
+            t: understanding._empty(0) for t in understanding.TASKS}
+        sl = understanding.SliceIndex(idx)
+        tables["pairs"] = understanding.pair_table(sl, config.seed) if sl.n else {
+            k: np.zeros(0, np.int32) for k in ("rec", "src", "tgt", "template")}
+        understanding.save_instances(out / "instances" / f"{split}.npz", tables)
+        by_task[split] = {t: int(len(cols.get("task", cols.get("rec")))) for t, cols in tables.items()}
+    return {"records_by_dataset": {s: dict(c) for s, c in by_dataset.items()},
+            "pairs_by_route": {s: dict(sorted(c.items())) for s, c in by_route.items()},
+            "instances": by_task, "datasets": sorted({d for c in by_dataset.values() for d in c})}
+
+
+def _write_tokenizer(out: Path, config: BuildConfig):
+    from synermedgen_jax.data.tokenizer import build_default_tokenizer
+
+    tokenizer = build_default_tokenizer(config.vocab_size)
+    tokenizer.save(out / "tokenizer.json")
+    return tokenizer
+
+
+def summary_lines(result: BuildResult) -> list[str]:
+    counts = result.manifest["counts"]
+    lines = [f"records: {counts['records']}  cases: {counts['cases']}  skipped cases: {len(result.skipped)}"]
+    for split in SPLITS:
+        if counts["instances"].get(split):
+            lines.append(f"{split} instances: {counts['instances'][split]}")
+    by_reason = defaultdict(int)
+    for s in result.skipped:
+        by_reason[s["reason"].split(":")[-1].strip()[:60]] += 1
+    lines.extend(f"skipped: {n} x {reason}" for reason, n in sorted(by_reason.items()))
+    return lines
