@@ -25,8 +25,17 @@ This module holds the jnp reference and the dispatch; the fused Pallas kernels l
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:
+    from synermedgen_jax.kernels.pallas_attention import BlockSizes
 
 CAUSAL, FULL, NOISE = 0, 1, 2
 IMPLS = ("reference", "pallas", "pallas_interpret", "xla_dense", "auto")
@@ -107,22 +116,67 @@ def packed_attention(
     split_kind: jax.Array,
     *,
     impl: str = "reference",
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+    head_axis: str | None = "tensor",
+    block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
-    """BAGEL packed-split attention; see the module docstring. Returns ``[B, T, Hq, D]``."""
+    """BAGEL packed-split attention; see the module docstring. Returns ``[B, T, Hq, D]``.
+
+    ``impl``: one of ``IMPLS``. ``block_sizes``: Pallas tile sizes (None: per-platform defaults).
+
+    With ``mesh``, the attention runs under ``shard_map``: batch split over the mesh axes of ``batch_axes``
+    that exist in the mesh, heads (q and K/V alike) over ``head_axis``; T stays whole on every device. Each
+    device attends its own batch rows and heads, so K/V are never gathered. B must divide by the product of
+    the batch axes' sizes, Hq and Hkv by the head axis' size. Axes of the mesh not named are replicated.
+    """
     _validate(q, k, v, sample_id, split_id, split_kind)
     if impl == "auto":
         impl = _auto_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"packed_attention: unknown impl {impl!r}; expected one of {IMPLS}")
+    local = functools.partial(_local_attention, impl=impl, block_sizes=block_sizes)
+    if mesh is None:
+        return local(q, k, v, sample_id, split_id, split_kind)
+    return _sharded(local, mesh, tuple(batch_axes), head_axis, q.shape, k.shape)(
+        q, k, v, sample_id, split_id, split_kind
+    )
+
+
+def _local_attention(q, k, v, sample_id, split_id, split_kind, *, impl, block_sizes):
     if impl == "reference":
         return reference_attention(q, k, v, sample_id, split_id, split_kind)
     if impl == "xla_dense":
         return xla_dense_attention(q, k, v, sample_id, split_id, split_kind)
-    if impl in ("pallas", "pallas_interpret"):
-        from synermedgen_jax.kernels import pallas_attention  # noqa: PLC0415 (optional heavy import)
+    from synermedgen_jax.kernels import pallas_attention  # noqa: PLC0415 (optional heavy import)
 
-        return pallas_attention.pallas_packed_attention(
-            q, k, v, sample_id, split_id, split_kind, interpret=(impl == "pallas_interpret")
+    return pallas_attention.pallas_packed_attention(
+        q, k, v, sample_id, split_id, split_kind, interpret=(impl == "pallas_interpret"), block_sizes=block_sizes
+    )
+
+
+def _sharded(local, mesh, batch_axes, head_axis, q_shape, kv_shape):
+    names = tuple(mesh.axis_names)
+    batch = tuple(a for a in batch_axes if a in names)
+    head = head_axis if head_axis in names else None
+    sizes = dict(zip(names, mesh.axis_sizes))
+    batch_ways = math.prod(sizes[a] for a in batch)
+    head_ways = sizes[head] if head else 1
+    if q_shape[0] % batch_ways:
+        raise ValueError(f"packed_attention: batch {q_shape[0]} does not divide over mesh axes {batch} ({batch_ways})")
+    if q_shape[2] % head_ways or kv_shape[2] % head_ways:
+        raise ValueError(
+            f"packed_attention: Hq={q_shape[2]} and Hkv={kv_shape[2]} must divide over mesh axis {head!r} "
+            f"({head_ways} devices)"
         )
-    raise ValueError(f"packed_attention: unknown impl {impl!r}; expected one of {IMPLS}")
+    batch_spec = batch if batch else None
+    heads = P(batch_spec, None, head, None)
+    meta = P(batch_spec, None)
+    # Contiguous head shards keep GQA groups together: shard r holds q heads [r*Hq/n, ...) and exactly the
+    # K/V heads [r*Hkv/n, ...) they map to, so the local h // group is the right local K/V head.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(heads, heads, heads, meta, meta, meta), out_specs=heads, check_vma=False
+    )
 
 
 def _auto_impl() -> str:
