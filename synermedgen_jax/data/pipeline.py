@@ -1,0 +1,295 @@
+"""Grain input pipelines: instances / pairs -> samples -> packed rows -> batches.
+
+    records (ArrayRecordDataSource, random access)
+      -> per task: index range, per-process shard (jax.process_index/count), seeded shuffle, repeat
+      -> mix by ratio (Stage I tasks; Stage II pairs; or both)
+      -> random_map: read the referenced records, build the sample (Text / VitImage / VaeImage items),
+         paired augmentation (one spatial transform for source and target), CFG dropout for Stage II
+      -> [optional worker processes]
+      -> greedy packing into the static PackBudget (PackIterDataset)
+      -> batch of ``rows_per_batch`` rows per process (leading axis; shard it over local devices).
+
+Every step is a deterministic function of (seed, element index), so iterator state is just indices:
+``get_state()`` / ``set_state()`` restore the identical next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+from skimage.transform import AffineTransform, resize, warp
+
+from synermedgen_jax.data import prompts
+from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
+from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
+from synermedgen_jax.modeling.packing import (
+    PackBudget,
+    PackBuilder,
+    PackOverflowError,
+    SpecialTokens,
+    Text,
+    VaeImage,
+    VitImage,
+    cfg_dropout,
+)
+
+STAGES = ("stage1", "stage2", "mixed", "vqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    stage: str = "stage1"  # stage1 (CTS/TIA/MI) | stage2 (pairs) | mixed | vqa (non-aligned control)
+    split: str = "train"
+    seed: int = 0
+    task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_MIX.items())  # weight 0 = ablate a task
+    stage2_weight: float = 0.5  # share of Stage II samples in "mixed"
+    cfg_text: float = 0.1
+    cfg_vit: float = 0.3
+    cfg_vae: float = 0.3
+    augment: bool = False
+    aug_rotate_deg: float = 5.0
+    aug_scale: float = 0.05
+    aug_shift: float = 0.04  # fraction of the image side
+    aug_flip: bool = True
+    rows_per_batch: int = 2
+    shuffle: bool = True
+    repeat: bool = True
+    process_index: int | None = None  # None: jax.process_index()
+    process_count: int | None = None
+    workers: int = 0  # grain worker processes for sample building; 0 = in-process (best on 2 cores)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    image = np.asarray(image, np.float32)
+    if image.shape == tuple(size):
+        return image
+    down = size[0] < image.shape[0] or size[1] < image.shape[1]
+    return resize(image, size, order=1, mode="edge", anti_aliasing=down, preserve_range=True).astype(np.float32)
+
+
+def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
+                   ) -> list[np.ndarray]:
+    """One random flip/rotation/scale/shift applied identically to every image (background -1)."""
+    size = images[0].shape[0]
+    centre = (size - 1) / 2.0
+    angle = np.deg2rad(rng.uniform(-config.aug_rotate_deg, config.aug_rotate_deg))
+    scale = 1.0 + rng.uniform(-config.aug_scale, config.aug_scale)
+    shift = rng.uniform(-config.aug_shift, config.aug_shift, size=2) * size
+    flip = config.aug_flip and rng.random() < 0.5
+    transform = (AffineTransform(translation=(-centre, -centre)) + AffineTransform(rotation=angle, scale=scale)
+                 + AffineTransform(translation=(centre + shift[0], centre + shift[1])))
+    out = []
+    for image in images:
+        image = np.asarray(image, np.float32)
+        if flip:
+            image = image[:, ::-1]
+        out.append(warp(image, transform.inverse, order=1, mode="constant", cval=-1.0,
+                        preserve_range=True).astype(np.float32))
+    return out
+
+
+class SampleMaker:
+    """Element ``(task, row)`` -> ``(items, tag)``. Opens the record reader lazily (workers re-open it)."""
+
+    def __init__(self, data_dir: str, split: str, tables: Mapping[str, Mapping[str, np.ndarray]], tokenizer_path: str,
+                 budget: PackBudget, config: PipelineConfig):
+        self.data_dir, self.split, self.tables = data_dir, split, tables
+        self.tokenizer_path, self.budget, self.config = tokenizer_path, budget, config
+        self._reader = None
+        self._tokenizer = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        state["_tokenizer"] = None
+        return state
+
+    @property
+    def reader(self) -> RecordReader:
+        if self._reader is None:
+            self._reader = RecordReader(self.data_dir, self.split)
+        return self._reader
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from synermedgen_jax.data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def _image(self, rec: int, modality: str, cache: dict) -> np.ndarray:
+        if rec not in cache:
+            cache[rec] = self.reader[rec]
+        record = cache[rec]
+        if modality not in record["images"]:
+            raise KeyError(f"record {rec} of {self.split} has no {modality} image")
+        return np.asarray(record["images"][modality], np.float32)
+
+    def __call__(self, element: tuple[str, int], rng: np.random.Generator):
+        task, row = element
+        cache: dict = {}
+        if task == "pairs":
+            return self._stage2(int(row), rng, cache)
+        rendered = render(self.tables[task], int(row))
+        vit_size = tuple(self.budget.vit_image_size)
+        items: list = [Text(self.tokenizer.encode(rendered.question))]
+        for rec, modality in rendered.images:
+            items.append(VitImage(_resize(self._image(rec, modality, cache), vit_size)))
+        items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
+        return items, f"{task}#{row}"
+
+    def _stage2(self, row: int, rng: np.random.Generator, cache: dict):
+        pairs = self.tables["pairs"]
+        rec = int(pairs["rec"][row])
+        src, tgt = MODALITY_NAMES[int(pairs["src"][row])], MODALITY_NAMES[int(pairs["tgt"][row])]
+        source, target = self._image(rec, src, cache), self._image(rec, tgt, cache)
+        if self.config.augment:
+            source, target = paired_augment([source, target], rng, self.config)
+        prompt = prompts.GEN_TEMPLATES[int(pairs["template"][row])].format(src=display_name(src),
+                                                                          tgt=display_name(tgt))
+        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(_resize(source, vit_size), cfg=True),
+                 VaeImage(_resize(source, size), cfg=True), VaeImage(_resize(target, size), noised=True)]
+        items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
+                            vae=self.config.cfg_vae)
+        return items, f"pairs#{row}"
+
+
+class _Tag:
+    """``i -> (task, i)`` (a class, not a lambda, so worker processes can receive it)."""
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def __call__(self, i):
+        return self.task, int(i)
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, budget: PackBudget, special: SpecialTokens,
+                 geometry: Any, seed: int):
+        super().__init__(parent)
+        self._builder = PackBuilder(budget, special, geometry)
+        self._seed = seed
+        self._rows = 0
+        self._pending = None
+        self._pending_state = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        builder = self._builder
+        rng = np.random.default_rng([self._seed, self._rows, 31])  # timestep draws of this row
+        while True:
+            if self._pending is None:
+                state = self._parent.get_state()
+                try:
+                    self._pending = next(self._parent)
+                except StopIteration:
+                    if builder.empty:
+                        raise
+                    break
+                self._pending_state = state
+            items, tag = self._pending
+            if builder.fits(items):
+                builder.add(items, rng)
+                self._pending = None
+                continue
+            if builder.empty:
+                raise PackOverflowError(f"sample {tag} needs {builder.need(items)}, more than an empty pack "
+                                        f"holds ({builder.budget}); enlarge the pack budget")
+            break
+        self._rows += 1
+        return builder.build()
+
+    def get_state(self) -> dict:
+        # A sample fetched but not yet packed is re-read after a restore: report the state before it.
+        parent = self._pending_state if self._pending is not None else self._parent.get_state()
+        return {"parent": parent, "rows": self._rows}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._rows = int(state["rows"])
+        self._pending = None
+        self._pending_state = None
+        self._builder._reset()
+
+
+class PackIterDataset(grain.IterDataset):
+    """Greedy in-order packing of ``(items, tag)`` samples into fixed-shape rows (``modeling.packing``)."""
+
+    def __init__(self, parent: grain.IterDataset, budget: PackBudget, special: SpecialTokens, geometry: Any,
+                 seed: int = 0):
+        super().__init__(parent)
+        self._budget, self._special, self._geometry, self._seed = budget, special, geometry, seed
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._budget, self._special, self._geometry, self._seed)
+
+
+def _weights(config: PipelineConfig) -> dict[str, float]:
+    if config.stage not in STAGES:
+        raise ValueError(f"stage {config.stage!r}: expected one of {STAGES}")
+    if config.stage == "stage2":
+        return {"pairs": 1.0}
+    if config.stage == "vqa":
+        return {"vqa": 1.0}
+    weights = {t: float(w) for t, w in config.task_weights if w > 0}
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        raise ValueError(f"task_weights: unknown tasks {sorted(unknown)}")
+    if config.stage == "mixed":
+        total = sum(weights.values())
+        weights = {t: w / total * (1 - config.stage2_weight) for t, w in weights.items()}
+        weights["pairs"] = config.stage2_weight
+    return weights
+
+
+def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineConfig = PipelineConfig()
+                   ) -> grain.IterDataset:
+    """The mixed, sharded, shuffled stream of ``(items, tag)`` samples (before packing)."""
+    data_dir = str(data_dir)
+    tables = load_instances(Path(data_dir) / "instances" / f"{config.split}.npz")
+    weights = _weights(config)
+    if config.process_index is None or config.process_count is None:
+        import jax
+
+        index, count = jax.process_index(), jax.process_count()
+    else:
+        index, count = config.process_index, config.process_count
+    datasets, mix = [], []
+    for k, (task, weight) in enumerate(sorted(weights.items())):
+        n = len(tables[task]["rec" if task == "pairs" else "task"])
+        if n == 0:
+            raise ValueError(f"{data_dir}: split {config.split} has no {task} instances")
+        ds = grain.MapDataset.range(n)[index::count]  # per-process shard of the instance rows
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed * 1000 + k)
+        if config.repeat:
+            ds = ds.repeat()
+        datasets.append(ds.map(_Tag(task)))
+        mix.append(weight)
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, mix)
+    maker = SampleMaker(data_dir, config.split, tables, str(Path(data_dir) / "tokenizer.json"), budget, config)
+    ds = ds.random_map(maker, seed=config.seed)
+    it = ds.to_iter_dataset()
+    if config.workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
+    return it
+
+
+def packed_dataset(data_dir: str | Path, budget: PackBudget, model_config: Any, config: PipelineConfig =
+                   PipelineConfig(), special: SpecialTokens | None = None) -> grain.IterDataset:
+    """Batches ``{name: [rows_per_batch, ...]}`` of packed rows (see ``modeling.packing.PackBuilder.build``)."""
+    if special is None:
+        from synermedgen_jax.data.tokenizer import load_tokenizer
+
+        special = SpecialTokens.from_tokenizer(load_tokenizer(Path(data_dir) / "tokenizer.json"))
+    samples = sample_dataset(data_dir, budget, config)
+    rows = PackIterDataset(samples, budget, special, model_config, seed=config.seed)
+    return rows.batch(config.rows_per_batch, drop_remainder=True)
