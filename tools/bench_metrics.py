@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.size < 11 or args.repeats < 1:
         ap.error("--n and --repeats must be >= 1 and --size >= 11 (the SSIM window)")
 
+    # The comparison is against scikit-image on this CPU; an installed but unusable CUDA plugin must not
+    # pick another backend (or print its failure). An explicit JAX_PLATFORMS still wins.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
     from skimage.metrics import structural_similarity
