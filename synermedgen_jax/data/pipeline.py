@@ -279,6 +279,10 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
     ds = ds.random_map(maker, seed=config.seed)
     it = ds.to_iter_dataset()
     if config.workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
     return it
 
