@@ -1,0 +1,522 @@
+"""BAGEL / SynerMedGen PyTorch folder ↔ our parameters, streaming and strict.
+
+Public API:
+  ``load(dir) -> (config, params)``        the whole checkpoint in memory (``params``: nested dict, string keys)
+  ``save(config, params, dir, dtype=…)``   writes the BAGEL folder, one tensor at a time
+  ``plan_import(dir)`` / ``iter_params(plan)``  the streaming pieces the ``import`` command uses
+
+A BAGEL folder holds ``ema.safetensors`` (or ``model.safetensors``, or shards with a ``.index.json``),
+``ae.safetensors`` (FLUX naming, no config inside), ``llm_config.json`` (a plain Qwen2 config), ``vit_config.json``
+(SigLIP; it says one layer more than BAGEL uses) and tokenizer files. What lives in neither JSON file is inferred
+from tensor shapes: ``vit.max_num_patch_per_side`` and ``max_latent_size`` from the position tables' row
+counts, the VAE widths from ``ae.safetensors``, ``latent_patch_size`` from ``vae2llm``.
+
+Strictness: missing keys, unexpected keys and shape mismatches are all collected and raised together in one
+:class:`PortError`. Exceptions, as BAGEL itself behaves: a checkpoint with no ``_moe_gen`` key at all (a plain
+understanding model) gets its generation expert copied from the understanding expert (``init_moe``); the frozen
+sin-cos tables are rebuilt when absent or of another size (``max_latent_size=`` override). ``allow_missing``
+fnmatch patterns (matched against BAGEL keys and our paths) accept further missing keys: generation-expert keys
+are then copied from their understanding twin, anything else gets a fresh initial value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from synermedgen_jax.modeling.layers import sincos_2d_table
+from synermedgen_jax.port import keys as K
+from synermedgen_jax.port.safetensors_stream import (
+    DTYPES,
+    SafetensorsError,
+    SafetensorsReader,
+    TensorSpec,
+    dtype_name,
+    write_streaming,
+)
+
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                      "generation_config.json")
+EMA_NAMES = ("ema.safetensors", "model.safetensors")
+AE_META_KEY = "synermedgen_vae"  # our own VAE config in ae.safetensors' metadata (BAGEL ignores metadata)
+
+
+class PortError(ValueError):
+    """A checkpoint that cannot be converted; the message lists every problem by file and key."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading the folder.
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise PortError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PortError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise PortError(f"{path}: expected a JSON object")
+    return value
+
+
+class _Files:
+    """Every tensor of the folder: key → (reader, file kind). Opens headers only."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.readers: list[SafetensorsReader] = []
+        self.where: dict[str, tuple[SafetensorsReader, str]] = {}
+        try:
+            for path in self._ema_paths():
+                self._add(path, "ema")
+            ae = folder / "ae.safetensors"
+            if not ae.is_file():
+                raise PortError(f"{ae}: file not found (the FLUX autoencoder weights)")
+            self._add(ae, "ae")
+        except SafetensorsError as err:
+            self.close()
+            raise PortError(str(err)) from err
+        except PortError:
+            self.close()
+            raise
+
+    def _ema_paths(self) -> list[Path]:
+        for name in EMA_NAMES:
+            if (self.folder / name).is_file():
+                return [self.folder / name]
+        for name in EMA_NAMES:
+            index = self.folder / f"{name}.index.json"
+            if index.is_file():
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise PortError(f"{index}: no weight_map object")
+                return [self.folder / shard for shard in dict.fromkeys(weight_map.values())]
+        raise PortError(f"{self.folder}: none of {', '.join(EMA_NAMES)} (or a sharded .index.json) found")
+
+    def _add(self, path: Path, kind: str) -> None:
+        reader = SafetensorsReader(path)
+        self.readers.append(reader)
+        for name in reader.keys():
+            if name in self.where:
+                raise PortError(f"{path}: tensor {name!r} also appears in {self.where[name][0].path}")
+            self.where[name] = (reader, kind)
+
+    def info(self, key: str):
+        return self.where[key][0].tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        return self.info(key).shape if key in self.where else None
+
+    def read(self, key: str) -> np.ndarray:
+        try:
+            return self.where[key][0].read(key)
+        except SafetensorsError as err:
+            raise PortError(str(err)) from err
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model config from the two JSON files and the tensor shapes.
+def _need(files: _Files, key: str, what: str) -> tuple[int, ...]:
+    shape = files.shape(key)
+    if shape is None:
+        raise PortError(f"{files.folder}: tensor {key!r} is missing; it is needed to infer {what}")
+    return shape
+
+
+def _square_side(rows: int, key: str) -> int:
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise PortError(f"{key}: {rows} rows is not a square side² table")
+    return side
+
+
+def _rope_theta(llm_json: dict, path: Path) -> float:
+    params = llm_json.get("rope_parameters") or llm_json.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if kind not in ("default", None):
+        raise PortError(f"{path}: rope type {kind!r} is not supported (BAGEL uses plain RoPE)")
+    theta = llm_json.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
+    return float(theta if theta is not None else 10000.0)  # Qwen2Config's default
+
+
+def infer_config(folder: Path, files: _Files, llm_json: dict, vit_json: dict, *, max_latent_size: int | None,
+                 param_dtype: str, compute_dtype: str) -> ml_collections.ConfigDict:
+    from synermedgen_jax.config import load_config
+
+    config = load_config("configs/models.py:bagel_7b_mot")
+    config.variant = "imported"
+    llm_path, vit_path = folder / "llm_config.json", folder / "vit_config.json"
+    try:
+        hidden, heads = int(llm_json["hidden_size"]), int(llm_json["num_attention_heads"])
+        llm = config.llm
+        llm.vocab_size = int(llm_json["vocab_size"])
+        llm.hidden_size = hidden
+        llm.num_layers = int(llm_json["num_hidden_layers"])
+        llm.num_heads = heads
+        llm.num_kv_heads = int(llm_json.get("num_key_value_heads") or heads)
+        llm.intermediate_size = int(llm_json["intermediate_size"])
+        llm.rms_norm_eps = float(llm_json.get("rms_norm_eps", 1e-6))
+    except (KeyError, TypeError, ValueError) as err:
+        raise PortError(f"{llm_path}: missing or bad field {err}") from err
+    llm.head_dim = hidden // heads  # BAGEL ignores head_dim in the file and uses hidden / heads
+    if llm_json.get("head_dim") not in (None, llm.head_dim):
+        raise PortError(f"{llm_path}: head_dim {llm_json['head_dim']} differs from hidden_size/num_attention_heads "
+                        f"= {llm.head_dim}, which BAGEL uses")
+    llm.rope_theta = _rope_theta(llm_json, llm_path)
+    llm.qk_norm = bool(llm_json.get("qk_norm", True))  # BAGEL sets qk_norm=True in code
+    llm.tie_word_embeddings = False
+    try:
+        vit = config.vit
+        vit.hidden_size = int(vit_json["hidden_size"])
+        vit.intermediate_size = int(vit_json["intermediate_size"])
+        vit.num_heads = int(vit_json["num_attention_heads"])
+        vit.config_num_layers = int(vit_json["num_hidden_layers"])
+        vit.num_layers = vit.config_num_layers - 1  # BAGEL drops the last SigLIP layer
+        vit.patch_size = int(vit_json["patch_size"])
+        vit.num_channels = int(vit_json.get("num_channels", 3))
+        vit.layer_norm_eps = float(vit_json.get("layer_norm_eps", 1e-6))
+    except (KeyError, TypeError, ValueError) as err:
+        raise PortError(f"{vit_path}: missing or bad field {err}") from err
+    if vit_json.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise PortError(f"{vit_path}: hidden_act {vit_json['hidden_act']!r} is not supported (gelu_pytorch_tanh)")
+    pos_key = "vit_model.vision_model.embeddings.position_embedding.weight"
+    vit.max_num_patch_per_side = _square_side(_need(files, pos_key, "vit max_num_patch_per_side")[0], pos_key)
+
+    vae = config.vae
+    conv_in = _need(files, "encoder.conv_in.weight", "the VAE width")
+    vae.ch, vae.in_channels = conv_in[0], conv_in[1]
+    levels = sorted({int(k.split(".")[2]) for k in files.where if k.startswith("encoder.down.")})
+    if levels != list(range(len(levels))) or not levels:
+        raise PortError(f"{folder / 'ae.safetensors'}: encoder.down.* levels {levels} are not 0..n-1")
+    vae.ch_mult = tuple(_need(files, f"encoder.down.{i}.block.0.conv1.weight", "ch_mult")[0] // vae.ch
+                        for i in levels)
+    vae.num_res_blocks = len({k.split(".")[4] for k in files.where if k.startswith("encoder.down.0.block.")})
+    vae.z_channels = _need(files, "decoder.conv_in.weight", "z_channels")[1]
+    ae_meta = files.where["encoder.conv_in.weight"][0].metadata.get(AE_META_KEY)
+    if ae_meta:  # written by our export; FLUX/BAGEL files have none and use the hard-coded FLUX values
+        for name, value in json.loads(ae_meta).items():
+            vae[name] = tuple(value) if isinstance(value, list) else value
+    widths = [vae.ch * m for m in vae.ch_mult]
+    if any(width % vae.norm_groups for width in widths):
+        raise PortError(f"{folder / 'ae.safetensors'}: widths {widths} are not multiples of {vae.norm_groups} "
+                        "GroupNorm groups")
+
+    token_dim = files.shape("vae2llm.weight")
+    if token_dim is not None:
+        patch = math.isqrt(token_dim[1] // vae.z_channels)
+        if patch * patch * vae.z_channels != token_dim[1]:
+            raise PortError(f"vae2llm.weight: input width {token_dim[1]} is not p²·{vae.z_channels}")
+        config.latent_patch_size = patch
+    table = files.shape("latent_pos_embed.pos_embed")
+    stored_side = _square_side(table[0], "latent_pos_embed.pos_embed") if table else None
+    config.max_latent_size = max_latent_size or stored_side or config.max_latent_size
+    config.param_dtype = param_dtype
+    config.compute_dtype = compute_dtype
+    config.remat = "none"
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The import plan: for every leaf of our model, where its value comes from.
+@dataclasses.dataclass(frozen=True)
+class Source:
+    kind: str  # "read" (the key itself), "copy" (from the understanding twin), "sincos", "init"
+    key: str = ""
+
+
+@dataclasses.dataclass
+class ImportPlan:
+    folder: Path
+    config: ml_collections.ConfigDict
+    rules: list[K.KeyRule]
+    sources: dict[str, Source]
+    notes: list[str]
+    files: _Files
+    llm_json: dict
+    vit_json: dict
+    source_dtypes: dict[str, str]  # file kind → the dtype most of its tensors had
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _matches(patterns: Sequence[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+
+def plan_import(folder: str | os.PathLike, *, allow_missing: Sequence[str] = (), max_latent_size: int | None = None,
+                param_dtype: str = "float32", compute_dtype: str = "bfloat16") -> ImportPlan:
+    """Opens the folder (headers only), derives the config and checks every key; raises one PortError listing
+    every missing / unexpected / mis-shaped key."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PortError(f"{folder}: not a folder")
+    llm_json, vit_json = read_json(folder / "llm_config.json"), read_json(folder / "vit_config.json")
+    files = _Files(folder)
+    try:
+        config = infer_config(folder, files, llm_json, vit_json, max_latent_size=max_latent_size,
+                              param_dtype=param_dtype, compute_dtype=compute_dtype)
+        rules = K.build_table(config)
+        sources, notes = _resolve(rules, files, allow_missing)
+    except Exception:
+        files.close()
+        raise
+    dtypes: dict[str, str] = {}
+    for kind in ("ema", "ae"):
+        found = [files.info(k).dtype for k, (_, f) in files.where.items() if f == kind]
+        dtypes[kind] = max(set(found), key=found.count) if found else "F32"
+    return ImportPlan(folder, config, rules, sources, notes, files, llm_json, vit_json, dtypes)
+
+
+def _resolve(rules: list[K.KeyRule], files: _Files, allow_missing: Sequence[str]):
+    expected = {rule.bagel: rule for rule in rules}
+    has_moe = any(K.MOE_SUFFIX in key for key in files.where)
+    sources: dict[str, Source] = {}
+    missing, mismatched, notes = [], [], []
+    copied = initialised = 0
+    for rule in rules:
+        stored = files.shape(rule.bagel)
+        kind_ok = stored is None or files.where[rule.bagel][1] == rule.file
+        if stored is not None and stored == rule.bagel_shape and kind_ok:
+            sources[rule.ours] = Source("read", rule.bagel)
+        elif rule.is_table:  # frozen sin-cos: rebuilt from the config, as BAGEL's training loader does
+            sources[rule.ours] = Source("sincos")
+            notes.append(f"{rule.bagel}: " + ("absent" if stored is None else f"stored {list(stored)}")
+                         + f", rebuilt as a sin-cos table {list(rule.bagel_shape)}")
+        elif stored is not None:
+            where = "ae.safetensors" if rule.file == "ae" else "the ema file"
+            problem = f"checkpoint {list(stored)}" if kind_ok else f"found outside {where}"
+            mismatched.append(f"{rule.bagel}: {problem}, model expects {list(rule.bagel_shape)}")
+        elif rule.und_source and files.shape(rule.und_source) == rule.bagel_shape and (
+                not has_moe or _matches(allow_missing, rule.bagel, rule.ours)):
+            sources[rule.ours] = Source("copy", rule.und_source)
+            copied += 1
+        elif _matches(allow_missing, rule.bagel, rule.ours):
+            sources[rule.ours] = Source("init")
+            initialised += 1
+        else:
+            missing.append(rule.bagel)
+    unexpected = sorted(set(files.where) - set(expected))
+    if copied:
+        notes.append(f"generation expert: {copied} tensors copied from the understanding expert (init_moe)")
+    if initialised:
+        notes.append(f"{initialised} missing tensors freshly initialised (--allow-missing)")
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+    if problems:
+        raise PortError(f"{files.folder}: checkpoint does not match the model\n" + "\n".join(problems))
+    return sources, notes
+
+
+def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(our dotted path, array in our layout)`` one tensor at a time (ema tensors in the config's
+    ``param_dtype``, the VAE in float32)."""
+    rng = np.random.default_rng(seed)
+    rules = {rule.ours: rule for rule in plan.rules}
+    target = np.dtype(DTYPES[dtype_name(plan.config.param_dtype)])
+    for rule in plan.rules:
+        source = plan.sources[rule.ours]
+        if source.kind in ("read", "copy"):
+            value = K.to_ours(plan.files.read(source.key), rule.transform)
+        elif source.kind == "sincos":
+            side = plan.config.vit.max_num_patch_per_side if rule.ours == "vit_pos_embed" else \
+                plan.config.max_latent_size
+            value = sincos_2d_table(rule.our_shape[1], side)
+        else:
+            kernel = rules.get(rule.ours[: -len("bias")] + "kernel")
+            fan_in = int(np.prod(kernel.our_shape[:-1])) if kernel is not None else None
+            value = K.initial_value(rule, rng, fan_in)
+        dtype = np.dtype(np.float32) if rule.file == "ae" else target
+        yield rule.ours, value.astype(dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Our nested parameter dicts.
+def nest(flat: Mapping[str, object]) -> dict:
+    """``{"a.b.0.c": x}`` → ``{"a": {"b": {"0": {"c": x}}}}`` (string keys throughout, as Orbax stores them)."""
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(params) -> dict[str, object]:
+    """Nested dict / nnx.State / flat dotted dict → ``{dotted path: value}`` (nnx Variables unwrapped)."""
+    if isinstance(params, nnx.State):
+        return {K.dotted(path): var.get_value() for path, var in nnx.to_flat_state(params)}
+    out: dict[str, object] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            else:
+                out[name] = value.get_value() if isinstance(value, nnx.Variable) else value
+
+    walk(params, "")
+    return out
+
+
+def to_state(config, params) -> nnx.State:
+    """Our params (any form :func:`flatten` takes) as an ``nnx.State`` for ``nnx.update(model, state)``."""
+    flat = flatten(params)
+    state = K.abstract_state(config)
+    leaves = []
+    for path, variable in nnx.to_flat_state(state):
+        name = K.dotted(path)
+        if name not in flat:
+            raise PortError(f"params: {name} is missing")
+        leaves.append((path, variable.replace(np.asarray(flat[name]))))
+    return nnx.from_flat_state(leaves)
+
+
+def load(folder: str | os.PathLike, **options) -> tuple[ml_collections.ConfigDict, dict]:
+    """The whole checkpoint in memory: ``(config, params)`` with ``params`` a nested dict of numpy arrays.
+
+    ``options`` go to :func:`plan_import` (``allow_missing``, ``max_latent_size``, ``param_dtype``,
+    ``compute_dtype``). Large checkpoints: use the ``import`` command, which streams.
+    """
+    plan = plan_import(folder, **options)
+    try:
+        return plan.config, nest(dict(iter_params(plan)))
+    finally:
+        plan.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing a BAGEL folder.
+def llm_config_json(config, base: dict | None = None) -> dict:
+    llm = config.llm
+    out = dict(base or {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                        "max_position_embeddings": 32768, "torch_dtype": "bfloat16"})
+    out.update(hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+               num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads,
+               num_key_value_heads=llm.num_kv_heads, vocab_size=llm.vocab_size, rms_norm_eps=llm.rms_norm_eps,
+               tie_word_embeddings=False)
+    if isinstance(out.get("rope_parameters"), dict) and "rope_theta" not in out:
+        out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": llm.rope_theta}
+    else:
+        out["rope_theta"] = llm.rope_theta
+    if not llm.qk_norm or "qk_norm" in out:  # BAGEL's default is on; say so only when it is off (or was said)
+        out["qk_norm"] = bool(llm.qk_norm)
+    return out
+
+
+def vit_config_json(config, base: dict | None = None) -> dict:
+    vit = config.vit
+    out = dict(base or {"model_type": "siglip_vision_model"})
+    out.update(hidden_size=vit.hidden_size, intermediate_size=vit.intermediate_size,
+               num_attention_heads=vit.num_heads, num_hidden_layers=vit.num_layers + 1,  # BAGEL drops one
+               patch_size=vit.patch_size, image_size=vit.max_num_patch_per_side * vit.patch_size)
+    if vit.num_channels != 3 or "num_channels" in out:
+        out["num_channels"] = vit.num_channels
+    if vit.layer_norm_eps != 1e-6 or "layer_norm_eps" in out:
+        out["layer_norm_eps"] = vit.layer_norm_eps
+    return out
+
+
+def _vae_metadata(config) -> str:
+    vae = config.vae
+    return json.dumps({"norm_groups": vae.norm_groups, "scale_factor": vae.scale_factor,
+                       "shift_factor": vae.shift_factor})
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for item in sorted(src.iterdir()) if src.is_dir() else []:
+        if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in TOKENIZER_PATTERNS):
+            shutil.copyfile(item, dst / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def atomic_folder(out: Path) -> Path:
+    """A temporary sibling folder that :func:`commit_folder` renames onto ``out`` (refuses a non-empty ``out``)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PortError(f"{out}: already exists and is not an empty folder; choose a new output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_folder(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty (checked by atomic_folder)
+    os.replace(tmp, out)
+
+
+def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ae_dtype: str = "f32",
+         llm_json: dict | None = None, vit_json: dict | None = None,
+         tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes a BAGEL folder (``ema.safetensors``, ``ae.safetensors``, the two JSON configs, tokenizer files).
+
+    ``params``: nested dict, ``nnx.State`` or flat ``{dotted path: value}``; a value may be a zero-argument
+    callable, called once when its tensor is written, so a caller can stream from disk. ``dtype`` applies to
+    ``ema.safetensors``, ``ae_dtype`` to ``ae.safetensors``. ``llm_json``/``vit_json``: original files whose
+    extra fields are kept. Written into a temporary folder that is renamed onto ``folder`` at the end.
+    """
+    flat = flatten(params)
+    rules = K.build_table(config)
+    names = {rule.ours for rule in rules}
+    missing = [rule.ours for rule in rules if rule.ours not in flat]
+    unexpected = sorted(set(flat) - names)
+    if missing or unexpected:
+        raise PortError("params do not match the model config: "
+                        + (f"{len(missing)} missing: {', '.join(missing)}; " if missing else "")
+                        + (f"{len(unexpected)} unexpected: {', '.join(unexpected)}" if unexpected else ""))
+    out = Path(folder)
+    tmp = atomic_folder(out)
+    try:
+        for kind, file_dtype, filename, metadata in (
+                ("ema", dtype_name(dtype), "ema.safetensors", {"format": "pt"}),
+                ("ae", dtype_name(ae_dtype), "ae.safetensors", {"format": "pt", AE_META_KEY: _vae_metadata(config)})):
+            specs = [TensorSpec(rule.bagel, file_dtype, rule.bagel_shape, _producer(flat[rule.ours], rule))
+                     for rule in rules if rule.file == kind]
+            write_streaming(tmp / filename, specs, metadata)
+        _write_json(tmp / "llm_config.json", llm_config_json(config, llm_json))
+        _write_json(tmp / "vit_config.json", vit_config_json(config, vit_json))
+        if tokenizer_dir is not None:
+            copy_tokenizer(Path(tokenizer_dir), tmp)
+        commit_folder(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _producer(value, rule: K.KeyRule) -> Callable[[], np.ndarray]:
+    def produce() -> np.ndarray:
+        array = np.asarray(value() if callable(value) else value)
+        if tuple(array.shape) != rule.our_shape:
+            raise PortError(f"{rule.ours}: shape {list(array.shape)}, model expects {list(rule.our_shape)}")
+        return K.to_bagel(array, rule.transform)
+    return produce
