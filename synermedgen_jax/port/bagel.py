@@ -458,7 +458,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 def atomic_folder(out: Path) -> Path:
     """A temporary sibling folder that :func:`commit_folder` renames onto ``out`` (refuses a non-empty ``out``)."""
-    out = Path(out)
+    out = Path(out).absolute()  # Orbax wants absolute paths
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PortError(f"{out}: already exists and is not an empty folder; choose a new output path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -470,6 +470,7 @@ def atomic_folder(out: Path) -> Path:
 
 
 def commit_folder(tmp: Path, out: Path) -> None:
+    out = Path(out).absolute()
     if out.exists():
         out.rmdir()  # empty (checked by atomic_folder)
     os.replace(tmp, out)

@@ -94,6 +94,7 @@ def save_params_checkpoint(params_state, config, out_dir: str | os.PathLike, *,
 
 
 def _tree_dir(folder: Path) -> Path:
+    folder = folder.absolute()  # Orbax's metadata reader needs absolute paths
     tree = folder / PARAMS / TREE
     if not (folder / "config.json").is_file() or not tree.is_dir():
         raise PortError(f"{folder}: not a parameter checkpoint (expected config.json and {PARAMS}/{TREE}/)")
@@ -117,35 +118,42 @@ def checkpoint_shapes(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, .
     return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree).items()}
 
 
-def iter_checkpoint_leaves(folder: str | os.PathLike, names: Sequence[str], *,
-                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[str, np.ndarray]]:
-    """Reads the named leaves as numpy arrays, a chunk of about ``chunk_bytes`` at a time (partial restores)."""
+def read_leaves(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named leaves as numpy arrays, in one partial restore (only those arrays are read)."""
     ocp = _ocp()
-    tree_dir = _tree_dir(Path(folder))
     shapes = checkpoint_shapes(folder)
     absent = [name for name in names if name not in shapes]
     if absent:
         raise PortError(f"{folder}: {len(absent)} params not in the checkpoint: {', '.join(absent)}")
-    checkpointer = ocp.PyTreeCheckpointer()
-    pending: list[str] = []
+    item = nest({n: np.zeros(0, shapes[n][1]) for n in names})  # only the structure matters
+    args = nest({n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names})
+    restored = flatten(ocp.PyTreeCheckpointer().restore(_tree_dir(Path(folder)), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True)))
+    return {n: restored[n] for n in names}
+
+
+def chunk_names(names: Sequence[str], shapes: dict, chunk_bytes: int) -> list[list[str]]:
+    """Consecutive groups of ``names`` of about ``chunk_bytes`` each (a group holds at least one name)."""
+    groups: list[list[str]] = [[]]
     size = 0
-
-    def flush():
-        item = nest({n: np.zeros(0, shapes[n][1]) for n in pending})  # only the structure matters
-        args = nest({n: ocp.RestoreArgs(restore_type=np.ndarray) for n in pending})
-        restored = flatten(checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True)))
-        return [(n, restored[n]) for n in pending]
-
     for name in names:
-        pending.append(name)
+        if groups[-1] and size >= chunk_bytes:
+            groups.append([])
+            size = 0
         shape, dtype = shapes[name]
+        groups[-1].append(name)
         size += int(np.prod(shape)) * dtype.itemsize
-        if size >= chunk_bytes:
-            yield from flush()
-            pending, size = [], 0
-    if pending:
-        yield from flush()
+    return [group for group in groups if group]
+
+
+def iter_checkpoint_leaves(folder: str | os.PathLike, names: Sequence[str], *,
+                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[str, np.ndarray]]:
+    """Reads the named leaves in order, a chunk of about ``chunk_bytes`` at a time."""
+    shapes = checkpoint_shapes(folder)
+    for group in chunk_names(names, shapes, chunk_bytes):
+        chunk = read_leaves(folder, group)
+        for name in group:
+            yield name, chunk.pop(name)
 
 
 def load_params_checkpoint(folder: str | os.PathLike, target: nnx.State | None = None):

@@ -1,0 +1,92 @@
+"""Export a parameter checkpoint (from ``import`` or ``save_params_checkpoint``) as a BAGEL/SynerMedGen folder.
+
+  python -m synermedgen_jax export --checkpoint ckpt/bagel7b --out /models/my-bagel [--dtype auto|bf16|f32]
+
+Writes ema.safetensors, ae.safetensors (FLUX names), llm_config.json, vit_config.json (num_hidden_layers = used
+layers + 1, as the release) and the tokenizer files, with BAGEL's key names, shapes and layouts, so the official
+PyTorch code loads the folder unchanged. Streams: params are read from Orbax a chunk at a time and written one
+tensor at a time. --dtype auto writes ema.safetensors in the dtype the imported checkpoint had (port.json), else
+bf16 like the release; ae.safetensors is float32 unless --ae-dtype says otherwise. An import followed by an
+export reproduces the original tensors bit for bit. Bad input: a message naming the problem, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from synermedgen_jax.port import keys as K
+from synermedgen_jax.port.bagel import PortError, save
+from synermedgen_jax.port.safetensors_stream import SafetensorsError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint folder (config.json, params/)")
+    parser.add_argument("--out", required=True, type=Path, help="new BAGEL folder (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "f32"), default="auto", help="ema.safetensors dtype")
+    parser.add_argument("--ae-dtype", choices=("auto", "bf16", "f32"), default="auto", help="ae.safetensors dtype")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="folder with tokenizer files to copy (default: CHECKPOINT/tokenizer if present)")
+    parser.add_argument("--chunk-mb", type=float, default=256.0, help="MB of params read from Orbax at a time")
+
+
+class _ChunkedParams:
+    """Serves params in the order the writer asks for them, restoring a chunk of upcoming names per miss."""
+
+    def __init__(self, folder: Path, order: list[str], shapes: dict, chunk_bytes: int):
+        from synermedgen_jax.port.orbax_io import chunk_names
+
+        self.folder = folder
+        self.group_of = {}
+        for group in chunk_names(order, shapes, chunk_bytes):
+            for name in group:
+                self.group_of[name] = group
+        self.cache: dict[str, np.ndarray] = {}
+
+    def getter(self, name: str):
+        return lambda: self.get(name)
+
+    def get(self, name: str) -> np.ndarray:
+        from synermedgen_jax.port.orbax_io import read_leaves
+
+        if name not in self.cache:
+            self.cache = read_leaves(self.folder, self.group_of[name])  # the previous chunk is written already
+        return self.cache.pop(name)
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.port.orbax_io import checkpoint_shapes, read_config
+
+    start = time.time()
+    try:
+        config = read_config(args.checkpoint)
+        info_path = args.checkpoint / "port.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        source = info.get("source_dtypes", {})
+        dtype = source.get("ema", "BF16") if args.dtype == "auto" else args.dtype
+        ae_dtype = source.get("ae", "F32") if args.ae_dtype == "auto" else args.ae_dtype
+        rules = K.build_table(config)
+        stored = checkpoint_shapes(args.checkpoint)
+        problems = [f"{r.ours}: missing" for r in rules if r.ours not in stored]
+        problems += [f"{r.ours}: checkpoint {list(stored[r.ours][0])}, config {list(r.our_shape)}"
+                     for r in rules if r.ours in stored and stored[r.ours][0] != r.our_shape]
+        problems += [f"{name}: unexpected" for name in sorted(set(stored) - {r.ours for r in rules})]
+        if problems:
+            raise PortError(f"{args.checkpoint}: params do not match config.json:\n  " + "\n  ".join(problems))
+        order = [r.ours for r in rules if r.file == "ema"] + [r.ours for r in rules if r.file == "ae"]
+        chunked = _ChunkedParams(args.checkpoint, order, stored, int(args.chunk_mb * 2**20))
+        tokenizer = args.tokenizer or (args.checkpoint / "tokenizer")
+        save(config, {name: chunked.getter(name) for name in order}, args.out, dtype=dtype, ae_dtype=ae_dtype,
+             llm_json=info.get("llm_config"), vit_json=info.get("vit_config"),
+             tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+    except (PortError, SafetensorsError, OSError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {len(rules)} tensors from {args.checkpoint} to {args.out} (ema {dtype}, ae {ae_dtype}) "
+          f"in {time.time() - start:.1f}s")
+    return 0

@@ -1,0 +1,69 @@
+"""Import a BAGEL / SynerMedGen PyTorch folder into our parameter checkpoint (Orbax), streaming.
+
+  python -m synermedgen_jax import --bagel /models/BAGEL-7B-MoT --out ckpt/bagel7b [--dtype f32|bf16]
+  python -m synermedgen_jax import --bagel DIR --out DIR --allow-missing 'vit_model.*'   # deliberate partial load
+
+Reads ema.safetensors (or model.safetensors / shards), ae.safetensors (FLUX names), llm_config.json,
+vit_config.json and tokenizer files; infers the model config (position-table sizes, VAE widths) from the
+tensors; converts one tensor at a time, so peak memory stays near --chunk-mb plus the largest tensor.
+Missing, unexpected and mis-shaped keys are all reported by name (exit status 2). A checkpoint without any
+_moe_gen key gets its generation expert copied from the understanding expert, as BAGEL's init_moe does.
+
+Writes OUT/config.json (model config), OUT/params/ (Orbax; see synermedgen_jax/port/orbax_io.py), OUT/port.json
+(source dtypes and the original JSON configs, used by export) and OUT/tokenizer/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from synermedgen_jax.port.bagel import PortError, iter_params, plan_import
+from synermedgen_jax.port.safetensors_stream import SafetensorsError
+
+DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bagel", required=True, type=Path, help="the BAGEL/SynerMedGen folder to read")
+    parser.add_argument("--out", required=True, type=Path, help="new checkpoint folder (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32",
+                        help="dtype of the language/vision/generation params (the VAE stays float32); default f32")
+    parser.add_argument("--compute-dtype", choices=sorted(DTYPES), default="bf16",
+                        help="compute dtype written into config.json (default bf16, BAGEL's)")
+    parser.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
+                        help="fnmatch pattern (BAGEL key or our path) of keys that may be absent; repeatable")
+    parser.add_argument("--max-latent-size", type=int, default=None,
+                        help="latent grid side for latent_pos_embed (default: from the stored table); a different "
+                             "value rebuilds the sin-cos table")
+    parser.add_argument("--chunk-mb", type=float, default=256.0, help="MB of converted params per Orbax write")
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.port.orbax_io import write_params_checkpoint
+
+    start = time.time()
+    try:
+        plan = plan_import(args.bagel, allow_missing=args.allow_missing, max_latent_size=args.max_latent_size,
+                           param_dtype=DTYPES[args.dtype], compute_dtype=DTYPES[args.compute_dtype])
+    except (PortError, SafetensorsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in plan.notes:
+        print(f"note: {note}")
+    info = {"source": str(args.bagel.resolve()), "source_dtypes": plan.source_dtypes, "notes": plan.notes,
+            "llm_config": plan.llm_json, "vit_config": plan.vit_json}
+    try:
+        total = write_params_checkpoint(args.out, plan.config, iter_params(plan),
+                                        chunk_bytes=int(args.chunk_mb * 2**20), port_info=info,
+                                        tokenizer_src=args.bagel)
+    except (PortError, SafetensorsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        plan.close()
+    print(f"imported {len(plan.rules)} tensors ({total / 2**20:.1f} MB) from {args.bagel} into {args.out} "
+          f"in {time.time() - start:.1f}s")
+    return 0
