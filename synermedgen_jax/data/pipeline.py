@@ -217,7 +217,7 @@ class _PackIterator(grain.DatasetIterator):
         self._rows = int(state["rows"])
         self._pending = None
         self._pending_state = None
-        self._builder._reset()
+        self._builder.reset()
 
 
 class PackIterDataset(grain.IterDataset):

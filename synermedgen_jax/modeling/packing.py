@@ -208,10 +208,11 @@ class PackBuilder:
         if height % stride or width % stride:
             raise ValueError(f"PackBudget.image_size {budget.image_size} must be a multiple of {stride}")
         self.slot_grid = (height // stride, width // stride)  # latent tokens per slot side
-        self._reset()
+        self.reset()
 
     # ----------------------------------------------------------------------------------------------------
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Empties the builder (all slots back to padding)."""
         budget, geometry = self.budget, self.geometry
         total = budget.total_tokens
         vit_dim = geometry.vit_patch**2 * geometry.vit_channels
@@ -409,7 +410,7 @@ class PackBuilder:
             "timestep_logit": self.timestep_logit,
             "mse_mask": self.mse_mask,
         }
-        self._reset()
+        self.reset()
         return row
 
 
