@@ -1,0 +1,11 @@
+"""Stage I, GAU: CE on CTS + TIA + MI answers; ViT, connector and the understanding expert are trained, the
+generation expert and the VAE are frozen.
+
+    python -m synermedgen_jax train --config configs/stage1_gau.py:tiny --workdir runs/s1 --config.data.dir=DIR
+"""
+
+from configs.train_common import base_config
+
+
+def get_config(variant=None):
+    return base_config("stage1_gau", variant, data_stage="stage1", pack="stage1")

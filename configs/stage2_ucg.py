@@ -1,0 +1,17 @@
+"""Stage II, UCG: flow matching on the paired data; the generation expert, vae2llm, llm2vae and the time
+embedder are trained. The understanding side is frozen with BAGEL's freeze_und detaches
+(``train.finetune_und=False``, default) or fine-tuned (``True``). Starts from a Stage I checkpoint
+(``init_from``) and copies the understanding expert into the generation expert (``init_moe``).
+
+    python -m synermedgen_jax train --config configs/stage2_ucg.py:tiny --workdir runs/s2 \
+        --config.data.dir=DIR --config.init_from=runs/s1
+"""
+
+from configs.train_common import base_config
+
+
+def get_config(variant=None):
+    config = base_config("stage2_ucg", variant, data_stage="stage2", pack="stage2")
+    config.init_moe = True
+    config.model.llm.freeze_und = True  # kept equal to (not train.finetune_und) by the trainer
+    return config

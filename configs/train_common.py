@@ -1,0 +1,102 @@
+"""Shared run-config layout of every training stage (configs/vae.py, stage1_gau.py, stage2_ucg.py, ...).
+
+Layout (other commands rely on these names)::
+
+    config.stage        "vae" | "stage1_gau" | "stage2_ucg" | "baseline_vqa" | "ablate_no_{cts,mi,tia}"
+    config.model        configs/models.py:<variant>
+    config.data.dir     built data folder (python -m synermedgen_jax build-data ...)
+    config.data.pack    PackBudget fields (modeling/packing.py)
+    config.data.*       Grain pipeline fields (data/pipeline.py PipelineConfig) + shards, eval_split
+    config.train.*      optimisation, checkpointing, logging
+    config.mesh         data / fsdp / tensor sizes (-1 fills the remaining devices)
+    config.init_from    checkpoint dir (workdir or step dir) whose weights start this run ("" = random)
+    config.init_moe     copy the understanding expert into the generation expert after init_from (BAGEL)
+    config.vae_from     a stage-0 VAE workdir whose ``vae.*`` weights replace the model's ("" = keep)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import models
+
+DEFAULT_MIX = (("cts", 0.468), ("tia", 0.381), ("mi", 0.150))
+
+# Per-row pack budgets by model variant: (stage I, stage II).
+_PACKS = {
+    "tiny": dict(
+        stage1=dict(und_tokens=256, gen_tokens=0, vit_patches=64, vit_images=16, vae_images=0, ce_tokens=32,
+                    image_size=(32, 32), vit_image_size=(28, 28)),
+        stage2=dict(und_tokens=96, gen_tokens=256, vit_patches=16, vit_images=4, vae_images=4, ce_tokens=8,
+                    image_size=(32, 32), vit_image_size=(28, 28)),
+    ),
+    "small": dict(
+        stage1=dict(und_tokens=512, gen_tokens=0, vit_patches=256, vit_images=16, vae_images=0, ce_tokens=64,
+                    image_size=(64, 64), vit_image_size=(56, 56)),
+        stage2=dict(und_tokens=192, gen_tokens=512, vit_patches=64, vit_images=4, vae_images=8, ce_tokens=16,
+                    image_size=(64, 64), vit_image_size=(56, 56)),
+    ),
+    "bagel_7b_mot": dict(
+        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=4096, vit_images=32, vae_images=0, ce_tokens=512,
+                    image_size=(256, 256), vit_image_size=(224, 224)),
+        stage2=dict(und_tokens=2048, gen_tokens=4096, vit_patches=1024, vit_images=8, vae_images=16,
+                    ce_tokens=64, image_size=(256, 256), vit_image_size=(224, 224)),
+    ),
+}
+
+
+def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) -> ml_collections.ConfigDict:
+    variant = variant or "tiny"
+    if variant not in _PACKS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(_PACKS)}")
+    big = variant == "bagel_7b_mot"
+    config = ml_collections.ConfigDict()
+    config.stage = stage
+    config.model = models.get_config(variant)
+    config.init_from = ""
+    config.init_moe = False
+    config.vae_from = ""
+
+    data = config.data = ml_collections.ConfigDict()
+    data.dir = "data/sim"
+    data.stage = data_stage  # pipeline stage: stage1 | stage2 | mixed | vqa
+    data.split = "train"
+    data.eval_split = "val"
+    data.seed = 0
+    data.task_weights = DEFAULT_MIX  # weight 0 ablates a task
+    data.stage2_weight = 0.5
+    data.cfg_text, data.cfg_vit, data.cfg_vae = 0.1, 0.3, 0.3
+    data.augment = data_stage in ("stage2", "mixed")
+    data.workers = 0
+    data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
+    data.pack = ml_collections.ConfigDict(_PACKS[variant][pack])
+
+    train = config.train = ml_collections.ConfigDict()
+    train.steps = 200 if variant == "tiny" else (2000 if variant == "small" else 100_000)
+    train.rows = 8 if variant != "bagel_7b_mot" else 256  # global batch rows (packs) per step
+    train.grad_accum = 1
+    train.lr = 1e-4 if big else 1e-3
+    train.warmup = 2000 if big else 20
+    train.schedule = "constant"  # constant | cosine
+    train.min_lr_ratio = 0.1
+    train.b1, train.b2, train.eps, train.weight_decay = 0.9, 0.95, 1e-15, 0.0
+    train.clip = 1.0
+    train.ema = 0.9999 if big else 0.999
+    train.ema_warmup = True
+    train.ce_weight = 1.0
+    train.mse_weight = 1.0
+    train.finetune_und = False  # stage II: False freezes the und side (model.llm.freeze_und), True trains it
+    train.seed = 0
+    train.nan_policy = "stop"  # stop | skip
+    train.checkpoint_every = 1000 if big else 100
+    train.keep = 3
+    train.async_checkpoint = True
+    train.log_every = 10
+    train.eval_every = 0 if big else 100  # 0: no eval
+    train.eval_rows = 16  # rows per eval pass and task
+    train.image_every = 0 if big else 100  # stage II / vae image grids (0: none)
+    train.progress = True
+    train.peak_flops = 0.0  # per-device peak FLOP/s for the MFU estimate (0: unknown, not logged)
+
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    return config

@@ -1,0 +1,17 @@
+"""Stage 0: train the small FLUX-family VAE on the embedded data (reconstruction L1 + L2 and a small KL),
+when no FLUX ``ae.safetensors`` is given. Stages I/II load it with ``--config.vae_from=WORKDIR``.
+
+    python -m synermedgen_jax train --config configs/vae.py:tiny --workdir runs/vae --config.data.dir=DIR
+"""
+
+from configs.train_common import base_config
+
+
+def get_config(variant=None):
+    config = base_config("vae", variant, data_stage="stage2", pack="stage2")
+    config.train.rows = 16  # images per step
+    config.train.l1_weight = 1.0
+    config.train.l2_weight = 1.0
+    config.train.kl_weight = 1e-6
+    config.train.ema = 0.0
+    return config

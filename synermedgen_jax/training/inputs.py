@@ -1,0 +1,140 @@
+"""Per-process input streams of the global batch, checkpointable through Grain's Orbax handler.
+
+The global batch of ``train.rows`` rows is cut into ``data.shards`` data shards (default: one per process);
+shard ``s`` is an independent Grain pipeline over instance rows ``s::shards`` and contributes rows
+``[s·n, (s+1)·n)``. Process ``p`` of ``P`` runs shards ``[p·S/P, (p+1)·S/P)``. Because the data order depends
+only on the shard count, a single process with ``data.shards=2`` sees exactly the batches two processes see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+from synermedgen_jax.modeling.packing import PackBudget
+
+
+def shard_layout(data, rows: int) -> tuple[int, list[int], int]:
+    """``(shard count, this process's shards, rows per shard)``."""
+    processes, index = jax.process_count(), jax.process_index()
+    shards = int(data.shards) or processes
+    if shards % processes:
+        raise ValueError(f"config.data.shards={shards} must be a multiple of the process count {processes}")
+    if rows % shards:
+        raise ValueError(f"config.train.rows={rows} must be a multiple of the data shard count {shards}")
+    per = shards // processes
+    return shards, list(range(index * per, (index + 1) * per)), rows // shards
+
+
+def pipeline_config(data, *, stage: str | None = None, split: str | None = None, shard: int = 0, shards: int = 1,
+                    rows: int = 1, repeat: bool = True, seed_offset: int = 0) -> PipelineConfig:
+    weights = tuple((str(task), float(weight)) for task, weight in data.task_weights)
+    return PipelineConfig(stage=stage or data.stage, split=split or data.split, seed=int(data.seed) + seed_offset,
+                          task_weights=weights, stage2_weight=float(data.stage2_weight), cfg_text=float(data.cfg_text),
+                          cfg_vit=float(data.cfg_vit), cfg_vae=float(data.cfg_vae), augment=bool(data.augment),
+                          rows_per_batch=rows, repeat=repeat, process_index=shard, process_count=shards,
+                          workers=int(data.workers))
+
+
+class ShardedBatches:
+    """Concatenates this process's shard iterators row-wise. ``get_state``/``set_state`` speak JSON bytes
+    (Grain's checkpoint handler writes them as ``process_<i>-of-<n>.json``)."""
+
+    def __init__(self, iterators: dict[int, Any]):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(self.iterators[s]) for s in sorted(self.iterators)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({str(s): it.get_state() for s, it in self.iterators.items()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state)
+        if sorted(states) != sorted(str(s) for s in self.iterators):
+            raise ValueError(f"data iterator checkpoint holds shards {sorted(states)}, this process runs "
+                             f"{sorted(self.iterators)}: restore with the same config.data.shards")
+        for s, it in self.iterators.items():
+            it.set_state(states[str(s)])
+
+    def start_prefetch(self) -> None:  # called by Grain's handler after a restore
+        pass
+
+
+def train_batches(config) -> ShardedBatches:
+    """The training stream of this process (packed rows, or images for stage 0)."""
+    shards, mine, per = shard_layout(config.data, int(config.train.rows))
+    if config.stage == "vae":
+        return ShardedBatches({s: iter(image_dataset(config, shard=s, shards=shards, rows=per)) for s in mine})
+    budget = PackBudget.from_config(config.data.pack)
+    return ShardedBatches({s: iter(packed_dataset(config.data.dir, budget, config.model, pipeline_config(
+        config.data, shard=s, shards=shards, rows=per))) for s in mine})
+
+
+def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
+    """One deterministic batch of ``rows`` rows of held-out data for ``task`` (cts/tia/mi/vqa or pairs),
+    read whole by every process (eval batches are replicated)."""
+    data = config.data
+    budget = PackBudget.from_config(data.pack)
+    if task == "pairs":
+        cfg = pipeline_config(data, stage="stage2", split=data.eval_split, rows=rows, seed_offset=7)
+    elif task == "vqa":
+        cfg = pipeline_config(data, stage="vqa", split=data.eval_split, rows=rows, seed_offset=7)
+    else:
+        cfg = dataclasses.replace(pipeline_config(data, stage="stage1", split=data.eval_split, rows=rows,
+                                                  seed_offset=7), task_weights=((task, 1.0),))
+    cfg = dataclasses.replace(cfg, augment=False, cfg_text=0.0, cfg_vit=0.0, cfg_vae=0.0)
+    return next(iter(packed_dataset(data.dir, budget, config.model, cfg)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+class _RecordImage:
+    """``(record, modality) index -> [H, W, C]`` image in [-1, 1] resized to the pack's VAE image size."""
+
+    def __init__(self, data_dir: str, split: str, keys: list[tuple[int, str]], size: tuple[int, int], channels: int):
+        self.data_dir, self.split, self.keys, self.size, self.channels = data_dir, split, keys, size, channels
+        self._reader = None
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        from synermedgen_jax.data.pipeline import _resize
+        from synermedgen_jax.data.records import RecordReader
+
+        if self._reader is None:
+            self._reader = RecordReader(self.data_dir, self.split)
+        rec, modality = self.keys[int(i)]
+        image = _resize(np.asarray(self._reader[rec]["images"][modality], np.float32), self.size)
+        return {"image": np.repeat(image[..., None], self.channels, axis=-1)}
+
+
+def _record_keys(data_dir: str, split: str) -> list[tuple[int, str]]:
+    from synermedgen_jax.data.records import load_index
+
+    index = load_index(data_dir, split)
+    keys = [(rec, modality) for rec, case in enumerate(index["case"])
+            for modality in index["cases"][case]["modalities"]]
+    if not keys:
+        raise ValueError(f"{data_dir}: split {split} has no images")
+    return keys
+
+
+def image_dataset(config, *, shard: int, shards: int, rows: int, split: str | None = None, shuffle: bool = True
+                  ) -> grain.IterDataset:
+    """Stage-0 stream: single-modality slices as ``{"image": [rows, H, W, C]}`` batches."""
+    split = split or config.data.split
+    keys = _record_keys(config.data.dir, split)
+    ds = grain.MapDataset.range(len(keys))[shard::shards]
+    if shuffle:
+        ds = ds.shuffle(seed=int(config.data.seed)).repeat()
+    size = tuple(config.data.pack.image_size)
+    ds = ds.map(_RecordImage(str(config.data.dir), split, keys, size, int(config.model.vae.in_channels)))
+    return ds.to_iter_dataset().batch(rows, drop_remainder=True)

@@ -1,0 +1,91 @@
+"""Run logging on process 0: ``metrics.jsonl``, tensorboardX scalars and image grids, a tqdm progress bar.
+
+``metrics.jsonl`` holds one JSON object per step (``{"step": s, "loss": ..., ...}``), floats written exactly
+(``repr``) so tests can compare curves bitwise; after a crash a step may appear twice (the last one wins).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+SCALARS = ("loss", "ce", "mse", "token_accuracy", "grad_norm", "lr", "l1", "l2", "kl", "psnr")
+
+
+def image_grid(columns: list[np.ndarray], *, pad: int = 2) -> np.ndarray:
+    """``columns`` of ``[N, H, W]`` or ``[N, H, W, C]`` images in [-1, 1] → one ``[3, rows·H, cols·W]`` uint8
+    grid (CHW as tensorboardX wants): row i shows image i of every column side by side."""
+    cols = []
+    for column in columns:
+        column = np.asarray(column, np.float32)
+        if column.ndim == 4:
+            column = column[..., 0] if column.shape[-1] == 1 else column.mean(-1)
+        cols.append(column)
+    n, h, w = cols[0].shape
+    grid = np.full((n * (h + pad) + pad, len(cols) * (w + pad) + pad), 0.0, np.float32)
+    for j, column in enumerate(cols):
+        for i in range(n):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y:y + h, x:x + w] = (np.clip(column[i], -1.0, 1.0) + 1.0) / 2.0
+    gray = (grid * 255.0).round().astype(np.uint8)
+    return np.stack([gray] * 3)
+
+
+class RunLogger:
+    def __init__(self, workdir: str | Path, config, trainable_params: int, device_count: int):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.trainable_params = trainable_params
+        self.device_count = device_count
+        self.writer = SummaryWriter(str(self.workdir / "tb"))
+        self.jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run
+        self.bar = None
+        if config.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=int(config.train.steps), desc=config.stage, dynamic_ncols=True, file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def step(self, step: int, values: dict, tokens: int, seconds: float) -> None:
+        values = dict(values)
+        values["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        values["step_time_s"] = seconds
+        peak = float(self.config.train.peak_flops)
+        if peak > 0 and seconds > 0:
+            # Estimate: 6·N·tokens (forward + backward matmuls of the trained part; attention not counted).
+            values["mfu"] = 6.0 * self.trainable_params * tokens / seconds / (peak * self.device_count)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if step % max(int(self.config.train.log_every), 1) == 0:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar is not None:
+            if self.bar.n < step + 1:
+                self.bar.update(step + 1 - self.bar.n)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+        self.jsonl.write(json.dumps({"step": step, "eval": prefix, **{k: float(v) for k, v in values.items()}})
+                         + "\n")
+        self.jsonl.flush()
+
+    def images(self, tag: str, grid: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.jsonl.close()

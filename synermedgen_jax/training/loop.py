@@ -1,0 +1,257 @@
+"""The training loop: build, restore or initialise, step, log, evaluate, checkpoint, handle preemption.
+
+``train(config, workdir)`` resumes automatically from the workdir's latest complete checkpoint. SIGTERM makes
+the loop save at the next step boundary and return 0. Metrics are fetched one step late (the device runs
+step s+1 while the host logs step s) except at checkpoint steps, whose metrics are checked before saving so a
+non-finite step never reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from synermedgen_jax.config import to_json
+from synermedgen_jax.training import checkpoint, inputs, optim, sharding
+from synermedgen_jax.training import step as step_lib
+from synermedgen_jax.training.logging import RunLogger
+from synermedgen_jax.training.train_eval import Evaluator
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the message names (non-finite values, bad config)."""
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validated copy with derived fields (Stage II's freeze_und follows train.finetune_und)."""
+    config = copy.deepcopy(config)
+    optim.trainable_groups(config)  # validates config.stage
+    if config.train.nan_policy not in NAN_POLICIES:
+        raise TrainingError(f"config.train.nan_policy: {config.train.nan_policy!r}; expected one of {NAN_POLICIES}")
+    if config.stage == "stage2_ucg":
+        config.model.llm.freeze_und = not bool(config.train.finetune_und)
+    if int(config.train.rows) % int(config.train.grad_accum):
+        raise TrainingError(f"config.train.rows={config.train.rows} is not a multiple of grad_accum")
+    return config
+
+
+def build(config):
+    """``(model, codec, objective)`` for the config's stage (host-initialised, deterministic in the seed)."""
+    seed = int(config.train.seed)
+    if config.stage == "vae":
+        from synermedgen_jax.training.vae_stage import VaeObjective, build_vae_model
+
+        model = build_vae_model(config.model, seed)
+        objective = VaeObjective(float(config.train.l1_weight), float(config.train.l2_weight),
+                                 float(config.train.kl_weight))
+    else:
+        from synermedgen_jax.modeling.synermedgen import build_model
+
+        model = build_model(config.model, seed)
+        objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
+    return model, step_lib.Codec(model, optim.trainable_predicate(config)), objective
+
+
+def _assign(state: dict, flat: dict, *, what: str, prefix: str = "") -> int:
+    """Copies weights by name into ``state['params'|'frozen'|'ema']``; shapes must match."""
+    problems, count = [], 0
+    for section in ("params", "frozen", "ema"):
+        for name in state[section]:
+            if name in flat and name.startswith(prefix):
+                if tuple(np.shape(flat[name])) != tuple(np.shape(state[section][name])):
+                    problems.append(f"{name}: {np.shape(flat[name])} vs {np.shape(state[section][name])}")
+                    continue
+                # A copy: two names must never share a buffer (init_moe twins, EMA) or donation fails.
+                state[section][name] = jax.numpy.array(flat[name], state[section][name].dtype, copy=True)
+                count += 1
+    if problems:
+        raise checkpoint.CheckpointError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
+    return count
+
+
+def apply_init(config, state: dict, tx) -> dict:
+    """init_from (all weights by name), init_moe (und → gen expert), vae_from (vae.* weights)."""
+    if config.init_from:
+        _, weights = checkpoint.load_weights(config.init_from, ("params", "frozen"))
+        flat = {**weights["frozen"], **weights["params"]}
+        names = set(state["params"]) | set(state["frozen"])
+        missing = sorted(names - set(flat))
+        if missing:
+            raise checkpoint.CheckpointError(f"init_from {config.init_from}: {len(missing)} parameters missing, "
+                                             f"e.g. {missing[:5]}")
+        _assign(state, flat, what=f"init_from {config.init_from}")
+    if config.init_moe:
+        everything = {**state["frozen"], **state["params"]}
+        copies = {}
+        for name in everything:
+            if "_moe_gen" in name:
+                source = name.replace("_moe_gen", "")
+                if source not in everything:
+                    raise checkpoint.CheckpointError(f"init_moe: {name} has no understanding twin {source}")
+                copies[name] = everything[source]
+        _assign(state, copies, what="init_moe")
+    if config.vae_from:
+        _, weights = checkpoint.load_weights(config.vae_from, ("params", "frozen"))
+        flat = {n: v for s in ("frozen", "params") for n, v in weights[s].items() if n.startswith("vae.")}
+        if _assign(state, flat, what=f"vae_from {config.vae_from}", prefix="vae.") == 0:
+            raise checkpoint.CheckpointError(f"vae_from {config.vae_from}: no vae.* weights found")
+    state["opt"] = tx.init(state["params"])  # fresh moments for the loaded parameters
+    if state["ema"]:
+        state["ema"] = {n: jax.numpy.array(v, copy=True) for n, v in state["params"].items()}
+    return state
+
+
+class _Preemption:
+    """SIGTERM → a flag checked at step boundaries (all processes agree through an all-gather)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def check(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _tokens(batch: dict) -> int:
+    if "sample_id" in batch:
+        return int(np.sum(batch["sample_id"] >= 0))
+    return int(np.prod(batch["image"].shape[:3]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None) -> int:
+    """Runs (or resumes) a stage. Returns 0 when finished or preempted cleanly."""
+    config = resolve_config(config)
+    workdir = Path(workdir)
+    tcfg = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    if int(tcfg.rows) % sharding.batch_divisor(mesh):
+        raise TrainingError(f"config.train.rows={tcfg.rows} must be a multiple of data×fsdp = "
+                            f"{sharding.batch_divisor(mesh)} on mesh {dict(mesh.shape)}")
+    model, codec, objective = build(config)
+    tx = optim.make_optimizer(tcfg)
+    host_state = step_lib.init_state(codec, model, tx, tcfg)
+    del model
+    shardings = step_lib.state_shardings(codec, host_state, tx, mesh)
+    batches = inputs.train_batches(config)
+    mngr = checkpoint.manager(workdir, tcfg)
+    n_trainable = sum(int(np.size(v)) for v in host_state["params"].values())
+    logger = RunLogger(workdir, config, n_trainable, mesh.size) if jax.process_index() == 0 else None
+    preemption = _Preemption()
+    try:
+        latest = mngr.latest_step()
+        if latest is not None:
+            state = checkpoint.restore(mngr, latest, jax.device_put(host_state, shardings), batches)
+            if logger:
+                logger.message(f"resumed from {workdir}/{latest}")
+        else:
+            state = jax.device_put(apply_init(config, host_state, tx), shardings)
+            if jax.process_index() == 0:
+                workdir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(workdir / "config.json", to_json(config))
+        del host_state
+        start = int(jax.device_get(state["step"]))
+        total = int(tcfg.steps)
+        if start >= total:
+            if logger:
+                logger.message(f"{workdir} already holds step {start} >= train.steps={total}; nothing to do")
+            return 0
+        first = next(batches)
+        batch_sh = sharding.batch_sharding(mesh, first)
+        train_step = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, tcfg), shardings,
+                                             batch_sh, mesh)
+        evaluator = Evaluator(config, codec, objective, shardings, mesh, logger) if int(tcfg.eval_every) else None
+        pending = None  # (step, metrics on device, tokens, t_dispatch)
+        local_batch = first
+        last_time = time.perf_counter()
+        for current in range(start, total):
+            if preemption.check() or (stop_at is not None and current >= stop_at):
+                _finish_pending(pending, logger, tcfg, last_time)
+                pending = None
+                checkpoint.save(mngr, current, state, batches, config, force=True)
+                mngr.wait_until_finished()
+                if logger:
+                    logger.message(f"stopped at step {current} (checkpoint saved); rerun the same command to resume")
+                return 0
+            if local_batch is None:
+                local_batch = next(batches)
+            global_batch = sharding.global_batch(local_batch, mesh)
+            tokens = _tokens(local_batch) * jax.process_count()
+            local_batch = None
+            state, metrics = train_step(state, global_batch)
+            if pending is not None:
+                last_time = _finish_pending(pending, logger, tcfg, last_time)
+            pending = (current, metrics, tokens)
+            done = current + 1
+            if done % int(tcfg.checkpoint_every) == 0 or done == total:
+                last_time = _finish_pending(pending, logger, tcfg, last_time)
+                pending = None
+                checkpoint.save(mngr, done, state, batches, config, force=True)
+            if evaluator is not None and (done % int(tcfg.eval_every) == 0 or done == total):
+                evaluator(state, done)
+        _finish_pending(pending, logger, tcfg, last_time)
+        mngr.wait_until_finished()
+        if logger:
+            logger.message(f"finished {total} steps in {workdir}")
+        return 0
+    finally:
+        preemption.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        if logger:
+            logger.close()
+
+
+def _finish_pending(pending, logger, tcfg, last_time: float) -> float:
+    """Fetches a dispatched step's metrics, applies the non-finite guard and logs. Returns the fetch time."""
+    if pending is None:
+        return last_time
+    step, metrics, tokens = pending
+    values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    if not values.pop("finite", 1.0) or not all(math.isfinite(v) for v in values.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v)) or "non-finite gradients"
+        if tcfg.nan_policy == "stop":
+            raise TrainingError(f"non-finite loss or gradients at step {step} ({bad}); stopped without saving, "
+                                "the last checkpoint is intact (set train.nan_policy=skip to skip such steps)")
+        if logger:
+            logger.message(f"step {step}: non-finite values ({bad}); update skipped")
+    if logger:
+        logger.step(step, values, tokens, now - last_time)
+    return now
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_metrics(workdir: str | Path) -> dict[int, dict]:
+    """``{step: metrics}`` from ``metrics.jsonl`` (a step logged twice after a crash: the last line wins)."""
+    out = {}
+    path = Path(workdir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                out[int(record["step"])] = record
+    return out

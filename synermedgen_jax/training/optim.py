@@ -1,0 +1,97 @@
+"""What each stage trains, the optax optimizer (AdamW + warm-up schedule + clipping) and the EMA rule.
+
+Parameters are handled as flat dicts ``{"language_model.layers.0.mlp.up_proj.kernel": array}``. The train step
+differentiates only the *trainable* dict, so frozen parameters have neither gradients nor optimizer state
+(cheaper than optax.masked/set_to_zero over the full tree, which still materialises zero gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Which parameters each stage trains. "und" = ViT + connector + the understanding expert with the shared
+# embedding / lm_head; "gen" = the generation expert (``*_moe_gen``) + vae2llm/llm2vae/time embedder.
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae",),
+    "stage1_gau": ("und",),
+    "baseline_vqa": ("und",),
+    "ablate_no_cts": ("und",),
+    "ablate_no_mi": ("und",),
+    "ablate_no_tia": ("und",),
+    "stage2_ucg": ("gen",),
+}
+
+
+def _group(name: str) -> str:
+    top = name.split(".", 1)[0]
+    if top == "vae":
+        return "vae"
+    if top in ("vit_model", "connector"):
+        return "und"
+    if top == "language_model":
+        return "gen" if "_moe_gen" in name else "und"
+    if top in ("vae2llm", "llm2vae", "time_embedder"):
+        return "gen"
+    return "other"
+
+
+def trainable_groups(config) -> tuple[str, ...]:
+    if config.stage not in STAGE_GROUPS:
+        raise ValueError(f"config.stage: unknown stage {config.stage!r}; expected one of {sorted(STAGE_GROUPS)}")
+    groups = STAGE_GROUPS[config.stage]
+    if config.stage == "stage2_ucg" and config.train.get("finetune_und", False):
+        groups = groups + ("und",)
+    return groups
+
+
+def trainable_predicate(config) -> Callable[[str], bool]:
+    """``name -> bool`` for the flat parameter names of ``config.stage``."""
+    groups = set(trainable_groups(config))
+    return lambda name: _group(name) in groups
+
+
+def learning_rate_schedule(train) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then constant or cosine to ``lr·min_lr_ratio``."""
+    lr, warmup, steps = float(train.lr), int(train.warmup), int(train.steps)
+    if train.schedule == "constant":
+        if warmup <= 0:
+            return optax.constant_schedule(lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    if train.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(steps, warmup + 1),
+                                                  end_value=lr * float(train.min_lr_ratio))
+    raise ValueError(f"config.train.schedule: unknown schedule {train.schedule!r}; expected constant or cosine")
+
+
+def _decay_mask(params: dict) -> dict:
+    # No weight decay on norms and biases (1-D parameters).
+    return {name: jnp.ndim(value) >= 2 for name, value in params.items()}
+
+
+def make_optimizer(train) -> optax.GradientTransformation:
+    """BAGEL's AdamW (β 0.9/0.95, eps 1e-15, wd 0 by default) after global-norm clipping."""
+    chain = []
+    if float(train.clip) > 0:
+        chain.append(optax.clip_by_global_norm(float(train.clip)))
+    chain.append(optax.adamw(learning_rate_schedule(train), b1=float(train.b1), b2=float(train.b2),
+                             eps=float(train.eps), weight_decay=float(train.weight_decay), mask=_decay_mask))
+    return optax.chain(*chain)
+
+
+def ema_decay(train, step: jax.Array) -> jax.Array:
+    """EMA decay at ``step``; with ``ema_warmup`` the decay ramps as ``(1+s)/(10+s)`` so short runs' EMA
+    weights are not stuck at initialisation (BAGEL's 0.9999 assumes 100k+ steps)."""
+    decay = jnp.asarray(float(train.ema), jnp.float32)
+    if train.get("ema_warmup", True):
+        step = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def update_ema(ema: dict, params: dict, decay: jax.Array) -> dict:
+    """``ema ← decay·ema + (1−decay)·params`` (optax.incremental_update)."""
+    return optax.incremental_update(params, ema, 1.0 - decay)

@@ -1,0 +1,109 @@
+"""Device mesh and the ONE table that maps logical parameter axes onto it.
+
+Mesh axes are ``('data', 'fsdp', 'tensor')``, all ``AxisType.Auto`` (explicit axis types break ordinary
+sharded code in this JAX version, shared/DESIGN.md §4). Batches are split over ``data × fsdp``; parameters are
+split over ``fsdp`` on their ``embed``-like axis (ZeRO-3 style: gathered per use by XLA) and over ``tensor`` on
+heads / mlp / vocab (Megatron style). A logical axis whose size does not divide the mesh axis is replicated
+instead of failing, so odd small configs still run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the leading (row) axis of every batch array
+
+# Logical axis name (modeling/layers.py metadata) -> mesh axis (or None = replicated). The only such table.
+LOGICAL_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "embed_out": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "vit_embed": "fsdp",
+    "vit_heads": "tensor",
+    "vit_mlp": "tensor",
+}
+
+
+def mesh_shape(spec: Mapping[str, int], device_count: int) -> tuple[int, int, int]:
+    """Resolves ``{data, fsdp, tensor}`` sizes where one may be ``-1`` (fills the remaining devices)."""
+    sizes = [int(spec[axis]) for axis in MESH_AXES]
+    fills = [i for i, size in enumerate(sizes) if size == -1]
+    if len(fills) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(size for size in sizes if size != -1)
+    if fills:
+        if device_count % known:
+            raise ValueError(f"config.mesh: {device_count} devices are not divisible by the fixed axes ({known})")
+        sizes[fills[0]] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{device_count} are available")
+    return tuple(sizes)
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The training mesh over all (global) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(spec, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of one array from its logical axes (None or missing metadata: replicated)."""
+    if not logical_axes:
+        return PartitionSpec()
+    out, used = [], set()
+    for name, size in zip(logical_axes, shape):
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"logical axis {name!r} has no rule in training/sharding.py LOGICAL_RULES")
+        axis = LOGICAL_RULES.get(name) if name is not None else None
+        # A mesh axis may appear once per array; indivisible sizes are replicated.
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            out.append(None)
+            continue
+        used.add(axis)
+        out.append(axis)
+    return PartitionSpec(*out)
+
+
+def batch_spec(ndim: int) -> PartitionSpec:
+    return PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, batch: Mapping[str, np.ndarray | jax.ShapeDtypeStruct]) -> dict[str, NamedSharding]:
+    return {key: NamedSharding(mesh, batch_spec(np.ndim(value) if not hasattr(value, "ndim") else value.ndim))
+            for key, value in batch.items()}
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch rows must be a multiple of this (the product of the batch mesh axes)."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded over ``data × fsdp``.
+
+    Process ``i`` holds rows ``[i·n, (i+1)·n)`` of the global batch (its data shards, in order).
+    """
+    shardings = batch_sharding(mesh, local)
+    return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+            for key, value in local.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,239 @@
+"""Train state, its shardings, and the jitted train / eval steps.
+
+The train state is a plain pytree (so Orbax, ``jax.jit`` shardings and donation treat it uniformly)::
+
+    {"step": int32 [], "params": {name: array} (trained), "frozen": {name: array} (frozen params and tables),
+     "opt": optax state of "params", "ema": {name: array} (EMA of "params"; {} when train.ema == 0),
+     "rng": uint32 [2] (the run's base key; step keys are fold_in(rng, step))}
+
+Names are the dotted nnx paths (``language_model.layers.0.self_attn.q_proj.kernel``). ``Codec`` turns the two
+flat dicts back into a model inside the traced step. An *objective* (``UnifiedObjective`` here,
+``vae_stage.VaeObjective`` for stage 0) supplies the loss; the step adds gradient accumulation, clipping,
+AdamW, the EMA and the non-finite guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from synermedgen_jax.modeling.synermedgen import compute_losses
+from synermedgen_jax.training import optim, sharding
+
+
+def path_name(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+class Codec:
+    """Flat ``{name: array}`` dicts <-> an nnx model of one fixed structure."""
+
+    def __init__(self, model: nnx.Module, is_trainable: Callable[[str], bool]):
+        self.graphdef, state = nnx.split(model)
+        self.templates: dict[str, tuple[tuple, nnx.Variable]] = {}
+        self.axes: dict[str, tuple | None] = {}
+        self.trainable: list[str] = []
+        self.frozen: list[str] = []
+        for path, variable in nnx.to_flat_state(state):
+            name = path_name(path)
+            self.templates[name] = (path, variable)
+            self.axes[name] = variable.get_metadata().get("logical_axes")
+            trainable = isinstance(variable, nnx.Param) and is_trainable(name)
+            (self.trainable if trainable else self.frozen).append(name)
+        if not self.trainable:
+            raise ValueError("the stage trains no parameter of this model (check config.stage)")
+
+    def split_values(self, model: nnx.Module) -> tuple[dict, dict]:
+        flat = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+        return {n: flat[n] for n in self.trainable}, {n: flat[n] for n in self.frozen}
+
+    def model(self, params: Mapping[str, Any], frozen: Mapping[str, Any]) -> nnx.Module:
+        values = {**frozen, **params}
+        flat = [(path, variable.replace(values[name])) for name, (path, variable) in self.templates.items()]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+    def shardings(self, names: list[str], values: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+        return {n: NamedSharding(mesh, sharding.logical_spec(self.axes[n], np.shape(values[n]), mesh)) for n in names}
+
+
+class Objective(Protocol):
+    """The loss of a stage. ``prepare`` runs once per global batch outside the gradient (frozen encoders,
+    noise draws, per-row extras); ``loss`` runs per micro-batch and returns a loss already normalised by the
+    *global* totals, so summing micro-batch gradients gives exactly the full-batch gradient."""
+
+    def prepare(self, model: nnx.Module, batch: dict, key: jax.Array) -> dict: ...
+    def totals(self, batch: dict) -> dict: ...
+    def loss(self, model: nnx.Module, micro: dict, totals: dict) -> tuple[jax.Array, dict]: ...
+    def metrics(self, sums: dict, totals: dict) -> dict: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedObjective:
+    """BAGEL's CE + flow-matching MSE on packed batches (Stage I, Stage II, baselines)."""
+
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+
+    def prepare(self, model, batch, key):
+        k_vae, k_noise = jax.random.split(key)
+        rows, slots = batch["vae_images"].shape[:2]
+        token_dim = model.config.latent_patch_size ** 2 * model.config.vae.z_channels
+        if slots == 0:
+            clean = jnp.zeros((rows, 0, token_dim), jnp.float32)
+        else:
+            clean = model.latent_tokens(batch["vae_images"], k_vae)
+        noise = jax.random.normal(k_noise, (rows, batch["latent_index"].shape[1], token_dim), jnp.float32)
+        return {"clean_latents": clean, "noise": noise}
+
+    def totals(self, batch):
+        return {"ce": jnp.sum(batch["ce_mask"].astype(jnp.float32)),
+                "mse": jnp.sum(batch["mse_mask"].astype(jnp.float32))}
+
+    def loss(self, model, micro, totals):
+        outputs = model(micro, micro["clean_latents"], micro["noise"])
+        local = compute_losses(outputs, micro, ce_weight=self.ce_weight, mse_weight=self.mse_weight)
+        sums = {"ce": local["ce"] * local["ce_tokens"], "mse": local["mse"] * local["mse_tokens"],
+                "correct": local["token_accuracy"] * local["ce_tokens"]}
+        loss = (self.ce_weight * sums["ce"] / jnp.maximum(totals["ce"], 1.0)
+                + self.mse_weight * sums["mse"] / jnp.maximum(totals["mse"], 1.0))
+        return loss, sums
+
+    def metrics(self, sums, totals):
+        ce = sums["ce"] / jnp.maximum(totals["ce"], 1.0)
+        mse = sums["mse"] / jnp.maximum(totals["mse"], 1.0)
+        return {"loss": self.ce_weight * ce + self.mse_weight * mse, "ce": ce, "mse": mse,
+                "token_accuracy": sums["correct"] / jnp.maximum(totals["ce"], 1.0),
+                "ce_tokens": totals["ce"], "mse_tokens": totals["mse"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def init_state(codec: Codec, model: nnx.Module, tx: optax.GradientTransformation, train) -> dict:
+    """A fresh train state (host arrays; place it with ``jax.device_put(state, state_shardings(...))``)."""
+    params, frozen = codec.split_values(model)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "frozen": frozen,
+        "opt": tx.init(params),
+        "ema": {n: jnp.array(v, copy=True) for n, v in params.items()} if float(train.ema) > 0 else {},
+        "rng": jax.random.key_data(jax.random.PRNGKey(int(train.seed))),
+    }
+
+
+def state_shardings(codec: Codec, state: dict, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
+    """NamedShardings for every leaf of ``state`` (params by their logical axes; optimizer moments like
+    their parameters; scalars replicated)."""
+    params = codec.shardings(list(state["params"]), state["params"], mesh)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, state["opt"], params,
+                                transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return {"step": rep, "params": params, "frozen": codec.shardings(list(state["frozen"]), state["frozen"], mesh),
+            "opt": opt, "ema": {n: params[n] for n in state["ema"]}, "rng": rep}
+
+
+def _split_micro(tree: dict, accum: int) -> dict:
+    def split(x):
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {accum} micro-batches")
+        return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(codec: Codec, tx: optax.GradientTransformation, objective: Objective, train
+                    ) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """``(state, batch) -> (state, metrics)`` (not jitted; see :func:`jit_train_step`)."""
+    accum = int(train.grad_accum)
+    schedule = optim.learning_rate_schedule(train)
+    skip_bad = train.nan_policy == "skip"
+
+    def micro_loss(params, frozen, micro, totals):
+        return objective.loss(codec.model(params, frozen), micro, totals)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params, frozen = state["params"], state["frozen"]
+        model = codec.model(params, frozen)
+        extras = jax.lax.stop_gradient(objective.prepare(model, batch, key))
+        full = {**batch, **extras}
+        totals = objective.totals(full)
+        if accum == 1:
+            (_, sums), grads = grad_fn(params, frozen, full, totals)
+        else:
+            def body(carry, micro):
+                (_, sums), grads = grad_fn(params, frozen, micro, totals)
+                return jax.tree.map(jnp.add, carry, (sums, grads)), None
+            micro_all = _split_micro(full, accum)
+            zero_sums = jax.eval_shape(lambda: grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro_all),
+                                                       totals)[0][1])
+            zero = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums),
+                    jax.tree.map(jnp.zeros_like, params))
+            (sums, grads), _ = jax.lax.scan(body, zero, micro_all)
+        metrics = objective.metrics(sums, totals)
+        grad_norm = optax.global_norm(grads)
+        updates, opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_ema = state["ema"]
+        if new_ema:
+            new_ema = optim.update_ema(new_ema, new_params, optim.ema_decay(train, state["step"]))
+        new_state = {**state, "step": state["step"] + 1, "params": new_params, "opt": opt, "ema": new_ema}
+        if skip_bad:
+            # Keep the old parameters/optimizer/EMA on a non-finite step; the step counter still advances.
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                {k: new_state[k] for k in ("params", "opt", "ema")},
+                                {k: state[k] for k in ("params", "opt", "ema")})
+            new_state.update(kept)
+        metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, state_sh: dict, batch_sh: dict, mesh: Mesh):
+    """Jitted with explicit in/out shardings; the state argument is donated."""
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def answer_exact_match(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Per-sample greedy exact match of the answer under teacher forcing.
+
+    A sample's answer is decoded exactly by greedy decoding iff the argmax is right at each of its CE
+    positions, so this is greedy-decoding answer accuracy without a decode loop.
+    Returns ``(correct, counted)`` sums over the batch (samples with at least one CE token).
+    """
+    ce_mask = batch["ce_mask"] > 0
+    wrong = (jnp.argmax(logits, axis=-1) != batch["ce_label"]) & ce_mask
+    sample = jnp.take_along_axis(batch["sample_id"], batch["ce_index"], axis=1)  # [B, C]
+    slots = logits.shape[1]  # a row holds at most C samples with CE tokens
+    onehot = jax.nn.one_hot(jnp.where(ce_mask, sample, -1), slots, dtype=jnp.float32)  # [B, C, slots]
+    has = jnp.einsum("bc,bcs->bs", ce_mask.astype(jnp.float32), onehot) > 0
+    bad = jnp.einsum("bc,bcs->bs", wrong.astype(jnp.float32), onehot) > 0
+    return jnp.sum(has & ~bad).astype(jnp.float32), jnp.sum(has).astype(jnp.float32)
+
+
+def make_eval_step(codec: Codec, objective: UnifiedObjective, *, use_ema: bool = True):
+    """``(state, batch) -> metrics`` with token accuracy, answer exact-match sums and losses."""
+
+    def step(state: dict, batch: dict) -> dict:
+        params = state["ema"] if (use_ema and state["ema"]) else state["params"]
+        model = codec.model(params, state["frozen"])
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2**31 - 1)
+        full = {**batch, **objective.prepare(model, batch, key)}
+        outputs = model(full, full["clean_latents"], full["noise"])
+        losses = compute_losses(outputs, full, ce_weight=objective.ce_weight, mse_weight=objective.mse_weight)
+        correct, counted = answer_exact_match(outputs["logits"], full)
+        return {**losses, "answers_correct": correct, "answers": counted}
+
+    return step
