@@ -25,10 +25,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from synermedgen_jax.config import from_json, to_json
+from synermedgen_jax.config import to_json
 from synermedgen_jax.port import keys as K
 from synermedgen_jax.port.bagel import PortError, atomic_folder, commit_folder, flatten, nest
 
@@ -106,9 +107,21 @@ def read_config(folder: str | os.PathLike):
     if not path.is_file():
         raise PortError(f"{path}: file not found")
     try:
-        return from_json(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise PortError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise PortError(f"{path}: expected a JSON object")
+    return ml_collections.ConfigDict(_tuples(value))  # as synermedgen_jax.config.from_json, with tuples back
+
+
+def _tuples(value):
+    """JSON has no tuples; the model configs use them (e.g. vae.ch_mult)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
 
 
 def checkpoint_shapes(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
