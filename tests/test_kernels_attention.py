@@ -23,7 +23,14 @@ from hypothesis import strategies as st
 from synermedgen_jax.kernels.attention import packed_attention, reference_attention, visibility_mask
 from synermedgen_jax.kernels.block_map import block_map, block_skip_fraction, visible_lists
 from synermedgen_jax.kernels.pallas_attention import BlockSizes, pallas_packed_attention
-from synermedgen_jax.kernels.synthetic_packs import GEN, UND, layout_pack, stage1_samples, stage2_samples
+from synermedgen_jax.kernels.synthetic_packs import (
+    GEN,
+    UND,
+    causal_samples,
+    layout_pack,
+    stage1_samples,
+    stage2_samples,
+)
 from synermedgen_jax.kernels.tile_math import CAUSAL, FULL, NOISE
 
 BATCH, SEQ, HQ, HKV, DIM = 2, 120, 4, 2, 64  # T=120 pads to 128: the padding path runs in every example
@@ -207,6 +214,18 @@ def test_block_map_is_exact_on_block_aligned_packs(lengths, num_samples, gap):
     dense = _dense_blocks(meta, block, block)
     np.testing.assert_array_equal(np.asarray(block_map(*map(jnp.asarray, meta), block, block)), dense)
     assert float(block_skip_fraction(*map(jnp.asarray, meta), block, block)) == pytest.approx(dense.mean())
+
+
+@pytest.mark.parametrize("samples", [
+    stage2_samples(4, 32, 64, 64), stage1_samples(8, 24, 64, 8), causal_samples(4, 256), causal_samples(1, 1024),
+], ids=["stage2", "stage1", "causal_docs", "causal"])
+@pytest.mark.parametrize(("bq", "bk"), [(64, 64), (128, 64), (256, 256)])
+def test_block_map_is_exact_on_typical_packs(samples, bq, bk):
+    # Blocks straddle sample boundaries here (e.g. 256-token blocks over 224-token samples): the per-sample
+    # parts of the block summaries keep the map exact.
+    meta = tuple(x[None] for x in layout_pack(samples, 1024))
+    dense = _dense_blocks(meta, bq, bk)
+    np.testing.assert_array_equal(np.asarray(block_map(*map(jnp.asarray, meta), bq, bk)), dense)
 
 
 def test_visible_lists_are_compacted_and_padded_with_the_last_index():

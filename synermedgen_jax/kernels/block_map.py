@@ -4,8 +4,10 @@ The fused kernels tile the ``[T, T]`` score matrix into ``block_q × block_k`` b
 this module summarises each block of the per-token metadata (min/max of sample and split ids over its valid
 tokens, and the split ranges of its non-noise and non-causal tokens) and decides from those summaries alone
 whether *any* query of a query block can see *any* key of a key block. The decision is conservative (it never
-drops a block that holds a visible pair) and exact whenever each block lies inside one split of one sample.
-Blocks that hold several samples fall back to the sample-range test only.
+drops a block that holds a visible pair). Each block is summarised in up to three parts (the tokens of its
+lowest sample, of its highest sample, of the samples in between); the test is exact whenever each part lies
+inside one split — the usual case, as blocks straddle at most a sample boundary. Middle parts (a block
+holding three or more samples) fall back to the sample-range test.
 
 The kernels consume the map as compacted lists: for every query block the ascending indices of its visible
 key blocks and their count (forward, dq), and for every key block the list of query blocks that see it (dk,
@@ -62,15 +64,28 @@ def _masked_max(values: jax.Array, keep: jax.Array) -> jax.Array:
 
 
 def summarize_blocks(
-    sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array, block: int
+    sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array, block: int, part: str = "all"
 ) -> BlockSummary:
-    """Summaries of ``[B, T]`` metadata over blocks of ``block`` tokens (``T % block == 0``)."""
+    """Summaries of ``[B, T]`` metadata over blocks of ``block`` tokens (``T % block == 0``).
+
+    ``part`` restricts each block to some of its valid tokens: ``"all"``, ``"first"`` (those of the block's
+    lowest sample id), ``"last"`` (its highest, when it differs from the lowest) or ``"middle"`` (the rest).
+    """
     batch, seq_len = sample_id.shape
     if seq_len % block:
         raise ValueError(f"summarize_blocks: T={seq_len} is not a multiple of the block size {block}")
     shape = (batch, seq_len // block, block)
     sample, split, kind = (x.reshape(shape) for x in (sample_id, split_id, split_kind))
     valid = sample >= 0
+    if part != "all":
+        lowest = _masked_min(sample, valid)[..., None]
+        highest = _masked_max(sample, valid)[..., None]
+        keep = {
+            "first": sample == lowest,
+            "last": (sample == highest) & (highest != lowest),
+            "middle": (sample != lowest) & (sample != highest),
+        }[part]
+        valid = valid & keep
     noncausal = valid & (kind != CAUSAL)
     return BlockSummary(
         any_valid=jnp.any(valid, axis=-1),
@@ -88,21 +103,10 @@ def _overlap(lo_a, hi_a, lo_b, hi_b):
     return (lo_a <= hi_b) & (lo_b <= hi_a)
 
 
-def block_map(
-    sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array, block_q: int, block_k: int
-) -> jax.Array:
-    """``[B, T/block_q, T/block_k]`` bool: True where the key block may hold a key visible to the query block.
-
-    Never False for a block pair that holds a visible (query, key) pair; see the module docstring.
-    """
-    qs = summarize_blocks(sample_id, split_id, split_kind, block_q)
-    ks = summarize_blocks(sample_id, split_id, split_kind, block_k)
+def _pair_map(qs: BlockSummary, ks: BlockSummary, key_after: jax.Array) -> jax.Array:
+    """Block-pair test for one part of the query blocks against one part of the key blocks."""
     q = jax.tree.map(lambda x: x[:, :, None], qs)  # [B, nq, 1]
     k = jax.tree.map(lambda x: x[:, None, :], ks)  # [B, 1, nk]
-    num_q, num_k = qs.any_valid.shape[1], ks.any_valid.shape[1]
-    # A key block lies strictly after a query block when its first position exceeds the query block's last:
-    # then a same-split pair is visible only in a full/noise split (causal needs key <= query).
-    key_after = (jnp.arange(num_k)[None, :] * block_k) >= ((jnp.arange(num_q)[:, None] + 1) * block_q)
     same_sample_possible = q.any_valid & k.any_valid & _overlap(q.sample_min, q.sample_max, k.sample_min, k.sample_max)
     single_sample = (q.sample_min == q.sample_max) & (k.sample_min == k.sample_max)
     earlier_context = k.context_split_min < q.split_max
@@ -110,9 +114,34 @@ def block_map(
     same_split_noncausal = _overlap(
         q.noncausal_split_min, q.noncausal_split_max, k.noncausal_split_min, k.noncausal_split_max
     )
+    # A key block lying strictly after the query block holds same-split visible pairs only in a full/noise
+    # split (causal needs key <= query).
     same_split = jnp.where(key_after[None], same_split_noncausal, same_split_any)
-    # Split ids are only comparable inside one sample: blocks mixing samples keep the sample test alone.
+    # Split ids are only comparable inside one sample: parts mixing samples keep the sample test alone.
     return same_sample_possible & (~single_sample | earlier_context | same_split)
+
+
+_PARTS = ("first", "last", "middle")
+
+
+def block_map(
+    sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array, block_q: int, block_k: int
+) -> jax.Array:
+    """``[B, T/block_q, T/block_k]`` bool: True where the key block may hold a key visible to the query block.
+
+    Never False for a block pair that holds a visible pair. Each block is split into the tokens of its lowest
+    sample, of its highest sample and of the samples between; every part pair is tested on its own, so blocks
+    straddling a sample boundary keep exact split tests (see the module docstring).
+    """
+    num_q, num_k = sample_id.shape[1] // block_q, sample_id.shape[1] // block_k
+    key_after = (jnp.arange(num_k)[None, :] * block_k) >= ((jnp.arange(num_q)[:, None] + 1) * block_q)
+    q_parts = [summarize_blocks(sample_id, split_id, split_kind, block_q, p) for p in _PARTS]
+    k_parts = [summarize_blocks(sample_id, split_id, split_kind, block_k, p) for p in _PARTS]
+    visible = jnp.zeros((sample_id.shape[0], num_q, num_k), bool)
+    for qs in q_parts:
+        for ks in k_parts:
+            visible = visible | _pair_map(qs, ks, key_after)
+    return visible
 
 
 def block_skip_fraction(
