@@ -23,6 +23,15 @@ IMAGE, VIT = (16, 16), (28, 28)
 INSTRUCTION = [17, 41, 9, 230, 77]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+    """XLA optimisations cost more compile time than these tiny programs save at run time."""
+    previous = jax.config.jax_disable_most_optimizations
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_config):
     config = tiny_config.copy_and_resolve_references()
@@ -162,8 +171,8 @@ def test_sampler_cached_equals_uncached_and_is_batch_independent(model):
     assert a.shape == (3, 16, 16) and done == [2, 1]
     assert np.all(np.abs(a) <= 1.0) and a.std() > 1e-3
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
-    # Slice i's noise depends on (seed, first_index + i) only: the third slice alone gives the same image.
-    c = cached.generate(sources[2:], INSTRUCTION, seed=5, batch_size=2, first_index=2)
+    # Slice i's noise depends on (seed, indices[i]) only: the third slice alone gives the same image.
+    c = cached.generate(sources[2:], INSTRUCTION, seed=5, batch_size=2, indices=[2])
     np.testing.assert_allclose(c[0], a[2], atol=1e-5, rtol=0)
-    d = cached.generate(sources[2:], INSTRUCTION, seed=6, batch_size=2, first_index=2)
+    d = cached.generate(sources[2:], INSTRUCTION, seed=6, batch_size=2, indices=[2])
     assert np.abs(d[0] - a[2]).max() > 1e-3

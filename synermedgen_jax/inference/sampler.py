@@ -331,13 +331,14 @@ class Sampler:
         return self._compiled[key]
 
     def generate(self, sources: np.ndarray, instruction_ids: Sequence[int], *, seed: int = 0, batch_size: int = 8,
-                 first_index: int = 0, progress: Callable[[int], None] | None = None) -> np.ndarray:
+                 indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Synthesizes one target per source slice.
 
         Args:
           sources: ``[N, H, W]`` float in [-1, 1] (any size; resized to the sampler's sizes).
           instruction_ids: the route's instruction, tokenized (no bos/eos).
-          seed: slice ``first_index + i`` always gets the same noise (``fold_in`` of the seed's key with its index).
+          seed, indices: source ``i`` starts from the noise of ``fold_in(key(seed), indices[i])`` (default
+            ``indices = 0..N-1``), so a slice's result depends on neither the batch size nor its neighbours.
           batch_size: slices per compiled call; the last batch is padded by repeating its last slice.
           progress: called with the number of slices finished after each batch.
         Returns:
@@ -346,19 +347,22 @@ class Sampler:
         sources = np.asarray(sources, np.float32)
         if sources.ndim != 3 or len(sources) == 0:
             raise ValueError(f"Sampler.generate: sources must be [N, H, W] with N >= 1, got {sources.shape}")
+        indices = np.arange(len(sources)) if indices is None else np.asarray(indices, np.int64)
+        if indices.shape != (len(sources),):
+            raise ValueError(f"Sampler.generate: {len(indices)} indices for {len(sources)} sources")
         noise_base, vae_base = jax.random.split(jax.random.PRNGKey(seed))
         outputs = []
         for start in range(0, len(sources), batch_size):
-            chunk = sources[start:start + batch_size]
+            chunk, chunk_indices = sources[start:start + batch_size], indices[start:start + batch_size]
             count = len(chunk)
             if count < batch_size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - count, axis=0)])
+                chunk_indices = np.concatenate([chunk_indices, np.repeat(chunk_indices[-1:], batch_size - count)])
             batches, layouts = self._packs(instruction_ids, chunk)
             function = self._function(layouts)
-            noise = slice_noise(noise_base, np.arange(first_index + start, first_index + start + batch_size),
-                                (len(layouts["cond"].q_gen), self.token_dim))
+            noise = slice_noise(noise_base, chunk_indices, (len(layouts["cond"].q_gen), self.token_dim))
             vae_sources = batches["cond"]["vae_images"][:, 0]  # slot 0 holds the source in every context pack
-            vae_key = jax.random.fold_in(vae_base, first_index + start)
+            vae_key = jax.random.fold_in(vae_base, int(chunk_indices[0]))  # used only with sample_posterior
             batches = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, batch in batches.items()}
             images = function(self.state, batches, jnp.asarray(vae_sources), noise, vae_key)
             outputs.append(np.asarray(images)[:count])

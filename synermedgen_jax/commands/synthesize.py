@@ -1,0 +1,110 @@
+"""NIfTI in, NIfTI out: synthesize a target-modality volume from a source volume, slice by slice.
+
+  python -m synermedgen_jax synthesize --checkpoint runs/stage2 --input case/cbct.nii.gz \
+      --source-modality cbct --target-modality ct --output case/sct.nii.gz [--mask case/mask.nii.gz]
+
+The route's instruction comes from the task registry (evaluation/tasks.py; --task picks one when several
+datasets share a route). The input is normalised with its modality's rule, cut into axial slices like the
+training data, synthesized in batches (flow matching, --steps timesteps, three-pass CFG, KV cache) and
+written in the target's native units (HU for CT/CBCT, SUV for PET; MR targets: --target-window, default
+0..1000) with the input's affine and header geometry. Slices without foreground are not synthesized.
+The same --seed gives the same volume whatever --batch-size. Modalities: ct, cbct, mr, t1, t1ce, t2, flair, pet.
+
+Exit status 2 with a one-line error for bad input (unknown modality or route, a 2-D/4-D or non-NIfTI file,
+--output equal to --input or existing without --force, a checkpoint of another config); nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}") from None
+    return lo, hi
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
+    parser.add_argument("--input", required=True, help="source volume (.nii or .nii.gz)")
+    parser.add_argument("--source-modality", required=True, help="modality of --input")
+    parser.add_argument("--target-modality", required=True, help="modality to synthesize")
+    parser.add_argument("--output", required=True, help="output volume (.nii or .nii.gz)")
+    parser.add_argument("--mask", help="body mask volume (same grid): synthesize inside it, background outside")
+    parser.add_argument("--task", help="registry task whose instruction to use, e.g. synthrad2023/brain/cbct->ct")
+    parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50; steps-1 Euler steps)")
+    parser.add_argument("--shift", type=float, default=3.0, help="timestep shift (3.0)")
+    parser.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (4.0)")
+    parser.add_argument("--cfg-img", type=float, default=1.5, help="image guidance scale (1.5)")
+    parser.add_argument("--renorm", choices=("text_channel", "channel", "global"), default="text_channel")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (8)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    parser.add_argument("--target-window", type=_window, metavar="LO,HI",
+                        help="native-unit window of the output (default: CT -1024,3071 HU or the build's; "
+                             "PET 0,SUVmax; MR 0,1000)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data folder)")
+    parser.add_argument("--force", action="store_true", help="overwrite --output (even when it is --input)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.inference.loading import InferenceError, load_for_inference
+    from synermedgen_jax.inference.sampler import SamplerConfig
+    from synermedgen_jax.inference.synthesize import (
+        NIFTI_SUFFIXES,
+        read_nifti,
+        resolve_route,
+        synthesize_volume,
+        write_nifti,
+    )
+
+    try:
+        for name in ("steps", "batch_size"):
+            if getattr(args, name) < (2 if name == "steps" else 1):
+                raise InferenceError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
+        task = resolve_route(args.source_modality, args.target_modality, task=args.task)
+        output = Path(args.output)
+        if not output.name.endswith(NIFTI_SUFFIXES):
+            raise InferenceError(f"--output {output}: must end in .nii or .nii.gz")
+        same = output.exists() and Path(args.input).exists() and output.resolve() == Path(args.input).resolve()
+        if same and not args.force:
+            raise InferenceError(f"--output {output} is the input file; refusing to overwrite it without --force")
+        if output.exists() and not args.force:
+            raise InferenceError(f"--output {output} exists; pass --force to overwrite it")
+        image = read_nifti(args.input)
+        mask = read_nifti(args.mask) if args.mask else None
+        inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+        if inference.source:  # prefer the phrasing of the dataset the run was trained on
+            task = resolve_route(args.source_modality, args.target_modality, task=args.task,
+                                 dataset=inference.source)
+        config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=args.cfg_text, cfg_img=args.cfg_img,
+                               renorm=args.renorm)
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="slice", disable=args.no_progress, file=sys.stderr, desc=task.name)
+
+        def on_total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+
+        try:
+            volume = synthesize_volume(inference, image, args.source_modality, args.target_modality, task.instruction,
+                                       mask=mask, config=config, batch_size=args.batch_size, seed=args.seed,
+                                       target_window=args.target_window, progress=bar.update, on_total=on_total)
+        finally:
+            bar.close()
+        write_nifti(output, volume, image)
+    except (InferenceError, ValueError) as err:
+        return _error(str(err).splitlines()[0])
+    print(f"wrote {output} ({task.name}: {volume.shape}, {volume.min():.4g}..{volume.max():.4g})")
+    return 0

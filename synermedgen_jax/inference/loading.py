@@ -1,0 +1,95 @@
+"""What the inference commands need from a checkpoint: model, tokenizer, image sizes, normalisation rules.
+
+``load_for_inference(path)`` wraps ``training.checkpoint.load_model`` and turns every way it can fail into
+one :class:`InferenceError` line naming the path and the problem (the commands print it and exit 2).
+Tests build an :class:`Inference` in memory from a model and a tokenizer instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from synermedgen_jax.data.volumes import NormConfig
+from synermedgen_jax.modeling.packing import SpecialTokens
+
+
+class InferenceError(ValueError):
+    """Bad input to an inference command: a one-line message naming the file or field and the problem."""
+
+
+@dataclasses.dataclass
+class Inference:
+    """A model ready for inference. ``image_size``: generated/VAE size (H, W); ``vit_image_size``: ViT size."""
+
+    model: Any
+    tokenizer: Any
+    image_size: tuple[int, int]
+    vit_image_size: tuple[int, int]
+    norm: NormConfig = NormConfig()
+    data_dir: str | None = None
+    source: str | None = None  # the dataset the run was trained on (manifest "source"), when known
+    run_config: Any = None
+
+    @property
+    def special(self) -> SpecialTokens:
+        return SpecialTokens.from_tokenizer(self.tokenizer)
+
+
+def _data_manifest(data_dir: str | None) -> dict:
+    if not data_dir:
+        return {}
+    path = Path(data_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def norm_from_manifest(manifest: dict) -> NormConfig:
+    """The build's normalisation windows (``manifest.json`` config), or the data module's defaults."""
+    config = manifest.get("config") or {}
+    default = NormConfig()
+    return NormConfig(tuple(config.get("ct_window", default.ct_window)),
+                      tuple(config.get("mr_percentiles", default.mr_percentiles)),
+                      float(config.get("pet_suv_max", default.pet_suv_max)))
+
+
+def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, ema: bool = True) -> Inference:
+    """Model (EMA weights when kept), tokenizer (``--tokenizer`` or the run's ``data.dir``) and sizes."""
+    path = Path(path)
+    if not path.exists():
+        raise InferenceError(f"{path}: checkpoint not found")
+    try:
+        from synermedgen_jax.training.checkpoint import load_model
+    except ImportError as err:
+        raise InferenceError(f"{path}: checkpoints cannot be read here ({err})") from None
+    try:
+        run_config, model = load_model(str(path), ema=ema)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        # CheckpointError (a ValueError) names mismatching parameters for a checkpoint of another config.
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InferenceError(f"{path}: cannot load checkpoint: {message}") from None
+    if getattr(run_config, "stage", None) == "vae":
+        raise InferenceError(f"{path}: a stage-0 (VAE only) checkpoint cannot synthesize or answer")
+    data_dir = str(run_config.data.dir) if "data" in run_config and run_config.data.get("dir") else None
+    tok_path = Path(tokenizer) if tokenizer else (Path(data_dir) / "tokenizer.json" if data_dir else None)
+    if tok_path is None or not tok_path.exists():
+        raise InferenceError(f"{path}: no tokenizer (the run's data.dir {data_dir!r} has no tokenizer.json); "
+                             "pass --tokenizer FILE")
+    from synermedgen_jax.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tok_path)
+    except (ValueError, OSError) as err:
+        raise InferenceError(f"{tok_path}: {err}") from None
+    if tok.vocab_size > model.config.llm.vocab_size:
+        raise InferenceError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                             f"{model.config.llm.vocab_size}: a tokenizer of another run")
+    pack = run_config.data.pack
+    manifest = _data_manifest(data_dir)
+    return Inference(model=model, tokenizer=tok, image_size=tuple(pack.image_size),
+                     vit_image_size=tuple(pack.vit_image_size), norm=norm_from_manifest(manifest),
+                     data_dir=data_dir, source=manifest.get("source"), run_config=run_config)
