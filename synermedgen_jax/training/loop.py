@@ -137,12 +137,14 @@ def _tokens(batch: dict) -> int:
     return int(np.prod(batch["image"].shape[:3]))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None) -> int:
-    """Runs (or resumes) a stage. Returns 0 when finished or preempted cleanly."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
+          devices: list | None = None) -> int:
+    """Runs (or resumes) a stage. Returns 0 when finished or preempted cleanly. ``devices``: the mesh's
+    devices (default all; a subset lets one process compare layouts)."""
     config = resolve_config(config)
     workdir = Path(workdir)
     tcfg = config.train
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     if int(tcfg.rows) % sharding.batch_divisor(mesh):
         raise TrainingError(f"config.train.rows={tcfg.rows} must be a multiple of data×fsdp = "
                             f"{sharding.batch_divisor(mesh)} on mesh {dict(mesh.shape)}")
@@ -245,13 +247,19 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def read_metrics(workdir: str | Path) -> dict[int, dict]:
-    """``{step: metrics}`` from ``metrics.jsonl`` (a step logged twice after a crash: the last line wins)."""
-    out = {}
+def read_metrics(workdir: str | Path, *, eval_records: bool = False) -> dict[int, dict]:
+    """``{step: metrics}`` of the train steps (or, with ``eval_records``, ``{step: {task: metrics}}`` of the
+    evaluations) from ``metrics.jsonl``; a step logged twice after a crash: the last line wins."""
+    out: dict[int, dict] = {}
     path = Path(workdir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                out[int(record["step"])] = record
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        step = int(record["step"])
+        if eval_records and "eval" in record:
+            out.setdefault(step, {})[record["eval"].removeprefix("eval/")] = record
+        elif not eval_records and "eval" not in record:
+            out[step] = record
     return out

@@ -1,0 +1,47 @@
+"""Shared pieces of the training tests: the tiny dataset build, subprocess runs with a shared XLA compilation
+cache (identical programs compile once across processes), and an in-process layout runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny but complete build: 2 subjects (one train, one held-out val), 32×32 slices.
+BUILD_ARGS = ["--source", "mni152-sim", "--subjects", "2", "--sim-voxel-mm", "8", "--slice-size", "32",
+              "--split", "0.5", "0.5", "0", "--instances-per-pair", "2", "--no-progress"]
+
+
+def build_data(out: Path) -> Path:
+    from synermedgen_jax.__main__ import main as cli
+
+    assert cli(["build-data", "--out", str(out), *BUILD_ARGS]) == 0
+    return out
+
+
+def env(cache: Path, devices: int = 1) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO),
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return out
+
+
+def train_cmd(config: str, workdir: Path, overrides: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "synermedgen_jax", "train", "--config", config, "--workdir", str(workdir),
+            *extra, *overrides]
+
+
+def run(cmd: list[str], environment: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    from synermedgen_jax.training.loop import read_metrics
+
+    return {step: record["loss"] for step, record in read_metrics(workdir).items() if "eval" not in record}
