@@ -1,0 +1,1 @@
+"""Throughput benchmarks (``bench``) and ahead-of-time memory / FLOP plans (``plan``)."""

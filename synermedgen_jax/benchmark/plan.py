@@ -1,0 +1,293 @@
+"""Ahead-of-time plans: lower and compile the REAL sharded train step on (simulated) devices from abstract
+inputs and read XLA's memory and cost analyses. Nothing is allocated: parameters, optimizer state and batches
+are ``jax.ShapeDtypeStruct`` with their ``NamedSharding``.
+
+The state, shardings and step come from training/step.py (``init_state`` under ``jax.eval_shape``,
+``state_shardings``, ``make_train_step``, ``jit_train_step``) exactly as the trainer builds them; the batch
+shapes come from a real empty pack row of the config's budget (modeling/packing.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from synermedgen_jax.benchmark.report import BenchError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=1,fsdp=64,tensor=1"`` → ``{"data": 1, "fsdp": 64, "tensor": 1}`` (missing axes are 1, one axis
+    may be -1 = fill the devices)."""
+    out = {axis: 1 for axis in MESH_AXES}
+    seen = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES:
+            raise BenchError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}, "
+                             f"got {part!r}")
+        if name in seen:
+            raise BenchError(f"--mesh {text!r}: axis {name!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise BenchError(f"--mesh {text!r}: size of {name!r} is not an integer: {value!r}") from None
+        if size == 0 or size < -1:
+            raise BenchError(f"--mesh {text!r}: size of {name!r} must be positive or -1, got {size}")
+        seen.add(name)
+        out[name] = size
+    if not seen:
+        raise BenchError(f"--mesh {text!r}: no axis given (e.g. data=1,fsdp=8,tensor=1)")
+    if list(out.values()).count(-1) > 1:
+        raise BenchError(f"--mesh {text!r}: at most one axis may be -1")
+    return out
+
+
+def resolve_mesh(spec: Mapping[str, int], devices: int) -> dict[str, int]:
+    known = math.prod(v for v in spec.values() if v != -1)
+    sizes = dict(spec)
+    for axis, value in spec.items():
+        if value == -1:
+            if devices % known:
+                raise BenchError(f"--mesh: {devices} devices are not divisible by the fixed axes ({known})")
+            sizes[axis] = devices // known
+    if math.prod(sizes.values()) != devices:
+        raise BenchError(f"--mesh {','.join(f'{k}={v}' for k, v in sizes.items())} needs "
+                         f"{math.prod(sizes.values())} devices, --devices is {devices}")
+    return sizes
+
+
+def scale_budget(budget, tokens: int):
+    """The pack budget scaled to ``tokens`` per row: every capacity (tokens, images, patches, CE slots) by the
+    same factor, image sizes kept; generation tokens stay a whole number of VAE slots."""
+    factor = tokens / budget.total_tokens
+    if factor <= 0:
+        raise BenchError(f"--tokens must be positive, got {tokens}")
+    per_slot = budget.gen_tokens // budget.vae_images if budget.vae_images else 0
+    vae_images = max(1, round(budget.vae_images * factor)) if budget.vae_images else 0
+    gen = vae_images * per_slot if per_slot else round(budget.gen_tokens * factor)
+    und = tokens - gen
+    if und <= 0:
+        raise BenchError(f"--tokens {tokens} leaves no understanding tokens after {gen} generation tokens")
+    vit_images = max(1, round(budget.vit_images * factor)) if budget.vit_images else 0
+    return dataclasses.replace(budget, und_tokens=und, gen_tokens=gen, vae_images=vae_images,
+                               vit_patches=round(budget.vit_patches * factor), vit_images=vit_images,
+                               ce_tokens=max(1, round(budget.ce_tokens * factor)) if budget.ce_tokens else 0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _conv(k: int, cin: int, cout: int, h: int, w: int) -> float:
+    return 2.0 * k * k * cin * cout * h * w
+
+
+def vae_encode_flops(vae, height: int, width: int) -> float:
+    """Forward FLOPs of the frozen VAE encoder on one image (convolutions + mid attention; the step runs it
+    in ``prepare`` to get the clean latents, so it belongs to the step's count)."""
+    ch, mult = vae.ch, tuple(vae.ch_mult)
+    h, w = height, width
+    flops = _conv(3, vae.in_channels, ch, h, w)
+    block_in = ch
+    for level, level_mult in enumerate(mult):
+        block_out = ch * level_mult
+        for _ in range(vae.num_res_blocks):
+            flops += _conv(3, block_in, block_out, h, w) + _conv(3, block_out, block_out, h, w)
+            if block_in != block_out:
+                flops += _conv(1, block_in, block_out, h, w)
+            block_in = block_out
+        if level != len(mult) - 1:
+            h, w = h // 2, w // 2
+            flops += _conv(3, block_in, block_in, h, w)
+    top = block_in
+    res_block = 2 * _conv(3, top, top, h, w)
+    attention = 4 * _conv(1, top, top, h, w) + 4.0 * (h * w) ** 2 * top  # q/k/v/proj + scores and values
+    return flops + 2 * res_block + attention + _conv(3, top, 2 * vae.z_channels, h, w)
+
+
+def analytic_step_flops(model_config, budget, rows: int, visible_fraction: float | None = None) -> dict:
+    """Analytic FLOPs of one train step over ``rows`` packs: the MoT forward+backward of
+    modeling/flops.py (token routing: each token through its own expert) + the frozen VAE encoder forward.
+    ``visible_fraction`` None = dense attention (what the jnp reference and xla_dense compute)."""
+    from synermedgen_jax.modeling.flops import step_flops
+
+    breakdown = step_flops(model_config, budget, rows, backward=True, visible_fraction=visible_fraction)
+    parts = {k: float(v) for k, v in dataclasses.asdict(breakdown).items()}
+    height, width = budget.image_size
+    parts["vae_encoder_forward"] = rows * budget.vae_images * vae_encode_flops(model_config.vae, height, width)
+    return {"total": sum(parts.values()), "parts": parts,
+            "counted_as": "MoT fwd+bwd with real routing (2·N_expert·T per forward, backward 2x), attention "
+                          + ("dense T^2" if visible_fraction is None else f"x visible fraction {visible_fraction:.3f}")
+                          + ", lm_head at CE slots, ViT+connector, generation head, frozen VAE encoder fwd"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AbstractTrain:
+    """Everything needed to lower the sharded train step without allocating."""
+
+    config: Any
+    mesh: Any
+    budget: Any
+    rows: int
+    state: dict  # ShapeDtypeStructs with shardings
+    batch: dict
+    shardings: dict
+    step: Any  # the jitted step (jit_train_step)
+    codec: Any
+
+
+def abstract_train(config, mesh, rows: int, budget=None) -> AbstractTrain:
+    """The trainer's state / batch / step for ``config`` on ``mesh`` as abstract sharded values.
+
+    Composes training/step.py's functions; ``init_state`` runs under ``jax.eval_shape`` on a model built
+    inside the trace, so no parameter or optimizer moment is ever materialised.
+    """
+    import jax
+    from flax import nnx
+
+    from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
+    from synermedgen_jax.modeling.synermedgen import build_model
+    from synermedgen_jax.training import optim, sharding
+    from synermedgen_jax.training import step as step_lib
+    from synermedgen_jax.training.loop import resolve_config
+
+    config = resolve_config(config)
+    budget = budget or PackBudget.from_config(config.data.pack)
+    divisor = sharding.batch_divisor(mesh)
+    accum = int(config.train.grad_accum)
+    if rows % (divisor * accum):
+        raise BenchError(f"rows={rows} must be a multiple of data×fsdp ({divisor}) × grad_accum ({accum})")
+    seed = int(config.train.seed)
+    model = nnx.eval_shape(lambda: build_model(config.model, seed))
+    codec = step_lib.Codec(model, optim.trainable_predicate(config))
+    tx = optim.make_optimizer(config.train)
+    state = jax.eval_shape(lambda: step_lib.init_state(codec, build_model(config.model, seed), tx, config.train))
+    state_sh = step_lib.state_shardings(codec, state, tx, mesh)
+    # One real (empty) pack row gives the exact keys, shapes and dtypes the data pipeline produces.
+    row = empty_row(PackBuilder(budget, SpecialTokens(1, 2, 3, 4), config.model))
+    batch = {k: jax.ShapeDtypeStruct((rows, *v.shape), v.dtype) for k, v in row.items()}
+    batch_sh = sharding.batch_sharding(mesh, batch)
+    state_abs = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state, state_sh)
+    batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+    objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
+    step = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), state_sh,
+                                   batch_sh, mesh)
+    return AbstractTrain(config, mesh, budget, rows, state_abs, batch_abs, state_sh, step, codec)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def theoretical_minimum(abstract: AbstractTrain) -> dict:
+    """Per-device bytes that any implementation must hold: all parameters (trained + frozen), one gradient
+    per trained parameter (same sharding), the optimizer state and the EMA of the trained parameters."""
+    state = abstract.state
+    parts = {"params_trained": per_device_bytes(state["params"]), "params_frozen": per_device_bytes(state["frozen"]),
+             "grads": per_device_bytes(state["params"]), "optimizer": per_device_bytes(state["opt"]),
+             "ema": per_device_bytes(state["ema"])}
+    return {"total": sum(parts.values()), "parts": parts}
+
+
+def activation_estimate(model_config, budget, rows_per_device: float) -> dict:
+    """Analytic per-device activation bytes under the configured remat policy (what the step must keep
+    beyond the minimum). ``full``: every layer's input is saved (T·E each) plus one layer's working set
+    during its recomputation; ``dots``: each layer keeps its matmul outputs; ``none``: each layer keeps its
+    whole working set. Attention scores are counted densely for the jnp reference / xla_dense (T²·Hq f32)
+    and not at all for Pallas (tiles in on-chip memory)."""
+    import numpy as np
+
+    llm = model_config.llm
+    tokens = budget.total_tokens * rows_per_device
+    b = np.dtype(model_config.compute_dtype).itemsize
+    q, kv = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
+    # q, k, v, attention out, o_proj out, 2 norms, residual; gate, up, act·up, down.
+    matmul_outs = tokens * (q + 2 * kv + q + llm.hidden_size + 3 * llm.intermediate_size) * b
+    layer_set = matmul_outs + tokens * 3 * llm.hidden_size * b
+    if model_config.attention_impl in ("reference", "xla_dense"):
+        layer_set += rows_per_device * budget.total_tokens**2 * llm.num_heads * 4 * 2  # scores + probs (f32)
+    saved_inputs = llm.num_layers * tokens * llm.hidden_size * 4  # residual stream kept in float32
+    policy = model_config.remat
+    if policy == "full":
+        total = saved_inputs + layer_set
+    elif policy == "dots":
+        total = llm.num_layers * matmul_outs + saved_inputs + layer_set
+    else:
+        total = llm.num_layers * layer_set
+    return {"total": int(total), "policy": policy, "tokens_per_device": tokens}
+
+
+# ------------------------------------------------------------------------------------------------------------
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]")
+
+
+def largest_buffers(hlo_text: str, top: int = 8) -> list[dict]:
+    """The largest array values of the compiled per-device HLO outside fusion bodies (what XLA may have to
+    allocate), as ``{name, dtype, shape, bytes}``. Fused computations' internals never hit memory, so they
+    are skipped."""
+    found: dict[str, dict] = {}
+    in_fused = False
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and ("computation" in stripped.split("(")[0] or stripped.startswith(("%", "ENTRY"))):
+            head = stripped.split("(")[0].split()[-1].lstrip("%")
+            in_fused = "fused" in head or "fusion" in head
+            continue
+        if in_fused:
+            continue
+        match = _INSTR.match(line)
+        if not match or match.group(2) not in _DTYPE_BYTES:
+            continue
+        dims = [int(d) for d in match.group(3).split(",") if d]
+        size = math.prod(dims) * _DTYPE_BYTES[match.group(2)]
+        name = match.group(1)
+        if name not in found or found[name]["bytes"] < size:
+            found[name] = {"name": name, "dtype": match.group(2), "shape": dims, "bytes": size}
+    return sorted(found.values(), key=lambda r: -r["bytes"])[:top]
+
+
+def memory_figures(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise BenchError("this backend's compiled executable gives no memory analysis")
+    argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+    alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+    code = int(getattr(stats, "generated_code_size_in_bytes", 0))
+    # Donated state aliases the output: those bytes are counted once.
+    peak = argument + output - alias + temp + code
+    return {"argument_bytes": argument, "output_bytes": output, "alias_bytes": alias, "temp_bytes": temp,
+            "generated_code_bytes": code, "peak_bytes": peak}
+
+
+def compile_plan(abstract: AbstractTrain) -> dict:
+    """Lowers and compiles the step; memory, FLOPs, largest buffers and the wall time of each phase."""
+    from synermedgen_jax.modeling.flops import compiled_flops
+
+    t0 = time.perf_counter()
+    lowered = abstract.step.lower(abstract.state, abstract.batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    memory = memory_figures(compiled)
+    flops_per_device = compiled_flops(compiled)
+    try:
+        buffers = largest_buffers(compiled.as_text())
+    except Exception as err:  # noqa: BLE001 (the HLO text is optional diagnostics)
+        buffers = [{"name": f"unavailable: {type(err).__name__}", "bytes": 0}]
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory,
+            "compiled_flops_per_device": flops_per_device, "largest_buffers": buffers}

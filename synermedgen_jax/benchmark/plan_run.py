@@ -1,0 +1,164 @@
+"""The ``plan`` command's work once the simulated devices exist: build, compile, extrapolate, print."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+from synermedgen_jax.benchmark import plan as plan_lib
+from synermedgen_jax.benchmark.report import BenchError, config_hash, environment, gib, table
+
+_MEMORY_KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes")
+
+
+def _load(args):
+    from synermedgen_jax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except (ConfigError, ValueError) as err:
+        raise BenchError(str(err)) from None
+    if "train" not in config or "model" not in config or "pack" not in config.get("data", {}):
+        raise BenchError(f"{args.config}: plan needs a run config (configs/stage1_gau.py, configs/stage2_ucg.py, "
+                         "...) with model, data.pack and train")
+    if config.stage == "vae":
+        raise BenchError("plan covers the packed MoT stages; the stage-0 VAE run is not planned")
+    if args.attention:
+        from synermedgen_jax.kernels.attention import IMPLS
+
+        if args.attention not in IMPLS or args.attention in ("pallas", "auto"):
+            raise BenchError(f"--attention {args.attention!r}: on simulated CPU devices use reference, xla_dense "
+                             "or pallas_interpret")
+        config.model.attention_impl = args.attention
+    if args.remat:
+        if args.remat not in ("none", "full", "dots"):
+            raise BenchError(f"--remat {args.remat!r}: expected none, full or dots")
+        config.model.remat = args.remat
+    if args.layers and args.layers >= config.model.llm.num_layers:
+        raise BenchError(f"--layers {args.layers} must be below the config's {config.model.llm.num_layers} layers")
+    return config
+
+
+def _with_layers(config, layers: int):
+    config = copy.deepcopy(config)
+    config.model.llm.num_layers = layers
+    return config
+
+
+def _extrapolate(low: float, high: float, k_low: int, k_high: int, target: int) -> float:
+    return high + (high - low) / (k_high - k_low) * (target - k_high)
+
+
+def run_plan(args, mesh_spec: dict[str, int]) -> dict:
+    import jax
+
+    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.training import sharding
+
+    config = _load(args)
+    budget = PackBudget.from_config(config.data.pack)
+    if args.tokens:
+        budget = plan_lib.scale_budget(budget, args.tokens)
+    rows = args.rows or int(config.train.rows)
+    try:
+        mesh = sharding.make_mesh(mesh_spec, jax.devices()[: math.prod(mesh_spec.values())])
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    divisor = sharding.batch_divisor(mesh)
+    full_layers = int(config.model.llm.num_layers)
+    print(f"plan: {args.config} ({config.stage}, model {config.model.variant}), mesh {dict(mesh.shape)} on "
+          f"{mesh.size} simulated {jax.devices()[0].platform} devices")
+    print(f"  batch: {rows} rows x {budget.total_tokens:,d} tokens (und {budget.und_tokens:,d} + gen "
+          f"{budget.gen_tokens:,d}, {budget.vae_images} VAE / {budget.vit_images} ViT images, {budget.ce_tokens} "
+          f"CE slots), {rows / divisor:g} rows per data shard, grad_accum {config.train.grad_accum}")
+    print(f"  model: attention {config.model.attention_impl}, remat {config.model.remat}, compute "
+          f"{config.model.compute_dtype}, params {config.model.param_dtype}")
+
+    t0 = time.perf_counter()
+    full = plan_lib.abstract_train(config, mesh, rows, budget)
+    minimum = plan_lib.theoretical_minimum(full)
+    depths = [1, args.layers] if args.layers else [full_layers]
+    compiles = {}
+    for depth in depths:
+        abstract = full if depth == full_layers else plan_lib.abstract_train(_with_layers(config, depth), mesh,
+                                                                             rows, budget)
+        print(f"  compiling the train step with {depth} decoder layer(s) ...", flush=True)
+        compiles[depth] = plan_lib.compile_plan(abstract)
+        compiles[depth]["analytic_flops"] = plan_lib.analytic_step_flops(abstract.config.model, budget, rows)
+        print(f"    lowered in {compiles[depth]['lower_s']:.1f} s, compiled in {compiles[depth]['compile_s']:.1f} s")
+
+    if args.layers:
+        lo, hi = compiles[1], compiles[args.layers]
+        memory = {k: int(_extrapolate(lo["memory"][k], hi["memory"][k], 1, args.layers, full_layers))
+                  for k in _MEMORY_KEYS}
+        per_device = _extrapolate(lo["compiled_flops_per_device"], hi["compiled_flops_per_device"], 1, args.layers,
+                                  full_layers)
+        method = (f"extrapolated linearly from compiles with 1 and {args.layers} of {full_layers} decoder layers "
+                  f"(--layers {args.layers})")
+        buffers = hi["largest_buffers"]
+    else:
+        only = compiles[full_layers]
+        memory = dict(only["memory"])
+        per_device = only["compiled_flops_per_device"]
+        method = f"compiled at the full depth ({full_layers} decoder layers)"
+        buffers = only["largest_buffers"]
+    analytic = plan_lib.analytic_step_flops(config.model, budget, rows)
+    compiled_total = per_device * mesh.size
+    activations = plan_lib.activation_estimate(config.model, budget, rows / divisor / int(config.train.grad_accum))
+    peak, floor = memory["peak_bytes"], minimum["total"]
+    limit = args.device_memory_gb * 1e9
+    budget_bytes = 1.5 * floor + activations["total"]
+    result = {
+        "command": "plan", "config": args.config, "config_hash": config_hash(config), "stage": config.stage,
+        "variant": config.model.variant, "devices": mesh.size, "mesh": dict(mesh.shape), "rows": rows,
+        "tokens_per_row": budget.total_tokens, "tokens_per_step": rows * budget.total_tokens,
+        "attention_impl": config.model.attention_impl, "remat": config.model.remat, "method": method,
+        "peak_bytes_per_device": peak, "min_bytes_per_device": floor,
+        "peak_over_min": peak / floor if floor else math.inf,
+        "activation_estimate_bytes_per_device": activations["total"],
+        "target_bytes_per_device": int(budget_bytes), "within_target": bool(peak <= budget_bytes),
+        "device_memory_bytes": int(limit), "fits_device": bool(peak <= limit),
+        "memory_per_device": memory, "min_parts_per_device": minimum["parts"],
+        "compiled_flops": compiled_total, "compiled_flops_per_device": per_device,
+        "analytic_flops": analytic["total"], "analytic_parts": analytic["parts"],
+        "analytic_counted_as": analytic["counted_as"],
+        "flops_ratio": compiled_total / analytic["total"] if analytic["total"] else math.inf,
+        "largest_buffers": buffers,
+        "compiles": {str(d): {"decoder_layers": d, "lower_s": c["lower_s"], "compile_s": c["compile_s"],
+                              "memory": c["memory"], "compiled_flops": c["compiled_flops_per_device"] * mesh.size,
+                              "analytic_flops": c["analytic_flops"]["total"]} for d, c in compiles.items()},
+        "wall_s": time.perf_counter() - t0, "environment": environment(),
+        "sampler": "not planned: the sampler plan is not built yet (train step only)",
+    }
+    _print(result)
+    return result
+
+
+def _print(r: dict) -> None:
+    mem = r["memory_per_device"]
+    print(f"\nper device ({r['method']}):")
+    rows = [{"what": "arguments (state shard + batch shard)", "bytes": gib(mem["argument_bytes"])},
+            {"what": "outputs", "bytes": gib(mem["output_bytes"])},
+            {"what": "  aliased with arguments (donated state)", "bytes": gib(mem["alias_bytes"])},
+            {"what": "temporaries", "bytes": gib(mem["temp_bytes"])},
+            {"what": "PEAK (args + outputs - aliased + temps)", "bytes": gib(r["peak_bytes_per_device"])},
+            {"what": "theoretical minimum", "bytes": gib(r["min_bytes_per_device"])}]
+    rows += [{"what": f"  {k}", "bytes": gib(v)} for k, v in r["min_parts_per_device"].items()]
+    rows += [{"what": f"activation estimate (remat {r['remat']}, attention {r['attention_impl']})",
+              "bytes": gib(r["activation_estimate_bytes_per_device"])},
+             {"what": "target: 1.5 x minimum + activations", "bytes": gib(r["target_bytes_per_device"])}]
+    print(table(rows, [("what", "memory"), ("bytes", "per device")]))
+    print(f"peak / minimum = {r['peak_over_min']:.2f}; within target: {r['within_target']}; fits "
+          f"{r['device_memory_bytes'] / 1e9:g} GB: {r['fits_device']} (peak {r['peak_bytes_per_device'] / 1e9:.1f} GB)")
+    print(f"\nFLOPs per step: compiled {r['compiled_flops']:.4g} ({r['compiled_flops_per_device']:.4g} per device x "
+          f"{r['devices']}), analytic {r['analytic_flops']:.4g}, ratio {r['flops_ratio']:.3f}")
+    print(f"  analytic = {r['analytic_counted_as']}")
+    for name, value in r["analytic_parts"].items():
+        print(f"    {name:22} {value:.4g}")
+    print("\nlargest buffers of the compiled per-device HLO (outside fusions):")
+    print(table([{"name": b["name"], "dtype": b.get("dtype", ""), "shape": str(b.get("shape", "")),
+                  "size": gib(b["bytes"])} for b in r["largest_buffers"]],
+                [("name", "value"), ("dtype", "dtype"), ("shape", "shape"), ("size", "size")]))
+    print(f"\nsampler: {r['sampler']}")
+    print(f"planned in {r['wall_s']:.1f} s")

@@ -1,0 +1,113 @@
+"""Ahead-of-time memory and FLOP plan of the REAL sharded train step on simulated devices.
+
+Lowers and compiles the trainer's jitted step (state donated, shardings from the logical-axis rules) for
+--mesh on --devices simulated CPU devices, from abstract inputs only (jax.ShapeDtypeStruct with shardings:
+no parameter, moment or batch is allocated), and prints per device: argument / output / temporary / peak
+bytes (compiled.memory_analysis()), the compiled FLOPs (cost_analysis, per device x devices) next to the
+analytic count (MoT routing, dense attention for the jnp reference), the largest buffers of the compiled HLO,
+the theoretical minimum (parameters + gradients + optimizer state + EMA of the trained parameters, each
+divided by its sharding), an analytic activation estimate under the configured remat, and peak / minimum.
+
+Examples:
+  python -m synermedgen_jax plan --config configs/stage2_ucg.py:tiny --mesh data=1,fsdp=4,tensor=1 --devices 4
+  python -m synermedgen_jax plan --config configs/stage2_ucg.py:bagel_7b_mot --mesh data=1,fsdp=64,tensor=1 \\
+      --devices 64 --tokens 32768 --rows 64 --layers 2 --json plan_7b.json
+
+--layers K compiles the step with 1 and K decoder layers and extrapolates linearly to the config's layer
+count (XLA:CPU compiles of the 28 unrolled 7B layers take long on a small machine); the output says so.
+--tokens N rescales the pack budget to N tokens per row (every capacity by the same factor).
+The plan always runs on the CPU backend (simulated devices); it re-executes itself in a subprocess when jax
+was already initialised with another device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+_GUARD = "SMG_PLAN_CHILD"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/stage2_ucg.py:tiny", help="run config FILE.py[:variant]")
+    parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
+                        help="mesh sizes AXIS=SIZE for data, fsdp, tensor (one may be -1 = the rest)")
+    parser.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
+    parser.add_argument("--rows", type=int, default=0,
+                        help="global pack rows per step (default: config.train.rows)")
+    parser.add_argument("--tokens", type=int, default=0, help="rescale the pack budget to N tokens per row")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="compile K decoder layers (and 1) and extrapolate linearly to the full depth")
+    parser.add_argument("--attention", default="",
+                        help="override model.attention_impl (reference, xla_dense, pallas_interpret)")
+    parser.add_argument("--remat", default="", help="override model.remat (none, full, dots)")
+    parser.add_argument("--device-memory-gb", type=float, default=80.0,
+                        help="device memory the plan must fit (GB = 1e9 bytes, default 80)")
+    parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["plan", "--config", args.config, "--mesh", args.mesh, "--devices", str(args.devices),
+            "--rows", str(args.rows), "--tokens", str(args.tokens), "--layers", str(args.layers),
+            "--device-memory-gb", str(args.device_memory_gb)]
+    for flag, value in (("--attention", args.attention), ("--remat", args.remat), ("--json", args.json)):
+        if value:
+            argv += [flag, value]
+    return argv
+
+
+def _set_device_env(devices: int) -> None:
+    # The simulated device count is read when the CPU backend starts: it must be in XLA_FLAGS before that.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.benchmark.report import BenchError
+
+    try:
+        from synermedgen_jax.benchmark.plan import parse_mesh, resolve_mesh
+
+        if args.devices < 1:
+            raise BenchError(f"--devices must be >= 1, got {args.devices}")
+        mesh_spec = resolve_mesh(parse_mesh(args.mesh), args.devices)
+        for name in ("rows", "tokens", "layers"):
+            if getattr(args, name) < 0:
+                raise BenchError(f"--{name} must be >= 0")
+        if args.layers == 1:
+            raise BenchError("--layers must be >= 2 (the extrapolation fits 1 and K layers)")
+    except BenchError as err:
+        return _error(str(err))
+
+    _set_device_env(args.devices)
+    import jax
+
+    if jax.device_count() != args.devices or jax.default_backend() != "cpu":
+        if os.environ.get(_GUARD):
+            return _error(f"could not get {args.devices} simulated CPU devices (got {jax.device_count()} "
+                          f"{jax.default_backend()} devices)")
+        # jax was initialised earlier in this process with another device count: plan in a fresh one.
+        env = {**os.environ, _GUARD: "1"}
+        return subprocess.run([sys.executable, "-m", "synermedgen_jax", *_child_argv(args)], env=env).returncode
+
+    from synermedgen_jax.benchmark.plan_run import run_plan
+
+    try:
+        result = run_plan(args, mesh_spec)
+    except BenchError as err:
+        return _error(str(err))
+    if args.json:
+        from synermedgen_jax.benchmark.report import write_json
+
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0 if result else 1
