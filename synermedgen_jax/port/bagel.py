@@ -333,8 +333,9 @@ def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.nd
     target = np.dtype(DTYPES[dtype_name(plan.config.param_dtype)])
     for rule in plan.rules:
         source = plan.sources[rule.ours]
+        dtype = np.dtype(np.float32) if rule.file == "ae" else target
         if source.kind in ("read", "copy"):
-            value = K.to_ours(plan.files.read(source.key), rule.transform)
+            value = K.to_ours(plan.files.read(source.key), rule.transform, dtype)
         elif source.kind == "sincos":
             side = plan.config.vit.max_num_patch_per_side if rule.ours == "vit_pos_embed" else \
                 plan.config.max_latent_size
@@ -343,7 +344,6 @@ def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.nd
             kernel = rules.get(rule.ours[: -len("bias")] + "kernel")
             fan_in = int(np.prod(kernel.our_shape[:-1])) if kernel is not None else None
             value = K.initial_value(rule, rng, fan_in)
-        dtype = np.dtype(np.float32) if rule.file == "ae" else target
         yield rule.ours, value.astype(dtype, copy=False)
 
 

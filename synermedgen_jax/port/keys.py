@@ -88,13 +88,19 @@ def bagel_shape(our_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
     return tuple(our_shape)
 
 
-def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
-    """BAGEL layout → ours (a contiguous copy when the layout changes)."""
+def to_ours(array: np.ndarray, transform: str, dtype: np.dtype | None = None) -> np.ndarray:
+    """BAGEL layout → ours, cast to ``dtype``; the layout change and the cast share one new buffer (peak memory
+    during an import is a few copies of the largest tensor, so each copy saved matters)."""
+    dtype = np.dtype(dtype or array.dtype)
     if transform == "linear":
-        return np.ascontiguousarray(array.T)
-    if transform == "conv":
-        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    return array
+        view = array.T
+    elif transform == "conv":
+        view = array.transpose(2, 3, 1, 0)
+    else:
+        return array.astype(dtype, copy=False)
+    out = np.empty(view.shape, dtype)
+    np.copyto(out, view, casting="unsafe")
+    return out
 
 
 def to_bagel(array: np.ndarray, transform: str) -> np.ndarray:

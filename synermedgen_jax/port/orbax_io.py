@@ -57,13 +57,13 @@ def write_params_checkpoint(out_dir: str | os.PathLike, config, leaves: Iterable
         chunk: dict[str, np.ndarray] = {}
         size = 0
         for name, array in leaves:
+            if chunk and size + array.nbytes > chunk_bytes:  # a large tensor goes out alone, not on top of a chunk
+                partial.save(tmp / PARAMS, nest(chunk))
+                chunk, size = {}, 0
             chunk[name] = array
             size += array.nbytes
             total += array.nbytes
-            if size >= chunk_bytes:
-                partial.save(tmp / PARAMS, nest(chunk))
-                chunk, size = {}, 0
-        if chunk or total == 0:
+        if chunk or total == 0:  # the last chunk (or an empty tree)
             partial.save(tmp / PARAMS, nest(chunk))
         del chunk
         partial.finalize(tmp / PARAMS)
