@@ -26,7 +26,7 @@ INSTRUCTION = [17, 41, 9, 230, 77]
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
     """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.jax_disable_most_optimizations
+    previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)

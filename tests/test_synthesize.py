@@ -22,7 +22,7 @@ AFFINE = np.array([[0.0, -1.5, 0.0, 20.0], [1.5, 0.0, 0.0, -12.0], [0.0, 0.0, 3.
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
     """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.jax_disable_most_optimizations
+    previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)

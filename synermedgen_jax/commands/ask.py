@@ -1,0 +1,90 @@
+"""Answer a question about images with the understanding expert (KV-cached autoregressive decoding).
+
+  python -m synermedgen_jax ask --checkpoint runs/stage1 --image a.png --image case/ct.nii.gz:40 \
+      --prompt "Which modality is each panel? ..." [--max-new-tokens 32] [--temperature 0.7 --top-p 0.9]
+
+--image takes a PNG/JPEG (converted to grey) or a NIfTI slice ``FILE.nii.gz:INDEX`` (axial index in RAS+
+orientation, display orientation as the training data; without an index the middle slice). NIfTI slices
+are normalised with --modality's rule (ct/cbct: HU window; pet: SUV clip; MR names or none: the volume's
+0.5-99.5 percentiles). The prompt comes first and the images follow it, as in training. Greedy by default
+(--temperature 0); with a temperature, nucleus sampling with --top-p and --seed. Prints the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
+    parser.add_argument("--image", action="append", default=[], help="PNG or FILE.nii[.gz][:INDEX]; repeatable")
+    parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--modality", help="modality of the NIfTI images (normalisation rule)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data folder)")
+
+
+def load_image(spec: str, modality: str | None = None) -> np.ndarray:
+    """``[H, W]`` float32 in [-1, 1] from a picture file or ``volume.nii.gz[:index]``."""
+    from synermedgen_jax.inference.loading import InferenceError
+
+    path_text, _, index_text = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+    path = Path(path_text)
+    if not path.is_file():
+        raise InferenceError(f"--image {spec}: file not found")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        if index_text:
+            raise InferenceError(f"--image {spec}: a slice index is for NIfTI volumes only")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            grey = np.asarray(Image.open(path).convert("L"), np.float32)
+        except (UnidentifiedImageError, OSError) as err:
+            raise InferenceError(f"--image {spec}: not a readable image ({err})") from None
+        return grey / 127.5 - 1.0
+    from synermedgen_jax.data.volumes import DataError, load_volume, norm_params, normalise
+
+    try:
+        volume = load_volume(path)
+    except DataError as err:
+        raise InferenceError(f"--image {err}") from None
+    depth = volume.data.shape[2]
+    index = int(index_text) if index_text else depth // 2
+    if not 0 <= index < depth:
+        raise InferenceError(f"--image {spec}: slice {index} out of range (the volume has {depth} axial slices)")
+    try:
+        params = norm_params(modality or "mr", volume.data, None)
+    except DataError as err:
+        raise InferenceError(f"--image {spec}: {err}") from None
+    return normalise(volume.data[:, ::-1, index].T, params)  # display orientation: row 0 anterior
+
+
+def main(args: argparse.Namespace) -> int:
+    from synermedgen_jax.inference import loading
+    from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
+
+    try:
+        if args.modality is not None:
+            from synermedgen_jax.evaluation.tasks import valid_modalities
+
+            if args.modality not in valid_modalities():
+                raise loading.InferenceError(f"--modality: unknown {args.modality!r}; valid: "
+                                             f"{', '.join(valid_modalities())}")
+        config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        images = [load_image(spec, args.modality) for spec in args.image]
+        inference = loading.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+        answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
+                            config)
+        answer = answerer.answer([(args.prompt, images)], seed=args.seed)[0]
+    except ValueError as err:  # InferenceError and DecodeConfig's checks
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(answer)
+    return 0
