@@ -1,0 +1,88 @@
+"""Attention kernel, data pipeline and metrics benchmarks: thin adapters over the project's tools
+(tools/bench_attention.py, tools/bench_metrics.py) and data pipeline, returning JSON-ready dicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from synermedgen_jax.benchmark.report import REPO_ROOT
+
+
+def _tool(name: str):
+    """Imports ``tools/<name>.py`` (the tools folder is not a package)."""
+    path = REPO_ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_smg_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_attention(seq_lens: list[int], repeats: int) -> dict:
+    """pallas vs xla_dense vs reference, forward and forward+backward (ms, TFLOP/s) on GPU/TPU; on CPU only
+    the block-skip fractions, with the reason the timings are skipped."""
+    import jax
+
+    tool = _tool("bench_attention")
+    from synermedgen_jax.kernels.pallas_attention import BlockSizes
+
+    if jax.default_backend() in ("gpu", "cuda", "tpu"):
+        rows = tool.timing_report(seq_lens, repeats, ("pallas", "xla_dense", "reference"))
+        return {"name": "attention", "timings": rows}
+    sizes = {"triton_128x64": BlockSizes(128, 64, 64, 64), "mosaic_256": BlockSizes(256, 256, 256, 256)}
+    skips = tool.skip_report(min(seq_lens), sizes)
+    return {"name": "attention", "block_fractions": skips,
+            "skipped": "timings of pallas / xla_dense / reference need a GPU or TPU: on CPU the Pallas kernel only "
+                       "runs in interpret mode (a Python-level emulation whose time says nothing about the kernel), "
+                       "so only the fraction of key blocks the kernel computes is reported"}
+
+
+def bench_metrics(n: int, size: int, repeats: int) -> dict:
+    """Images/s of the jitted batched SSIM vs a scikit-image loop (tools/bench_metrics.py)."""
+    tool = _tool("bench_metrics")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "metrics.json"
+        tool.main(["--n", str(n), "--size", str(size), "--repeats", str(repeats), "--json", str(out)])
+        result = json.loads(out.read_text())
+    return {"name": "metrics", **result}
+
+
+def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
+    """Records/s (random read + decode) and packs/s (samples → packed rows, in-process) of the Grain
+    pipeline over a built dataset; builds a small mni152-sim one first when ``data_dir`` has none."""
+    from synermedgen_jax.config import load_config
+    from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+    from synermedgen_jax.data.records import RecordReader
+
+    data = Path(data_dir)
+    built = False
+    if not (data / "manifest.json").is_file():
+        from synermedgen_jax.data.build import BuildConfig, build
+
+        build(BuildConfig(source="mni152-sim", out=str(data), subjects=2, slice_size=64, overwrite=True,
+                          progress=False))
+        built = True
+    reader = RecordReader(data, "train")
+    n = min(records, len(reader))
+    start = time.perf_counter()
+    for i in range(n):
+        reader[(i * 7919) % len(reader)]
+    records_s = n / (time.perf_counter() - start)
+    budget = _tool("bench_data")._budget(variant, 64)
+    model_config = load_config(f"configs/models.py:{variant}")
+    config = PipelineConfig(stage="mixed", rows_per_batch=1, workers=0, augment=True, process_index=0,
+                            process_count=1)
+    it = iter(packed_dataset(data, budget, model_config, config))
+    next(it)  # opens the readers and the tokenizer
+    samples = 0
+    start = time.perf_counter()
+    for _ in range(rows):
+        batch = next(it)
+        samples += int((batch["sample_id"].max(axis=1) + 1).sum())
+    elapsed = time.perf_counter() - start
+    return {"name": "data", "data_dir": str(data), "built_now": built, "records_read": n,
+            "records_per_s": records_s, "packs": rows, "packs_per_s": rows / elapsed,
+            "samples_per_s": samples / elapsed, "budget_variant": variant, "workers": 0}

@@ -1,0 +1,216 @@
+"""Train-step and sampling throughput on the local devices, with synthetic packs of the config's budget.
+
+Packs are filled by the real packer (modeling/packing.py) with synthetic samples shaped like the stage's data
+(Stage II: prompt + ViT source + clean VAE source + noised VAE target; Stage I: question + ViT image + answer),
+random pixels and token ids, so the step does exactly the work of a real batch of that budget; throughput
+counts only non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from synermedgen_jax.benchmark import peaks
+from synermedgen_jax.benchmark.plan import analytic_step_flops
+from synermedgen_jax.benchmark.report import BenchError
+
+SPECIAL_IDS = (1, 2, 3, 4)  # bos, eos, vision_start, vision_end of the synthetic packs (never sampled as text)
+
+
+def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch: int) -> list:
+    from synermedgen_jax.modeling.packing import Text, VaeImage, VitImage
+
+    def text(n: int, loss: bool = False) -> Text:
+        return Text(rng.integers(8, vocab, size=n).tolist(), loss=loss)
+
+    vh, vw = budget.vit_image_size
+    vit = VitImage(rng.uniform(-1, 1, size=(vh - vh % vit_patch, vw - vw % vit_patch)).astype(np.float32))
+    if stage == "stage2_ucg":
+        h, w = budget.image_size
+        return [text(12), vit, VaeImage(rng.uniform(-1, 1, size=(h, w)).astype(np.float32)),
+                VaeImage(rng.uniform(-1, 1, size=(h, w)).astype(np.float32), noised=True)]
+    return [text(24), vit, text(4, loss=True)]
+
+
+def synthetic_batch(config, budget, rows: int, seed: int = 0) -> tuple[dict, dict]:
+    """``(batch, counts)``: ``rows`` packs filled greedily with synthetic samples of ``config.stage``."""
+    from synermedgen_jax.modeling.packing import PackBuilder, SpecialTokens, stack_rows
+
+    rng = np.random.default_rng(seed)
+    builder = PackBuilder(budget, SpecialTokens(*SPECIAL_IDS), config.model)
+    out, samples, images = [], 0, 0
+    for _ in range(rows):
+        while True:
+            sample = _sample(config.stage, budget, rng, int(config.model.llm.vocab_size),
+                             int(config.model.vit.patch_size))
+            if not builder.fits(sample):
+                break
+            builder.add(sample, rng)
+            samples += 1
+            images += sum(type(item).__name__ in ("VitImage", "VaeImage") for item in sample)
+        if builder.empty:
+            raise BenchError(f"one synthetic {config.stage} sample does not fit the pack budget {budget}")
+        out.append(builder.build())
+    batch = stack_rows(out)
+    tokens = int(np.sum(batch["sample_id"] >= 0))
+    return batch, {"samples": samples, "images": images, "tokens": tokens,
+                   "slot_tokens": rows * budget.total_tokens}
+
+
+def memory_in_use() -> dict:
+    """Device memory from ``memory_stats()`` where the backend has it (GPU/TPU), else this process's RSS."""
+    import jax
+    import psutil
+
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "bytes_in_use" in stats:
+        return {"source": "device.memory_stats()", "bytes_in_use": int(stats["bytes_in_use"]),
+                "peak_bytes_in_use": int(stats.get("peak_bytes_in_use", 0)),
+                "bytes_limit": int(stats.get("bytes_limit", 0))}
+    return {"source": "process RSS (no device memory stats on this backend)",
+            "bytes_in_use": int(psutil.Process().memory_info().rss)}
+
+
+def timed(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` calls after ``warmup`` calls; ``fn`` must block until its result is ready."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: float | None = None) -> dict:
+    """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
+    import jax
+
+    from synermedgen_jax.modeling.flops import compiled_flops
+    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.training import optim, sharding
+    from synermedgen_jax.training import step as step_lib
+    from synermedgen_jax.training.loop import build, resolve_config
+
+    config = resolve_config(config)
+    if config.stage == "vae":
+        raise BenchError("bench --what train covers the packed MoT stages, not the stage-0 VAE")
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    rows = rows or int(config.train.rows)
+    if rows % (sharding.batch_divisor(mesh) * int(config.train.grad_accum)):
+        raise BenchError(f"rows={rows} must be a multiple of data×fsdp ({sharding.batch_divisor(mesh)}) × "
+                         f"grad_accum ({config.train.grad_accum})")
+    budget = PackBudget.from_config(config.data.pack)
+    model, codec, objective = build(config)
+    tx = optim.make_optimizer(config.train)
+    host_state = step_lib.init_state(codec, model, tx, config.train)
+    del model
+    state_sh = step_lib.state_shardings(codec, host_state, tx, mesh)
+    state = jax.device_put(host_state, state_sh)
+    del host_state
+    local, counts = synthetic_batch(config, budget, rows, seed=int(config.train.seed))
+    batch = sharding.global_batch(local, mesh)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), state_sh,
+                                 sharding.batch_sharding(mesh, local), mesh)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    times = timed(one_step, steps, warmup)
+    step_s = statistics.median(times)
+
+    visible = None
+    attention_note = f"dense T^2 ({config.model.attention_impl} computes every (query, key) pair)"
+    if config.model.attention_impl.startswith("pallas"):
+        from synermedgen_jax.kernels.block_map import block_skip_fraction
+        from synermedgen_jax.kernels.pallas_attention import default_block_sizes
+
+        interpret = config.model.attention_impl == "pallas_interpret"
+        backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
+        sizes = default_block_sizes(backend, int(config.model.llm.head_dim), interpret)
+        meta = _padded_meta(local, max(sizes.block_q, sizes.block_k))
+        visible = float(block_skip_fraction(*meta, sizes.block_q, sizes.block_k))
+        attention_note = (f"visible key blocks only: block_skip_fraction {visible:.3f} of "
+                          f"{sizes.block_q}x{sizes.block_k} blocks (Pallas kernel)")
+    analytic = analytic_step_flops(config.model, budget, rows, visible)
+    devices = mesh.size
+    kind = jax.devices()[0].device_kind
+    peak, peak_source = peaks.peak_flops(kind, peak_tflops)
+    achieved = analytic["total"] / step_s
+    return {
+        "name": "train", "config_stage": config.stage, "rows": rows, "devices": devices, "mesh": dict(mesh.shape),
+        "steps": steps, "warmup": warmup, "compile_s": compile_s, "step_times_s": times,
+        "step_time_s": step_s, "tokens_per_step": counts["tokens"], "slot_tokens_per_step": counts["slot_tokens"],
+        "images_per_step": counts["images"], "samples_per_step": counts["samples"],
+        "tokens_per_s": counts["tokens"] / step_s, "tokens_per_s_per_device": counts["tokens"] / step_s / devices,
+        "images_per_s": counts["images"] / step_s, "images_per_s_per_device": counts["images"] / step_s / devices,
+        "analytic_flops_per_step": analytic["total"], "analytic_flops_parts": analytic["parts"],
+        "flops_counted_as": analytic["counted_as"] + "; " + attention_note,
+        "compiled_flops_per_step": compiled_flops(compiled) * devices,
+        "achieved_tflops_per_device": achieved / devices / 1e12,
+        "peak_tflops_per_device": None if peak is None else peak / 1e12, "peak_source": peak_source,
+        "mfu": None if peak is None else achieved / (peak * devices),
+        "memory": memory_in_use(),
+    }
+
+
+def _padded_meta(batch: dict, multiple: int) -> tuple:
+    """Metadata padded (sample_id = -1) to a multiple of the kernel block size, as the kernel pads it."""
+    import jax.numpy as jnp
+
+    length = batch["sample_id"].shape[1]
+    pad = (-length) % multiple
+    out = []
+    for key, fill in (("sample_id", -1), ("split_id", 0), ("split_kind", 0)):
+        out.append(jnp.pad(jnp.asarray(batch[key]), ((0, 0), (0, pad)), constant_values=fill))
+    return tuple(out)
+
+
+def bench_sample(config, *, steps: int, warmup: int, slices: int = 2, num_steps: int = 50) -> dict:
+    """Slices/s of the CFG flow-matching sampler (3 passes per Euler step) with the KV cache on and off."""
+    import jax
+
+    try:
+        from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+    except ImportError as err:
+        return {"name": "sample", "skipped": f"sampler unavailable: {err}"}
+    from synermedgen_jax.modeling.packing import PackBudget, SpecialTokens
+    from synermedgen_jax.modeling.synermedgen import build_model
+
+    budget = PackBudget.from_config(config.data.pack)
+    model = build_model(config.model, int(config.train.seed))
+    rng = np.random.default_rng(0)
+    sources = rng.uniform(-1, 1, size=(slices, *budget.image_size)).astype(np.float32)
+    instruction = rng.integers(8, int(config.model.llm.vocab_size), size=12).tolist()
+    rows = []
+    for use_cache in (True, False):
+        sampler = Sampler(model, SpecialTokens(*SPECIAL_IDS), budget.image_size, budget.vit_image_size,
+                          SamplerConfig(num_steps=num_steps, use_cache=use_cache))
+
+        def run(sampler=sampler):
+            jax.block_until_ready(sampler.generate(sources, instruction, batch_size=slices))
+
+        start = time.perf_counter()
+        run()  # compiles
+        first = time.perf_counter() - start
+        times = timed(run, steps, max(0, warmup - 1))
+        median = statistics.median(times)
+        rows.append({"name": f"kv_cache_{'on' if use_cache else 'off'}", "kv_cache": use_cache,
+                     "batch_slices": slices, "first_call_s": first, "batch_time_s": median,
+                     "slices_per_s": slices / median, "ms_per_slice": 1e3 * median / slices})
+    return {"name": "sample", "num_steps": num_steps, "cfg": "text 4.0 / image 1.5, text_channel renorm (3 passes)",
+            "image_size": list(budget.image_size), "results": rows,
+            "cache_speedup": rows[1]["batch_time_s"] / rows[0]["batch_time_s"]}
