@@ -81,6 +81,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.max_latent_size = 64
     config.timestep_shift = 1.0
     config.attention_impl = "reference"  # see synermedgen_jax/kernels/attention.py
+    config.flow_matching_impl = "reference"  # noising + velocity MSE, see synermedgen_jax/kernels/flow_matching.py
     config.compute_dtype = "float32"
     config.param_dtype = "float32"
     config.remat = "none"  # none | full | dots (per decoder layer)

@@ -1,5 +1,6 @@
 """The generation head: latent patchify, ``vae2llm``, zero-initialised ``llm2vae``, the DiT ``time_embedder``
-and the frozen ``latent_pos_embed`` table (BAGEL's names). Flow-matching noising lives here too."""
+and the frozen ``latent_pos_embed`` table (BAGEL's names). Noising and the velocity loss are in
+kernels/flow_matching.py (fused kernels with jnp references)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,3 @@ def timesteps_from_logits(logits: jax.Array, shift: float) -> jax.Array:
     """BAGEL's training timesteps: ``t = sigmoid(logit)`` then ``s·t / (1 + (s−1)·t)``; −inf (clean) → 0."""
     t = jax.nn.sigmoid(logits.astype(jnp.float32))
     return shift * t / (1.0 + (shift - 1.0) * t)
-
-
-def noise_latents(clean: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """``x_t = (1 − t)·x0 + t·ε``; ``clean/noise [..., C]``, ``t [...]``."""
-    return (1.0 - t[..., None]) * clean + t[..., None] * noise

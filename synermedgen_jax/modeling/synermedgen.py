@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from synermedgen_jax.kernels import flow_matching
 from synermedgen_jax.modeling import generation
 from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
 from synermedgen_jax.modeling.layers import Linear
@@ -85,15 +86,17 @@ class SynerMedGen(nnx.Module):
           clean_latents: ``[B, S·L, p·p·z]`` from :meth:`latent_tokens`.
           noise: ``[B, Tg, p·p·z]`` standard normal, one row per generation token.
         Returns:
-          ``logits [B, C, V]`` at the CE positions (float32), ``velocity [B, Tg, p·p·z]``, ``target`` (ε − x0)
-          and ``hidden [B, T, E]``.
+          ``logits [B, C, V]`` at the CE positions (float32), ``velocity [B, Tg, p·p·z]``, the flow-matching
+          pair ``clean`` (x0) and ``noise`` (ε) of every generation token (the target is ε − x0), ``hidden``.
         """
         und_tokens = batch["token_ids"].shape[1]
         x_und = self.embed_understanding(batch)
         index = batch["latent_index"][..., None]
         clean = jnp.take_along_axis(clean_latents, index, axis=1)
         t = generation.timesteps_from_logits(batch["timestep_logit"], self.config.timestep_shift)
-        noised = generation.noise_latents(clean, noise, t)
+        token_dim = clean.shape[-1]
+        noised = flow_matching.noised_latents(clean.reshape(-1, token_dim), noise.reshape(-1, token_dim).astype(
+            clean.dtype), t.reshape(-1), impl=self.config.flow_matching_impl).reshape(clean.shape)
         x_gen = self.embed_generation(noised, t, batch["latent_pos_id"])
         x = jnp.concatenate([x_und, x_gen.astype(x_und.dtype)], axis=1)
         meta = {key: batch[key] for key in META_KEYS}
@@ -102,25 +105,32 @@ class SynerMedGen(nnx.Module):
         return {
             "logits": self.language_model.logits(ce_hidden),
             "velocity": self.llm2vae(hidden[:, und_tokens:]).astype(jnp.float32),
-            "target": (noise - clean).astype(jnp.float32),
+            "clean": clean.astype(jnp.float32),
+            "noise": noise.astype(jnp.float32),
             "hidden": hidden,
         }
 
 
-def compute_losses(outputs: dict, batch: dict, *, ce_weight: float = 1.0, mse_weight: float = 1.0) -> dict:
+def compute_losses(outputs: dict, batch: dict, *, ce_weight: float = 1.0, mse_weight: float = 1.0,
+                   flow_impl: str = "reference") -> dict:
     """BAGEL's losses: CE summed over labelled tokens / their global count; MSE averaged over the latent
     dims, summed over noised tokens / their global count; ``loss = ce_weight·CE + mse_weight·MSE``.
 
     Under ``jit`` over a sharded batch the sums are global, so the counts are the global token counts.
+    ``flow_impl`` picks the velocity-MSE implementation (kernels/flow_matching.py: the fused kernel never
+    materialises the target ε − x0).
     """
     ce_mask = batch["ce_mask"].astype(jnp.float32)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], batch["ce_label"])
     ce_count = jnp.sum(ce_mask)
     ce = jnp.sum(token_ce * ce_mask) / jnp.maximum(ce_count, 1.0)
     mse_mask = batch["mse_mask"].astype(jnp.float32)
-    token_mse = jnp.mean(jnp.square(outputs["velocity"] - outputs["target"]), axis=-1)
+    token_dim = outputs["velocity"].shape[-1]
+    rows = lambda x: x.reshape(-1, token_dim)
+    mse_sum = flow_matching.velocity_mse_sum(rows(outputs["velocity"]), rows(outputs["clean"]),
+                                             rows(outputs["noise"]), mse_mask.reshape(-1), impl=flow_impl)
     mse_count = jnp.sum(mse_mask)
-    mse = jnp.sum(token_mse * mse_mask) / jnp.maximum(mse_count, 1.0)
+    mse = mse_sum / jnp.maximum(mse_count, 1.0)
     correct = (jnp.argmax(outputs["logits"], axis=-1) == batch["ce_label"]).astype(jnp.float32)
     return {
         "loss": ce_weight * ce + mse_weight * mse,
