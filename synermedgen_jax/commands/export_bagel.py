@@ -1,5 +1,7 @@
-"""Export a parameter checkpoint (from ``import`` or ``save_params_checkpoint``) as a BAGEL/SynerMedGen folder.
+"""Export a checkpoint as a BAGEL/SynerMedGen folder: a training workdir / step directory (``train``), or a
+parameter checkpoint (from ``import`` or ``save_params_checkpoint``).
 
+  python -m synermedgen_jax export --checkpoint runs/stage2 --out /models/my-bagel --ema
   python -m synermedgen_jax export --checkpoint ckpt/bagel7b --out /models/my-bagel [--dtype auto|bf16|f32]
 
 Writes ema.safetensors, ae.safetensors (FLUX names), llm_config.json, vit_config.json (num_hidden_layers = used
@@ -33,6 +35,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="folder with tokenizer files to copy (default: CHECKPOINT/tokenizer if present)")
     parser.add_argument("--chunk-mb", type=float, default=256.0, help="MB of params read from Orbax at a time")
+    parser.add_argument("--ema", action="store_true",
+                        help="training checkpoints: export the EMA weights (what BAGEL releases), not the raw ones")
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """Training workdirs hold numbered step folders with a ``state`` item (training/checkpoint.py)."""
+    if path.name.isdigit() and (path / "state").is_dir():
+        return True
+    return path.is_dir() and any(p.name.isdigit() and (p / "state").is_dir() for p in path.iterdir())
+
+
+def _export_training(args: argparse.Namespace) -> int:
+    """A training checkpoint: weights restored (EMA with --ema), then written tensor by tensor."""
+    from flax import nnx
+
+    from synermedgen_jax.training.checkpoint import CheckpointError, load_model
+
+    start = time.time()
+    try:
+        run_config, model = load_model(str(args.checkpoint), ema=args.ema)
+        dtype = "bf16" if args.dtype == "auto" else args.dtype
+        ae_dtype = "f32" if args.ae_dtype == "auto" else args.ae_dtype
+        save(run_config.model, nnx.state(model), args.out, dtype=dtype, ae_dtype=ae_dtype,
+             tokenizer_dir=args.tokenizer if args.tokenizer and args.tokenizer.is_dir() else None)
+    except (CheckpointError, PortError, SafetensorsError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    which = "EMA" if args.ema else "raw"
+    print(f"exported the {which} weights of {args.checkpoint} to {args.out} (ema.safetensors {dtype}, ae {ae_dtype}) "
+          f"in {time.time() - start:.1f}s")
+    return 0
 
 
 class _ChunkedParams:
@@ -61,6 +94,9 @@ class _ChunkedParams:
 
 def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.port.orbax_io import checkpoint_shapes, read_config
+
+    if _is_training_checkpoint(args.checkpoint):
+        return _export_training(args)
 
     start = time.time()
     try:
