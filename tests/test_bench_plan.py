@@ -1,0 +1,117 @@
+"""bench and plan commands: numbers present and self-consistent (never timed assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synermedgen_jax.__main__ import main as cli
+from synermedgen_jax.benchmark import peaks
+from synermedgen_jax.benchmark.plan import largest_buffers, parse_mesh, scale_budget
+from synermedgen_jax.benchmark.report import BenchError, compare, flatten_numbers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plan_tiny_on_4_simulated_devices(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "synermedgen_jax", "plan", "--config", "configs/stage2_ucg.py:tiny",
+                           "--mesh", "data=1,fsdp=4,tensor=1", "--devices", "4", "--rows", "4", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    for key in ("peak_bytes_per_device", "min_bytes_per_device", "compiled_flops", "analytic_flops", "devices",
+                "mesh"):
+        assert key in plan, key
+    assert plan["devices"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert plan["environment"]["device_count"] == 4
+    assert 0 < plan["min_bytes_per_device"] <= plan["peak_bytes_per_device"]
+    memory = plan["memory_per_device"]
+    assert memory["argument_bytes"] > 0 and memory["temp_bytes"] > 0
+    assert plan["peak_bytes_per_device"] == (memory["argument_bytes"] + memory["output_bytes"]
+                                             - memory["alias_bytes"] + memory["temp_bytes"])
+    # The trained state is donated: nearly all of the output aliases the arguments.
+    assert memory["alias_bytes"] > 0.9 * memory["output_bytes"]
+    assert plan["min_bytes_per_device"] == sum(plan["min_parts_per_device"].values())
+    # compiled = per device x devices; within bounds of the analytic count (routing: no double expert work)
+    assert plan["compiled_flops"] == pytest.approx(plan["compiled_flops_per_device"] * 4)
+    assert 0.85 < plan["compiled_flops"] / plan["analytic_flops"] < 1.2
+    assert plan["analytic_flops"] == pytest.approx(sum(plan["analytic_parts"].values()))
+    assert plan["largest_buffers"] and plan["largest_buffers"][0]["bytes"] > 0
+    assert "PEAK" in proc.stdout and "theoretical minimum" in proc.stdout
+
+
+def test_bench_train_tiny_and_compare(tmp_path, capsys):
+    a = tmp_path / "a.json"
+    code = cli(["bench", "--config", "configs/stage1_gau.py:tiny", "--what", "train", "--steps", "2", "--warmup",
+                "0", "--rows", str(len(__import__("jax").devices())), "--peak-tflops", "1", "--json", str(a)])
+    assert code == 0
+    result = json.loads(a.read_text())
+    train = result["train"]
+    for key in ("step_time_s", "tokens_per_s", "tokens_per_s_per_device", "images_per_s", "analytic_flops_per_step",
+                "compiled_flops_per_step", "mfu", "memory", "flops_counted_as"):
+        assert key in train, key
+    assert {"device_kind", "jax", "flax", "git_commit"} <= set(result["environment"]) and result["config_hash"]
+    assert len(train["step_times_s"]) == 2
+    assert train["step_time_s"] == pytest.approx(statistics.median(train["step_times_s"]))
+    assert train["tokens_per_s"] == pytest.approx(train["tokens_per_step"] / train["step_time_s"])
+    assert train["tokens_per_s_per_device"] == pytest.approx(train["tokens_per_s"] / train["devices"])
+    assert train["images_per_s"] == pytest.approx(train["images_per_step"] / train["step_time_s"])
+    assert 0 < train["tokens_per_step"] <= train["slot_tokens_per_step"]
+    assert train["mfu"] == pytest.approx(train["analytic_flops_per_step"] / train["step_time_s"]
+                                         / (1e12 * train["devices"]))
+    assert 0.8 < train["compiled_flops_per_step"] / train["analytic_flops_per_step"] < 1.25
+    assert train["memory"]["bytes_in_use"] > 0
+
+    b = tmp_path / "b.json"
+    slower = json.loads(a.read_text())
+    slower["train"]["step_time_s"] *= 2
+    b.write_text(json.dumps(slower))
+    capsys.readouterr()
+    assert cli(["bench", "--compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    line = next(row for row in printed.splitlines() if row.startswith("train.step_time_s "))
+    assert line.split()[-1] == "2"
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert cli(["plan", "--mesh", "data=1,fsdp=x", "--devices", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --mesh") and "not an integer" in err and "\n" not in err
+    assert cli(["plan", "--mesh", "data=1,fsdp=8,tensor=1", "--devices", "4"]) == 2
+    assert "needs 8 devices" in capsys.readouterr().err
+    assert cli(["plan", "--mesh", "pipeline=4", "--devices", "4"]) == 2
+    assert cli(["bench", "--what", "train,speed"]) == 2
+    assert "--what" in capsys.readouterr().err
+    assert cli(["bench", "--compare", str(tmp_path / "missing.json"), str(tmp_path / "x.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_helpers():
+    assert parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+    with pytest.raises(BenchError):
+        parse_mesh("data=-1,fsdp=-1")
+    assert peaks.lookup("NVIDIA H100 80GB HBM3").bf16_tflops == pytest.approx(989.4)
+    assert peaks.lookup("TPU v5 lite").name == "TPU v5e" and peaks.lookup("TPU v6 lite").name == "TPU v6e"
+    assert peaks.lookup("cpu") is None and peaks.peak_flops("cpu", 2.0)[0] == 2e12
+    from synermedgen_jax.config import load_config
+    from synermedgen_jax.modeling.packing import PackBudget
+
+    budget = PackBudget.from_config(load_config("configs/stage2_ucg.py:bagel_7b_mot").data.pack)
+    big = scale_budget(budget, 32768)
+    assert big.total_tokens == 32768 and big.gen_tokens == big.vae_images * (budget.gen_tokens // budget.vae_images)
+    hlo = ("%fused_computation (p: f32[4]) -> f32[4] {\n  %big = f32[1000,1000]{1,0} add(p, p)\n}\n"
+           "ENTRY %main (a: f32[8,8]) -> f32[8,8] {\n  %a = f32[8,8]{1,0} parameter(0)\n"
+           "  ROOT %fusion = bf16[64,64]{1,0} fusion(%a), calls=%fused_computation\n}\n")
+    names = [b["name"] for b in largest_buffers(hlo)]
+    assert names == ["fusion", "a"]  # values inside the fused body are not buffers
+    rows = compare({"x": {"t": 2.0}, "environment": {"n": 1}}, {"x": {"t": 3.0}, "environment": {"n": 2}})
+    assert rows == [{"name": "x.t", "a": 2.0, "b": 3.0, "ratio": 1.5}]
+    assert flatten_numbers({"r": [{"name": "on", "v": 1}], "flag": True}) == {"r.on.v": 1.0}
