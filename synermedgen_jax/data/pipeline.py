@@ -27,7 +27,7 @@ from skimage.transform import AffineTransform, resize, warp
 from synermedgen_jax.data import prompts
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
+from synermedgen_jax.data.volumes import MODALITY_NAMES
 from synermedgen_jax.modeling.packing import (
     PackBudget,
     PackBuilder,
@@ -152,8 +152,7 @@ class SampleMaker:
         source, target = self._image(rec, src, cache), self._image(rec, tgt, cache)
         if self.config.augment:
             source, target = paired_augment([source, target], rng, self.config)
-        prompt = prompts.GEN_TEMPLATES[int(pairs["template"][row])].format(src=display_name(src),
-                                                                          tgt=display_name(tgt))
+        prompt = prompts.generation_instruction(int(pairs["template"][row]), src, tgt, cache[rec]["anatomy"])
         size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
         items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(_resize(source, vit_size), cfg=True),
                  VaeImage(_resize(source, size), cfg=True), VaeImage(_resize(target, size), noised=True)]

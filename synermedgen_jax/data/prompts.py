@@ -117,6 +117,17 @@ def format_options(options: list[str]) -> str:
     return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
 
 
+def generation_instruction(template: int, src: str, tgt: str, anatomy: str) -> str:
+    """The Stage II instruction of a pair. Template 0 is the task registry's wording for the route — the exact
+    sentence ``eval`` and ``synthesize`` give the model — so training covers what inference asks; the others
+    vary the phrasing."""
+    if template == 0:
+        from synermedgen_jax.evaluation.tasks import instruction
+
+        return instruction(src, tgt, anatomy)
+    return GEN_TEMPLATES[template].format(src=display_name(src), tgt=display_name(tgt))
+
+
 def mi_answer(modalities: list[str]) -> str:
     return ", ".join(f"{LETTERS[i]}: {display_name(m)}" for i, m in enumerate(modalities))
 
@@ -129,6 +140,8 @@ def corpus() -> list[str]:
     for src, tgt in pairs:
         for t in CTS_TEMPLATES + GEN_TEMPLATES:
             texts.append(t.format(src=display_name(src), tgt=display_name(tgt)))
+        for anatomy in ("brain", "pelvis", "whole-body"):
+            texts.append(generation_instruction(0, src, tgt, anatomy))
         texts.extend(description_pool(src, tgt))
     for t in MI_TEMPLATES:
         texts.append(t)
