@@ -188,7 +188,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
             if preemption.check() or (stop_at is not None and current >= stop_at):
                 _finish_pending(pending, logger, tcfg, last_time)
                 pending = None
-                checkpoint.save(mngr, current, state, batches, config, force=True)
+                if current not in mngr.all_steps():  # a checkpoint step may already hold this state
+                    checkpoint.save(mngr, current, state, batches, config, force=True)
                 mngr.wait_until_finished()
                 if logger:
                     logger.message(f"stopped at step {current} (checkpoint saved); rerun the same command to resume")
