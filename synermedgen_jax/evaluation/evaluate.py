@@ -103,8 +103,9 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
     results = {}
     for name, records in tasks.items():
         task = get_task(name)
-        records = records[:config.max_slices]
-        data = [reader[i] for i in records]
+        records, data = _pick_slices(reader, records, task, config.max_slices)
+        if not records:
+            continue
         sources = np.stack([np.asarray(r["images"][task.source], np.float32) for r in data])
         targets = np.stack([np.asarray(r["images"][task.target], np.float32) for r in data])
         masks = np.stack([np.asarray(r["mask"], bool) for r in data])
@@ -116,12 +117,39 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
         row = {"slices": len(records), "records": records}
         for method, pred in (("model", preds), ("identity", sources)):
             values = _slice_metrics(pred, targets, masks, params)
-            row[method] = {k: float(np.mean(v)) for k, v in values.items()}
+            # A slice predicted perfectly has infinite PSNR; route means use the finite slices.
+            row[method] = {k: float(np.mean(np.asarray(v)[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+                           for k, v in values.items()}
             row[method + "_per_slice"] = {k: [float(x) for x in v] for k, v in values.items()}
         results[name] = row
         if grids_dir is not None:
             write_grid(grids_dir / f"{name.replace('/', '_').replace('->', '-to-')}.png", sources, targets, preds)
     return results
+
+
+def _has_content(image: np.ndarray, fraction: float = 0.05) -> bool:
+    """Slices are normalised to [-1, 1] with background at -1: enough pixels above it means anatomy."""
+    return float(np.mean(image > -0.95)) >= fraction
+
+
+def _pick_slices(reader: RecordReader, records: list[int], task: Task, count: int) -> tuple[list[int], list[dict]]:
+    """Up to ``count`` slices spread evenly over the route's records, skipping slices where the source or the
+    target shows no anatomy (e.g. skull-only slices for a skull-stripped MR): on those an identity copy of
+    empty MR is perfect and would flatter the baseline."""
+    order = np.arange(len(records))
+    if len(records) > count:  # evenly spaced first, the rest afterwards as reserves
+        spread = np.unique(np.linspace(0, len(records) - 1, num=count).round().astype(int))
+        order = np.concatenate([spread, np.setdiff1d(order, spread)])
+    picked, data = [], []
+    for index in order:
+        record = reader[records[index]]
+        if _has_content(np.asarray(record["images"][task.source])) and _has_content(
+                np.asarray(record["images"][task.target])):
+            picked.append(records[index])
+            data.append(record)
+            if len(picked) == count:
+                break
+    return picked, data
 
 
 def write_grid(path: Path, sources: np.ndarray, targets: np.ndarray, preds: np.ndarray, rows: int = 4) -> None:

@@ -1,0 +1,56 @@
+"""Shared machinery of the multi-stage jobs (quickstart, ablate): resumable stages run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def cli(argv: list[str]) -> int:
+    """Runs ``python -m synermedgen_jax ARGV`` in this process (echoing the command, so logs are replayable)."""
+    from synermedgen_jax.__main__ import main as cli_main
+
+    print(f"\n$ python -m synermedgen_jax {' '.join(argv)}", flush=True)
+    return cli_main(argv)
+
+
+class StageState:
+    """A JSON file of finished stages and their wall-clock seconds, so a rerun skips what is done."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def done(self, name: str) -> bool:
+        return name in self.data["stages"]
+
+    def finish(self, name: str, seconds: float, **extra) -> None:
+        self.data["stages"][name] = {"seconds": round(seconds, 1), **extra}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def run(self, name: str, argv: list[str], **extra) -> None:
+        """Runs a CLI stage unless already finished; a failing stage stops the job (rerun to resume)."""
+        if self.done(name):
+            print(f"[{self.path.stem}] {name}: already done ({self.data['stages'][name]['seconds']} s)")
+            return
+        start = time.time()
+        code = cli(argv)
+        if code != 0:
+            raise SystemExit(f"error: stage '{name}' failed (exit {code}); rerun the same command to resume")
+        self.finish(name, time.time() - start, **extra)
+
+
+def train_overrides(data_dir: Path, steps: int, rows: int, seed: int) -> list[str]:
+    """The overrides every quick stage shares (CPU-sized batches, fixed seed, no in-run eval)."""
+    return [f"--config.data.dir={data_dir}", f"--config.train.steps={steps}", f"--config.train.rows={rows}",
+            f"--config.train.seed={seed}", f"--config.data.seed={seed}", "--config.train.eval_every=0",
+            f"--config.train.checkpoint_every={max(steps // 3, 1)}"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
