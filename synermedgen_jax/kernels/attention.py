@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from synermedgen_jax.kernels.tile_math import visible_tile
+
 if TYPE_CHECKING:
     from synermedgen_jax.kernels.pallas_attention import BlockSizes
 
 CAUSAL, FULL, NOISE = 0, 1, 2
-IMPLS = ("reference", "pallas", "pallas_interpret", "xla_dense", "auto")
+IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "auto")
 
 
 def visibility_mask(sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array) -> jax.Array:
@@ -47,14 +49,8 @@ def visibility_mask(sample_id: jax.Array, split_id: jax.Array, split_kind: jax.A
     Position order for the causal rule is the index along T.
     """
     positions = jnp.arange(sample_id.shape[-1])
-    q_sample, k_sample = sample_id[:, :, None], sample_id[:, None, :]
-    q_split, k_split = split_id[:, :, None], split_id[:, None, :]
-    q_kind, k_kind = split_kind[:, :, None], split_kind[:, None, :]
-    same_sample = (q_sample == k_sample) & (q_sample >= 0)
-    same_split = q_split == k_split
-    causal_ok = (q_kind != CAUSAL) | (positions[None, None, :] <= positions[None, :, None])
-    earlier_context = (k_split < q_split) & (k_kind != NOISE)
-    return same_sample & ((same_split & causal_ok) | earlier_context)
+    return visible_tile(sample_id[:, :, None], split_id[:, :, None], split_kind[:, :, None], positions[None, :, None],
+                        sample_id[:, None, :], split_id[:, None, :], split_kind[:, None, :], positions[None, None, :])
 
 
 def reference_attention(
@@ -148,6 +144,10 @@ def _local_attention(q, k, v, sample_id, split_id, split_kind, *, impl, block_si
         return reference_attention(q, k, v, sample_id, split_id, split_kind)
     if impl == "xla_dense":
         return xla_dense_attention(q, k, v, sample_id, split_id, split_kind)
+    if impl == "chunked":
+        from synermedgen_jax.kernels.chunked_attention import chunked_attention  # noqa: PLC0415
+
+        return chunked_attention(q, k, v, sample_id, split_id, split_kind)
     from synermedgen_jax.kernels import pallas_attention  # noqa: PLC0415 (optional heavy import)
 
     return pallas_attention.pallas_packed_attention(
