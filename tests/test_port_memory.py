@@ -80,6 +80,7 @@ def test_import_peak_rss_stays_near_largest_tensor(tiny_config, tmp_path):
     config = _config(tiny_config, target_mb)
     total, largest = _write_synthetic(tmp_path / "bagel", config)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, whatever earlier tests in this worker set
     proc = subprocess.run([sys.executable, "-c", _CHILD, "import", "--bagel", str(tmp_path / "bagel"), "--out",
                            str(tmp_path / "ck"), "--dtype", "f32", "--chunk-mb", str(CHUNK_MB)],
                           capture_output=True, text=True, env=env, timeout=900)

@@ -63,12 +63,23 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _set_device_env(devices: int) -> None:
+def _set_device_env(devices: int) -> dict[str, str | None]:
+    """Puts the simulated device count in the environment; returns the previous values (to restore them)."""
     # The simulated device count is read when the CPU backend starts: it must be in XLA_FLAGS before that.
+    previous = {key: os.environ.get(key) for key in ("XLA_FLAGS", "JAX_PLATFORMS")}
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
+    return previous
+
+
+def _restore_env(previous: dict[str, str | None]) -> None:
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     except BenchError as err:
         return _error(str(err))
 
-    _set_device_env(args.devices)
+    previous_env = _set_device_env(args.devices)
     import jax
 
     if jax.device_count() != args.devices or jax.default_backend() != "cpu":
@@ -97,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
                           f"{jax.default_backend()} devices)")
         # jax was initialised earlier in this process with another device count: plan in a fresh one.
         env = {**os.environ, _GUARD: "1"}
+        _restore_env(previous_env)  # the caller's process keeps its own device settings
         return subprocess.run([sys.executable, "-m", "synermedgen_jax", *_child_argv(args)], env=env).returncode
 
     from synermedgen_jax.benchmark.plan_run import run_plan
