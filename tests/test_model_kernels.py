@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, Text, VaeImage, VitImage, stack_rows
+from synermedgen_jax.modeling.packing import (
+    PackBudget,
+    PackBuilder,
+    SpecialTokens,
+    Text,
+    VaeImage,
+    VitImage,
+    stack_rows,
+)
 from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses
 
 BUDGET = PackBudget(und_tokens=64, gen_tokens=64, vit_patches=8, vit_images=2, vae_images=4, ce_tokens=8,
