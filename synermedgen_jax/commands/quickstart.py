@@ -25,10 +25,10 @@ from synermedgen_jax.commands._runner import StageState, train_overrides, write_
 # Steps per stage at the default 15-minute budget (measured on 2 CPU cores; see the issue notes).
 BASE_MINUTES = 15.0
 STAGES = (
-    # name, config, steps at the base budget, extra overrides
-    ("vae", "configs/vae.py:small", 300, []),
-    ("stage1", "configs/stage1_gau.py:small", 150, []),
-    ("stage2", "configs/stage2_ucg.py:small", 400, []),
+    # name, config file, steps at the base budget
+    ("vae", "configs/vae.py", 80),
+    ("stage1", "configs/stage1_gau.py", 40),
+    ("stage2", "configs/stage2_ucg.py", 100),
 )
 QUICK_ROWS = 4  # pack rows per step: small enough for 2 cores
 
@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-minutes", type=float, default=BASE_MINUTES,
                         help="scales the training steps of every stage (default 15: about 15 minutes on 2 cores)")
     parser.add_argument("--subjects", type=int, default=8, help="simulated subjects (default 8)")
-    parser.add_argument("--eval-slices", type=int, default=8, help="slices evaluated per route (default 8)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="flow-matching steps at evaluation (default 20)")
+    parser.add_argument("--eval-slices", type=int, default=4, help="slices evaluated per route (default 4)")
+    parser.add_argument("--sample-steps", type=int, default=12, help="flow-matching steps at evaluation (default 12)")
+    parser.add_argument("--variant", default="small", choices=("small", "tiny"),
+                        help="model variant (small; tiny is for smoke tests)")
+    parser.add_argument("--slice-size", type=int, default=64, help="slice side in pixels (default 64)")
+    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="simulation grid in mm (default 2)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -51,12 +55,14 @@ def main(args: argparse.Namespace) -> int:
     scale = args.budget_minutes / BASE_MINUTES
 
     state.run("data", ["build-data", "--source", "mni152-sim", "--root", "none", "--out", str(data_dir),
-                               "--slice-size", "64", "--subjects", str(args.subjects), "--seed", str(args.seed),
+                               "--slice-size", str(args.slice_size), "--sim-voxel-mm", str(args.sim_voxel_mm),
+                               "--subjects", str(args.subjects), "--seed", str(args.seed),
                                "--contact-sheet", str(workdir / "contact_sheet.png"), "--overwrite"])
     previous = {}
-    for name, config, base_steps, extra in STAGES:
+    for name, config_file, base_steps in STAGES:
         steps = max(2, int(round(base_steps * scale)))
-        overrides = [*train_overrides(data_dir, steps, QUICK_ROWS, args.seed), *extra]
+        config = f"{config_file}:{args.variant}"
+        overrides = train_overrides(data_dir, steps, QUICK_ROWS, args.seed)
         if name in ("stage1", "stage2"):
             overrides.append(f"--config.vae_from={previous['vae']}")
         if name == "stage2":
@@ -69,17 +75,17 @@ def main(args: argparse.Namespace) -> int:
     state.run("eval", ["eval", "--workdir", str(workdir / "stage2"), "--data", str(data_dir), "--out",
                                str(eval_dir), "--max-slices", str(args.eval_slices), "--steps",
                                str(args.sample_steps), "--seed", str(args.seed)])
-    volume = _held_out_volume(workdir, data_dir, args.seed)
+    volume = _held_out_volume(workdir, args.seed, args.sim_voxel_mm)
     synth = workdir / "synthesized_t2.nii.gz"
     state.run("synthesize", ["synthesize", "--checkpoint", str(workdir / "stage2"), "--input", str(volume),
                                      "--source-modality", "t1", "--target-modality", "t2", "--output", str(synth),
                                      "--steps", str(args.sample_steps), "--seed", str(args.seed), "--force"])
-    report = write_report(workdir, state)
+    report = write_report(workdir, state, args.variant)
     print(f"\n[quickstart] report: {report}")
     return 0
 
 
-def _held_out_volume(workdir: Path, data_dir: Path, seed: int) -> Path:
+def _held_out_volume(workdir: Path, seed: int, voxel_mm: float) -> Path:
     """A fresh simulated subject (not in the training data) written as T1 NIfTI, for the synthesis demo."""
     path = workdir / "held_out_t1.nii.gz"
     if path.exists():
@@ -90,7 +96,7 @@ def _held_out_volume(workdir: Path, data_dir: Path, seed: int) -> Path:
     from synermedgen_jax.data import phantom
 
     # Index 10,000 of the population: never among the build's subjects (0 .. --subjects - 1).
-    subject = phantom.simulate_subject(10_000, seed=seed)
+    subject = phantom.simulate_subject(10_000, seed=seed, config=phantom.PhantomConfig(voxel_mm=voxel_mm))
     image = nib.Nifti1Image(np.asarray(subject.images["t1"], np.float32), subject.affine)
     tmp = path.with_name(path.name + ".tmp.nii.gz")
     nib.save(image, tmp)
@@ -98,12 +104,14 @@ def _held_out_volume(workdir: Path, data_dir: Path, seed: int) -> Path:
     return path
 
 
-def write_report(workdir: Path, state: StageState) -> Path:
+def write_report(workdir: Path, state: StageState, variant: str) -> Path:
     """``report.md``: evaluation tables (from eval's Markdown), identity comparison, timings, pictures."""
     eval_dir = workdir / "eval"
     lines = ["# SynerMedGen-JAX quickstart report", "",
-             "Embedded default data (mni152-sim, simulated from nilearn's MNI152 template), `small` model, "
-             "2 CPU cores. Numbers from `python -m synermedgen_jax quickstart`.", ""]
+             "Embedded default data (mni152-sim, simulated from nilearn's MNI152 template), "
+             f"`{variant}` model, "
+             "2 CPU cores. Numbers from `python -m synermedgen_jax quickstart`. The identity row copies the source "
+             "image: a model has to beat it to add anything.", ""]
     results_md = eval_dir / "results.md"
     if results_md.exists():
         lines += ["## Evaluation", "", results_md.read_text().strip(), ""]

@@ -8,13 +8,40 @@ optimizers and parameter counts that select ``nnx.Param`` never see them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# Activation sharding: the model names activation axes logically; the trainer installs (while tracing) a function
+# that maps those names onto its mesh (training/sharding.py). Without one, constraints are no-ops.
+_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_sharding",
+                                                                                        default=None)
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+@contextlib.contextmanager
+def activation_sharding(to_sharding: Callable[[tuple, tuple], jax.sharding.Sharding]) -> Iterator[None]:
+    """Within this context, :func:`constrain` pins activations with ``to_sharding(logical_axes, shape)``."""
+    token = _ACTIVATION_SHARDING.set(to_sharding)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """A sharding constraint by logical axis names (no-op unless a trainer installed the mapping)."""
+    to_sharding = _ACTIVATION_SHARDING.get()
+    if to_sharding is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, to_sharding(logical_axes, x.shape))
 
 
 class FrozenTable(nnx.Variable):

@@ -20,7 +20,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from synermedgen_jax.kernels.attention import packed_attention
-from synermedgen_jax.modeling.layers import Init, Linear, RMSNorm, apply_rope, make_param, rope_cos_sin
+from synermedgen_jax.modeling.layers import (
+    BATCH_LENGTH_EMBED,
+    Init,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    constrain,
+    make_param,
+    rope_cos_sin,
+)
 
 _stop = jax.lax.stop_gradient
 
@@ -157,7 +166,10 @@ class MoTLanguageModel(nnx.Module):
             x = jnp.concatenate([_stop(x[:, :und_tokens]), x[:, und_tokens:]], axis=1)
         rope = rope_cos_sin(meta["rope_id"], llm.head_dim, llm.rope_theta)
         for layer in self.layers:
+            # Layer boundaries: rows stay split over the batch mesh axes (FSDP gathers weights, not activations).
+            x = constrain(x, BATCH_LENGTH_EMBED)
             x = _apply_layer(layer, x, und_tokens, meta, rope, self.config.remat)
+        x = constrain(x, BATCH_LENGTH_EMBED)
         out_und = self.norm(x[:, :und_tokens])
         if freeze:
             out_und = _stop(out_und)

@@ -19,8 +19,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading (row) axis of every batch array
 
-# Logical axis name (modeling/layers.py metadata) -> mesh axis (or None = replicated). The only such table.
-LOGICAL_RULES: dict[str, str | None] = {
+# Logical axis name (modeling/layers.py metadata and activation constraints) -> mesh axis, a tuple of mesh axes,
+# or None (replicated). The only such table.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "activation_batch": BATCH_AXES,
+    "activation_length": None,
+    "activation_embed": None,
     "vocab": "tensor",
     "embed": "fsdp",
     "embed_out": None,
@@ -72,13 +76,20 @@ def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int]
         if name is not None and name not in LOGICAL_RULES:
             raise ValueError(f"logical axis {name!r} has no rule in training/sharding.py LOGICAL_RULES")
         axis = LOGICAL_RULES.get(name) if name is not None else None
+        axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        ways = math.prod(mesh.shape[a] for a in axes)
         # A mesh axis may appear once per array; indivisible sizes are replicated.
-        if axis is None or axis in used or size % mesh.shape[axis]:
+        if not axes or used.intersection(axes) or size % ways:
             out.append(None)
             continue
-        used.add(axis)
+        used.update(axes)
         out.append(axis)
     return PartitionSpec(*out)
+
+
+def activation_sharder(mesh: Mesh):
+    """The mapping modeling/layers.py ``constrain`` uses while the train step is traced on ``mesh``."""
+    return lambda logical_axes, shape: NamedSharding(mesh, logical_spec(logical_axes, shape, mesh))
 
 
 def batch_spec(ndim: int) -> PartitionSpec:

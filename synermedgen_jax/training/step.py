@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from synermedgen_jax.modeling.layers import activation_sharding
 from synermedgen_jax.modeling.synermedgen import compute_losses
 from synermedgen_jax.training import optim, sharding
 
@@ -99,7 +100,8 @@ class UnifiedObjective:
 
     def loss(self, model, micro, totals):
         outputs = model(micro, micro["clean_latents"], micro["noise"])
-        local = compute_losses(outputs, micro, ce_weight=self.ce_weight, mse_weight=self.mse_weight)
+        local = compute_losses(outputs, micro, ce_weight=self.ce_weight, mse_weight=self.mse_weight,
+                               flow_impl=model.config.flow_matching_impl)
         sums = {"ce": local["ce"] * local["ce_tokens"], "mse": local["mse"] * local["mse_tokens"],
                 "correct": local["token_accuracy"] * local["ce_tokens"]}
         loss = (self.ce_weight * sums["ce"] / jnp.maximum(totals["ce"], 1.0)
@@ -200,8 +202,14 @@ def make_train_step(codec: Codec, tx: optax.GradientTransformation, objective: O
 
 
 def jit_train_step(step_fn, state_sh: dict, batch_sh: dict, mesh: Mesh):
-    """Jitted with explicit in/out shardings; the state argument is donated."""
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+    """Jitted with explicit in/out shardings; the state argument is donated. Tracing happens with the mesh's
+    activation sharding installed, so the model's layer-boundary constraints keep rows split over the batch
+    axes."""
+    def traced(state, batch):
+        with activation_sharding(sharding.activation_sharder(mesh)):
+            return step_fn(state, batch)
+
+    return jax.jit(traced, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=0)
 
 
