@@ -67,6 +67,7 @@ def _vae(**overrides) -> ml_collections.ConfigDict:
             scale_factor=0.3611,
             shift_factor=0.1159,
             sample_posterior=True,  # BAGEL samples the posterior at encode; False gives the mean
+            encode_chunk=8,  # images encoded at a time (bounds the frozen encoder's activation memory)
         )
     )
     vae.update(overrides)

@@ -268,3 +268,14 @@ def test_freeze_und_stops_gradients_into_understanding_expert(model_config):
     assert float(jnp.abs(layer.mlp.up_proj.kernel.value).max()) == 0.0
     assert float(jnp.abs(layer.self_attn.q_proj_moe_gen.kernel.value).max()) > 0.0
     assert float(jnp.abs(grads.vae2llm.kernel.value).max()) > 0.0
+
+
+def test_chunked_vae_encoding_equals_one_shot(model_config):
+    """latent_tokens encodes vae.encode_chunk images at a time (lax.map): same tokens as one batched encode."""
+    chunked = SynerMedGen(model_config, rngs=nnx.Rngs(params=8))
+    assert model_config.vae.encode_chunk and model_config.vae.encode_chunk < 11
+    one_shot_config = model_config.copy_and_resolve_references()
+    one_shot_config.vae.encode_chunk = 0
+    one_shot = SynerMedGen(one_shot_config, rngs=nnx.Rngs(params=8))
+    images = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 11, 16, 16, 1)), jnp.float32)
+    np.testing.assert_allclose(chunked.latent_tokens(images, None), one_shot.latent_tokens(images, None), atol=1e-5)

@@ -15,8 +15,9 @@ class TimestepEmbedder(nnx.Module):
     """256-d ``[cos, sin]`` features → ``mlp_0`` → SiLU → ``mlp_2`` (BAGEL's ``time_embedder.mlp.{0,2}``)."""
 
     def __init__(self, hidden: int, *, rngs: nnx.Rngs, compute_dtype, features: int = 256):
-        self.mlp_0 = Linear(features, hidden, axes=(None, "embed"), rngs=rngs, compute_dtype=compute_dtype)
-        self.mlp_2 = Linear(hidden, hidden, axes=("embed", "embed_out"), rngs=rngs, compute_dtype=compute_dtype)
+        # Replicated like the rest of the generation head (see SynerMedGen.__init__).
+        self.mlp_0 = Linear(features, hidden, axes=(None, None), rngs=rngs, compute_dtype=compute_dtype)
+        self.mlp_2 = Linear(hidden, hidden, axes=(None, None), rngs=rngs, compute_dtype=compute_dtype)
         self.features = features
 
     def __call__(self, t: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ from flax import nnx
 from synermedgen_jax.kernels import flow_matching
 from synermedgen_jax.modeling import generation
 from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
-from synermedgen_jax.modeling.layers import Linear
+from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, constrain
 from synermedgen_jax.modeling.llm import MoTLanguageModel
 from synermedgen_jax.modeling.vae import AutoEncoder
 from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_table
@@ -42,8 +42,10 @@ class SynerMedGen(nnx.Module):
         self.vit_model = SiglipVisionModel(config, rngs=rngs)
         self.connector = Connector(config, rngs=rngs)
         self.vit_pos_embed = position_table(config.vit.max_num_patch_per_side, hidden)
-        self.vae2llm = Linear(token_dim, hidden, axes=(None, "embed"), rngs=rngs, compute_dtype=compute_dtype)
-        self.llm2vae = Linear(hidden, token_dim, axes=("embed", None), rngs=rngs, compute_dtype=compute_dtype,
+        # The generation head's weights are small and touch every generation token: they stay replicated, so
+        # their gradients are partial sums reduced over devices instead of an all-gather of the batch's tokens.
+        self.vae2llm = Linear(token_dim, hidden, axes=(None, None), rngs=rngs, compute_dtype=compute_dtype)
+        self.llm2vae = Linear(hidden, token_dim, axes=(None, None), rngs=rngs, compute_dtype=compute_dtype,
                               zero_init=True)
         self.time_embedder = TimestepEmbedder(hidden, rngs=rngs, compute_dtype=compute_dtype)
         self.latent_pos_embed = position_table(config.max_latent_size, hidden)
@@ -53,11 +55,26 @@ class SynerMedGen(nnx.Module):
     def latent_tokens(self, vae_images: jax.Array, key: jax.Array | None) -> jax.Array:
         """Clean latent tokens of every image slot, ``vae_images [B, S, H, W, C]`` → ``[B, S·L, p·p·z]``.
 
-        The VAE is frozen: no gradient flows into it from here.
+        The VAE is frozen: no gradient flows into it from here. Images are encoded ``vae.encode_chunk`` at a
+        time (``lax.map``), so the encoder's full-resolution activations never exist for a whole pack at once.
         """
         batch, slots = vae_images.shape[:2]
         flat = vae_images.reshape(batch * slots, *vae_images.shape[2:])
-        latents = jax.lax.stop_gradient(self.vae.encode(flat, key))
+        chunk = int(self.config.vae.get("encode_chunk", 0) or 0)
+        if chunk and flat.shape[0] > chunk:
+            count = flat.shape[0]
+            pad = (-count) % chunk
+            padded = jnp.pad(flat, ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
+            groups = padded.reshape(-1, chunk, *flat.shape[1:])
+            keys = (jax.random.split(key, groups.shape[0]) if key is not None
+                    else jnp.zeros((groups.shape[0],), jnp.uint32))
+            encode = (lambda args: self.vae.encode(args[0], args[1])) if key is not None else (
+                lambda args: self.vae.encode(args[0], None))
+            latents = jax.lax.map(encode, (groups, keys))
+            latents = latents.reshape(-1, *latents.shape[2:])[:count]
+        else:
+            latents = self.vae.encode(flat, key)
+        latents = jax.lax.stop_gradient(latents)
         tokens = patchify_latents(latents, self.config.latent_patch_size)
         return tokens.reshape(batch, slots * tokens.shape[1], tokens.shape[2])
 
@@ -90,18 +107,22 @@ class SynerMedGen(nnx.Module):
           pair ``clean`` (x0) and ``noise`` (ε) of every generation token (the target is ε − x0), ``hidden``.
         """
         und_tokens = batch["token_ids"].shape[1]
-        x_und = self.embed_understanding(batch)
+        x_und = constrain(self.embed_understanding(batch), BATCH_LENGTH_EMBED)
         index = batch["latent_index"][..., None]
-        clean = jnp.take_along_axis(clean_latents, index, axis=1)
+        # Row-local gathers: pinning their operands and results to the batch split keeps XLA from gathering
+        # the whole global batch onto every device.
+        clean_latents = constrain(clean_latents, BATCH_LENGTH_EMBED)
+        clean = constrain(jnp.take_along_axis(clean_latents, index, axis=1), BATCH_LENGTH_EMBED)
         t = generation.timesteps_from_logits(batch["timestep_logit"], self.config.timestep_shift)
         token_dim = clean.shape[-1]
         noised = flow_matching.noised_latents(clean.reshape(-1, token_dim), noise.reshape(-1, token_dim).astype(
             clean.dtype), t.reshape(-1), impl=self.config.flow_matching_impl).reshape(clean.shape)
-        x_gen = self.embed_generation(noised, t, batch["latent_pos_id"])
+        x_gen = constrain(self.embed_generation(noised, t, batch["latent_pos_id"]), BATCH_LENGTH_EMBED)
         x = jnp.concatenate([x_und, x_gen.astype(x_und.dtype)], axis=1)
         meta = {key: batch[key] for key in META_KEYS}
-        hidden = self.language_model(x, und_tokens, meta)
-        ce_hidden = jnp.take_along_axis(hidden[:, :und_tokens], batch["ce_index"][..., None], axis=1)
+        hidden = constrain(self.language_model(x, und_tokens, meta), BATCH_LENGTH_EMBED)
+        ce_hidden = constrain(jnp.take_along_axis(hidden[:, :und_tokens], batch["ce_index"][..., None], axis=1),
+                              BATCH_LENGTH_EMBED)
         return {
             "logits": self.language_model.logits(ce_hidden),
             "velocity": self.llm2vae(hidden[:, und_tokens:]).astype(jnp.float32),
