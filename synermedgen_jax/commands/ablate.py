@@ -1,6 +1,6 @@
 """The control the paper lacked: does generation-aligned understanding (GAU) help synthesis at this scale?
 
-  python -m synermedgen_jax ablate [--workdir runs/ablate] [--budget-minutes 60] [--arms gau,vqa,none,...]
+  python -m synermedgen_jax ablate [--workdir runs/ablate] [--arms gau,vqa,none,...] [--stage2-steps N] ...
 
 Arms, each with the same data, the same Stage I data volume (steps × rows) and the same Stage II:
   gau      Stage I on CTS + MI + TIA (configs/stage1_gau.py)  → Stage II
@@ -32,7 +32,7 @@ ARMS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="runs/ablate")
+    parser.add_argument("--workdir", default="runs/ablate", help="everything is written here (resumable)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     parser.add_argument("--variant", default="small", help="model variant of every stage (default small)")
     parser.add_argument("--data", help="a built data folder (default: build mni152-sim into WORKDIR/data)")
