@@ -59,21 +59,26 @@ class SynerMedGen(nnx.Module):
         time (``lax.map``), so the encoder's full-resolution activations never exist for a whole pack at once.
         """
         batch, slots = vae_images.shape[:2]
-        flat = vae_images.reshape(batch * slots, *vae_images.shape[2:])
         chunk = int(self.config.vae.get("encode_chunk", 0) or 0)
-        if chunk and flat.shape[0] > chunk:
-            count = flat.shape[0]
-            pad = (-count) % chunk
-            padded = jnp.pad(flat, ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
-            groups = padded.reshape(-1, chunk, *flat.shape[1:])
+        if chunk and slots > chunk:
+            # Map over groups of slots, keeping the batch axis (sharded over devices) inside every group.
+            pad = (-slots) % chunk
+            padded = jnp.pad(vae_images, ((0, 0), (0, pad)) + ((0, 0),) * (vae_images.ndim - 2))
+            groups = jnp.moveaxis(padded.reshape(batch, -1, chunk, *vae_images.shape[2:]), 1, 0)  # [G, B, c, ...]
             keys = (jax.random.split(key, groups.shape[0]) if key is not None
                     else jnp.zeros((groups.shape[0],), jnp.uint32))
-            encode = (lambda args: self.vae.encode(args[0], args[1])) if key is not None else (
-                lambda args: self.vae.encode(args[0], None))
-            latents = jax.lax.map(encode, (groups, keys))
-            latents = latents.reshape(-1, *latents.shape[2:])[:count]
+
+            def encode(args):
+                images, group_key = args
+                flat = images.reshape(batch * chunk, *images.shape[2:])
+                latents = self.vae.encode(flat, group_key if key is not None else None)
+                return latents.reshape(batch, chunk, *latents.shape[1:])
+
+            latents = jnp.moveaxis(jax.lax.map(encode, (groups, keys)), 0, 1)  # [B, G, c, h, w, z]
+            latents = latents.reshape(batch, -1, *latents.shape[3:])[:, :slots]
+            latents = latents.reshape(batch * slots, *latents.shape[2:])
         else:
-            latents = self.vae.encode(flat, key)
+            latents = self.vae.encode(vae_images.reshape(batch * slots, *vae_images.shape[2:]), key)
         latents = jax.lax.stop_gradient(latents)
         tokens = patchify_latents(latents, self.config.latent_patch_size)
         return tokens.reshape(batch, slots * tokens.shape[1], tokens.shape[2])
