@@ -16,3 +16,13 @@ def tiny_config():
     from synermedgen_jax.config import load_config
 
     return load_config("configs/models.py:tiny")
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """For modules of tiny programs: XLA optimisations cost more compile time than they save at run time.
+    Use with ``pytestmark = pytest.mark.usefixtures("fast_compile")``; the setting is restored afterwards."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

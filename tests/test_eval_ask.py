@@ -14,14 +14,7 @@ from synermedgen_jax.inference.understanding import Answerer, DecodeConfig, choo
 from synermedgen_jax.modeling.packing import Text, VitImage
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 class _Tok:

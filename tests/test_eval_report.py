@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 
-import jax
 import numpy as np
 import pytest
 import train_helpers as h
@@ -22,13 +21,7 @@ from synermedgen_jax.modeling.synermedgen import SynerMedGen
 TASKS = ["mni152-sim/brain/t1->t2", "mni152-sim/brain/t2->t1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

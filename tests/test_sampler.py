@@ -23,13 +23,7 @@ IMAGE, VIT = (16, 16), (28, 28)
 INSTRUCTION = [17, 41, 9, 230, 77]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -19,13 +18,7 @@ from synermedgen_jax.modeling.synermedgen import SynerMedGen
 AFFINE = np.array([[0.0, -1.5, 0.0, 20.0], [1.5, 0.0, 0.0, -12.0], [0.0, 0.0, 3.0, 5.0], [0, 0, 0, 1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA optimisations cost more compile time than these tiny programs save at run time."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _ct_volume(rng, shape=(16, 16, 6)):
