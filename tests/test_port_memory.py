@@ -86,9 +86,8 @@ def test_import_peak_rss_stays_near_largest_tensor(tiny_config, tmp_path):
     total, largest = _write_synthetic(tmp_path / "bagel", config)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, whatever earlier tests in this worker set
-    # glibc gives each busy thread its own malloc arena and keeps freed blocks there: with Orbax/tensorstore's
-    # thread pools on a loaded machine the peak then reflects thread interleaving rather than what the import
-    # holds. Two arenas make the measurement about the code (set it for big conversions too; see README).
+    # Fewer glibc malloc arenas: freed blocks of Orbax/tensorstore's worker threads are reused rather than kept per
+    # thread, so the peak reflects what the import holds.
     env["MALLOC_ARENA_MAX"] = "2"
     proc = subprocess.run([sys.executable, "-c", _CHILD, "import", "--bagel", str(tmp_path / "bagel"), "--out",
                            str(tmp_path / "ck"), "--dtype", "f32", "--chunk-mb", str(CHUNK_MB)],
