@@ -22,12 +22,12 @@ from typing import Any
 
 import grain
 import numpy as np
-from skimage.transform import AffineTransform, resize, warp
+from skimage.transform import AffineTransform, warp
 
 from synermedgen_jax.data import prompts
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES
+from synermedgen_jax.data.volumes import MODALITY_NAMES, resize_image
 from synermedgen_jax.modeling.packing import (
     PackBudget,
     PackBuilder,
@@ -63,14 +63,6 @@ class PipelineConfig:
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None
     workers: int = 0  # grain worker processes for sample building; 0 = in-process (best on 2 cores)
-
-
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    image = np.asarray(image, np.float32)
-    if image.shape == tuple(size):
-        return image
-    down = size[0] < image.shape[0] or size[1] < image.shape[1]
-    return resize(image, size, order=1, mode="edge", anti_aliasing=down, preserve_range=True).astype(np.float32)
 
 
 def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
@@ -141,7 +133,7 @@ class SampleMaker:
         vit_size = tuple(self.budget.vit_image_size)
         items: list = [Text(self.tokenizer.encode(rendered.question))]
         for rec, modality in rendered.images:
-            items.append(VitImage(_resize(self._image(rec, modality, cache), vit_size)))
+            items.append(VitImage(resize_image(self._image(rec, modality, cache), vit_size)))
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
         return items, f"{task}#{row}"
 
@@ -154,8 +146,8 @@ class SampleMaker:
             source, target = paired_augment([source, target], rng, self.config)
         prompt = prompts.generation_instruction(int(pairs["template"][row]), src, tgt, cache[rec]["anatomy"])
         size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
-        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(_resize(source, vit_size), cfg=True),
-                 VaeImage(_resize(source, size), cfg=True), VaeImage(_resize(target, size), noised=True)]
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(resize_image(source, vit_size), cfg=True),
+                 VaeImage(resize_image(source, size), cfg=True), VaeImage(resize_image(target, size), noised=True)]
         items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
                             vae=self.config.cfg_vae)
         return items, f"pairs#{row}"

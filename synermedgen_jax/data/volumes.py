@@ -247,3 +247,15 @@ def to_axial_slices(data: np.ndarray, geometry: SliceGeometry, *, background: fl
     out[:, geometry.pad_top:geometry.pad_top + geometry.rows,
         geometry.pad_left:geometry.pad_left + geometry.cols] = display
     return out
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a ``[H, W]`` slice to ``size`` (anti-aliased when shrinking), float32.
+
+    The one resize of the project: training pipelines, the sampler and evaluation must see images the same way.
+    """
+    image = np.asarray(image, np.float32)
+    if image.shape == tuple(size):
+        return image
+    down = size[0] < image.shape[0] or size[1] < image.shape[1]
+    return resize(image, size, order=1, mode="edge", anti_aliasing=down, preserve_range=True).astype(np.float32)

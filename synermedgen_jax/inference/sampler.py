@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from skimage.transform import resize
 
+from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
 from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps
 from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
@@ -84,15 +84,6 @@ def timestep_schedule(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndar
     t = np.asarray(shift_timesteps(np.linspace(1.0, 0.0, num_steps, dtype=np.float32), np.float32(shift)),
                    np.float32)
     return t[:-1], t[:-1] - t[1:]
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``[H, W]`` to ``size`` (anti-aliased when shrinking), float32."""
-    image = np.asarray(image, np.float32)
-    if image.shape == tuple(size):
-        return image
-    down = size[0] < image.shape[0] or size[1] < image.shape[1]
-    return resize(image, size, order=1, mode="edge", anti_aliasing=down, preserve_range=True).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ packing

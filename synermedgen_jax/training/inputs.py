@@ -106,13 +106,13 @@ class _RecordImage:
         self._reader = None
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
-        from synermedgen_jax.data.pipeline import _resize
         from synermedgen_jax.data.records import RecordReader
+        from synermedgen_jax.data.volumes import resize_image
 
         if self._reader is None:
             self._reader = RecordReader(self.data_dir, self.split)
         rec, modality = self.keys[int(i)]
-        image = _resize(np.asarray(self._reader[rec]["images"][modality], np.float32), self.size)
+        image = resize_image(np.asarray(self._reader[rec]["images"][modality], np.float32), self.size)
         return {"image": np.repeat(image[..., None], self.channels, axis=-1)}
 
 
