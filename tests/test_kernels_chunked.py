@@ -14,8 +14,10 @@ from synermedgen_jax.kernels.synthetic_packs import layout_pack, random_samples
 
 def _pack(seed: int, batch: int, seq_len: int, q_heads: int, kv_heads: int, head_dim: int):
     rng = np.random.default_rng(seed)
-    meta = [layout_pack(random_samples(rng, seq_len), seq_len, region_gap=int(rng.integers(0, 5)))
-            for _ in range(batch)]
+    meta = []
+    for _ in range(batch):
+        gap = int(rng.integers(0, 5))  # drawn first so the samples leave room for it
+        meta.append(layout_pack(random_samples(rng, seq_len - gap), seq_len, region_gap=gap))
     sample_id, split_id, split_kind = (jnp.asarray(np.stack([m[i] for m in meta])) for i in range(3))
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, q_heads, head_dim))
