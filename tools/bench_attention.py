@@ -108,21 +108,34 @@ def _fwd_bwd(impl, meta, block_sizes=None):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def correctness_report(seq_len: int) -> list[dict]:
-    """Interpret-mode kernels vs the jnp reference on scaled-down packs (f32, GQA 7:1, head_dim 64)."""
+def correctness_report(seq_len: int, impl: str = "pallas_interpret", block_sizes: BlockSizes | None = None,
+                       head_dims: tuple[int, ...] = (64,), dtypes: tuple = (jnp.float32,)) -> list[dict]:
+    """A Pallas kernel vs the jnp reference on typical packs (GQA 7:1): forward and gradients.
+
+    On CPU the interpret-mode kernel runs on scaled-down packs with 32x32 tiles; on an accelerator the compiled
+    kernel (``impl="pallas"``) runs with the platform's tiles. The reference runs at ``highest`` matmul precision
+    in float32 (no TF32), so the errors reported are the kernel's own; bf16 inputs are compared against the
+    float32 reference on the same (rounded) inputs.
+    """
     rows = []
-    small = BlockSizes(32, 32, 32, 32)
-    for name, meta in typical_packs(seq_len).items():
-        meta = _batch(meta)
-        q, k, v = _inputs(meta, 7, 1, 64, jnp.float32)
-        ref_out = packed_attention(q, k, v, *meta, impl="reference")
-        out = jax.jit(lambda q, k, v, m=meta: packed_attention(
-            q, k, v, *m, impl="pallas_interpret", block_sizes=small))(q, k, v)
-        _, ref_grads = _fwd_bwd("reference", meta)(q, k, v)
-        _, grads = _fwd_bwd("pallas_interpret", meta, small)(q, k, v)
-        rows.append(dict(pack=name, T=seq_len, fwd_max_err=float(jnp.max(jnp.abs(out - ref_out))),
-                         grad_max_err=max(float(jnp.max(jnp.abs(g - r))) for g, r in zip(grads, ref_grads)),
-                         any_nan=bool(any(jnp.any(jnp.isnan(g)) for g in grads))))
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for name, meta in typical_packs(seq_len).items():
+                meta = _batch(meta)
+                q, k, v = _inputs(meta, 7, 1, head_dim, dtype, seed=len(rows) + 1)
+                with jax.default_matmul_precision("highest"):
+                    f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+                    ref_out = jax.jit(lambda q, k, v, m=meta: packed_attention(q, k, v, *m, impl="reference"))(*f32)
+                    _, ref_grads = _fwd_bwd("reference", meta)(*f32)
+                out = jax.jit(lambda q, k, v, m=meta: packed_attention(
+                    q, k, v, *m, impl=impl, block_sizes=block_sizes))(q, k, v)
+                _, grads = _fwd_bwd(impl, meta, block_sizes)(q, k, v)
+                grad_err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(grads, ref_grads))
+                grad_scale = max(float(jnp.max(jnp.abs(r))) for r in ref_grads)
+                rows.append(dict(pack=name, impl=impl, T=seq_len, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
+                                 fwd_max_err=float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out))),
+                                 grad_max_err=grad_err, grad_max_abs=grad_scale,
+                                 any_nan=bool(any(jnp.any(jnp.isnan(g)) for g in grads))))
     return rows
 
 
@@ -170,7 +183,8 @@ def main(argv=None) -> int:
                         help="auto: accelerator timings on GPU/TPU, CPU checks otherwise")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384],
                         help="sequence lengths for timings and block-skip fractions")
-    parser.add_argument("--check-seq-len", type=int, default=256, help="T of the CPU correctness check")
+    parser.add_argument("--check-seq-len", type=int, default=256,
+                        help="T of the correctness check (interpret mode on CPU, compiled kernel on GPU/TPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median reported)")
     parser.add_argument("--impls", nargs="+", default=["pallas", "xla_dense", "reference"])
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
@@ -188,11 +202,16 @@ def main(argv=None) -> int:
     for row in results["block_skip"]:
         print(_format(row))
     if accelerator:
+        print(f"# compiled kernel vs reference on {platform} (T={args.check_seq_len}, GQA 7:1; reference f32 highest)")
+        results["correctness"] = correctness_report(args.check_seq_len, "pallas", None, (64, 128),
+                                                    (jnp.float32, jnp.bfloat16))
+        for row in results["correctness"]:
+            print(_format(row), flush=True)
         print("# timings (median ms, TFLOP/s over visible pairs)")
         results["timings"] = timing_report(args.seq_lens, args.repeats, args.impls)
     else:
         print(f"# interpret-mode kernels vs reference (T={args.check_seq_len}, f32, GQA 7:1, head_dim 64)")
-        results["correctness"] = correctness_report(args.check_seq_len)
+        results["correctness"] = correctness_report(args.check_seq_len, "pallas_interpret", BlockSizes(32, 32, 32, 32))
         for row in results["correctness"]:
             print(_format(row))
     if args.json:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands.train import _accept_config_overrides
+
 WHATS = ("train", "sample", "attention", "data", "metrics")
 
 
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="/tmp/smg_bench_data", help="built data folder for --what data")
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B/A ratios and exit")
+    parser.epilog = (parser.epilog or "") + "\n--config.KEY=VALUE   override any config key (repeatable), as in train"
+    _accept_config_overrides(parser)
 
 
 def _error(message: str) -> int:
@@ -100,15 +104,16 @@ def main(args: argparse.Namespace) -> int:
 
     from synermedgen_jax.benchmark import other_bench, train_bench
     from synermedgen_jax.benchmark.report import config_hash, environment, table, write_json
-    from synermedgen_jax.config import ConfigError, load_config
+    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
 
     try:
-        config = load_config(args.config)
+        config = apply_overrides(load_config(args.config), list(getattr(args, "overrides", None) or []))
     except (ConfigError, ValueError) as err:
         return _error(str(err))
     if ("train" in whats or "sample" in whats) and "train" not in config:
         return _error(f"{args.config}: train/sample benches need a run config (configs/stage2_ucg.py, ...)")
-    result = {"command": "bench", "config": args.config, "config_hash": config_hash(config),
+    result = {"command": "bench", "config": args.config, "overrides": list(getattr(args, "overrides", None) or []),
+              "config_hash": config_hash(config),
               "environment": environment(), "what": whats}
     try:
         if "train" in whats:
