@@ -45,7 +45,7 @@ def test_constants_match_skimage_window():
 
 
 @pytest.mark.parametrize("shape, scale, offset", [
-    ((5, 64, 64), 1.0, 0.0),  # 5 images: exercises padding of the last chunk
+    ((5, 64, 64), 1.0, 0.0),  # 5 images in one lax.map step
     ((3, 45, 77), 1.0, 0.0),  # sizes that are not tile multiples, non-square
     ((2, 11, 11), 1.0, 0.0),  # smallest legal image: a single SSIM value after the crop
     ((2, 40, 33), 1000.0, -1000.0),  # HU-like range and negative offset
@@ -82,6 +82,22 @@ def test_ssim_matches_skimage_real_images():
     p = np.clip(p, 0, 255).astype(np.float32)
     got = np.asarray(metrics.ssim(p, t, data_range=255.0))
     ref = np.array([sk_ssim(a, b, 255.0) for a, b in zip(p, t)])
+    np.testing.assert_allclose(got, ref, atol=SSIM_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_ssim_several_chunks_with_padding(monkeypatch, use_mask):
+    # A small chunk budget forces 2 images per lax.map step: 5 images -> 3 steps, the last one padded.
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 2 * 36 * 29)
+    rng = np.random.default_rng()
+    p, t = pair(rng, (5, 36, 29))
+    mask = rng.random(p.shape) < 0.5 if use_mask else None
+    got = np.asarray(metrics.ssim(p, t, data_range=4.0, mask=mask))
+    ref = []
+    for i, (a, b) in enumerate(zip(p, t)):
+        s = sk_ssim(a, b, 4.0, full=True)[1][R:-R, R:-R]
+        ref.append(s.mean(dtype=np.float64) if mask is None else s[mask[i, R:-R, R:-R]].mean(dtype=np.float64))
+    assert got.shape == (5,)
     np.testing.assert_allclose(got, ref, atol=SSIM_TOL, rtol=0)
 
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +39,11 @@ def bench_attention(seq_lens: list[int], repeats: int) -> dict:
 
 
 def bench_metrics(n: int, size: int, repeats: int) -> dict:
-    """Images/s of the jitted batched SSIM vs a scikit-image loop (tools/bench_metrics.py)."""
+    """Images/s of the jitted batched SSIM vs a scikit-image loop (tools/bench_metrics.py); prints the row."""
     tool = _tool("bench_metrics")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "metrics.json"
-        tool.main(["--n", str(n), "--size", str(size), "--repeats", str(repeats), "--json", str(out)])
-        result = json.loads(out.read_text())
-    return {"name": "metrics", **result}
+    row = tool.measure(n, size, repeats)
+    tool.print_table([row])
+    return {"name": "metrics", **row}
 
 
 def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:

@@ -10,18 +10,25 @@ i.e. Wang et al. (2004): Gaussian-weighted local means/variances with sigma 1.5 
 (an 11-tap window, radius 5), population covariance, K1 = 0.01, K2 = 0.03, and the mean of the SSIM
 map taken after cropping a 5-pixel border (``(win_size - 1) // 2``).
 
-How the filter is computed, and why. XLA:CPU runs an 11-tap ``lax.conv`` slowly, and a dense banded
-matrix product spends most of its FLOPs multiplying zeros. Two observations make a cheap exact
-formulation possible:
+How the filter is computed, and why. Only the cropped interior of the SSIM map enters the mean. The
+Gaussian at an interior pixel reads input pixels at most 5 away, so it never reaches the image border:
+the boundary mode (scipy's ``'reflect'``) cannot influence the result and the filter is a *valid*
+correlation, ``out[o] = sum_k taps[k] * in[o + k]`` for ``o < L - 2r``. The kernel is separable and
+symmetric, so each pass is 11 shifted slices folded in pairs (6 multiplies, 10 adds per output), which
+XLA:CPU fuses into one vectorised loop per pass. Three choices make that fast on CPU (measured with
+``tools/bench_metrics.py``; ~5-10x the earlier banded-matrix version, see the issue notes):
 
-* Only the cropped interior of the SSIM map enters the mean. The Gaussian at an interior pixel reads
-  input pixels at most 5 away, so it never reaches the image border: the boundary mode (scipy's
-  ``'reflect'``) cannot influence the result and the filter is a *valid* correlation.
-* A valid correlation along an axis of length ``L`` is a product with a banded Toeplitz matrix. Cut the
-  axis into tiles of ``B`` samples; every tile multiplies the *same* small ``[B, B + 2r]`` matrix whose
-  first ``B`` columns give the tile's own outputs and whose last ``2r`` columns give its contribution to
-  the last ``2r`` outputs of the previous tile (an overlap-add). The multiply then costs ``B + 2r``
-  MACs per sample instead of ``L``.
+* Four moment planes instead of five. SSIM needs ``mu_x``, ``mu_y``, ``var_x + var_y`` and ``cov_xy``
+  only, so ``x^2`` and ``y^2`` are filtered as one plane ``x^2 + y^2``.
+* The first (width) pass is materialised once and the second (height) pass reads it. XLA fuses a
+  producer into a consumer that reads it through several slices by *recomputing* it per slice (11x the
+  first pass). The four first-pass planes are computed separately and stacked; XLA does not fuse a
+  concatenation into slicing consumers, so the stack is written once. The second pass, the SSIM formula
+  and the per-image weights then run as one fused loop, and the mean is a matrix-vector product
+  (XLA:CPU's fused elementwise+reduce loops measured several times slower than that).
+* Batch chunks of about ``_CHUNK_PIXELS`` pixels per ``lax.map`` step keep each step's buffers (four
+  planes) cache-sized; whole-batch intermediates are memory-bound. The image axes stay minor: a
+  batch-minor ``[H, W, B]`` layout measured 2-4x slower here (the W-pass then strides over B).
 
 ``ssim_map`` returns the full map including the border, equal to scikit-image's ``full=True`` output;
 there the border does depend on the boundary mode, so it uses dense band matrices with scipy's
@@ -55,12 +62,9 @@ TRUNCATE = 3.5
 RADIUS = int(TRUNCATE * SIGMA + 0.5)  # scipy.ndimage's radius rule -> 5
 WIN_SIZE = 2 * RADIUS + 1  # 11; also the crop: (WIN_SIZE - 1) // 2 == RADIUS
 
-# Tile length of the banded product. 32 keeps the per-tile matrix [32, 42] in registers/L1 while the
-# wasted work stays at (B + 2r) / (2r + 1) ~ 3.8x the 11-tap floor; 16 and 64 measured no better.
-_TILE = 32
-# Images per lax.map step. Whole-batch intermediates (5 filtered planes of 64 x 256 x 256 float32 are
-# 84 MB) are slower on XLA:CPU than a loop over small chunks whose buffers stay cache-resident.
-_CHUNK = 4
+# Pixels per lax.map step (images per step = this // (H * W), at least 2): 4 images of 256 x 256. The
+# step's four first-pass planes are then 4 MB; 2^17 .. 2^20 measured within noise of each other.
+_CHUNK_PIXELS = 1 << 18
 
 
 def gaussian_taps(sigma: float = SIGMA, radius: int = RADIUS) -> np.ndarray:
@@ -70,6 +74,9 @@ def gaussian_taps(sigma: float = SIGMA, radius: int = RADIUS) -> np.ndarray:
     return w / w.sum()
 
 
+# --------------------------------------------------------------------------------------------------
+# Validation: everything here runs at trace time on static shapes, so a bad call fails with a
+# one-line ValueError before JAX builds anything.
 # --------------------------------------------------------------------------------------------------
 # Validation: everything here runs at trace time on static shapes, so a bad call fails with a
 # one-line ValueError before JAX builds anything.
@@ -99,7 +106,7 @@ def _check_images(pred, target, mask, *, min_size: int = 1) -> tuple[jax.Array, 
     return jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32), m
 
 
-def _check_data_range(data_range) -> jax.Array:
+def _check_data_range(data_range) -> jax.Array | np.float32:
     if isinstance(data_range, jax.core.Tracer):
         # A traced value cannot be checked here; the caller took responsibility for it.
         if np.ndim(data_range) != 0:
@@ -113,132 +120,88 @@ def _check_data_range(data_range) -> jax.Array:
         raise ValueError(f"data_range must be a real number; got {data_range!r}")
     if not np.isfinite(data_range) or data_range <= 0:
         raise ValueError(f"data_range must be positive and finite; got {data_range}")
-    return jnp.asarray(data_range, jnp.float32)
+    # A NumPy scalar, not a device array: jnp.asarray costs ~0.1 ms per call, a visible share of a small
+    # batch's SSIM; the jitted implementation takes either.
+    return np.float32(data_range)
 
 
 # --------------------------------------------------------------------------------------------------
-# The tiled banded filter
+# Separable valid Gaussian as fused shifted slices
 # --------------------------------------------------------------------------------------------------
 
 
-def _tile_matrix(block: int, taps: np.ndarray) -> np.ndarray:
-    """``[block, block + 2r]`` map from one input tile to its outputs (valid correlation).
+def _valid_gauss(x: jax.Array, axis: int) -> jax.Array:
+    """Valid Gaussian correlation along ``axis``: length ``L`` -> ``L - 2 * RADIUS``.
 
-    Output ``o`` of the valid correlation reads inputs ``o .. o + 2r``. For input ``k`` of tile ``i``:
-    column ``j < block`` is output ``i * block + j`` (tap ``k - j``); column ``block + jj`` is output
-    ``(i - 1) * block + block - 2r + jj`` of the previous tile (tap ``k + 2r - jj``).
+    ``out[o] = sum_k taps[k] * x[o + k]``; the symmetric taps are applied to pairs of slices so each
+    output costs ``RADIUS + 1`` multiplies. The taps are Python floats, i.e. compile-time constants.
     """
-    r2 = taps.shape[0] - 1
-    a = np.zeros((block, block + r2), np.float64)
-    for k in range(block):
-        for j in range(max(0, k - r2), k + 1):
-            a[k, j] = taps[k - j]
-        for jj in range(k, r2):
-            a[k, block + jj] = taps[k + r2 - jj]
-    return a
+    taps = gaussian_taps()
+    n_out = x.shape[axis] - 2 * RADIUS
+
+    def sl(k: int) -> jax.Array:
+        return jax.lax.slice_in_dim(x, k, k + n_out, axis=axis)
+
+    acc = float(taps[RADIUS]) * sl(RADIUS)
+    for k in range(RADIUS):
+        acc = acc + float(taps[k]) * (sl(k) + sl(2 * RADIUS - k))
+    return acc
 
 
-def _overlap_add(p: jax.Array, block: int, axis: int) -> jax.Array:
-    """Fold the ``2r`` halo columns of tile ``i + 1`` onto the tail of tile ``i``.
-
-    ``p`` has the tile index at ``axis`` and the ``block + 2r`` tile outputs at ``axis + 1``; returns the
-    same with ``block`` outputs per tile. The last tile receives zeros (its tail is outside the valid
-    range anyway and gets zero weight).
-    """
-    nd = p.ndim
-    main = jax.lax.slice_in_dim(p, 0, block, axis=axis + 1)
-    halo = jax.lax.slice_in_dim(jax.lax.slice_in_dim(p, block, p.shape[axis + 1], axis=axis + 1),
-                                1, p.shape[axis], axis=axis)
-    pads = [(0, 0)] * nd
-    pads[axis] = (0, 1)
-    r2 = p.shape[axis + 1] - block
-    pads[axis + 1] = (block - r2, 0)
-    return main + jnp.pad(halo, pads)
-
-
-def _filter_cols(x: jax.Array, a: jax.Array, block: int) -> jax.Array:
-    """Valid Gaussian along the last axis. ``x [..., L]`` with ``L % block == 0`` -> ``[..., L]``."""
-    lead, length = x.shape[:-1], x.shape[-1]
-    p = x.reshape(*lead, length // block, block) @ a  # [..., nb, block + 2r]
-    return _overlap_add(p, block, axis=len(lead)).reshape(*lead, length)
-
-
-def _filter_rows(x: jax.Array, a: jax.Array, block: int) -> jax.Array:
-    """Valid Gaussian along axis -2. ``x [..., L, W]`` with ``L % block == 0`` -> ``[..., L, W]``."""
-    lead, (length, width) = x.shape[:-2], x.shape[-2:]
-    nb = length // block
-    xb = x.reshape(-1, block, width)  # [(... nb), block, W]
-    # A batched product with the (broadcast) tile matrix keeps the contraction on the operand's
-    # major-to-minor order, so XLA does not transpose the planes first.
-    at = jnp.broadcast_to(a.T[None], (xb.shape[0],) + a.T.shape)
-    p = jnp.matmul(at, xb).reshape(*lead, nb, a.shape[1], width)  # [..., nb, block + 2r, W]
-    return _overlap_add(p, block, axis=len(lead)).reshape(*lead, length, width)
-
-
-def _ssim_terms(mu: jax.Array, c1: jax.Array, c2: jax.Array) -> jax.Array:
-    """SSIM map from the five filtered planes ``mu [5, ...]`` = (x, y, xx, yy, xy)."""
-    ux, uy, uxx, uyy, uxy = mu[0], mu[1], mu[2], mu[3], mu[4]
-    vx = uxx - ux * ux
-    vy = uyy - uy * uy
-    vxy = uxy - ux * uy
-    num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
-    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+def _ssim_terms(ux, uy, uss, uxy, c1, c2) -> jax.Array:
+    """SSIM map from the filtered moments: means of x, y, x^2 + y^2 and x * y (population statistics)."""
+    uxuy = ux * uy
+    u2 = ux * ux + uy * uy
+    # var_x + var_y = E[x^2 + y^2] - (mu_x^2 + mu_y^2); cov = E[xy] - mu_x mu_y.
+    num = (2.0 * uxuy + c1) * (2.0 * (uxy - uxuy) + c2)
+    den = (u2 + c1) * (uss - u2 + c2)
     return num / den
 
 
-def _pad_to(x: jax.Array, hp: int, wp: int) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (0, hp - x.shape[1]), (0, wp - x.shape[2])))
+def _chunk_ssim_map(xc: jax.Array, yc: jax.Array, c1, c2) -> jax.Array:
+    """Cropped SSIM maps of one chunk: ``xc, yc [C, H, W]`` -> ``[C, (H - 2r) * (W - 2r)]``.
+
+    Output ``(i, j)`` is skimage's map at pixel ``(i + r, j + r)``.
+    """
+    c, h, w = xc.shape
+    # Four separately filtered width passes, stacked: the stack is what XLA materialises (see the
+    # module docstring), so the height pass below reads the first pass instead of recomputing it.
+    first = jnp.stack([_valid_gauss(p, 2) for p in (xc, yc, xc * xc + yc * yc, xc * yc)])  # [4, C, H, W-2r]
+    mu = _valid_gauss(first, 2)  # [4, C, H-2r, W-2r]
+    s = _ssim_terms(mu[0], mu[1], mu[2], mu[3], c1, c2)
+    return s.reshape(c, (h - 2 * RADIUS) * (w - 2 * RADIUS))
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "block"))
-def _ssim_impl(pred, target, data_range, mask, *, chunk: int, block: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _ssim_impl(pred, target, data_range, mask, *, chunk: int) -> jax.Array:
     n, h, w = pred.shape
-    r2 = 2 * RADIUS
-    hp, wp = -(-h // block) * block, -(-w // block) * block
-    a = jnp.asarray(_tile_matrix(block, gaussian_taps()), jnp.float32)
+    ho, wo = h - 2 * RADIUS, w - 2 * RADIUS
     c1 = (K1 * data_range) ** 2
     c2 = (K2 * data_range) ** 2
-
-    # Weights on the valid-output frame: output (i, j) is the SSIM at pixel (i + r, j + r), so the
-    # crop of skimage is "the first h - 2r rows and w - 2r columns"; the zero padding beyond never
-    # reaches those outputs (each reads at most 2r samples ahead).
-    if mask is None:
-        wgt = np.zeros((hp, wp), np.float32)
-        wgt[: h - r2, : w - r2] = 1.0 / ((h - r2) * (w - r2))
-        weights = jnp.asarray(wgt.reshape(-1))
-    else:
-        m = mask[:, RADIUS : h - RADIUS, RADIUS : w - RADIUS].astype(jnp.float32)
-        weights = _pad_to(m, hp, wp).reshape(n, hp * wp)
-
-    npad = -(-n // chunk) * chunk - n
-    x = _pad_to(jnp.pad(pred, ((0, npad), (0, 0), (0, 0))), hp, wp)
-    y = _pad_to(jnp.pad(target, ((0, npad), (0, 0), (0, 0))), hp, wp)
-
-    def one_chunk(xy):
-        xc, yc = xy  # [chunk, hp, wp]
-        planes = jnp.stack([xc, yc, xc * xc, yc * yc, xc * yc])  # [5, chunk, hp, wp]
-        mu = _filter_rows(_filter_cols(planes, a, block), a, block)
-        return _ssim_terms(mu, c1, c2).reshape(chunk, hp * wp)
+    nc = -(-n // chunk)
+    npad = nc * chunk - n
+    # Padded images (zeros) give a finite SSIM of 1 and are dropped below.
+    x = jnp.pad(pred, ((0, npad), (0, 0), (0, 0))).reshape(nc, chunk, h, w)
+    y = jnp.pad(target, ((0, npad), (0, 0), (0, 0))).reshape(nc, chunk, h, w)
 
     if mask is None:
-        # Reduce with a matrix-vector product: XLA:CPU's fused elementwise+reduce loops are several
-        # times slower than writing the map and contracting it.
-        def body(xy):
-            return one_chunk(xy) @ weights
+        mean_w = jnp.full((ho * wo,), 1.0 / (ho * wo), jnp.float32)
 
-        out = jax.lax.map(body, (x.reshape(-1, chunk, hp, wp), y.reshape(-1, chunk, hp, wp)))
-        return out.reshape(-1)[:n]
+        def body(args):
+            return _chunk_ssim_map(*args, c1, c2) @ mean_w
 
-    wpad = jnp.pad(weights, ((0, npad), (0, 0)))
+        return jax.lax.map(body, (x, y)).reshape(-1)[:n]
+
+    # Mask weights on the cropped frame (mask pixels on the border strip do not count).
+    m = mask[:, RADIUS : h - RADIUS, RADIUS : w - RADIUS].astype(jnp.float32).reshape(n, ho * wo)
+    m = jnp.pad(m, ((0, npad), (0, 0))).reshape(nc, chunk, ho * wo)
 
     def body_masked(args):
-        xc, yc, wc = args
-        s = one_chunk((xc, yc))
-        return jnp.einsum("ck,ck->c", s, wc) / jnp.sum(wc, axis=1)
+        xc, yc, mc = args
+        s = _chunk_ssim_map(xc, yc, c1, c2)
+        return jnp.einsum("ck,ck->c", s, mc) / jnp.sum(mc, axis=1)
 
-    out = jax.lax.map(body_masked, (x.reshape(-1, chunk, hp, wp), y.reshape(-1, chunk, hp, wp),
-                                    wpad.reshape(-1, chunk, hp * wp)))
-    return out.reshape(-1)[:n]
+    return jax.lax.map(body_masked, (x, y, m)).reshape(-1)[:n]
 
 
 def ssim(pred, target, *, data_range, mask=None) -> jax.Array:
@@ -256,8 +219,9 @@ def ssim(pred, target, *, data_range, mask=None) -> jax.Array:
     """
     x, y, m = _check_images(pred, target, mask, min_size=WIN_SIZE)
     dr = _check_data_range(data_range)
-    chunk = min(_CHUNK, x.shape[0]) or 1
-    return _ssim_impl(x, y, dr, m, chunk=chunk, block=_TILE)
+    n, h, w = x.shape
+    chunk = max(1, min(n, max(2, _CHUNK_PIXELS // (h * w))))
+    return _ssim_impl(x, y, dr, m, chunk=chunk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,9 +248,9 @@ def _reflect_band(n: int, taps: np.ndarray) -> np.ndarray:
 
 @jax.jit
 def _ssim_map_impl(pred, target, data_range, gh, gw) -> jax.Array:
-    planes = jnp.stack([pred, target, pred * pred, target * target, pred * target])
+    planes = jnp.stack([pred, target, pred * pred + target * target, pred * target])
     mu = jnp.einsum("oh,qnhw,pw->qnop", gh, planes, gw)
-    return _ssim_terms(mu, (K1 * data_range) ** 2, (K2 * data_range) ** 2)
+    return _ssim_terms(mu[0], mu[1], mu[2], mu[3], (K1 * data_range) ** 2, (K2 * data_range) ** 2)
 
 
 def ssim_map(pred, target, *, data_range) -> jax.Array:
