@@ -23,6 +23,13 @@ Per batch of source slices:
 Prefill, the whole ``fori_loop`` and the decode are one jitted function per (batch size, context layout).
 With ``use_cache=False`` every step instead runs the whole pack (context + target) through the model: the
 reference path, and the "without KV cache" row of tools/bench_sampler.py.
+
+On a device mesh (``Sampler(..., mesh=...)``, axes ``('data', 'fsdp', 'tensor')`` from training/sharding.py)
+the slices of a batch are split over ``data × fsdp`` (the batch is padded to a multiple of that product and
+the padding dropped), parameters are placed by the same logical-axis rules as in training
+(``sharding.logical_spec``: ``fsdp`` / ``tensor`` splits where the rules give them, replicated otherwise) and
+the jitted loop has explicit in/out shardings. Each slice's computation stays on its device; only
+parameters split by the rules are gathered. Single process: the inputs are placed with ``jax.device_put``.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
 from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps
 from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
+from synermedgen_jax.modeling.layers import activation_sharding
 from synermedgen_jax.modeling.packing import (
     NOISE,
     Geometry,
@@ -50,6 +59,7 @@ from synermedgen_jax.modeling.packing import (
     VitImage,
     stack_rows,
 )
+from synermedgen_jax.training import sharding
 
 PASSES = ("cond", "text_uncond", "img_uncond")
 
@@ -276,15 +286,43 @@ def decode_tokens(model, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return jnp.clip(jnp.mean(images.astype(jnp.float32), axis=-1), -1.0, 1.0)
 
 
+def inference_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh | None:
+    """A sampling mesh: the given devices (a count takes the first local ones; default all local devices) on
+    the ``data`` axis, ``fsdp = tensor = 1``. ``None`` for a single device (the plain, unsharded sampler)."""
+    if devices is None:
+        devices = jax.local_devices()
+    elif isinstance(devices, int):
+        available = jax.local_devices()
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"devices: {devices} requested, {len(available)} local devices available")
+        devices = available[:devices]
+    devices = list(devices)
+    if len(devices) == 1:
+        return None
+    return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for an nnx state (same tree), from each variable's ``logical_axes`` metadata through
+    training/sharding.py's rule table (no metadata: replicated)."""
+    def one(variable: nnx.Variable) -> NamedSharding:
+        axes = variable.get_metadata().get("logical_axes")
+        return NamedSharding(mesh, sharding.logical_spec(axes, np.shape(variable.get_value()), mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class Sampler:
     """Batched slice synthesis: ``Sampler(model, special, image_size, vit_image_size).generate(...)``.
 
     ``image_size``: the generated (and VAE source) size ``(H, W)``, a multiple of the latent stride;
     ``vit_image_size``: the ViT source size. Sources are resized to both; outputs are ``image_size``.
+    ``mesh``: optional device mesh (axes ``('data', 'fsdp', 'tensor')``, e.g. :func:`inference_mesh`); the
+    model's parameters are placed on it once, here, and every batch is split over its batch axes.
     """
 
     def __init__(self, model, special: SpecialTokens, image_size: tuple[int, int], vit_image_size: tuple[int, int],
-                 config: SamplerConfig = SamplerConfig()):
+                 config: SamplerConfig = SamplerConfig(), mesh: Mesh | None = None):
         self.config = config
         self.special = special
         self.image_size, self.vit_image_size = tuple(image_size), tuple(vit_image_size)
@@ -295,6 +333,13 @@ class Sampler:
         self.grid = (self.image_size[0] // stride, self.image_size[1] // stride)
         self.token_dim = model.config.latent_patch_size**2 * model.config.vae.z_channels
         self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh
+        # Batches must hold a multiple of this many slices (the product of the mesh's batch axes).
+        self.batch_divisor = 1 if mesh is None else sharding.batch_divisor(mesh)
+        if mesh is not None:
+            self._state_shardings = param_shardings(self.state, mesh)
+            self.state = jax.device_put(self.state, self._state_shardings)
+            self._rows = NamedSharding(mesh, sharding.batch_spec(1))  # leading axis over data × fsdp
         self._compiled: dict[tuple, Callable] = {}
 
     def _packs(self, instruction_ids: Sequence[int], sources: np.ndarray) -> tuple[dict, dict]:
@@ -318,8 +363,51 @@ class Sampler:
                 tokens = sample_latents(model, batches, layouts, source_tokens, noise, config)
                 return decode_tokens(model, tokens, grid)
 
-            self._compiled[key] = jax.jit(run)
+            if self.mesh is None:
+                self._compiled[key] = jax.jit(run)
+            else:
+                mesh, rows = self.mesh, self._rows
+
+                def traced(*args):
+                    # The model's activation constraints keep rows on their batch shard (as in training).
+                    with activation_sharding(sharding.activation_sharder(mesh)):
+                        return run(*args)
+
+                # Pytree prefixes: every array of the packs, the sources and the noise is split on its leading
+                # (slice) axis; the VAE key is replicated.
+                self._compiled[key] = jax.jit(
+                    traced, in_shardings=(self._state_shardings, rows, rows, rows, sharding.replicated(mesh)),
+                    out_shardings=rows)
         return self._compiled[key]
+
+    def sample_batch(self, sources: np.ndarray, instruction_ids: Sequence[int], indices: Sequence[int], *,
+                     seed: int = 0) -> jax.Array:
+        """One compiled call on one batch (no padding, no host copy of the result).
+
+        Args:
+          sources: ``[B, H, W]`` float in [-1, 1]; ``B`` a multiple of ``batch_divisor``.
+          instruction_ids: the route's instruction, tokenized.
+          indices: ``[B]`` noise indices (slice ``i`` starts from ``fold_in(key(seed), indices[i])``).
+        Returns:
+          ``[B, H', W']`` float32 device array at ``image_size``; on a mesh, split over its batch axes.
+        """
+        sources = np.asarray(sources, np.float32)
+        indices = np.asarray(indices, np.int64)
+        if sources.ndim != 3 or len(sources) % self.batch_divisor or indices.shape != (len(sources),):
+            raise ValueError(f"Sampler.sample_batch: sources {sources.shape} must be [B, H, W] with B a multiple of "
+                             f"{self.batch_divisor} and one index per source (got {indices.shape})")
+        noise_base, vae_base = jax.random.split(jax.random.PRNGKey(seed))
+        batches, layouts = self._packs(instruction_ids, sources)
+        function = self._function(layouts)
+        noise = slice_noise(noise_base, indices, (len(layouts["cond"].q_gen), self.token_dim))
+        vae_sources = batches["cond"]["vae_images"][:, 0]  # slot 0 holds the source in every context pack
+        vae_key = jax.random.fold_in(vae_base, int(indices[0]))  # used only with sample_posterior
+        if self.mesh is None:
+            batches = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, batch in batches.items()}
+            return function(self.state, batches, jnp.asarray(vae_sources), noise, vae_key)
+        batches, vae_sources, noise = jax.device_put((batches, vae_sources, noise), self._rows)
+        return function(self.state, batches, vae_sources, noise, jax.device_put(vae_key, sharding.replicated(
+            self.mesh)))
 
     def generate(self, sources: np.ndarray, instruction_ids: Sequence[int], *, seed: int = 0, batch_size: int = 8,
                  indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -330,7 +418,8 @@ class Sampler:
           instruction_ids: the route's instruction, tokenized (no bos/eos).
           seed, indices: source ``i`` starts from the noise of ``fold_in(key(seed), indices[i])`` (default
             ``indices = 0..N-1``), so a slice's result depends on neither the batch size nor its neighbours.
-          batch_size: slices per compiled call; the last batch is padded by repeating its last slice.
+          batch_size: slices per compiled call, rounded up to a multiple of ``batch_divisor`` on a mesh; the
+            last batch is padded by repeating its last slice (padding is dropped from the result).
           progress: called with the number of slices finished after each batch.
         Returns:
           ``[N, H', W']`` float32 in [-1, 1] at ``image_size``.
@@ -341,7 +430,7 @@ class Sampler:
         indices = np.arange(len(sources)) if indices is None else np.asarray(indices, np.int64)
         if indices.shape != (len(sources),):
             raise ValueError(f"Sampler.generate: {len(indices)} indices for {len(sources)} sources")
-        noise_base, vae_base = jax.random.split(jax.random.PRNGKey(seed))
+        batch_size = -(-max(1, batch_size) // self.batch_divisor) * self.batch_divisor
         outputs = []
         for start in range(0, len(sources), batch_size):
             chunk, chunk_indices = sources[start:start + batch_size], indices[start:start + batch_size]
@@ -349,13 +438,7 @@ class Sampler:
             if count < batch_size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - count, axis=0)])
                 chunk_indices = np.concatenate([chunk_indices, np.repeat(chunk_indices[-1:], batch_size - count)])
-            batches, layouts = self._packs(instruction_ids, chunk)
-            function = self._function(layouts)
-            noise = slice_noise(noise_base, chunk_indices, (len(layouts["cond"].q_gen), self.token_dim))
-            vae_sources = batches["cond"]["vae_images"][:, 0]  # slot 0 holds the source in every context pack
-            vae_key = jax.random.fold_in(vae_base, int(chunk_indices[0]))  # used only with sample_posterior
-            batches = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, batch in batches.items()}
-            images = function(self.state, batches, jnp.asarray(vae_sources), noise, vae_key)
+            images = self.sample_batch(chunk, instruction_ids, chunk_indices, seed=seed)
             outputs.append(np.asarray(images)[:count])
             if progress is not None:
                 progress(count)
