@@ -86,6 +86,16 @@ except ValueError as e:
     assert "multiple of 4" in str(e), e
 else:
     raise AssertionError("a 3-slice batch was accepted on a 4-way batch mesh")
+# The synthesize command's --devices mesh: all slices over "data"; one device means the plain sampler.
+assert smp.inference_mesh(1) is None
+assert dict(smp.inference_mesh(4).shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+assert dict(smp.inference_mesh().shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+try:
+    smp.inference_mesh(5)
+except ValueError as e:
+    assert "5 requested, 4 local devices" in str(e), e
+else:
+    raise AssertionError("5 devices accepted")
 print("SHARDED_SAMPLER_OK", err)
 """
 

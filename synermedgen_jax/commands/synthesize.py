@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-img", type=float, default=1.5, help="image guidance scale (1.5)")
     parser.add_argument("--renorm", choices=("text_channel", "channel", "global"), default="text_channel")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (8)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="split each batch's slices over this many local devices (1; the batch size is rounded "
+                             "up to a multiple)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     parser.add_argument("--target-window", type=_window, metavar="LO,HI",
                         help="native-unit window of the output (default: CT -1024,3071 HU or the build's; "
@@ -59,7 +62,7 @@ def _error(message: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.inference.loading import InferenceError, load_for_inference
-    from synermedgen_jax.inference.sampler import SamplerConfig
+    from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh
     from synermedgen_jax.inference.synthesize import (
         NIFTI_SUFFIXES,
         read_nifti,
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     )
 
     try:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "devices"):
             if getattr(args, name) < (2 if name == "steps" else 1):
                 raise InferenceError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
         task = resolve_route(args.source_modality, args.target_modality, task=args.task)
@@ -89,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
                                  dataset=inference.source)
         config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=args.cfg_text, cfg_img=args.cfg_img,
                                renorm=args.renorm)
+        sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size, config,
+                          mesh=inference_mesh(args.devices))
         from tqdm import tqdm
 
         bar = tqdm(total=0, unit="slice", disable=args.no_progress, file=sys.stderr, desc=task.name)
@@ -99,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
 
         try:
             volume = synthesize_volume(inference, image, args.source_modality, args.target_modality, task.instruction,
-                                       mask=mask, config=config, batch_size=args.batch_size, seed=args.seed,
+                                       mask=mask, config=config, sampler=sampler, batch_size=args.batch_size,
+                                       seed=args.seed,
                                        target_window=args.target_window, progress=bar.update, on_total=on_total)
         finally:
             bar.close()
