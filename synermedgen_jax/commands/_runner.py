@@ -44,10 +44,11 @@ class StageState:
 
 
 def train_overrides(data_dir: Path, steps: int, rows: int, seed: int) -> list[str]:
-    """The overrides every quick stage shares (CPU-sized batches, fixed seed, no in-run eval)."""
+    """The overrides every quick stage shares (CPU-sized batches, fixed seed, no in-run eval or sample grids:
+    the jobs evaluate once at the end)."""
     return [f"--config.data.dir={data_dir}", f"--config.train.steps={steps}", f"--config.train.rows={rows}",
             f"--config.train.seed={seed}", f"--config.data.seed={seed}", "--config.train.eval_every=0",
-            f"--config.train.checkpoint_every={max(steps // 3, 1)}"]
+            "--config.train.image_every=0", f"--config.train.checkpoint_every={max(steps // 3, 1)}"]
 
 
 def write_atomic(path: Path, text: str) -> None:

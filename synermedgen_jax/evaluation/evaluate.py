@@ -101,9 +101,10 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
     sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size,
                       config.sampler)
     results = {}
+    content = ContentIndex(reader)
     for name, records in tasks.items():
         task = get_task(name)
-        records, data = _pick_slices(reader, records, task, config.max_slices)
+        records, data = _pick_slices(reader, records, task, config.max_slices, content)
         if not records:
             continue
         sources = np.stack([np.asarray(r["images"][task.source], np.float32) for r in data])
@@ -132,24 +133,46 @@ def _has_content(image: np.ndarray, fraction: float = 0.05) -> bool:
     return float(np.mean(image > -0.95)) >= fraction
 
 
-def _pick_slices(reader: RecordReader, records: list[int], task: Task, count: int) -> tuple[list[int], list[dict]]:
-    """Up to ``count`` slices spread evenly over the route's records, skipping slices where the source or the
-    target shows no anatomy (e.g. skull-only slices for a skull-stripped MR): on those an identity copy of
-    empty MR is perfect and would flatter the baseline."""
-    order = np.arange(len(records))
-    if len(records) > count:  # evenly spaced first, the rest afterwards as reserves
-        spread = np.unique(np.linspace(0, len(records) - 1, num=count).round().astype(int))
-        order = np.concatenate([spread, np.setdiff1d(order, spread)])
-    picked, data = [], []
-    for index in order:
-        record = reader[records[index]]
-        if _has_content(np.asarray(record["images"][task.source])) and _has_content(
-                np.asarray(record["images"][task.target])):
-            picked.append(records[index])
-            data.append(record)
-            if len(picked) == count:
-                break
-    return picked, data
+def bin_centres(n: int, count: int) -> np.ndarray:
+    """Indices of the centres of ``min(count, n)`` equal bins over ``0..n-1`` (stratified, distinct, sorted).
+
+    Centres, not ``linspace`` end points: the end points are the first and last candidates, the edges of the
+    anatomy, which hold the least of it.
+    """
+    bins = min(count, n)
+    if bins <= 0:
+        return np.zeros((0,), np.int64)
+    return np.floor((np.arange(bins) + 0.5) * n / bins).astype(np.int64)
+
+
+class ContentIndex:
+    """Which (record, modality) slices show anatomy, read once and shared by every route of an evaluation."""
+
+    def __init__(self, reader: RecordReader):
+        self.reader = reader
+        self._content: dict[int, dict[str, bool]] = {}
+
+    def has(self, record: int, modality: str) -> bool:
+        if record not in self._content:
+            images = self.reader[record]["images"]
+            self._content[record] = {m: _has_content(np.asarray(x)) for m, x in images.items()}
+        return self._content[record].get(modality, False)
+
+
+def _pick_slices(reader: RecordReader, records: list[int], task: Task, count: int,
+                 content: ContentIndex | None = None) -> tuple[list[int], list[dict]]:
+    """Up to ``count`` slices spread evenly over the route's slices that show anatomy in both source and
+    target: the centres of ``count`` equal bins over them, in record (slice) order (:func:`bin_centres`).
+
+    Slices without anatomy (e.g. skull-only slices of a skull-stripped MR) are left out first: an identity
+    copy of empty MR is perfect and would flatter the baseline. (The previous rule took ``linspace`` end
+    points over all records and replaced empty ones by the next records in order, which picked the nearly
+    empty edge slices of the brain, where a copy of the source scores almost perfectly on the background.)
+    """
+    content = content or ContentIndex(reader)
+    usable = [r for r in records if content.has(r, task.source) and content.has(r, task.target)]
+    picked = [usable[i] for i in bin_centres(len(usable), count)]
+    return picked, [reader[r] for r in picked]
 
 
 def write_grid(path: Path, sources: np.ndarray, targets: np.ndarray, preds: np.ndarray, rows: int = 4) -> None:
