@@ -108,7 +108,8 @@ def test_kernel_matches_reference_f32(backend, meta, seed):
 
 @pytest.mark.parametrize(
     ("backend", "hq", "hkv", "dim"),
-    [("triton", 4, 1, 128), ("mosaic", 4, 1, 128), ("triton", 2, 2, 64), ("mosaic", 6, 3, 64)],
+    [("triton", 4, 1, 128), ("mosaic", 4, 1, 128), ("triton", 2, 2, 64), ("mosaic", 6, 3, 64),
+     ("triton", 4, 4, 72), ("mosaic", 2, 2, 72)],  # 72: SigLIP-so400m (Triton pads it to 128)
 )
 def test_head_dims_and_gqa_ratios(backend, hq, hkv, dim):
     rng = np.random.default_rng(hq * 100 + dim)

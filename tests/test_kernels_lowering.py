@@ -49,7 +49,7 @@ def _kernel_calls(module: str, platform: str) -> int:
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim", "dtype"),
-                         [(14, 2, 128, jnp.bfloat16), (4, 4, 64, jnp.float32)])
+                         [(14, 2, 128, jnp.bfloat16), (4, 4, 64, jnp.float32), (16, 16, 72, jnp.bfloat16)])
 def test_attention_forward_and_backward_lower(platform, num_q_heads, num_kv_heads, head_dim, dtype):
     backend = "mosaic" if platform == "tpu" else "triton"
     q = jax.ShapeDtypeStruct((BATCH, SEQ, num_q_heads, head_dim), dtype)

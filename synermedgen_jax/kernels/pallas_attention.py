@@ -152,6 +152,17 @@ def pallas_packed_attention(
         # Padding: sample -1 (invisible both ways); split/kind values are irrelevant.
         meta = jnp.concatenate([meta, jnp.broadcast_to(jnp.array([-1, 0, 0], jnp.int32)[None, :, None],
                                                        (batch, 3, pad))], axis=2)
+    # Triton tiles must have power-of-two sides, and SigLIP's head_dim is 72: zero columns appended to q and k
+    # leave every q·k unchanged, those appended to v give output columns that are sliced off (the scale stays
+    # that of the true head_dim).
+    lanes = _triton_head_dim(head_dim) if backend == "triton" else head_dim
+    if lanes != head_dim:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, lanes - head_dim))) for x in (q, k, v))
     config = _Config(backend=backend, sizes=sizes, scale=head_dim**-0.5, interpret=bool(interpret))
     out = _attention(config, q, k, v, meta)
-    return out[:, :seq_len] if pad else out
+    return out[:, :seq_len, :, :head_dim]
+
+
+def _triton_head_dim(head_dim: int) -> int:
+    """The smallest power of two ≥ ``head_dim`` and ≥ 16 (Triton's smallest dot operand side)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
