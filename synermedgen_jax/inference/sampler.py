@@ -28,8 +28,11 @@ On a device mesh (``Sampler(..., mesh=...)``, axes ``('data', 'fsdp', 'tensor')`
 the slices of a batch are split over ``data × fsdp`` (the batch is padded to a multiple of that product and
 the padding dropped), parameters are placed by the same logical-axis rules as in training
 (``sharding.logical_spec``: ``fsdp`` / ``tensor`` splits where the rules give them, replicated otherwise) and
-the jitted loop has explicit in/out shardings. Each slice's computation stays on its device; only
-parameters split by the rules are gathered. Single process: the inputs are placed with ``jax.device_put``.
+the jitted loop has explicit in/out shardings. On a data-only mesh the compiled Euler loop has no
+collective (checked on the tiny config's HLO); the only one left is an all-gather of the ViT embeddings
+for the row scatter in ``SynerMedGen.embed_understanding``, once per batch. Parameters split over ``fsdp``
+cost gathers / partial-sum all-reduces per use, as in training. Single process: inputs are placed with
+``jax.device_put``.
 """
 
 from __future__ import annotations
@@ -393,9 +396,10 @@ class Sampler:
         """
         sources = np.asarray(sources, np.float32)
         indices = np.asarray(indices, np.int64)
-        if sources.ndim != 3 or len(sources) % self.batch_divisor or indices.shape != (len(sources),):
-            raise ValueError(f"Sampler.sample_batch: sources {sources.shape} must be [B, H, W] with B a multiple of "
-                             f"{self.batch_divisor} and one index per source (got {indices.shape})")
+        if (sources.ndim != 3 or len(sources) == 0 or len(sources) % self.batch_divisor
+                or indices.shape != (len(sources),)):
+            raise ValueError(f"Sampler.sample_batch: sources {sources.shape} must be [B, H, W] with B >= 1 a multiple "
+                             f"of {self.batch_divisor} and one index per source (got {indices.shape})")
         noise_base, vae_base = jax.random.split(jax.random.PRNGKey(seed))
         batches, layouts = self._packs(instruction_ids, sources)
         function = self._function(layouts)
