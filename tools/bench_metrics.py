@@ -79,6 +79,26 @@ def measure(n: int, size: int, repeats: int = 5, seed: int = 0) -> dict:
     }
 
 
+def fusion_summary(n: int, size: int) -> list[str]:
+    """The fusions XLA compiles for ``ssim`` on ``n`` images ``size x size``: one line each, name and output
+    shape. The design expects, per lax.map step, four first-pass fusions (or one multi-output fusion) writing
+    ``[4, C, H, W-10]`` and one fusion for the second pass + SSIM formula, then the ``dot`` for the mean; a
+    second-pass fusion reading the raw images instead would mean XLA recomputes the first pass per tap."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from synermedgen_jax.evaluation.metrics import ssim
+
+    x = jnp.zeros((n, size, size), jnp.float32)
+    text = jax.jit(lambda a, b: ssim(a, b, data_range=1.0)).lower(x, x).compile().as_text()
+    pattern = re.compile(r"^\s*(?:ROOT )?(%\S+) = (\S+) (fusion|dot|copy)\(")
+    return [f"{m.group(1)}: {m.group(3)} -> {m.group(2)}" for m in map(pattern.match, text.splitlines())
+            if m and "wrapped" not in m.group(1)]
+
+
 def print_table(rows: list[dict]) -> None:
     """Prints the rows of :func:`measure` as a fixed-width table."""
     if rows:
@@ -110,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best counts (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for the images")
     ap.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file ({\"rows\": [...]})")
+    ap.add_argument("--fusions", action="store_true",
+                    help="also print the fusions XLA compiled for the first (n, size) pair")
     args = ap.parse_args(argv)
     if min(args.n) < 1 or min(args.size) < 11 or args.repeats < 1:
         ap.error("--n and --repeats must be >= 1 and --size >= 11 (the SSIM window)")
 
     rows = [measure(n, size, args.repeats, args.seed) for size in args.size for n in args.n]
     print_table(rows)
+    if args.fusions:
+        print(f"\nXLA fusions for n={args.n[0]}, size={args.size[0]}:")
+        print("\n".join(f"  {line}" for line in fusion_summary(args.n[0], args.size[0])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=2)
