@@ -101,6 +101,15 @@ def test_ssim_several_chunks_with_padding(monkeypatch, use_mask):
     np.testing.assert_allclose(got, ref, atol=SSIM_TOL, rtol=0)
 
 
+def test_ssim_first_filter_pass_is_materialised_once():
+    # The speed design (metrics module docstring): XLA writes the four first-pass planes [4, C, H, W - 2r]
+    # once and the second pass reads them. If XLA fused the first pass into the second, it would recompute
+    # it per tap (11x) and no buffer of that shape would exist.
+    x = jnp.zeros((4, 32, 32), jnp.float32)
+    text = jax.jit(lambda a, b: metrics.ssim(a, b, data_range=1.0)).lower(x, x).compile().as_text()
+    assert f"f32[4,4,32,{32 - 2 * R}]" in text
+
+
 def test_ssim_map_matches_skimage_full_including_border():
     rng = np.random.default_rng()
     p, t = pair(rng, (2, 30, 41))
