@@ -13,7 +13,7 @@ import pytest
 
 from synermedgen_jax.__main__ import main as cli
 from synermedgen_jax.benchmark import peaks
-from synermedgen_jax.benchmark.plan import largest_buffers, parse_mesh, scale_budget
+from synermedgen_jax.benchmark.plan import largest_buffers, parse_mesh, peak_live_buffers, scale_budget
 from synermedgen_jax.benchmark.report import BenchError, compare, flatten_numbers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,11 @@ def test_plan_tiny_on_4_simulated_devices(tmp_path):
     assert 0.85 < plan["compiled_flops"] / plan["analytic_flops"] < 1.2
     assert plan["analytic_flops"] == pytest.approx(sum(plan["analytic_parts"].values()))
     assert plan["largest_buffers"] and plan["largest_buffers"][0]["bytes"] > 0
+    # Loop bodies are added to XLA's figure (never removed); the peak's buffers come from XLA's live ranges.
+    assert plan["compiled_flops"] >= plan["xla_cost_analysis_flops"] > 0
+    assert plan["buffers_kind"] == "live at the peak" and plan["peak_live"]["count"] > 0
+    assert plan["peak_live"]["bytes"] >= sum(b["bytes"] for b in plan["largest_buffers"])
+    assert plan["analytic_model_flops"] > 0
     assert "PEAK" in proc.stdout and "theoretical minimum" in proc.stdout
 
 
@@ -112,6 +117,13 @@ def test_helpers():
            "  ROOT %fusion = bf16[64,64]{1,0} fusion(%a), calls=%fused_computation\n}\n")
     names = [b["name"] for b in largest_buffers(hlo)]
     assert names == ["fusion", "a"]  # values inside the fused body are not buffers
+    live = ("HloLiveRange (max 9):\n  Live ranges at 7 (peak):\n    fusion{}: 8192 bytes (cumulative: 8192 bytes)\n"
+            "    a{}: 256 bytes (cumulative: 8448 bytes)\n  Stack trace breakdown for peak usage: 8448 bytes\n"
+            "    a{}: 999 bytes\n")
+    peak = peak_live_buffers(live, hlo.replace("calls=%fused_computation", 'metadata={op_name="jit(f)/dot"}'), top=1)
+    assert peak["position"] == 7 and peak["bytes"] == 8448 and peak["count"] == 2
+    assert peak["buffers"] == [{"name": "fusion", "dtype": "bf16", "shape": [64, 64], "bytes": 8192,
+                                "op": "jit(f)/dot"}]
     rows = compare({"x": {"t": 2.0}, "environment": {"n": 1}}, {"x": {"t": 3.0}, "environment": {"n": 2}})
     assert rows == [{"name": "x.t", "a": 2.0, "b": 3.0, "ratio": 1.5}]
     assert flatten_numbers({"r": [{"name": "on", "v": 1}], "flag": True}) == {"r.on.v": 1.0}

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from synermedgen_jax.benchmark.report import BenchError
@@ -112,19 +113,40 @@ def vae_encode_flops(vae, height: int, width: int) -> float:
 
 
 def analytic_step_flops(model_config, budget, rows: int, visible_fraction: float | None = None) -> dict:
-    """Analytic FLOPs of one train step over ``rows`` packs: the MoT forward+backward of
-    modeling/flops.py (token routing: each token through its own expert) + the frozen VAE encoder forward.
+    """Analytic model FLOPs of one train step over ``rows`` packs (the MFU convention): the MoT forward+backward
+    of modeling/flops.py (token routing: each token through its own expert) + the frozen VAE encoder forward.
     ``visible_fraction`` None = dense attention (what the jnp reference and xla_dense compute)."""
     from synermedgen_jax.modeling.flops import step_flops
 
     breakdown = step_flops(model_config, budget, rows, backward=True, visible_fraction=visible_fraction)
     parts = {k: float(v) for k, v in dataclasses.asdict(breakdown).items()}
-    height, width = budget.image_size
-    parts["vae_encoder_forward"] = rows * budget.vae_images * vae_encode_flops(model_config.vae, height, width)
+    parts["vae_encoder_forward"] = _vae_flops(model_config, budget, rows)
     return {"total": sum(parts.values()), "parts": parts,
             "counted_as": "MoT fwd+bwd with real routing (2·N_expert·T per forward, backward 2x), attention "
                           + ("dense T^2" if visible_fraction is None else f"x visible fraction {visible_fraction:.3f}")
                           + ", lm_head at CE slots, ViT+connector, generation head, frozen VAE encoder fwd"}
+
+
+def _vae_flops(model_config, budget, rows: int) -> float:
+    height, width = budget.image_size
+    return float(rows * budget.vae_images * vae_encode_flops(model_config.vae, height, width))
+
+
+def executed_step_flops(config, budget, rows: int) -> dict:
+    """Analytic FLOPs the step of run config ``config`` executes (modeling/flops.py ``executed_step_flops``):
+    only trained parts get weight gradients, a detached understanding side gets no backward, the remat policy's
+    recomputation and the flash-style attention backward's score recomputation are counted; + the frozen VAE
+    encoder forward. This is the count a compiled program should match."""
+    from synermedgen_jax.modeling.flops import executed_step_flops as count
+    from synermedgen_jax.training.optim import trainable_groups
+
+    groups = trainable_groups(config)
+    parts = count(config.model, budget, rows, train_und="und" in groups, train_gen="gen" in groups)
+    parts["vae_encoder_forward"] = _vae_flops(config.model, budget, rows)
+    return {"total": sum(parts.values()), "parts": parts,
+            "counted_as": f"matmul FLOPs the step executes: trained groups {'+'.join(groups)}, "
+                          f"freeze_und={bool(config.model.llm.freeze_und)}, remat {config.model.remat} "
+                          f"(recomputation counted), attention {config.model.attention_impl} dense T^2"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -206,11 +228,14 @@ def theoretical_minimum(abstract: AbstractTrain) -> dict:
 
 def activation_estimate(model_config, budget, rows_per_device: float) -> dict:
     """Analytic per-device activation bytes under the configured remat policy (what the step must keep
-    beyond the minimum). ``full``: every layer's input is saved (T·E each) plus one layer's working set
-    during its recomputation; ``dots``: each layer keeps its matmul outputs; ``none``: each layer keeps its
-    whole working set. Attention scores are counted densely for the jnp reference / xla_dense (T²·Hq f32)
-    and not at all for Pallas (tiles in on-chip memory)."""
+    beyond the minimum). ``full``: every layer's input is saved (T·E each, in the compute dtype) plus one
+    layer's working set during its recomputation; ``dots``: each layer keeps its matmul outputs; ``none``: each
+    layer keeps its whole working set. Attention scores are counted densely for the jnp reference / xla_dense
+    (T²·Hq f32), per key chunk for ``chunked`` (T·chunk·Hq f32: scores, probabilities, their gradient) and
+    not at all for Pallas (tiles in on-chip memory)."""
     import numpy as np
+
+    from synermedgen_jax.kernels.chunked_attention import DEFAULT_CHUNK
 
     llm = model_config.llm
     tokens = budget.total_tokens * rows_per_device
@@ -221,7 +246,9 @@ def activation_estimate(model_config, budget, rows_per_device: float) -> dict:
     layer_set = matmul_outs + tokens * 3 * llm.hidden_size * b
     if model_config.attention_impl in ("reference", "xla_dense"):
         layer_set += rows_per_device * budget.total_tokens**2 * llm.num_heads * 4 * 2  # scores + probs (f32)
-    saved_inputs = llm.num_layers * tokens * llm.hidden_size * 4  # residual stream kept in float32
+    elif model_config.attention_impl == "chunked":
+        layer_set += tokens * min(DEFAULT_CHUNK, budget.total_tokens) * llm.num_heads * 4 * 3
+    saved_inputs = llm.num_layers * tokens * llm.hidden_size * b  # the residual stream, in the compute dtype
     policy = model_config.remat
     if policy == "full":
         total = saved_inputs + layer_set
@@ -274,20 +301,85 @@ def memory_figures(compiled) -> dict:
             "generated_code_bytes": code, "peak_bytes": peak}
 
 
+# XLA:CPU's default scheduler orders for thread concurrency and starts independent work (weight all-gathers,
+# recomputations) as early as it can, which holds buffers far longer than an accelerator's memory-aware
+# scheduler would (the 7B plan measured 28 GB of temporaries at 2 layers with it, 20 GB without). Plans
+# compile with the memory-minimising list scheduler instead.
+CPU_PLAN_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+
+
+def compiler_options(platform: str, dump_dir: str | None = None) -> dict:
+    """XLA options the plan compiles with on ``platform``; ``dump_dir`` also dumps the optimised module with
+    its buffer live ranges (read by :func:`peak_live_buffers`)."""
+    options = dict(CPU_PLAN_OPTIONS) if platform == "cpu" else {}
+    if dump_dir:
+        options.update(xla_dump_to=dump_dir, xla_dump_hlo_pass_re="^$")  # final module only, no pass dumps
+    return options
+
+
+_LIVE = re.compile(r"^\s+([\w.\-]+)\{[^}]*\}: (\d+) bytes", re.M)
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def peak_live_buffers(live_range_text: str, hlo_text: str, top: int = 12) -> dict:
+    """The values live at the memory peak of a compiled module, from XLA's live-range dump
+    (``*after_optimizations-live-range.txt``): ``{"position", "bytes", "buffers": [{name, dtype, shape, bytes,
+    op}]}`` with the ``top`` largest (``op``: the JAX name stack of the defining op, where XLA kept it)."""
+    start = live_range_text.find("(peak):")
+    if start < 0:
+        raise ValueError("no '(peak):' section in the live-range dump")
+    position = re.search(r"Live ranges at (\d+) \(peak\)", live_range_text)
+    section = live_range_text[start:]
+    end = section.find("Stack trace")
+    rows = _LIVE.findall(section[: end if end > 0 else None])
+    shapes, ops = {}, {}
+    for line in hlo_text.splitlines():
+        match = _DEF.match(line)
+        if match:
+            shapes[match.group(1)] = (match.group(2), [int(d) for d in match.group(3).split(",") if d])
+            op = _OP_NAME.search(line)
+            if op:
+                ops[match.group(1)] = op.group(1)
+    buffers = []
+    for name, size in sorted(rows, key=lambda r: -int(r[1]))[:top]:
+        dtype, shape = shapes.get(name, ("", []))
+        buffers.append({"name": name, "dtype": dtype, "shape": shape, "bytes": int(size), "op": ops.get(name, "")})
+    return {"position": int(position.group(1)) if position else None, "bytes": sum(int(r[1]) for r in rows),
+            "count": len(rows), "buffers": buffers}
+
+
 def compile_plan(abstract: AbstractTrain) -> dict:
-    """Lowers and compiles the step; memory, FLOPs, largest buffers and the wall time of each phase."""
-    from synermedgen_jax.modeling.flops import compiled_flops
+    """Lowers and compiles the step; memory, FLOPs (XLA's and loop-corrected), the buffers live at the memory
+    peak (largest values when XLA's dump is unavailable) and the wall time of each phase."""
+    import glob
+    import tempfile
+
+    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
 
     t0 = time.perf_counter()
     lowered = abstract.step.lower(abstract.state, abstract.batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    platform = abstract.mesh.devices.flat[0].platform
+    with tempfile.TemporaryDirectory(prefix="smg_plan_") as dump_dir:
+        compiled = lowered.compile(compiler_options=compiler_options(platform, dump_dir))
+        t2 = time.perf_counter()
+        live = sorted(glob.glob(f"{dump_dir}/*after_optimizations-live-range.txt"), key=len)
+        live_text = Path(live[0]).read_text() if live else ""
     memory = memory_figures(compiled)
-    flops_per_device = compiled_flops(compiled)
+    xla_flops = compiled_flops(compiled)
+    hlo_text = compiled.as_text()
+    matmuls = hlo_matmul_flops(hlo_text)
+    # cost_analysis counts every loop body once; add the matmul FLOPs of the remaining trips.
+    loop_extra = matmuls["with_trips"] - matmuls["once"]
     try:
-        buffers = largest_buffers(compiled.as_text())
-    except Exception as err:  # noqa: BLE001 (the HLO text is optional diagnostics)
-        buffers = [{"name": f"unavailable: {type(err).__name__}", "bytes": 0}]
+        peak = peak_live_buffers(live_text, hlo_text) if live_text else None
+    except ValueError:
+        peak = None
+    buffers = peak["buffers"] if peak else largest_buffers(hlo_text)
     return {"lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory,
-            "compiled_flops_per_device": flops_per_device, "largest_buffers": buffers}
+            "compiled_flops_per_device": xla_flops + loop_extra, "xla_flops_per_device": xla_flops,
+            "loop_flops_added_per_device": loop_extra,
+            "loops": sorted(matmuls["loops"], key=lambda loop: -loop["body_flops"] * (loop["trips"] or 1))[:6],
+            "peak_live": {k: v for k, v in peak.items() if k != "buffers"} if peak else None,
+            "largest_buffers": buffers, "buffers_kind": "live at the peak" if peak else "largest values"}

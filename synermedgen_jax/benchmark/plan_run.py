@@ -85,25 +85,25 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
                                                                              rows, budget)
         print(f"  compiling the train step with {depth} decoder layer(s) ...", flush=True)
         compiles[depth] = plan_lib.compile_plan(abstract)
-        compiles[depth]["analytic_flops"] = plan_lib.analytic_step_flops(abstract.config.model, budget, rows)
+        compiles[depth]["analytic_flops"] = plan_lib.executed_step_flops(abstract.config, budget, rows)
         print(f"    lowered in {compiles[depth]['lower_s']:.1f} s, compiled in {compiles[depth]['compile_s']:.1f} s")
 
     if args.layers:
         lo, hi = compiles[1], compiles[args.layers]
-        memory = {k: int(_extrapolate(lo["memory"][k], hi["memory"][k], 1, args.layers, full_layers))
-                  for k in _MEMORY_KEYS}
-        per_device = _extrapolate(lo["compiled_flops_per_device"], hi["compiled_flops_per_device"], 1, args.layers,
-                                  full_layers)
+        grow = lambda low, high: _extrapolate(low, high, 1, args.layers, full_layers)  # noqa: E731
+        memory = {k: int(grow(lo["memory"][k], hi["memory"][k])) for k in _MEMORY_KEYS}
+        per_device = grow(lo["compiled_flops_per_device"], hi["compiled_flops_per_device"])
+        xla_per_device = grow(lo["xla_flops_per_device"], hi["xla_flops_per_device"])
         method = (f"extrapolated linearly from compiles with 1 and {args.layers} of {full_layers} decoder layers "
                   f"(--layers {args.layers})")
-        buffers = hi["largest_buffers"]
+        last = hi
     else:
-        only = compiles[full_layers]
-        memory = dict(only["memory"])
-        per_device = only["compiled_flops_per_device"]
+        last = compiles[full_layers]
+        memory = dict(last["memory"])
+        per_device, xla_per_device = last["compiled_flops_per_device"], last["xla_flops_per_device"]
         method = f"compiled at the full depth ({full_layers} decoder layers)"
-        buffers = only["largest_buffers"]
-    analytic = plan_lib.analytic_step_flops(config.model, budget, rows)
+    analytic = plan_lib.executed_step_flops(config, budget, rows)
+    model_flops = plan_lib.analytic_step_flops(config.model, budget, rows)
     compiled_total = per_device * mesh.size
     activations = plan_lib.activation_estimate(config.model, budget, rows / divisor / int(config.train.grad_accum))
     peak, floor = memory["peak_bytes"], minimum["total"]
@@ -114,6 +114,7 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         "variant": config.model.variant, "devices": mesh.size, "mesh": dict(mesh.shape), "rows": rows,
         "tokens_per_row": budget.total_tokens, "tokens_per_step": rows * budget.total_tokens,
         "attention_impl": config.model.attention_impl, "remat": config.model.remat, "method": method,
+        "scheduler": "XLA:CPU memory-minimising scheduler (plan.CPU_PLAN_OPTIONS)",
         "peak_bytes_per_device": peak, "min_bytes_per_device": floor,
         "peak_over_min": peak / floor if floor else math.inf,
         "activation_estimate_bytes_per_device": activations["total"],
@@ -121,12 +122,20 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         "device_memory_bytes": int(limit), "fits_device": bool(peak <= limit),
         "memory_per_device": memory, "min_parts_per_device": minimum["parts"],
         "compiled_flops": compiled_total, "compiled_flops_per_device": per_device,
+        "xla_cost_analysis_flops": xla_per_device * mesh.size,
+        "compiled_flops_method": "XLA cost_analysis() + (trip count - 1) x the dot/convolution FLOPs of every "
+                                 "while-loop body with a known trip count, read from the optimised HLO "
+                                 "(cost_analysis counts a loop body once)",
+        "loops_per_device": last["loops"],
         "analytic_flops": analytic["total"], "analytic_parts": analytic["parts"],
         "analytic_counted_as": analytic["counted_as"],
         "flops_ratio": compiled_total / analytic["total"] if analytic["total"] else math.inf,
-        "largest_buffers": buffers,
+        "analytic_model_flops": model_flops["total"], "analytic_model_counted_as": model_flops["counted_as"],
+        "largest_buffers": last["largest_buffers"], "buffers_kind": last["buffers_kind"],
+        "peak_live": last["peak_live"],
         "compiles": {str(d): {"decoder_layers": d, "lower_s": c["lower_s"], "compile_s": c["compile_s"],
                               "memory": c["memory"], "compiled_flops": c["compiled_flops_per_device"] * mesh.size,
+                              "xla_cost_analysis_flops": c["xla_flops_per_device"] * mesh.size,
                               "analytic_flops": c["analytic_flops"]["total"]} for d, c in compiles.items()},
         "wall_s": time.perf_counter() - t0, "environment": environment(),
         "sampler": "not planned: the sampler plan is not built yet (train step only)",
@@ -153,12 +162,25 @@ def _print(r: dict) -> None:
           f"{r['device_memory_bytes'] / 1e9:g} GB: {r['fits_device']} (peak {r['peak_bytes_per_device'] / 1e9:.1f} GB)")
     print(f"\nFLOPs per step: compiled {r['compiled_flops']:.4g} ({r['compiled_flops_per_device']:.4g} per device x "
           f"{r['devices']}), analytic {r['analytic_flops']:.4g}, ratio {r['flops_ratio']:.3f}")
+    print(f"  compiled = {r['compiled_flops_method']}; XLA's own figure: {r['xla_cost_analysis_flops']:.4g}")
+    for loop in r["loops_per_device"]:
+        print(f"    loop: {loop['trips']} trips x {loop['body_flops']:.4g} FLOPs per device")
     print(f"  analytic = {r['analytic_counted_as']}")
     for name, value in r["analytic_parts"].items():
-        print(f"    {name:22} {value:.4g}")
-    print("\nlargest buffers of the compiled per-device HLO (outside fusions):")
+        print(f"    {name:26} {value:.4g}")
+    print(f"  model FLOPs (MFU convention, fwd + 2x bwd of everything, no recomputation): "
+          f"{r['analytic_model_flops']:.4g}")
+    where = r["peak_live"]
+    title = (f"buffers live at the memory peak ({where['count']} values, {gib(where['bytes'])} incl. arguments)"
+             if where else "largest values of the compiled per-device HLO (outside fusions)")
+    print(f"\n{title}:")
     print(table([{"name": b["name"], "dtype": b.get("dtype", ""), "shape": str(b.get("shape", "")),
-                  "size": gib(b["bytes"])} for b in r["largest_buffers"]],
-                [("name", "value"), ("dtype", "dtype"), ("shape", "shape"), ("size", "size")]))
+                  "size": gib(b["bytes"]), "op": _short_op(b.get("op", ""))} for b in r["largest_buffers"]],
+                [("name", "value"), ("dtype", "dtype"), ("shape", "shape"), ("size", "size"), ("op", "made by")]))
     print(f"\nsampler: {r['sampler']}")
     print(f"planned in {r['wall_s']:.1f} s")
+
+
+def _short_op(op: str, width: int = 60) -> str:
+    """The tail of a JAX name stack (the op and its nearest scopes)."""
+    return op if len(op) <= width else "…" + op[-(width - 1):]

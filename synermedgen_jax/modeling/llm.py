@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from synermedgen_jax.kernels.attention import packed_attention
 from synermedgen_jax.modeling.layers import (
@@ -118,17 +119,28 @@ class MoTDecoderLayer(nnx.Module):
             setattr(self, name, RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
             setattr(self, f"{name}_moe_gen", RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
 
-    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
-        """``x [B, T, E]`` → ``[B, T, E]``."""
+    # The layer's parameters by block (the ``full`` remat recomputes and differentiates the blocks in turn).
+    ATTENTION_BLOCK = ("input_layernorm", "input_layernorm_moe_gen", "self_attn")
+    MLP_BLOCK = ("post_attention_layernorm", "post_attention_layernorm_moe_gen", "mlp", "mlp_moe_gen")
+
+    def attention_block(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
+        """Pre-norm joint attention with its residual: ``x [B, T, E]`` → ``[B, T, E]``."""
         x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
         normed = jnp.concatenate([self.input_layernorm(x_und), self.input_layernorm_moe_gen(x_gen)], axis=1)
-        x = x + self.self_attn(normed, und_tokens, meta, rope).astype(x.dtype)
+        return x + self.self_attn(normed, und_tokens, meta, rope).astype(x.dtype)
+
+    def mlp_block(self, x: jax.Array, und_tokens: int) -> jax.Array:
+        """Pre-norm per-expert SwiGLU with its residual: ``x [B, T, E]`` → ``[B, T, E]``."""
         x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
         mlp_und = self.mlp(self.post_attention_layernorm(x_und))
         if self.freeze_und:
             mlp_und = _stop(mlp_und)
         mlp_gen = self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x_gen))
         return x + jnp.concatenate([mlp_und, mlp_gen], axis=1).astype(x.dtype)
+
+    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
+        """``x [B, T, E]`` → ``[B, T, E]``."""
+        return self.mlp_block(self.attention_block(x, und_tokens, meta, rope), und_tokens)
 
 
 class MoTLanguageModel(nnx.Module):
@@ -177,11 +189,108 @@ class MoTLanguageModel(nnx.Module):
 
 
 def _apply_layer(layer: MoTDecoderLayer, x: jax.Array, und_tokens: int, meta: dict, rope, policy: str):
-    """Runs a layer, rematerialised in the backward pass as the config's remat policy says."""
+    """Runs a layer, rematerialised in the backward pass as the config's remat policy says.
+
+    ``full`` keeps only the layer input ``x`` and recomputes the layer inside its backward pass
+    (:func:`remat_after_cotangent`, block by block); ``dots`` keeps the matmul outputs (``jax.checkpoint``)."""
     if policy == "none":
         return layer(x, und_tokens, meta, rope)
-    policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    if policy not in policies:
+    if policy == "full":
+        graphdef, state = nnx.split(layer)
+        blocks = tuple(nnx.State({k: v for k, v in state.items() if k in names})
+                       for names in (MoTDecoderLayer.ATTENTION_BLOCK, MoTDecoderLayer.MLP_BLOCK))
+        if sum(len(b) for b in blocks) != len(state):
+            raise ValueError(f"MoTDecoderLayer blocks miss parameters: {sorted(state.keys())}")
+
+        def attention(params, h, consts):
+            return nnx.merge(graphdef, *params).attention_block(h, und_tokens, *consts)
+
+        def mlp(params, h, consts):
+            return nnx.merge(graphdef, *params).mlp_block(h, und_tokens)
+
+        return remat_after_cotangent((0, attention), (1, mlp))(blocks, x, (meta, rope))
+    if policy != "dots":
         raise ValueError(f"config.remat: unknown policy {policy!r}; expected none, full or dots")
     call = lambda lyr, h, m, r: lyr(h, und_tokens, m, r)  # und_tokens is static: closed over
-    return nnx.remat(call, policy=policies[policy])(layer, x, meta, rope)
+    return nnx.remat(call, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)(layer, x, meta, rope)
+
+
+def remat_after_cotangent(*stages):
+    """A chain ``h ← stage(params, h, consts)`` over ``stages = ((group, stage), ...)`` whose backward pass
+    recomputes the chain from the saved ``(params, x)`` only, stage ``i`` differentiated w.r.t.
+    ``params[group_i]`` (a tuple of parameter pytrees).
+
+    Why not ``jax.checkpoint``: it guards its recomputation against CSE, but nothing orders it after the later
+    layers' backward passes. Each layer's recomputation depends only on that layer's saved input, so XLA's
+    scheduler may hoist it and keep several layers' activations alive at once, and may defer a block's
+    weight-gradient matmuls (holding its [T, intermediate] activations) past the next block's backward pass.
+    ``optimization_barrier`` does not help: XLA removes it before scheduling. So the order is made a data
+    dependency (:func:`_after`): (1) the saved ``(params, x)`` are made to depend on the incoming cotangent, so
+    the recomputation (weight gathers included) starts only when this layer's backward pass does; (2) the
+    cotangent leaving each stage is made to depend on that stage's parameter gradients, so they are computed
+    before the next stage's backward starts. Leaves that are not differentiated (frozen weights, metadata,
+    RoPE tables) get symbolic-zero cotangents and no work. Gradients are those of the chain.
+    """
+
+    def run(params, x, consts):
+        for _, stage in stages:
+            x = stage(params, x, consts)
+        return x
+
+    @jax.custom_vjp
+    def wrapped(params, x, consts):
+        return run(params, x, consts)
+
+    perturbed: list = []  # set while tracing the forward rule (static per call), read by the backward rule
+
+    def forward(params, x, consts):
+        flags = jax.tree.map(lambda leaf: bool(leaf.perturbed), params, is_leaf=_is_primal)
+        perturbed[:] = [flags]
+        values = jax.tree.map(lambda leaf: leaf.value, (params, x, consts), is_leaf=_is_primal)
+        return run(*values), values
+
+    def backward(residuals, cotangent):
+        params, x, consts = residuals
+        if isinstance(cotangent, SymbolicZero):
+            cotangent = jnp.zeros(cotangent.shape, cotangent.dtype)
+        params, x = _after((params, x), cotangent)
+        treedefs = [jax.tree.structure(group) for group in params]
+        masks = [jax.tree.leaves(group) for group in perturbed[0]]
+        chain, h = [], x
+        for group, stage in stages:
+            leaves, mask = jax.tree.leaves(params[group]), masks[group]
+
+            def call(trained, h, group=group, stage=stage, leaves=leaves, mask=mask):
+                it = iter(trained)
+                merged = treedefs[group].unflatten([next(it) if on else leaf for leaf, on in zip(leaves, mask)])
+                return stage(params[:group] + (merged,) + params[group + 1:], h, consts)
+
+            h, vjp = jax.vjp(call, [leaf for leaf, on in zip(leaves, mask) if on], h)
+            chain.append((group, vjp))
+        grads = [[None] * len(mask) for mask in masks]
+        for group, vjp in reversed(chain):
+            d_trained, cotangent = vjp(cotangent)
+            cotangent = _after(cotangent, d_trained)
+            positions = [i for i, on in enumerate(masks[group]) if on]
+            for i, d in zip(positions, d_trained):
+                grads[group][i] = d if grads[group][i] is None else grads[group][i] + d
+        return tuple(treedef.unflatten(g) for treedef, g in zip(treedefs, grads)), cotangent, None
+
+    wrapped.defvjp(forward, backward, symbolic_zeros=True)
+    return wrapped
+
+
+def _after(tree, anchor):
+    """``tree`` unchanged in value but computed after every array of ``anchor``: a zero made from all of
+    ``anchor`` is added to each floating-point leaf. XLA does not fold ``x * 0.0`` for floats (NaN rules), so
+    the dependency survives optimisation; the zero costs one fused reduction per anchor array."""
+    anchors = jax.tree.leaves(anchor)
+    if not anchors:
+        return tree
+    zero = sum(jnp.sum(leaf.astype(jnp.float32) * 0.0) for leaf in anchors)
+    add = lambda leaf: leaf + zero.astype(leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.inexact) else leaf
+    return jax.tree.map(add, tree)
+
+
+def _is_primal(leaf) -> bool:
+    return isinstance(leaf, CustomVJPPrimal)
