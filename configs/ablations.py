@@ -3,7 +3,7 @@
 Variants: no_cts, no_mi, no_tia, optionally suffixed with a model variant (``no_mi_small``, default tiny).
 """
 
-from configs.train_common import DEFAULT_MIX, base_config
+from configs.train_common import DEFAULT_MIX, base_config, understanding_optimisation
 
 TASKS = ("cts", "mi", "tia")
 
@@ -15,4 +15,4 @@ def get_config(variant=None):
         raise ValueError(f"configs/ablations.py: variant {variant!r}; expected no_cts, no_mi or no_tia[_VARIANT]")
     config = base_config(f"ablate_no_{name}", model_variant or None, data_stage="stage1", pack="stage1")
     config.data.task_weights = tuple((task, 0.0 if task == name else weight) for task, weight in DEFAULT_MIX)
-    return config
+    return understanding_optimisation(config, model_variant or None)

@@ -4,8 +4,8 @@ generation expert and the VAE are frozen.
     python -m synermedgen_jax train --config configs/stage1_gau.py:tiny --workdir runs/s1 --config.data.dir=DIR
 """
 
-from configs.train_common import base_config
+from configs.train_common import base_config, understanding_optimisation
 
 
 def get_config(variant=None):
-    return base_config("stage1_gau", variant, data_stage="stage1", pack="stage1")
+    return understanding_optimisation(base_config("stage1_gau", variant, data_stage="stage1", pack="stage1"), variant)

@@ -5,12 +5,15 @@
 
 Everything after ``--`` goes to ``python -m synermedgen_jax train``; the launcher adds --coordinator,
 --num-processes and --process-id. Exit status: 0 when every process exits 0, else the first failure's.
+SIGTERM sent to the launcher is forwarded to every process (a scheduler's preemption notice): the
+trainers agree on a step, save one checkpoint together and exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     procs = []
+
+    def forward(signum, frame):
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    # Installed before the first child starts: a notice can never kill the launcher and orphan a trainer.
+    # (SIGINT from a terminal already reaches the whole process group.)
+    previous = signal.signal(signal.SIGTERM, forward)
     for i in range(args.processes):
         cmd = [sys.executable, "-m", "synermedgen_jax", "train", *train_args, "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", str(args.processes), "--process-id", str(i)]
@@ -55,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             out.close()
         if code and not status:
             status = code
+    signal.signal(signal.SIGTERM, previous)
     return status
 
 

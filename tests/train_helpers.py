@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,3 +46,16 @@ def losses(workdir: Path) -> dict[int, float]:
     from synermedgen_jax.training.loop import read_metrics
 
     return {step: record["loss"] for step, record in read_metrics(workdir).items() if "eval" not in record}
+
+
+def wait_for_steps(workdir: Path, count: int, proc: subprocess.Popen, logs, timeout: float = 600) -> None:
+    """Waits until ``workdir/metrics.jsonl`` holds ``count`` train steps; fails with ``logs()`` if ``proc``
+    exits first or nothing happens within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(losses(workdir)) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {logs()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"training made no progress: {logs()[-2000:]}")

@@ -24,7 +24,7 @@ from synermedgen_jax.config import to_json
 from synermedgen_jax.training import checkpoint, inputs, optim, sharding
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import RunLogger
-from synermedgen_jax.training.train_eval import Evaluator
+from synermedgen_jax.training.train_eval import Evaluator, SampleGrids
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -181,6 +181,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         train_step = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, tcfg), shardings,
                                              batch_sh, mesh)
         evaluator = Evaluator(config, codec, objective, shardings, mesh, logger) if int(tcfg.eval_every) else None
+        grids = (SampleGrids(config, codec, workdir, logger)
+                 if int(tcfg.image_every) > 0 and config.stage == "stage2_ucg" else None)
         pending = None  # (step, metrics on device, tokens, t_dispatch)
         local_batch = first
         last_time = time.perf_counter()
@@ -210,6 +212,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                 checkpoint.save(mngr, done, state, batches, config, force=True)
             if evaluator is not None and (done % int(tcfg.eval_every) == 0 or done == total):
                 evaluator(state, done)
+            if grids is not None and done % int(tcfg.image_every) == 0:
+                grids(state, done, mesh)
         _finish_pending(pending, logger, tcfg, last_time)
         mngr.wait_until_finished()
         if logger:
