@@ -99,6 +99,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_plan_compiler_options_reach_xla(tmp_path):
+    """The scheduler option must be a real DebugOptions field: an unknown or alias name is silently ignored."""
+    import jax
+    import jax.numpy as jnp
+
+    from synermedgen_jax.benchmark.plan import compiler_options
+
+    options = compiler_options("cpu", str(tmp_path))
+    jax.jit(lambda a: jnp.tanh(a @ a)).lower(jnp.ones((8, 8))).compile(compiler_options=options)
+    applied = "".join(p.read_text() for p in tmp_path.glob("*.debug_options"))
+    assert "xla_cpu_scheduler_type: CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED" in applied, applied
+    assert list(tmp_path.glob("*after_optimizations-live-range.txt"))
+
+
 def test_helpers():
     assert parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
     with pytest.raises(BenchError):

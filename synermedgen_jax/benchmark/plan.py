@@ -304,8 +304,10 @@ def memory_figures(compiled) -> dict:
 # XLA:CPU's default scheduler orders for thread concurrency and starts independent work (weight all-gathers,
 # recomputations) as early as it can, which holds buffers far longer than an accelerator's memory-aware
 # scheduler would (the 7B plan measured 28 GB of temporaries at 2 layers with it, 20 GB without). Plans
-# compile with the memory-minimising list scheduler instead.
-CPU_PLAN_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+# compile with the memory-minimising list scheduler instead. (The DebugOptions field is the enum below; the
+# XLA_FLAGS spelling --xla_cpu_enable_concurrency_optimized_scheduler=false is an alias that only the flag parser
+# knows, and as a compile option it silently does nothing.)
+CPU_PLAN_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def compiler_options(platform: str, dump_dir: str | None = None) -> dict:
