@@ -37,12 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default="small", help="model variant of every stage (default small)")
     parser.add_argument("--data", help="a built data folder (default: build mni152-sim into WORKDIR/data)")
     parser.add_argument("--subjects", type=int, default=8, help="mni152-sim subjects when building (default 8)")
+    parser.add_argument("--slice-size", type=int, default=64, help="slice side when building (default 64)")
+    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="mni152-sim grid in mm when building (2)")
     parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--stage1-steps", type=int, default=150)
     parser.add_argument("--stage2-steps", type=int, default=400)
     parser.add_argument("--rows", type=int, default=4, help="pack rows per step in every stage")
     parser.add_argument("--eval-slices", type=int, default=8)
     parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--eval-instances", type=int, default=32,
+                        help="understanding instances per task (CTS / MI / TIA) in each arm's evaluation (32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.epilog = "--config.KEY=VALUE   extra override for every training stage (repeatable)"
     original = parser.parse_known_args
@@ -72,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data).resolve() if args.data else workdir / "data"
     if not args.data:
         state.run("data", ["build-data", "--source", "mni152-sim", "--root", "none", "--out", str(data_dir),
-                           "--slice-size", "64", "--subjects", str(args.subjects), "--seed", str(args.seed),
-                           "--overwrite"])
+                           "--slice-size", str(args.slice_size), "--sim-voxel-mm", str(args.sim_voxel_mm),
+                           "--subjects", str(args.subjects), "--seed", str(args.seed), "--overwrite"])
     extra = list(getattr(args, "overrides", []))
 
     def train(name: str, config: str, run_dir: Path, steps: int, more: list[str]) -> None:
@@ -93,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
               stage2_more)
         state.run(f"{arm}/eval", ["eval", "--workdir", str(arm_dir / "stage2"), "--data", str(data_dir), "--out",
                                   str(arm_dir / "eval"), "--max-slices", str(args.eval_slices), "--steps",
-                                  str(args.sample_steps), "--seed", str(args.seed)])
+                                  str(args.sample_steps), "--seed", str(args.seed),
+                                  "--max-instances", str(args.eval_instances)])
     table = collect(workdir, arms)
     write_atomic(workdir / "ablation.json", json.dumps({"seed": args.seed, "variant": args.variant,
                                                          "arms": table}, indent=2))
@@ -113,16 +118,16 @@ def collect(workdir: Path, arms: list[str]) -> dict:
 def render(table: dict, args: argparse.Namespace) -> str:
     groups = sorted({g for row in table.values() for g in row["groups"]})
     tasks = sorted({t for row in table.values() for t in row["understanding"]})
-    header = ["arm", *[f"SSIM×100 {g}" for g in groups], *[f"{t} acc" for t in tasks]]
+    header = ["arm", *[f"SSIM×100 {g}" for g in groups], "routes above identity", *[f"{t} acc" for t in tasks]]
     lines = [f"# Ablation: generation-aligned understanding (variant {args.variant}, seed {args.seed})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, row in table.items():
-        cells = [arm, *[_fmt(row["groups"].get(g)) for g in groups],
+        cells = [arm, *[_fmt(row["groups"].get(g)) for g in groups], f"{row['routes_better']} of {row['routes']}",
                  *[_fmt(row["understanding"].get(t), 3) for t in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
     identity = next(iter(table.values()))["identity_groups"]
     lines.append("| identity (copy source) | " + " | ".join(_fmt(identity.get(g)) for g in groups)
-                 + " |" + " |" * len(tasks))
+                 + " | |" + " |" * len(tasks))
     return "\n".join(lines) + "\n"
 
 

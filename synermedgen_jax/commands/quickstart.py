@@ -24,7 +24,7 @@ from synermedgen_jax.commands._runner import StageState, train_overrides, write_
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
 # others pack rows). Measured on 2 CPU cores: data 42 s, VAE 0.8 s/step (4 images), Stage I 1.6 s/step,
-# Stage II 1.8 s/step (4 rows, small), eval 60 s (one sampler batch per route), synthesis 24 s, plus ~20 s
+# Stage II 1.8 s/step (4 rows, small), eval 60 s (one sampler batch per route, no padding), synthesis 24 s, plus ~20 s
 # compile per stage.
 # The VAE's reconstruction bounds every synthesized slice (decode(encode(target)) is the best a prediction can
 # be): after 130 steps its SSIM×100 on the evaluated MR slices was 70-73, below a copy of the source on most
@@ -82,9 +82,7 @@ def main(args: argparse.Namespace) -> int:
     eval_dir = workdir / "eval"
     state.run("eval", ["eval", "--workdir", str(workdir / "stage2"), "--data", str(data_dir), "--out",
                                str(eval_dir), "--max-slices", str(args.eval_slices), "--steps",
-                               str(args.sample_steps), "--seed", str(args.seed),
-                               # One batch per route: the sampler pads a short batch with copies.
-                               "--batch-size", str(min(args.eval_slices, 8))])
+                               str(args.sample_steps), "--seed", str(args.seed)])
     volume = _held_out_volume(workdir, args.seed, args.sim_voxel_mm)
     synth = workdir / "synthesized_t2.nii.gz"
     state.run("synthesize", ["synthesize", "--checkpoint", str(workdir / "stage2"), "--input", str(volume),

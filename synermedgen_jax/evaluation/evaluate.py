@@ -111,8 +111,9 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
         targets = np.stack([np.asarray(r["images"][task.target], np.float32) for r in data])
         masks = np.stack([np.asarray(r["mask"], bool) for r in data])
         params = [r["norm"][task.target] for r in data]
+        # No larger batch than the route has slices: the sampler pads a short batch with copies it then computes.
         generated = sampler.generate(sources, inference.tokenizer.encode(task.instruction), seed=config.seed,
-                                     batch_size=config.batch_size, indices=records,
+                                     batch_size=min(config.batch_size, len(records)), indices=records,
                                      progress=(lambda n, _name=name: progress(_name, n)) if progress else None)
         preds = np.stack([resize_image(g, targets.shape[1:]) for g in generated])
         row = {"slices": len(records), "records": records}
