@@ -36,6 +36,18 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     for row in results["synthesis"].values():
         assert -100.0 <= row["model"]["ssim"] <= 100.0 and np.isfinite(row["model"]["mae"])  # SSIM in [-1, 1]
     assert set(results["understanding"]) == {"cts", "mi", "tia"}
+    # The identity comparison the report prints, recomputed from the per-route results.
+    synthesis = results["synthesis"]
+    better = sum(row["model"]["ssim"] > row["identity"]["ssim"] for row in synthesis.values())
+    assert len(synthesis) == 18  # every mni152-sim route of the registry
+    assert f"Model SSIM above the identity baseline on **{better} of {len(synthesis)}** routes." in report
+    # Beating the copy is NOT asserted here: this shortened run (tiny model, 7 VAE / 2 Stage I / 5 Stage II
+    # steps, 32-pixel slices at 8 mm, 2 sampling steps) synthesizes noise (measured: 0 of 18 routes with this
+    # seed), and even the tiny model at the full step counts (300 / 60 / 200) beat it on 1 of 18 routes
+    # (t1->ct); with 8 sampling steps it still lost on ct->pet, t1->t2 and flair->t2. The claim belongs to the
+    # default budget of the small model (see the quickstart report).
+    for row in synthesis.values():
+        assert row["slices"] == 1 and np.isfinite(row["identity"]["ssim"])
     source = nib.load(workdir / "held_out_t1.nii.gz")
     synthesized = nib.load(workdir / "synthesized_t2.nii.gz")
     assert synthesized.shape == source.shape
