@@ -51,6 +51,17 @@ def test_plan_tiny_on_4_simulated_devices(tmp_path):
     assert plan["peak_live"]["bytes"] >= sum(b["bytes"] for b in plan["largest_buffers"])
     assert plan["analytic_model_flops"] > 0
     assert "PEAK" in proc.stdout and "theoretical minimum" in proc.stdout
+    # The sampler's batch (one slice per data x fsdp shard, 50 CFG steps) is planned on the same mesh.
+    sampler = plan["sampler"]
+    assert sampler["slices_per_batch"] == 4 and sampler["steps"] == 50
+    sampler_memory = sampler["memory_per_device"]
+    assert sampler["peak_bytes_per_device"] == (sampler_memory["argument_bytes"] + sampler_memory["output_bytes"]
+                                                - sampler_memory["alias_bytes"] + sampler_memory["temp_bytes"])
+    # Its arguments hold this device's parameter shard (placed by the same rules as training) plus the packs.
+    assert sampler_memory["argument_bytes"] >= sampler["params_bytes_per_device"] > 0
+    parts = plan["min_parts_per_device"]
+    assert sampler["params_bytes_per_device"] == parts["params_trained"] + parts["params_frozen"]
+    assert sampler["compiled_flops_per_batch"] > 0 and sampler["fits_device"]
 
 
 def test_bench_train_tiny_and_compare(tmp_path, capsys):

@@ -385,3 +385,34 @@ def compile_plan(abstract: AbstractTrain) -> dict:
             "loops": sorted(matmuls["loops"], key=lambda loop: -loop["body_flops"] * (loop["trips"] or 1))[:6],
             "peak_live": {k: v for k, v in peak.items() if k != "buffers"} if peak else None,
             "largest_buffers": buffers, "buffers_kind": "live at the peak" if peak else "largest values"}
+
+
+def sampler_plan(config, mesh, slices: int, steps: int, instruction_tokens: int = 32) -> dict:
+    """Lowers and compiles one batch of the CFG flow-matching sampler (inference/sampler.py: KV-cache prefill of
+    the three context packs, ``steps`` Euler steps, VAE decode) on ``mesh`` with abstract parameters placed by
+    the sharding rules; ``slices`` per batch (a multiple of data × fsdp). Returns the per-device memory figures
+    and XLA's FLOPs (loop bodies counted once per trip, as for the train step)."""
+    from flax import nnx
+
+    from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
+    from synermedgen_jax.modeling.packing import SpecialTokens
+    from synermedgen_jax.modeling.synermedgen import build_model
+
+    pack = config.data.pack
+    model = nnx.eval_shape(lambda: build_model(config.model, int(config.train.seed)))
+    sampler = Sampler(model, SpecialTokens(1, 2, 3, 4), tuple(pack.image_size), tuple(pack.vit_image_size),
+                      SamplerConfig(num_steps=steps), mesh=mesh)
+    instruction = [5 + i % max(1, config.model.llm.vocab_size - 5) for i in range(instruction_tokens)]
+    t0 = time.perf_counter()
+    try:
+        lowered = sampler.lower(slices, instruction)
+    except ValueError as err:
+        raise BenchError(f"sampler plan: {err}") from None
+    compiled = lowered.compile(compiler_options=compiler_options(mesh.devices.flat[0].platform))
+    matmuls = hlo_matmul_flops(compiled.as_text())
+    flops = compiled_flops(compiled) + matmuls["with_trips"] - matmuls["once"]
+    return {"slices_per_batch": slices, "steps": steps, "image_size": list(pack.image_size),
+            "memory": memory_figures(compiled), "params_bytes": per_device_bytes(sampler.state),
+            "compiled_flops_per_device": flops, "compile_s": time.perf_counter() - t0}
+

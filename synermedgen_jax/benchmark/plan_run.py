@@ -139,7 +139,7 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
                               "xla_cost_analysis_flops": c["xla_flops_per_device"] * mesh.size,
                               "analytic_flops": c["analytic_flops"]["total"]} for d, c in compiles.items()},
         "wall_s": time.perf_counter() - t0, "environment": environment(),
-        "sampler": "not planned: the sampler plan is not built yet (train step only)",
+        "sampler": _plan_sampler(args, config, mesh, depths, full_layers),
     }
     _print(result)
     return result
@@ -149,6 +149,36 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
 _NOTES = ["on a host without bf16 matmul instructions (e.g. AVX2 only) XLA:CPU converts bf16 dot operands to f32 "
           "copies (FSDP-gathered weights are gathered in f32) and keeps f32 results beside the bf16 ones, so the "
           "temporaries exceed an accelerator's for the same program (7B: ~1.5 GiB f32 [T_gen, 18944] MLP values)."]
+
+
+def _plan_sampler(args, config, mesh, depths: list[int], full_layers: int) -> dict | str:
+    """The sampler's batch on the same mesh, at the same decoder depths as the train step (extrapolated alike)."""
+    if config.data.stage != "stage2" or not getattr(args, "sampler_steps", 0):
+        return "not planned (Stage II configs only; --sampler-steps 0 skips it)"
+    from synermedgen_jax.training import sharding
+
+    slices = args.sampler_slices or sharding.batch_divisor(mesh)
+    plans = {}
+    for depth in depths:
+        print(f"  compiling the sampler ({slices} slices, {args.sampler_steps} steps, CFG) with {depth} decoder "
+              "layer(s) ...", flush=True)
+        plans[depth] = plan_lib.sampler_plan(_with_layers(config, depth) if depth != full_layers else config, mesh,
+                                             slices, args.sampler_steps)
+    if len(depths) == 2:
+        lo, hi = plans[depths[0]], plans[depths[1]]
+        memory = {k: int(_extrapolate(lo["memory"][k], hi["memory"][k], depths[0], depths[1], full_layers))
+                  for k in _MEMORY_KEYS}
+        flops = _extrapolate(lo["compiled_flops_per_device"], hi["compiled_flops_per_device"], depths[0], depths[1],
+                             full_layers)
+    else:
+        memory, flops = plans[depths[0]]["memory"], plans[depths[0]]["compiled_flops_per_device"]
+    last = plans[depths[-1]]
+    return {"slices_per_batch": slices, "steps": args.sampler_steps, "image_size": last["image_size"],
+            "peak_bytes_per_device": memory["peak_bytes"], "memory_per_device": memory,
+            "params_bytes_per_device": plans[full_layers if full_layers in plans else depths[-1]]["params_bytes"],
+            "compiled_flops_per_batch": flops * mesh.size,
+            "fits_device": bool(memory["peak_bytes"] <= args.device_memory_gb * 1e9),
+            "compiles": {str(d): {"memory": p["memory"], "compile_s": p["compile_s"]} for d, p in plans.items()}}
 
 
 def _print(r: dict) -> None:
@@ -186,7 +216,15 @@ def _print(r: dict) -> None:
     print(table([{"name": b["name"], "dtype": b.get("dtype", ""), "shape": str(b.get("shape", "")),
                   "size": gib(b["bytes"]), "op": _short_op(b.get("op", ""))} for b in r["largest_buffers"]],
                 [("name", "value"), ("dtype", "dtype"), ("shape", "shape"), ("size", "size"), ("op", "made by")]))
-    print(f"\nsampler: {r['sampler']}")
+    sampler = r["sampler"]
+    if isinstance(sampler, str):
+        print(f"\nsampler: {sampler}")
+    else:
+        mem = sampler["memory_per_device"]
+        print(f"\nsampler (one batch of {sampler['slices_per_batch']} slices {sampler['image_size']}, "
+              f"{sampler['steps']} steps, 3-pass CFG, KV cache): peak {gib(sampler['peak_bytes_per_device'])} per "
+              f"device (arguments {gib(mem['argument_bytes'])}, temporaries {gib(mem['temp_bytes'])}); fits: "
+              f"{sampler['fits_device']}; compiled FLOPs per batch {sampler['compiled_flops_per_batch']:.4g}")
     print(f"planned in {r['wall_s']:.1f} s")
 
 

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remat", default="", help="override model.remat (none, full, dots)")
     parser.add_argument("--device-memory-gb", type=float, default=80.0,
                         help="device memory the plan must fit (GB = 1e9 bytes, default 80)")
+    parser.add_argument("--sampler-steps", type=int, default=50,
+                        help="also plan one sampler batch with this many steps (Stage II configs; 0 skips it)")
+    parser.add_argument("--sampler-slices", type=int, default=0,
+                        help="slices per sampler batch (default: one per data x fsdp shard)")
     parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
 
 
@@ -56,7 +60,8 @@ def _error(message: str) -> int:
 def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["plan", "--config", args.config, "--mesh", args.mesh, "--devices", str(args.devices),
             "--rows", str(args.rows), "--tokens", str(args.tokens), "--layers", str(args.layers),
-            "--device-memory-gb", str(args.device_memory_gb)]
+            "--device-memory-gb", str(args.device_memory_gb), "--sampler-steps", str(args.sampler_steps),
+            "--sampler-slices", str(args.sampler_slices)]
     for flag, value in (("--attention", args.attention), ("--remat", args.remat), ("--json", args.json)):
         if value:
             argv += [flag, value]

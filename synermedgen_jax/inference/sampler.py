@@ -315,6 +315,19 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _place(state: nnx.State, shardings: nnx.State) -> nnx.State:
+    """Puts the parameters on the mesh; abstract ones (``nnx.eval_shape``, for ``plan``) only get the sharding."""
+    leaves = jax.tree.leaves(state)
+    if leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        def one(where: NamedSharding, variable: nnx.Variable) -> nnx.Variable:
+            value = variable.get_value()
+            return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=where))
+
+        # ``shardings`` is a prefix of ``state`` (one sharding per variable), so it leads the map.
+        return jax.tree.map(one, shardings, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.device_put(state, shardings)
+
+
 class Sampler:
     """Batched slice synthesis: ``Sampler(model, special, image_size, vit_image_size).generate(...)``.
 
@@ -341,7 +354,7 @@ class Sampler:
         self.batch_divisor = 1 if mesh is None else sharding.batch_divisor(mesh)
         if mesh is not None:
             self._state_shardings = param_shardings(self.state, mesh)
-            self.state = jax.device_put(self.state, self._state_shardings)
+            self.state = _place(self.state, self._state_shardings)
             self._rows = NamedSharding(mesh, sharding.batch_spec(1))  # leading axis over data × fsdp
         self._compiled: dict[tuple, Callable] = {}
 
@@ -412,6 +425,27 @@ class Sampler:
         batches, vae_sources, noise = jax.device_put((batches, vae_sources, noise), self._rows)
         return function(self.state, batches, vae_sources, noise, jax.device_put(vae_key, sharding.replicated(
             self.mesh)))
+
+    def lower(self, batch_size: int, instruction_ids: Sequence[int]) -> jax.stages.Lowered:
+        """Lowers one batch's compiled call without running it (for ``plan``): the packs are built on the host
+        from blank sources (their shapes do not depend on pixel values); every argument is abstract, so a model
+        made with ``nnx.eval_shape`` (no parameter allocated) can be planned on a simulated mesh."""
+        if batch_size < 1 or batch_size % self.batch_divisor:
+            raise ValueError(f"Sampler.lower: batch_size {batch_size} must be a positive multiple of "
+                             f"{self.batch_divisor}")
+        batches, layouts = self._packs(instruction_ids, np.zeros((batch_size, *self.image_size), np.float32))
+        rows = None if self.mesh is None else self._rows
+        abstract = lambda x, where=rows: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,  # noqa: E731
+                                                               sharding=where)
+        noise = jax.ShapeDtypeStruct((batch_size, len(layouts["cond"].q_gen), self.token_dim), jnp.float32,
+                                     sharding=rows)
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        if self.mesh is not None:
+            key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
+        state = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None)), self.state)
+        return self._function(layouts).lower(state, jax.tree.map(abstract, batches),
+                                             abstract(batches["cond"]["vae_images"][:, 0]), noise, key)
 
     def generate(self, sources: np.ndarray, instruction_ids: Sequence[int], *, seed: int = 0, batch_size: int = 8,
                  indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
