@@ -53,7 +53,7 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0
     sampler: SamplerConfig = SamplerConfig()
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24  # at least; raised to fit the longest reference answer of the split
 
 
 def _slice_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, params: dict) -> dict[str, np.ndarray]:
@@ -201,14 +201,19 @@ def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConf
         return {}
     tables = load_instances(path)
     reader = RecordReader(data_dir, config.split)
-    answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
-                        DecodeConfig(max_new_tokens=config.max_new_tokens))
-    out = {}
+    rendered_by_task = {}
     for task in UNDERSTANDING_TASKS:
         cols = tables.get(task)
-        if cols is None or len(cols["task"]) == 0:
-            continue
-        rendered = [render(cols, i) for i in range(min(config.max_instances, len(cols["task"])))]
+        if cols is not None and len(cols["task"]) > 0:
+            rendered_by_task[task] = [render(cols, i) for i in range(min(config.max_instances, len(cols["task"])))]
+    # Room for the longest reference answer and its end token: a shorter cap would cut correct answers off
+    # and count them as unparseable (MI answers name every panel and run to ~30 tokens).
+    longest = max((len(inference.tokenizer.encode(r.answer)) for rows in rendered_by_task.values() for r in rows),
+                  default=0)
+    answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
+                        DecodeConfig(max_new_tokens=max(config.max_new_tokens, longest + 2)))
+    out = {}
+    for task, rendered in rendered_by_task.items():
         prompts = [(r.question, [np.asarray(reader[rec]["images"][mod], np.float32) for rec, mod in r.images])
                    for r in rendered]
         predictions = answerer.answer(prompts, seed=config.seed, batch_size=config.batch_size)
