@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slices", type=int, default=16, help="slices per route (16)")
     parser.add_argument("--max-instances", type=int, default=32, help="instances per understanding task (32; 0: skip)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="split each sampler batch over this many local devices (1; the batch is rounded up to "
+                             "a multiple)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: --data's)")
@@ -45,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or args.workdir
     try:
-        if args.steps < 2 or args.max_slices < 1 or args.batch_size < 1:
-            raise loading.InferenceError("--steps must be >= 2, --max-slices and --batch-size >= 1")
+        if args.steps < 2 or args.max_slices < 1 or args.batch_size < 1 or args.devices < 1:
+            raise loading.InferenceError("--steps must be >= 2, --max-slices, --batch-size and --devices >= 1")
         data = Path(args.data)
         if not (data / "records").is_dir():
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
@@ -54,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer)
         config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
                             max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
-                            sampler=SamplerConfig(num_steps=args.steps))
+                            sampler=SamplerConfig(num_steps=args.steps), devices=args.devices)
         out = Path(args.out) if args.out else Path(checkpoint) / "eval"
         from tqdm import tqdm
 

@@ -39,7 +39,7 @@ from synermedgen_jax.evaluation import metrics
 from synermedgen_jax.evaluation.answers import UNDERSTANDING_TASKS, accuracy
 from synermedgen_jax.evaluation.tasks import GROUPS, PAPER_GROUP_AVERAGES, Task, all_tasks, get_task, group_average
 from synermedgen_jax.inference.loading import Inference, InferenceError
-from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, resize_image
+from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh, resize_image
 
 METHODS = ("model", "identity")
 
@@ -54,6 +54,7 @@ class EvalConfig:
     seed: int = 0
     sampler: SamplerConfig = SamplerConfig()
     max_new_tokens: int = 24  # at least; raised to fit the longest reference answer of the split
+    devices: int = 1  # local devices each sampler batch is split over (inference/sampler.py inference_mesh)
 
 
 def _slice_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, params: dict) -> dict[str, np.ndarray]:
@@ -99,7 +100,7 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
                        grids_dir: Path | None, progress: Callable[[str, int], None] | None = None) -> dict:
     """``{task: {"model": {metric: mean}, "identity": {...}, "slices": n}}`` (+ PNG grids)."""
     sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size,
-                      config.sampler)
+                      config.sampler, mesh=inference_mesh(config.devices))
     results = {}
     content = ContentIndex(reader)
     for name, records in tasks.items():
