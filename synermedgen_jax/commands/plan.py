@@ -1,23 +1,28 @@
-"""Ahead-of-time memory and FLOP plan of the REAL sharded train step on simulated devices.
+"""Ahead-of-time memory and FLOP plan of the REAL sharded train step (and sampler) on simulated devices.
 
 Lowers and compiles the trainer's jitted step (state donated, shardings from the logical-axis rules) for
 --mesh on --devices simulated CPU devices, from abstract inputs only (jax.ShapeDtypeStruct with shardings:
-no parameter, moment or batch is allocated), and prints per device: argument / output / temporary / peak
-bytes (compiled.memory_analysis()), the compiled FLOPs (cost_analysis, per device x devices) next to the
-analytic count (MoT routing, dense attention for the jnp reference), the largest buffers of the compiled HLO,
-the theoretical minimum (parameters + gradients + optimizer state + EMA of the trained parameters, each
+no parameter, moment or batch is allocated), with XLA:CPU's memory-minimising scheduler, and prints per
+device: argument / output / temporary / peak bytes (compiled.memory_analysis()); the compiled FLOPs (XLA's
+cost_analysis plus (trips - 1) x the dot/convolution FLOPs of every loop body, which cost_analysis counts once)
+next to the analytic count of what the step executes (MoT routing, frozen parts, remat and flash-attention
+recomputation); the buffers live at the memory peak (from XLA's buffer live ranges, with the JAX op that made
+each); the theoretical minimum (parameters + gradients + optimizer state + EMA of the trained parameters, each
 divided by its sharding), an analytic activation estimate under the configured remat, and peak / minimum.
+For Stage II configs it also compiles one batch of the CFG sampler (--sampler-steps, KV cache, one slice per
+data shard unless --sampler-slices) on the same mesh and prints its peak bytes per device.
 
 Examples:
   python -m synermedgen_jax plan --config configs/stage2_ucg.py:tiny --mesh data=1,fsdp=4,tensor=1 --devices 4
   python -m synermedgen_jax plan --config configs/stage2_ucg.py:bagel_7b_mot --mesh data=1,fsdp=64,tensor=1 \\
-      --devices 64 --tokens 32768 --rows 64 --layers 2 --json plan_7b.json
+      --devices 64 --tokens 32768 --rows 64 --layers 4 --attention chunked --json plan_7b.json
 
---layers K compiles the step with 1 and K decoder layers and extrapolates linearly to the config's layer
-count (XLA:CPU compiles of the 28 unrolled 7B layers take long on a small machine); the output says so.
+--layers K compiles with 1 and K decoder layers and extrapolates linearly to the config's layer count (XLA:CPU
+compiles of the 28 unrolled 7B layers take long on a small machine); the output says so.
 --tokens N rescales the pack budget to N tokens per row (every capacity by the same factor).
 The plan always runs on the CPU backend (simulated devices); it re-executes itself in a subprocess when jax
-was already initialised with another device count.
+was already initialised with another device count. On a host without bf16 matmul instructions XLA:CPU keeps
+f32 copies of bf16 operands, so a CPU plan's temporaries exceed an accelerator's (the output notes it).
 """
 
 from __future__ import annotations
