@@ -142,22 +142,21 @@ def pallas_packed_attention(
     if backend not in BACKENDS:
         raise ValueError(f"pallas_packed_attention: backend must be one of {BACKENDS}; got {backend!r}")
     batch, seq_len, _, head_dim = q.shape
-    sizes = block_sizes or default_block_sizes(backend, head_dim, interpret)
-    padded = -(-seq_len // sizes.multiple) * sizes.multiple
-    pad = padded - seq_len
-    meta = jnp.stack([sample_id, split_id, split_kind], axis=1).astype(jnp.int32)  # [B, 3, T]
-    if pad:
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-        # Padding: sample -1 (invisible both ways); split/kind values are irrelevant.
-        meta = jnp.concatenate([meta, jnp.broadcast_to(jnp.array([-1, 0, 0], jnp.int32)[None, :, None],
-                                                       (batch, 3, pad))], axis=2)
     # Triton tiles must have power-of-two sides, and SigLIP's head_dim is 72: zero columns appended to q and k
     # leave every q·k unchanged, those appended to v give output columns that are sliced off (the scale stays
     # that of the true head_dim).
     lanes = _triton_head_dim(head_dim) if backend == "triton" else head_dim
-    if lanes != head_dim:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, lanes - head_dim))) for x in (q, k, v))
+    sizes = block_sizes or default_block_sizes(backend, lanes, interpret)
+    padded = -(-seq_len // sizes.multiple) * sizes.multiple
+    pad = padded - seq_len
+    meta = jnp.stack([sample_id, split_id, split_kind], axis=1).astype(jnp.int32)  # [B, 3, T]
+    if pad or lanes != head_dim:  # one copy of q, k, v for both paddings
+        widths = ((0, 0), (0, pad), (0, 0), (0, lanes - head_dim))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    if pad:
+        # Padding: sample -1 (invisible both ways); split/kind values are irrelevant.
+        meta = jnp.concatenate([meta, jnp.broadcast_to(jnp.array([-1, 0, 0], jnp.int32)[None, :, None],
+                                                       (batch, 3, pad))], axis=2)
     config = _Config(backend=backend, sizes=sizes, scale=head_dim**-0.5, interpret=bool(interpret))
     out = _attention(config, q, k, v, meta)
     return out[:, :seq_len, :, :head_dim]
