@@ -351,13 +351,20 @@ def peak_live_buffers(live_range_text: str, hlo_text: str, top: int = 12) -> dic
             "count": len(rows), "buffers": buffers}
 
 
+def loop_corrected_flops(compiled, hlo_text: str | None = None) -> tuple[float, float, list[dict]]:
+    """``(XLA's cost_analysis FLOPs, FLOPs to add, loops)`` per device: cost_analysis counts every while-loop
+    body once, so the dot/convolution FLOPs of each body's remaining ``trips - 1`` runs are added."""
+    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
+
+    matmuls = hlo_matmul_flops(hlo_text if hlo_text is not None else compiled.as_text())
+    return compiled_flops(compiled), matmuls["with_trips"] - matmuls["once"], matmuls["loops"]
+
+
 def compile_plan(abstract: AbstractTrain) -> dict:
     """Lowers and compiles the step; memory, FLOPs (XLA's and loop-corrected), the buffers live at the memory
     peak (largest values when XLA's dump is unavailable) and the wall time of each phase."""
     import glob
     import tempfile
-
-    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
 
     t0 = time.perf_counter()
     lowered = abstract.step.lower(abstract.state, abstract.batch)
@@ -369,11 +376,8 @@ def compile_plan(abstract: AbstractTrain) -> dict:
         live = sorted(glob.glob(f"{dump_dir}/*after_optimizations-live-range.txt"), key=len)
         live_text = Path(live[0]).read_text() if live else ""
     memory = memory_figures(compiled)
-    xla_flops = compiled_flops(compiled)
     hlo_text = compiled.as_text()
-    matmuls = hlo_matmul_flops(hlo_text)
-    # cost_analysis counts every loop body once; add the matmul FLOPs of the remaining trips.
-    loop_extra = matmuls["with_trips"] - matmuls["once"]
+    xla_flops, loop_extra, loops = loop_corrected_flops(compiled, hlo_text)
     try:
         peak = peak_live_buffers(live_text, hlo_text) if live_text else None
     except ValueError:
@@ -382,7 +386,7 @@ def compile_plan(abstract: AbstractTrain) -> dict:
     return {"lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory,
             "compiled_flops_per_device": xla_flops + loop_extra, "xla_flops_per_device": xla_flops,
             "loop_flops_added_per_device": loop_extra,
-            "loops": sorted(matmuls["loops"], key=lambda loop: -loop["body_flops"] * (loop["trips"] or 1))[:6],
+            "loops": sorted(loops, key=lambda loop: -loop["body_flops"] * (loop["trips"] or 1))[:6],
             "peak_live": {k: v for k, v in peak.items() if k != "buffers"} if peak else None,
             "largest_buffers": buffers, "buffers_kind": "live at the peak" if peak else "largest values"}
 
@@ -395,7 +399,6 @@ def sampler_plan(config, mesh, slices: int, steps: int, instruction_tokens: int 
     from flax import nnx
 
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
     from synermedgen_jax.modeling.packing import SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
 
@@ -410,9 +413,8 @@ def sampler_plan(config, mesh, slices: int, steps: int, instruction_tokens: int 
     except ValueError as err:
         raise BenchError(f"sampler plan: {err}") from None
     compiled = lowered.compile(compiler_options=compiler_options(mesh.devices.flat[0].platform))
-    matmuls = hlo_matmul_flops(compiled.as_text())
-    flops = compiled_flops(compiled) + matmuls["with_trips"] - matmuls["once"]
+    xla_flops, loop_extra, _ = loop_corrected_flops(compiled)
     return {"slices_per_batch": slices, "steps": steps, "image_size": list(pack.image_size),
             "memory": memory_figures(compiled), "params_bytes": per_device_bytes(sampler.state),
-            "compiled_flops_per_device": flops, "compile_s": time.perf_counter() - t0}
+            "compiled_flops_per_device": xla_flops + loop_extra, "compile_s": time.perf_counter() - t0}
 

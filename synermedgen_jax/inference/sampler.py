@@ -50,7 +50,6 @@ from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
 from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps
 from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
-from synermedgen_jax.modeling.layers import activation_sharding
 from synermedgen_jax.modeling.packing import (
     NOISE,
     Geometry,
@@ -315,6 +314,11 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _vae_sources(batches: dict[str, dict]) -> np.ndarray:
+    """``[B, H, W(, C)]`` VAE source images of a batch's context packs (slot 0 holds the source in every pack)."""
+    return batches["cond"]["vae_images"][:, 0]
+
+
 def _place(state: nnx.State, shardings: nnx.State) -> nnx.State:
     """Puts the parameters on the mesh; abstract ones (``nnx.eval_shape``, for ``plan``) only get the sharding."""
     leaves = jax.tree.leaves(state)
@@ -383,16 +387,11 @@ class Sampler:
                 self._compiled[key] = jax.jit(run)
             else:
                 mesh, rows = self.mesh, self._rows
-
-                def traced(*args):
-                    # The model's activation constraints keep rows on their batch shard (as in training).
-                    with activation_sharding(sharding.activation_sharder(mesh)):
-                        return run(*args)
-
                 # Pytree prefixes: every array of the packs, the sources and the noise is split on its leading
                 # (slice) axis; the VAE key is replicated.
                 self._compiled[key] = jax.jit(
-                    traced, in_shardings=(self._state_shardings, rows, rows, rows, sharding.replicated(mesh)),
+                    sharding.traced_on_mesh(run, mesh),
+                    in_shardings=(self._state_shardings, rows, rows, rows, sharding.replicated(mesh)),
                     out_shardings=rows)
         return self._compiled[key]
 
@@ -417,7 +416,7 @@ class Sampler:
         batches, layouts = self._packs(instruction_ids, sources)
         function = self._function(layouts)
         noise = slice_noise(noise_base, indices, (len(layouts["cond"].q_gen), self.token_dim))
-        vae_sources = batches["cond"]["vae_images"][:, 0]  # slot 0 holds the source in every context pack
+        vae_sources = _vae_sources(batches)
         vae_key = jax.random.fold_in(vae_base, int(indices[0]))  # used only with sample_posterior
         if self.mesh is None:
             batches = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, batch in batches.items()}
@@ -442,10 +441,9 @@ class Sampler:
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         if self.mesh is not None:
             key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
-        state = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=getattr(x, "sharding", None)), self.state)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         return self._function(layouts).lower(state, jax.tree.map(abstract, batches),
-                                             abstract(batches["cond"]["vae_images"][:, 0]), noise, key)
+                                             abstract(_vae_sources(batches)), noise, key)
 
     def generate(self, sources: np.ndarray, instruction_ids: Sequence[int], *, seed: int = 0, batch_size: int = 8,
                  indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:

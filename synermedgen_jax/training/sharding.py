@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from synermedgen_jax.modeling.layers import activation_sharding
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading (row) axis of every batch array
 
@@ -90,6 +92,16 @@ def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int]
 def activation_sharder(mesh: Mesh):
     """The mapping modeling/layers.py ``constrain`` uses while the train step is traced on ``mesh``."""
     return lambda logical_axes, shape: NamedSharding(mesh, logical_spec(logical_axes, shape, mesh))
+
+
+def traced_on_mesh(fn, mesh: Mesh):
+    """``fn`` traced with ``mesh``'s activation sharding installed, so the model's ``constrain`` calls keep rows
+    on their batch shard (the train step and the sampler jit this)."""
+    def traced(*args):
+        with activation_sharding(activation_sharder(mesh)):
+            return fn(*args)
+
+    return traced
 
 
 def batch_spec(ndim: int) -> PartitionSpec:

@@ -25,7 +25,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from synermedgen_jax.modeling.layers import activation_sharding
 from synermedgen_jax.modeling.synermedgen import compute_losses
 from synermedgen_jax.training import optim, sharding
 
@@ -205,11 +204,8 @@ def jit_train_step(step_fn, state_sh: dict, batch_sh: dict, mesh: Mesh):
     """Jitted with explicit in/out shardings; the state argument is donated. Tracing happens with the mesh's
     activation sharding installed, so the model's layer-boundary constraints keep rows split over the batch
     axes."""
-    def traced(state, batch):
-        with activation_sharding(sharding.activation_sharder(mesh)):
-            return step_fn(state, batch)
-
-    return jax.jit(traced, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+    return jax.jit(sharding.traced_on_mesh(step_fn, mesh), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=0)
 
 
