@@ -104,8 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
         try:
             volume = synthesize_volume(inference, image, args.source_modality, args.target_modality, task.instruction,
-                                       mask=mask, config=config, sampler=sampler, batch_size=args.batch_size,
-                                       seed=args.seed,
+                                       mask=mask, sampler=sampler, batch_size=args.batch_size, seed=args.seed,
                                        target_window=args.target_window, progress=bar.update, on_total=on_total)
         finally:
             bar.close()

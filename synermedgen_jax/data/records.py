@@ -104,6 +104,14 @@ def write_text(path: str | Path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def write_png(path: str | Path, pixels: np.ndarray) -> None:
+    """``pixels``: ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) uint8, written atomically as a PNG."""
+    from PIL import Image  # noqa: PLC0415 (only the picture writers need it)
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+
+
 class ShardWriter:
     """Writes records of one split to rolling ArrayRecord shards ``<split>-NNNNN.array_record``.
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from synermedgen_jax.data.records import RecordReader, atomic_path, write_json, write_text
-from synermedgen_jax.data.volumes import denormalise
+from synermedgen_jax.data.records import RecordReader, write_json, write_png, write_text
+from synermedgen_jax.data.volumes import denormalise, resize_image
 from synermedgen_jax.evaluation import metrics
 from synermedgen_jax.evaluation.answers import UNDERSTANDING_TASKS, accuracy
 from synermedgen_jax.evaluation.tasks import GROUPS, PAPER_GROUP_AVERAGES, Task, all_tasks, get_task, group_average
 from synermedgen_jax.inference.loading import Inference, InferenceError
-from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh, resize_image
+from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh
 
 METHODS = ("model", "identity")
 
@@ -179,17 +179,12 @@ def _pick_slices(reader: RecordReader, records: list[int], task: Task, count: in
 
 def write_grid(path: Path, sources: np.ndarray, targets: np.ndarray, preds: np.ndarray, rows: int = 4) -> None:
     """PNG: one row per slice (up to ``rows``), columns source / target / prediction / |error| (error ×2)."""
-    from PIL import Image
-
     to_u8 = lambda a: (np.clip((a + 1.0) * 127.5, 0, 255)).astype(np.uint8)
     lines = []
     for s, t, p in list(zip(sources, targets, preds))[:rows]:
         error = np.clip(np.abs(p - t), 0.0, 1.0) * 2.0 - 1.0  # |error| of 1 (half the range) is white
         lines.append(np.concatenate([to_u8(resize_image(s, t.shape)), to_u8(t), to_u8(p), to_u8(error)], axis=1))
-    buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(lines, axis=0)).save(buffer, format="PNG")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buffer.getvalue())
+    write_png(path, np.concatenate(lines, axis=0))
 
 
 def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConfig) -> dict:

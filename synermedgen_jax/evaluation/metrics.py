@@ -78,9 +78,6 @@ def gaussian_taps(sigma: float = SIGMA, radius: int = RADIUS) -> np.ndarray:
 # Validation: everything here runs at trace time on static shapes, so a bad call fails with a
 # one-line ValueError before JAX builds anything.
 # --------------------------------------------------------------------------------------------------
-# Validation: everything here runs at trace time on static shapes, so a bad call fails with a
-# one-line ValueError before JAX builds anything.
-# --------------------------------------------------------------------------------------------------
 
 
 def _check_images(pred, target, mask, *, min_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -12,7 +12,6 @@ source / target / prediction PNG (``images/step_<s>.png``, atomic) and a tensorb
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import jax
@@ -159,9 +158,7 @@ class SampleGrids:
 
     def __call__(self, state: dict, step: int, mesh) -> Path | None:
         """Samples the slices at ``step``; returns the PNG path on process 0 (None elsewhere)."""
-        from PIL import Image
-
-        from synermedgen_jax.data.records import atomic_path
+        from synermedgen_jax.data.records import write_png
         from synermedgen_jax.data.volumes import resize_image
         from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
         from synermedgen_jax.modeling.packing import SpecialTokens
@@ -183,12 +180,8 @@ class SampleGrids:
         size = preds.shape[1:]
         columns = [np.stack([resize_image(x, size) for x in images]) for images in (self.sources, self.targets)]
         grid = image_grid(columns + [np.asarray(preds)])
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step:08d}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(grid.transpose(1, 2, 0))).save(buffer, format="PNG")
-        with atomic_path(path) as tmp:
-            Path(tmp).write_bytes(buffer.getvalue())
+        write_png(path, grid.transpose(1, 2, 0))
         if self.logger:
             self.logger.images(f"samples/{self.src}_to_{self.tgt}", grid, step)
         return path
