@@ -48,7 +48,7 @@ def step_flops(config: Any, budget: Any, rows: int, *, backward: bool = True,
 
     ``visible_fraction``: fraction of (query, key) pairs the attention computes; ``None`` = dense T².
     """
-    llm, vit = config.llm, config.vit
+    llm = config.llm
     multiplier = 3.0 if backward else 1.0  # backward = 2 × forward for matmuls
     tokens = budget.und_tokens + budget.gen_tokens
     attention_fraction = 1.0 if visible_fraction is None else visible_fraction
@@ -56,17 +56,8 @@ def step_flops(config: Any, budget: Any, rows: int, *, backward: bool = True,
     # scores (2·T²·D per head) + weighted values (2·T²·D per head)
     attention = 4.0 * tokens**2 * llm.num_heads * llm.head_dim * llm.num_layers * attention_fraction
     lm_head = 2.0 * llm.hidden_size * llm.vocab_size * budget.ce_tokens
-    patches = budget.vit_patches
-    patch_dim = vit.patch_size**2 * vit.num_channels
-    vit_flops = 0.0
-    connector = 0.0
-    if patches:
-        vit_flops = 2.0 * (vit_layer_matmul_params(config) * vit.num_layers + patch_dim * vit.hidden_size) * patches
-        vit_flops += 4.0 * patches**2 * vit.hidden_size * vit.num_layers
-        connector = 2.0 * (vit.hidden_size * llm.hidden_size + llm.hidden_size**2) * patches
-    token_dim = config.latent_patch_size**2 * config.vae.z_channels
-    hidden = llm.hidden_size
-    generation_head = 2.0 * (token_dim * hidden + 256 * hidden + hidden**2 + hidden * token_dim) * budget.gen_tokens
+    vit_flops, connector = _vit_forward(config, budget.vit_patches), _connector_forward(config, budget.vit_patches)
+    generation_head = _generation_head_forward(config, budget.gen_tokens)
     scale = multiplier * rows
     return FlopBreakdown(decoder * scale, attention * scale, lm_head * scale, vit_flops * scale, connector * scale,
                          generation_head * scale)
@@ -86,7 +77,7 @@ def executed_step_flops(config: Any, budget: Any, rows: int, *, train_und: bool,
     flash-style attention backward passes (chunked, Pallas) recompute the scores, 2.5x the forward instead of
     2x. ``config`` is a model config (``attention_impl``, ``remat``, ``llm``, ``vit``).
     """
-    llm, vit = config.llm, config.vit
+    llm = config.llm
     layers, und, gen = llm.num_layers, budget.und_tokens, budget.gen_tokens
     hidden, q_dim, kv_dim = llm.hidden_size, llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
     qkv = 2.0 * hidden * (q_dim + 2 * kv_dim)
@@ -110,16 +101,33 @@ def executed_step_flops(config: Any, budget: Any, rows: int, *, train_und: bool,
     lm_head = 2.0 * hidden * llm.vocab_size * budget.ce_tokens
     parts["lm_head"] = lm_head * (1.0 + backward(train_und, True))
     if budget.vit_patches:
-        patches = budget.vit_patches
-        vit_forward = 2.0 * (vit_layer_matmul_params(config) * vit.num_layers
-                             + vit.patch_size**2 * vit.num_channels * vit.hidden_size) * patches
-        vit_forward += 4.0 * patches**2 * vit.hidden_size * vit.num_layers
-        vit_forward += 2.0 * (vit.hidden_size * hidden + hidden**2) * patches  # connector
+        vit_forward = _vit_forward(config, budget.vit_patches) + _connector_forward(config, budget.vit_patches)
         parts["vit_and_connector"] = vit_forward * (3.0 if train_und else 1.0)
-    token_dim = config.latent_patch_size**2 * config.vae.z_channels
-    head = 2.0 * (token_dim * hidden + 256 * hidden + hidden**2 + hidden * token_dim) * gen
-    parts["generation_head"] = head * (3.0 if train_gen else 1.0)
+    parts["generation_head"] = _generation_head_forward(config, gen) * (3.0 if train_gen else 1.0)
     return {name: value * rows for name, value in parts.items()}
+
+
+def _vit_forward(config: Any, patches: int) -> float:
+    """ViT forward over ``patches`` patches of one row: patch embedding, layers, attention (all patches)."""
+    vit = config.vit
+    if not patches:
+        return 0.0
+    patch_dim = vit.patch_size**2 * vit.num_channels
+    flops = 2.0 * (vit_layer_matmul_params(config) * vit.num_layers + patch_dim * vit.hidden_size) * patches
+    return flops + 4.0 * patches**2 * vit.hidden_size * vit.num_layers
+
+
+def _connector_forward(config: Any, patches: int) -> float:
+    """ViT → LLM connector (two linears) over ``patches`` patches."""
+    hidden = config.llm.hidden_size
+    return 2.0 * (config.vit.hidden_size * hidden + hidden**2) * patches
+
+
+def _generation_head_forward(config: Any, gen_tokens: int) -> float:
+    """vae2llm, the time embedder (256-d features, two linears) and llm2vae over ``gen_tokens`` tokens."""
+    token_dim = config.latent_patch_size**2 * config.vae.z_channels
+    hidden = config.llm.hidden_size
+    return 2.0 * (token_dim * hidden + 256 * hidden + hidden**2 + hidden * token_dim) * gen_tokens
 
 
 def compiled_flops(compiled) -> float:
