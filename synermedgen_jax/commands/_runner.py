@@ -1,8 +1,11 @@
-"""Shared machinery of the multi-stage jobs (quickstart, ablate): resumable stages run through the CLI."""
+"""Shared machinery of the commands: resumable stages run through the CLI (quickstart, ablate) and
+``--config.KEY=VALUE`` overrides (train, bench, ablate)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -55,3 +58,18 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """Collects ``--config.KEY=VALUE`` arguments into ``args.overrides`` (argparse cannot declare an open set of
+    options; the top-level parser hands the sub-command's leftovers to this parser's parse_known_args)."""
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        overrides = [a for a in args if a.startswith("--config.")]
+        namespace, rest = original([a for a in args if not a.startswith("--config.")], namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
+        return namespace, rest
+
+    parser.parse_known_args = parse_known_args

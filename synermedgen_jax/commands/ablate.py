@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from synermedgen_jax.commands._runner import StageState, train_overrides, write_atomic
+from synermedgen_jax.commands._runner import StageState, accept_config_overrides, train_overrides, write_atomic
 
 ARMS = {
     "gau": "configs/stage1_gau.py:{variant}",
@@ -49,17 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="understanding instances per task (CTS / MI / TIA) in each arm's evaluation (32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.epilog = "--config.KEY=VALUE   extra override for every training stage (repeatable)"
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):  # collect --config.* like the train command
-        import sys
-
-        args = list(sys.argv[1:] if args is None else args)
-        namespace, rest = original([a for a in args if not a.startswith("--config.")], namespace)
-        namespace.overrides = [a for a in args if a.startswith("--config.")]
-        return namespace, rest
-
-    parser.parse_known_args = parse_known_args
+    accept_config_overrides(parser)
 
 
 def main(args: argparse.Namespace) -> int:

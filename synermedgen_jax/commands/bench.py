@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from synermedgen_jax.commands.train import _accept_config_overrides
+from synermedgen_jax.commands._runner import accept_config_overrides
 
 WHATS = ("train", "sample", "attention", "data", "metrics")
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B/A ratios and exit")
     parser.epilog = (parser.epilog or "") + "\n--config.KEY=VALUE   override any config key (repeatable), as in train"
-    _accept_config_overrides(parser)
+    accept_config_overrides(parser)
 
 
 def _error(message: str) -> int:

@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from synermedgen_jax.commands._runner import accept_config_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
@@ -31,22 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
     parser.epilog = "--config.KEY=VALUE   override any config key (repeatable)"
-    _accept_config_overrides(parser)
-
-
-def _accept_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """Collects ``--config.KEY=VALUE`` arguments into ``args.overrides`` (argparse cannot declare an open set of
-    options; the top-level parser hands the sub-command's leftovers to this parser's parse_known_args)."""
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        overrides = [a for a in args if a.startswith("--config.")]
-        namespace, rest = original([a for a in args if not a.startswith("--config.")], namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, rest
-
-    parser.parse_known_args = parse_known_args
+    accept_config_overrides(parser)
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
