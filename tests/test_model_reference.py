@@ -102,6 +102,30 @@ def test_vit_matches_siglip(tiny_config):
     np.testing.assert_allclose(np.asarray(ours)[0], theirs, atol=1e-4, rtol=0)
 
 
+def _siglip_position_table(hf_model):
+    # transformers 5 flattens SiglipVisionModel (no .vision_model); find the table by its state-dict name.
+    return next(v for k, v in hf_model.state_dict().items() if k.endswith("embeddings.position_embedding.weight"))
+
+
+def test_vit_position_table_initialised_as_siglip(tiny_config):
+    """A ViT trained from scratch starts with SigLIP's position-table scale (transformers draws it with std
+    1/sqrt(width)), not N(0, 1), which would swamp the patch embedding of [-1, 1] pixels."""
+    vit = tiny_config.vit
+    side = vit.max_num_patch_per_side
+    hf_config = transformers.SiglipVisionConfig(hidden_size=vit.hidden_size, intermediate_size=vit.intermediate_size,
+                                                num_hidden_layers=1, num_attention_heads=vit.num_heads,
+                                                num_channels=vit.num_channels, image_size=side * vit.patch_size,
+                                                patch_size=vit.patch_size)
+    torch.manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    theirs = _siglip_position_table(transformers.SiglipVisionModel(hf_config))
+    theirs_std = float(theirs.detach().std())
+    model = SynerMedGen(tiny_config, rngs=nnx.Rngs(params=int(np.random.SeedSequence().entropy % 2**31)))
+    ours_std = float(np.std(np.asarray(model.vit_model.embeddings.position_embedding[...])))
+    # side² × width = 64 × 32 draws each: the two sample stds agree within 10 % (their sampling error is ~2 %).
+    assert abs(ours_std - theirs_std) < 0.1 * theirs_std, (ours_std, theirs_std)
+    assert abs(ours_std - vit.hidden_size**-0.5) < 0.1 * vit.hidden_size**-0.5
+
+
 def test_vae_matches_diffusers_flux_configuration(tiny_config):
     diffusers = pytest.importorskip("diffusers")
     config = tiny_config.copy_and_resolve_references()

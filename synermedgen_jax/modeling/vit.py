@@ -65,8 +65,11 @@ class SiglipEmbeddings(nnx.Module):
         patch_dim = vit.patch_size**2 * vit.num_channels
         self.patch_embedding = Linear(patch_dim, vit.hidden_size, axes=(None, "vit_embed"), rngs=rngs,
                                       compute_dtype=compute_dtype)
+        # SigLIP's initialisation (std 1/√width, as transformers' SiglipPreTrainedModel draws it), not
+        # nn.Embedding's N(0, 1): at unit scale the position signal swamps the patch embedding (std ≈ 0.4 for
+        # [-1, 1] pixels) and a ViT trained from scratch sees nearly the same tokens for every image.
         self.position_embedding = make_param(rngs, (vit.max_num_patch_per_side**2, vit.hidden_size),
-                                             (None, "vit_embed"), Init("normal", 1.0))
+                                             (None, "vit_embed"), Init("normal", vit.hidden_size**-0.5))
 
     def __call__(self, patches: jax.Array, position_ids: jax.Array) -> jax.Array:
         table = self.position_embedding.value

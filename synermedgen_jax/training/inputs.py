@@ -127,6 +127,16 @@ def _record_keys(data_dir: str, split: str) -> list[tuple[int, str]]:
     return keys
 
 
+def record_images(config, max_images: int, split: str | None = None) -> np.ndarray:
+    """Up to ``max_images`` slices ``[N, H, W, C]`` of the split, evenly strided over (record, modality)."""
+    split = split or config.data.split
+    keys = _record_keys(config.data.dir, split)
+    picks = np.unique(np.linspace(0, len(keys) - 1, min(max_images, len(keys))).round().astype(int))
+    load = _RecordImage(str(config.data.dir), split, keys, tuple(config.data.pack.image_size),
+                        int(config.model.vae.in_channels))
+    return np.stack([load(i)["image"] for i in picks])
+
+
 def image_dataset(config, *, shard: int, shards: int, rows: int, split: str | None = None, shuffle: bool = True
                   ) -> grain.IterDataset:
     """Stage-0 stream: single-modality slices as ``{"image": [rows, H, W, C]}`` batches."""

@@ -43,6 +43,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         config.model.llm.freeze_und = not bool(config.train.finetune_und)
     if int(config.train.rows) % int(config.train.grad_accum):
         raise TrainingError(f"config.train.rows={config.train.rows} is not a multiple of grad_accum")
+    if config.stage != "vae":
+        from synermedgen_jax.training.vae_stage import adopt_latent_scale
+
+        adopt_latent_scale(config)  # a stage-0 VAE's fitted latent scale travels with its weights
     return config
 
 
@@ -54,7 +58,7 @@ def build(config):
 
         model = build_vae_model(config.model, seed)
         objective = VaeObjective(float(config.train.l1_weight), float(config.train.l2_weight),
-                                 float(config.train.kl_weight))
+                                 float(config.train.kl_weight), bool(config.model.vae.sample_posterior))
     else:
         from synermedgen_jax.modeling.synermedgen import build_model
 
@@ -175,6 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         if start >= total:
             if logger:
                 logger.message(f"{workdir} already holds step {start} >= train.steps={total}; nothing to do")
+            _after_training(config, codec, state, workdir, logger)
             return 0
         first = next(batches)
         batch_sh = sharding.batch_sharding(mesh, first)
@@ -216,6 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                 grids(state, done, mesh)
         _finish_pending(pending, logger, tcfg, last_time)
         mngr.wait_until_finished()
+        _after_training(config, codec, state, workdir, logger)
         if logger:
             logger.message(f"finished {total} steps in {workdir}")
         return 0
@@ -225,6 +231,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         mngr.close()
         if logger:
             logger.close()
+
+
+def _after_training(config, codec, state: dict, workdir: Path, logger) -> None:
+    """Stage 0 with ``train.fit_latent_scale``: measure the trained VAE's latent scale (every process computes,
+    process 0 writes; also on a rerun of a finished run whose file is missing)."""
+    if config.stage != "vae" or not config.train.get("fit_latent_scale", False):
+        return
+    from synermedgen_jax.training import vae_stage
+
+    if (workdir / vae_stage.LATENT_SCALE_FILE).exists():
+        return
+    model = codec.model(state["params"], state["frozen"])
+    stats = vae_stage.fit_latent_scale(model, inputs.record_images(config, 512))
+    if jax.process_index() == 0:
+        vae_stage.write_latent_scale_file(workdir, stats)
+    if logger:
+        logger.message(f"latent scale on {stats['images']} training slices: scale_factor {stats['scale_factor']:.4f}, "
+                       f"shift_factor {stats['shift_factor']:.4f} ({workdir / vae_stage.LATENT_SCALE_FILE})")
 
 
 def _finish_pending(pending, logger, tcfg, last_time: float) -> float:

@@ -79,7 +79,16 @@ def make_optimizer(train) -> optax.GradientTransformation:
         chain.append(optax.clip_by_global_norm(float(train.clip)))
     chain.append(optax.adamw(learning_rate_schedule(train), b1=float(train.b1), b2=float(train.b2),
                              eps=float(train.eps), weight_decay=float(train.weight_decay), mask=_decay_mask))
+    vit_scale = float(train.vit_lr_scale)
+    if vit_scale != 1.0:
+        # The vision tower's learning rate is lr·vit_lr_scale (see configs/train_common.py for why small
+        # models trained from scratch need it).
+        chain.append(optax.masked(optax.scale(vit_scale), _vit_mask))
     return optax.chain(*chain)
+
+
+def _vit_mask(params: dict) -> dict:
+    return {name: name.startswith("vit_model.") for name in params}
 
 
 def ema_decay(train, step: jax.Array) -> jax.Array:
