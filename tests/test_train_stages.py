@@ -115,6 +115,7 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
     assert last < 0.8 * first, (first, last)
     assert read_metrics(vae_dir, eval_records=True)[30]["images"]["psnr"] > 0
     scale = _check_latent_scale(vae_dir)
+    _check_vae_ceiling(vae_dir, data)
 
     s1 = tmp_path / "s1"
     config = _config("configs/stage1_gau.py:tiny", data, **{"train.steps": 100, "train.checkpoint_every": 100,
@@ -181,6 +182,45 @@ def _check_latent_scale(vae_dir):
     scaled = stats["scale_factor"] * (means - stats["shift_factor"])
     assert abs(scaled.mean()) < 1e-4 and abs(scaled.std() - 1.0) < 1e-4, (scaled.mean(), scaled.std())
     return stats["scale_factor"], stats["shift_factor"]
+
+
+def _check_vae_ceiling(vae_dir, data):
+    """tools/vae_ceiling.py: every route present in the split; one route recomputed with skimage's SSIM from
+    the stage's own posterior-mean reconstruction; a bad path is a one-line error, exit 2."""
+    import sys
+
+    import jax.numpy as jnp
+    from skimage.metrics import structural_similarity
+
+    sys.path.insert(0, str(h.REPO / "tools"))
+    import vae_ceiling
+
+    from synermedgen_jax.data.records import RecordReader
+    from synermedgen_jax.evaluation.evaluate import _pick_slices, present_tasks
+    from synermedgen_jax.evaluation.tasks import get_task
+    from synermedgen_jax.training.checkpoint import load_model
+    from synermedgen_jax.training.vae_stage import reconstruct
+
+    rows = vae_ceiling.route_ceilings(str(vae_dir), str(data), split="val", max_slices=2)
+    reader = RecordReader(data, "val")
+    tasks, _ = present_tasks(reader, [])
+    assert sorted(rows) == sorted(tasks) and all(r["slices"] == 2 for r in rows.values())
+    name = "mni152-sim/brain/t1->t2"
+    task = get_task(name)
+    _, picked = _pick_slices(reader, tasks[name], task, 2)
+    _, model = load_model(str(vae_dir))
+    want_recon, want_identity = [], []
+    for record in picked:
+        target = np.asarray(record["images"][task.target], np.float32)
+        recon = np.asarray(reconstruct(model, jnp.asarray(target[None, ..., None])))[0, ..., 0]
+        want_recon.append(structural_similarity(recon, target, data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False))
+        want_identity.append(structural_similarity(np.asarray(record["images"][task.source], np.float32), target,
+                                                   data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                                   use_sample_covariance=False))
+    np.testing.assert_allclose(rows[name]["reconstruction"], 100 * np.mean(want_recon), atol=1e-3)
+    np.testing.assert_allclose(rows[name]["identity"], 100 * np.mean(want_identity), atol=1e-3)
+    assert vae_ceiling.main(["--vae", str(vae_dir / "missing"), "--data", str(data)]) == 2
 
 
 def _saved_vae_constants(workdir):
