@@ -27,7 +27,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     first = _quickstart(workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     state = json.loads((workdir / "quickstart.json").read_text())
-    assert list(state["stages"]) == ["data", "vae", "stage1", "stage2", "eval", "synthesize"]
+    assert list(state["stages"]) == ["data", "vae", "stage1", "stage2", "eval", "vae_ceiling", "synthesize"]
     report = (workdir / "report.md").read_text()
     assert "identity SSIM×100" in report and "## Timings" in report and "contact_sheet.png" in report
     assert "Model SSIM above the identity baseline on" in report
@@ -48,6 +48,12 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     # default budget of the small model (see the quickstart report).
     for row in synthesis.values():
         assert row["slices"] == 1 and np.isfinite(row["identity"]["ssim"])
+    # The ceiling table: the same routes and slices as eval (identity SSIM equal to eval's own), one line each.
+    ceiling = json.loads((workdir / "eval" / "vae_ceiling.json").read_text())
+    assert sorted(ceiling) == sorted(synthesis)
+    for name, row in ceiling.items():
+        assert row["slices"] == 1 and abs(row["identity"] - synthesis[name]["identity"]["ssim"]) < 1e-3
+        assert f"| {name} | {synthesis[name]['model']['ssim']:.2f} | {row['reconstruction']:.2f} |" in report
     source = nib.load(workdir / "held_out_t1.nii.gz")
     synthesized = nib.load(workdir / "synthesized_t2.nii.gz")
     assert synthesized.shape == source.shape
@@ -56,5 +62,5 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
 
     again = _quickstart(workdir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already done") == 6
+    assert again.stdout.count("already done") == 6  # vae_ceiling is skipped silently
     assert "$ python -m synermedgen_jax train" not in again.stdout

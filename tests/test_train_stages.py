@@ -196,12 +196,13 @@ def _check_vae_ceiling(vae_dir, data):
     import vae_ceiling
 
     from synermedgen_jax.data.records import RecordReader
+    from synermedgen_jax.evaluation.ceiling import route_ceilings
     from synermedgen_jax.evaluation.evaluate import _pick_slices, present_tasks
     from synermedgen_jax.evaluation.tasks import get_task
     from synermedgen_jax.training.checkpoint import load_model
     from synermedgen_jax.training.vae_stage import reconstruct
 
-    rows = vae_ceiling.route_ceilings(str(vae_dir), str(data), split="val", max_slices=2)
+    rows = route_ceilings(str(vae_dir), str(data), split="val", max_slices=2)
     reader = RecordReader(data, "val")
     tasks, _ = present_tasks(reader, [])
     assert sorted(rows) == sorted(tasks) and all(r["slices"] == 2 for r in rows.values())

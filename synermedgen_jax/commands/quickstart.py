@@ -8,7 +8,8 @@ Stages (each resumable: running the command again continues where it stopped, fi
   3. Stage I (GAU): CTS + MI + TIA understanding;
   4. Stage II (UCG): flow matching, initialised from Stage I (understanding copied into the generation expert);
   5. evaluate every available route (SSIM×100 / PSNR / MAE next to the identity baseline) and the
-     understanding accuracies;
+     understanding accuracies; score the VAE's own reconstruction of the same targets (the ceiling of any
+     synthesis through it);
   6. synthesize one whole held-out NIfTI volume;
   7. write WORKDIR/report.md with the tables, timings per stage and the pictures beside it.
 
@@ -86,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     state.run("eval", ["eval", "--workdir", str(workdir / "stage2"), "--data", str(data_dir), "--out",
                                str(eval_dir), "--max-slices", str(args.eval_slices), "--steps",
                                str(args.sample_steps), "--seed", str(args.seed)])
+    _vae_ceiling(state, workdir, data_dir, args.eval_slices)
     volume = _held_out_volume(workdir, args.seed, args.sim_voxel_mm)
     synth = workdir / "synthesized_t2.nii.gz"
     state.run("synthesize", ["synthesize", "--checkpoint", str(workdir / "stage2"), "--input", str(volume),
@@ -94,6 +96,43 @@ def main(args: argparse.Namespace) -> int:
     report = write_report(workdir, state, args.variant)
     print(f"\n[quickstart] report: {report}")
     return 0
+
+
+def _vae_ceiling(state: StageState, workdir: Path, data_dir: Path, max_slices: int) -> None:
+    """``eval/vae_ceiling.json``: per route, the stage-0 VAE's reconstruction SSIM×100 on eval's slices."""
+    import json
+    import time
+
+    from synermedgen_jax.evaluation.ceiling import route_ceilings
+
+    if state.done("vae_ceiling"):
+        return
+    start = time.time()
+    rows = route_ceilings(str(workdir / "vae"), str(data_dir), "test", max_slices)
+    write_atomic(workdir / "eval" / "vae_ceiling.json", json.dumps(rows, indent=1) + "\n")
+    state.finish("vae_ceiling", time.time() - start)
+
+
+def _ceiling_table(eval_dir: Path) -> list[str]:
+    """Markdown lines: model / VAE reconstruction / identity SSIM×100 per route (empty before both exist)."""
+    import json
+
+    ceiling_path, results_path = eval_dir / "vae_ceiling.json", eval_dir / "results.json"
+    if not (ceiling_path.exists() and results_path.exists()):
+        return []
+    ceiling = json.loads(ceiling_path.read_text())
+    synthesis = json.loads(results_path.read_text()).get("synthesis", {})
+    lines = ["## Where the limit is", "",
+             "SSIM×100 per route: the model, the stage-0 VAE's reconstruction of the same target slices (no "
+             "synthesis through this VAE can do better) and the identity copy.", "",
+             "| route | model | VAE reconstruction | identity |", "|---|---|---|---|"]
+    for name, row in ceiling.items():
+        model = synthesis.get(name, {}).get("model", {}).get("ssim")
+        shown = f"{model:.2f}" if model is not None else "-"
+        lines.append(f"| {name} | {shown} | {row['reconstruction']:.2f} | {row['identity']:.2f} |")
+    above = sum(row["reconstruction"] > row["identity"] for row in ceiling.values())
+    lines += ["", f"The reconstruction beats the identity copy on {above} of {len(ceiling)} routes.", ""]
+    return lines
 
 
 def _held_out_volume(workdir: Path, seed: int, voxel_mm: float) -> Path:
@@ -130,6 +169,7 @@ def write_report(workdir: Path, state: StageState, variant: str) -> Path:
     if summary is not None:
         better, total = summary
         lines += [f"Model SSIM above the identity baseline on **{better} of {total}** routes.", ""]
+    lines += _ceiling_table(eval_dir)
     lines += ["## Timings", "", "| stage | seconds | steps |", "|---|---|---|"]
     for name, info in state.data["stages"].items():
         lines.append(f"| {name} | {info['seconds']} | {info.get('steps', '')} |")
