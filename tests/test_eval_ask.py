@@ -89,6 +89,13 @@ def test_ask_command_reads_png_and_nifti_slices(model, tmp_path, monkeypatch, ca
                 "--max-new-tokens", "3"])
     assert code == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    code = cli(["ask", "--checkpoint", "x", "--image", str(png), "--label", "5", "--image", f"{vol}:2", "--label",
+                "6", "--prompt", "5 6 7", "--max-new-tokens", "3"])
+    assert code == 0 and len(capsys.readouterr().out.strip().splitlines()) == 1
+    code = cli(["ask", "--checkpoint", "x", "--image", str(png), "--label", "5", "--image", f"{vol}:2",
+                "--prompt", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "1 labels for 2 images" in err[0], err
     for bad, message in [(f"{vol}:9", "slice 9 out of range"), (str(tmp_path / "none.png"), "not found"),
                          (f"{png}:1", "for NIfTI volumes only")]:
         code = cli(["ask", "--checkpoint", "x", "--image", bad, "--prompt", "5"])

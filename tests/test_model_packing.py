@@ -124,6 +124,20 @@ def test_rope_ids_and_labels_follow_bagel():
     assert row["mse_mask"][:8].tolist() == [0] * 4 + [1] * 4
 
 
+def test_prompt_items_put_each_label_before_its_image():
+    from synermedgen_jax.modeling.packing import prompt_items
+
+    # Each image's label text comes right before it, so answers can name images by label.
+    images = [np.full((28, 28), float(i), np.float32) for i in range(3)]
+    items = prompt_items([7, 8], images, [[1], [2, 3], [4]])
+    assert [type(item) for item in items] == [Text, Text, VitImage, Text, VitImage, Text, VitImage]
+    assert [list(item.token_ids) for item in items if isinstance(item, Text)] == [[7, 8], [1], [2, 3], [4]]
+    assert [float(item.pixels[0, 0]) for item in items if isinstance(item, VitImage)] == [0.0, 1.0, 2.0]
+    assert [type(item) for item in prompt_items([7], images)] == [Text] + [VitImage] * 3
+    with pytest.raises(ValueError, match="2 labels for 3 images"):
+        prompt_items([7], images, [[1], [2]])
+
+
 def test_overflow_is_an_error_not_truncation():
     builder = PackBuilder(BUDGET, SPECIAL, _GEOMETRY)
     with pytest.raises(PackOverflowError, match="budget"):

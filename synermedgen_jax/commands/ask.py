@@ -6,7 +6,9 @@
 --image takes a PNG/JPEG (converted to grey) or a NIfTI slice ``FILE.nii.gz:INDEX`` (axial index in RAS+
 orientation, display orientation as the training data; without an index the middle slice). NIfTI slices
 are normalised with --modality's rule (ct/cbct: HU window; pet: SUV clip; MR names or none: the volume's
-0.5-99.5 percentiles). The prompt comes first and the images follow it, as in training. Greedy by default
+0.5-99.5 percentiles). The prompt comes first and the images follow it, as in training; --label gives each
+image the text placed before it (training's multi-image questions label their images: MI "A:" .. "D:", CTS
+"Source:" "A:" .. "D:", TIA "x1:" "x2:"; data/prompts.py). Greedy by default
 (--temperature 0); with a temperature, nucleus sampling with --top-p and --seed. Prints the answer.
 """
 
@@ -23,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
     parser.add_argument("--image", action="append", default=[], help="PNG or FILE.nii[.gz][:INDEX]; repeatable")
     parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--label", action="append", default=[],
+                        help="text before the matching --image (e.g. A:); none or one per image")
     parser.add_argument("--modality", help="modality of the NIfTI images (normalisation rule)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -78,11 +82,14 @@ def main(args: argparse.Namespace) -> int:
                 raise loading.InferenceError(f"--modality: unknown {args.modality!r}; valid: "
                                              f"{', '.join(valid_modalities())}")
         config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        if args.label and len(args.label) != len(args.image):
+            raise loading.InferenceError(f"--label: {len(args.label)} labels for {len(args.image)} images; give "
+                                         "none or one per --image")
         images = [load_image(spec, args.modality) for spec in args.image]
         inference = loading.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
         answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
                             config)
-        answer = answerer.answer([(args.prompt, images)], seed=args.seed)[0]
+        answer = answerer.answer([(args.prompt, images, tuple(args.label))], seed=args.seed)[0]
     except ValueError as err:  # InferenceError and DecodeConfig's checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

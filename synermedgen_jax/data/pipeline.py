@@ -37,6 +37,7 @@ from synermedgen_jax.modeling.packing import (
     VaeImage,
     VitImage,
     cfg_dropout,
+    prompt_items,
 )
 
 STAGES = ("stage1", "stage2", "mixed", "vqa")
@@ -131,9 +132,9 @@ class SampleMaker:
             return self._stage2(int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
         vit_size = tuple(self.budget.vit_image_size)
-        items: list = [Text(self.tokenizer.encode(rendered.question))]
-        for rec, modality in rendered.images:
-            items.append(VitImage(resize_image(self._image(rec, modality, cache), vit_size)))
+        images = [resize_image(self._image(rec, modality, cache), vit_size) for rec, modality in rendered.images]
+        items: list = prompt_items(self.tokenizer.encode(rendered.question), images,
+                                   [self.tokenizer.encode(label) for label in rendered.labels])
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
         return items, f"{task}#{row}"
 

@@ -36,6 +36,12 @@ CTS_TEMPLATES = (
     "Which option is the true pair?",
 )
 
+# Text placed before each image of a multi-image question, so an answer can refer to an image by the label the
+# prompt gave it ("A: CT" names the image after "A:") instead of by its rank among unlabelled images.
+MI_IMAGE_LABELS = ("A:", "B:", "C:", "D:")
+CTS_IMAGE_LABELS = ("Source:", "A:", "B:", "C:", "D:")
+TIA_IMAGE_LABELS = ("x1:", "x2:")
+
 MI_TEMPLATES = (
     "Identify the imaging modality of each of the four images A, B, C and D.",
     "Four medical images follow, labelled A to D in order. Name the modality of each one.",
@@ -152,4 +158,5 @@ def corpus() -> list[str]:
     for combo in itertools.islice(itertools.permutations(MODALITY_NAMES, 4), 0, None, 7):
         texts.append(mi_answer(list(combo)))
     texts.extend(LETTERS)
+    texts.extend(MI_IMAGE_LABELS + CTS_IMAGE_LABELS + TIA_IMAGE_LABELS)
     return texts

@@ -292,6 +292,7 @@ class RenderedInstance:
     question: str
     images: list[tuple[int, str]]  # (record index, modality) in prompt order
     answer: str
+    labels: tuple[str, ...] = ()  # text placed before each image ("A:", ...); empty: the images follow unlabelled
 
 
 def render(cols: Mapping[str, np.ndarray], i: int) -> RenderedInstance:
@@ -303,15 +304,16 @@ def render(cols: Mapping[str, np.ndarray], i: int) -> RenderedInstance:
     if task == "cts":
         src, tgt = images[0][1], images[1][1]
         question = prompts.CTS_TEMPLATES[template].format(src=display_name(src), tgt=display_name(tgt))
-        return RenderedInstance(task, question, images, answer_letter)
+        return RenderedInstance(task, question, images, answer_letter, prompts.CTS_IMAGE_LABELS)
     if task == "tia":
         options = [prompts.description_pool(*decode_route(int(v)))[int(p)]
                    for v, p in zip(cols["opt_value"][i], cols["opt_phrase"][i])]
         question = prompts.TIA_TEMPLATES[template].format(options=prompts.format_options(options))
-        return RenderedInstance(task, question, images, answer_letter)
+        return RenderedInstance(task, question, images, answer_letter, prompts.TIA_IMAGE_LABELS)
     if task == "mi":
         mods = [MODALITY_NAMES[int(v)] for v in cols["opt_value"][i]]
-        return RenderedInstance(task, prompts.MI_TEMPLATES[template], images, prompts.mi_answer(mods))
+        return RenderedInstance(task, prompts.MI_TEMPLATES[template], images, prompts.mi_answer(mods),
+                                prompts.MI_IMAGE_LABELS)
     name = prompts.VQA_TYPES[int(cols["qtype"][i])]
     question_text, options_all = prompts.VQA_QUESTIONS[name]
     k = int(cols["n_options"][i])

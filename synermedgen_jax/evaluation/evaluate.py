@@ -210,8 +210,8 @@ def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConf
                         DecodeConfig(max_new_tokens=max(config.max_new_tokens, longest + 2)))
     out = {}
     for task, rendered in rendered_by_task.items():
-        prompts = [(r.question, [np.asarray(reader[rec]["images"][mod], np.float32) for rec, mod in r.images])
-                   for r in rendered]
+        prompts = [(r.question, [np.asarray(reader[rec]["images"][mod], np.float32) for rec, mod in r.images],
+                    r.labels) for r in rendered]
         predictions = answerer.answer(prompts, seed=config.seed, batch_size=config.batch_size)
         result = accuracy(task, predictions, [r.answer for r in rendered])
         result["examples"] = [{"prediction": p, "answer": r.answer} for p, r in list(zip(predictions, rendered))[:3]]

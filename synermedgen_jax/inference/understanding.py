@@ -22,7 +22,7 @@ from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, empty_slots, extend, forward_cached, prefill
 from synermedgen_jax.inference.sampler import exact_pack
 from synermedgen_jax.kernels.attention import CAUSAL
-from synermedgen_jax.modeling.packing import Geometry, SpecialTokens, Text, VitImage
+from synermedgen_jax.modeling.packing import Geometry, SpecialTokens, prompt_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +115,11 @@ class Answerer:
             self._compiled[shapes] = jax.jit(run)
         return self._compiled[shapes]
 
-    def pack(self, prompts: Sequence[tuple[Sequence[int], Sequence[np.ndarray]]]) -> dict:
-        """Understanding packs ``[question ids, ViT images...]``, one prompt per row."""
-        samples = [[Text(list(ids))] + [VitImage(resize_image(img, self.vit_image_size)) for img in images]
-                   for ids, images in prompts]
+    def pack(self, prompts: Sequence[tuple]) -> dict:
+        """Understanding packs, one prompt per row: ``(question ids, images)`` or ``(question ids, images, label
+        ids per image)`` (:func:`packing.prompt_items`)."""
+        samples = [prompt_items(prompt[0], [resize_image(img, self.vit_image_size) for img in prompt[1]],
+                                prompt[2] if len(prompt) > 2 else ()) for prompt in prompts]
         return exact_pack(samples, self.geometry, self.special, self.image_size, self.vit_image_size)[0]
 
     def generate_ids(self, prompts: Sequence[tuple[Sequence[int], Sequence[np.ndarray]]], *, seed: int = 0
@@ -134,11 +135,13 @@ class Answerer:
             answers.append(ids[:ids.index(self.special.eos)] if self.special.eos in ids else ids)
         return answers
 
-    def answer(self, prompts: Sequence[tuple[str, Sequence[np.ndarray]]], *, seed: int = 0,
-               batch_size: int = 8) -> list[str]:
-        """Answers ``(question text, images in [-1, 1])`` prompts, ``batch_size`` per compiled call."""
+    def answer(self, prompts: Sequence[tuple], *, seed: int = 0, batch_size: int = 8) -> list[str]:
+        """Answers ``(question text, images in [-1, 1])`` or ``(question text, images, label per image)``
+        prompts, ``batch_size`` per compiled call."""
         out: list[str] = []
-        encoded = [(self.tokenizer.encode(text), images) for text, images in prompts]
+        encoded = [(self.tokenizer.encode(prompt[0]), prompt[1],
+                    [self.tokenizer.encode(label) for label in prompt[2]] if len(prompt) > 2 else ())
+                   for prompt in prompts]
         for start in range(0, len(encoded), batch_size):
             for ids in self.generate_ids(encoded[start:start + batch_size], seed=seed + start):
                 out.append(self.tokenizer.decode(ids).strip())

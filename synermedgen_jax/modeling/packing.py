@@ -159,6 +159,20 @@ def cfg_dropout(sample: Sequence[Item], rng: np.random.Generator, *, text: float
     return out
 
 
+def prompt_items(question_ids: Sequence[int], vit_images: Sequence[np.ndarray],
+                 label_ids: Sequence[Sequence[int]] = ()) -> list[Item]:
+    """An understanding prompt: the question, then each ViT image preceded by its label's tokens when
+    ``label_ids`` gives one per image (training packs and the Answerer build prompts with this one rule)."""
+    if label_ids and len(label_ids) != len(vit_images):
+        raise ValueError(f"prompt_items: {len(label_ids)} labels for {len(vit_images)} images")
+    items: list[Item] = [Text(list(question_ids))]
+    for i, image in enumerate(vit_images):
+        if label_ids:
+            items.append(Text(list(label_ids[i])))
+        items.append(VitImage(image))
+    return items
+
+
 def _as_channels(pixels: np.ndarray, channels: int, what: str) -> np.ndarray:
     """``[H, W]`` or ``[H, W, C]`` → ``[H, W, channels]`` float32 (grey images are repeated)."""
     pixels = np.asarray(pixels, dtype=np.float32)
