@@ -23,11 +23,12 @@ def route_ceilings(vae_workdir: str, data_dir: str, split: str = "test", max_sli
     """``{route: {"reconstruction": SSIM×100, "identity": SSIM×100, "slices": n}}`` on the slices ``eval``
     picks for each route (same rule, same count), at the VAE's training image size."""
     from synermedgen_jax.training.checkpoint import load_model
+    from synermedgen_jax.training.vae_stage import reconstruct as posterior_mean_reconstruction
 
     config, model = load_model(vae_workdir)
     size = tuple(config.data.pack.image_size)
     channels = int(config.model.vae.in_channels)
-    reconstruct = jax.jit(lambda x: model.vae.decoder(model.vae.posterior(x)[0]))
+    reconstruct = jax.jit(lambda x: posterior_mean_reconstruction(model, x))
     reader = RecordReader(data_dir, split)
     tasks, _ = present_tasks(reader, [])
     content = ContentIndex(reader)
