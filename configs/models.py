@@ -81,6 +81,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.latent_patch_size = 2
     config.max_latent_size = 64
     config.timestep_shift = 1.0
+    # latent_pos_embed's sin-cos frequencies: step/base^(k/(d/2)) radians per grid cell (BAGEL: 10000, 1).
+    config.latent_pos_base = 10000.0
+    config.latent_pos_step = 1.0
     config.attention_impl = "reference"  # see synermedgen_jax/kernels/attention.py
     config.flow_matching_impl = "reference"  # noising + velocity MSE, see synermedgen_jax/kernels/flow_matching.py
     config.compute_dtype = "float32"
@@ -101,6 +104,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.vae = _vae(in_channels=1, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=8,
                           norm_groups=8)
         config.max_latent_size = 32
+        # The quickstart's 8×8 latent-token grid sits in the flat low end of BAGEL's table (neighbouring cells
+        # 98.5 % alike, the whole row ≥ 87 %), so a target token finds its source token slowly. Faster
+        # frequencies (neighbours 77 % alike) lowered the Stage II loss by ~10 % all through a 400-step run
+        # (0.275 vs 0.305 at steps 200-250) and raised the mean SSIM×100 over 18 routes from 55.8 to 56.3.
+        config.latent_pos_base = 32.0
+        config.latent_pos_step = 3.0
     elif variant == "tiny":
         config.llm = _llm(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                           head_dim=16, intermediate_size=128, rope_theta=10_000.0)

@@ -13,6 +13,7 @@ def get_config(variant=None):
     config.train.l1_weight = 1.0
     config.train.l2_weight = 1.0
     config.train.kl_weight = 1e-6
+    config.train.ssim_weight = 0.0  # weight of (1 − SSIM) per image, the metric every route is scored by
     config.train.ema = 0.0
     # End by measuring the latents' mean/std on training slices (latent_scale.json); stages that load this VAE
     # (vae_from) use them as shift/scale so flow matching sees unit-scale latents (training/vae_stage.py).

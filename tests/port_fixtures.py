@@ -16,11 +16,12 @@ import transformers
 SPECIAL_IDS = dict(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
 
 
-def sincos_table(dim: int, side: int) -> np.ndarray:
+def sincos_table(dim: int, side: int, base: float = 10000.0, step: float = 1.0) -> np.ndarray:
     """The 2-D sin-cos table from the reference notes, written independently of our layers.py: row r*side+c,
-    first half encodes the column, second half the row, each half [sin(p·w_k), cos(p·w_k)], w_k=1/1e4^(k/(D/4))."""
+    first half encodes the column, second half the row, each half [sin(p·w_k), cos(p·w_k)],
+    w_k=step/base^(k/(D/4)) (BAGEL: base 1e4, step 1)."""
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    omega = step / base ** (np.arange(quarter) / quarter)
     table = np.zeros((side * side, dim))
     for r in range(side):
         for c in range(side):

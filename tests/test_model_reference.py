@@ -126,6 +126,37 @@ def test_vit_position_table_initialised_as_siglip(tiny_config):
     assert abs(ours_std - vit.hidden_size**-0.5) < 0.1 * vit.hidden_size**-0.5
 
 
+def test_latent_position_table_frequencies_follow_the_config(tiny_config):
+    """latent_pos_embed is BAGEL's table by default and follows ``latent_pos_base`` / ``latent_pos_step``
+    (checked against the independent table of port_fixtures); the small variant's sharper table separates
+    neighbouring grid cells that BAGEL's frequencies leave 98.5 % alike on an 8×8 grid."""
+    from port_fixtures import sincos_table
+
+    from synermedgen_jax.config import load_config
+
+    hidden, side = tiny_config.llm.hidden_size, tiny_config.max_latent_size
+    default = SynerMedGen(tiny_config, rngs=nnx.Rngs(params=0))
+    np.testing.assert_allclose(np.asarray(default.latent_pos_embed.value), sincos_table(hidden, side), atol=1e-6)
+    rng = np.random.default_rng()
+    base, step = float(rng.uniform(8.0, 200.0)), float(rng.uniform(0.5, 3.0))
+    config = tiny_config.copy_and_resolve_references()
+    config.latent_pos_base, config.latent_pos_step = base, step
+    model = SynerMedGen(config, rngs=nnx.Rngs(params=0))
+    np.testing.assert_allclose(np.asarray(model.latent_pos_embed.value), sincos_table(hidden, side, base, step),
+                               atol=1e-5)
+
+    def neighbour_cosine(model_config) -> float:
+        table = sincos_table(model_config.llm.hidden_size, model_config.max_latent_size,
+                             model_config.latent_pos_base, model_config.latent_pos_step).astype(np.float64)
+        return float(table[0] @ table[1] / (np.linalg.norm(table[0]) * np.linalg.norm(table[1])))
+
+    small = load_config("configs/models.py:small")
+    bagel_like = small.copy_and_resolve_references()
+    bagel_like.latent_pos_base, bagel_like.latent_pos_step = 10000.0, 1.0
+    assert neighbour_cosine(bagel_like) > 0.98
+    assert neighbour_cosine(small) < 0.90
+
+
 def test_vae_matches_diffusers_flux_configuration(tiny_config):
     diffusers = pytest.importorskip("diffusers")
     config = tiny_config.copy_and_resolve_references()

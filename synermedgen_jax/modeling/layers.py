@@ -170,17 +170,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------------------
 # Sin-cos tables (BAGEL's frozen vit_pos_embed / latent_pos_embed, and the timestep embedding).
-def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """``[M]`` positions → ``[M, dim]``: ``[sin(pos·w_k), cos(pos·w_k)]``, ``w_k = 1/10000^(k/(dim/2))``."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+def sincos_1d(dim: int, positions: np.ndarray, base: float = 10000.0, step: float = 1.0) -> np.ndarray:
+    """``[M]`` positions → ``[M, dim]``: ``[sin(pos·w_k), cos(pos·w_k)]``, ``w_k = step/base^(k/(dim/2))``.
+
+    BAGEL's tables use ``base=10000, step=1`` (the highest frequency turns one radian per grid cell)."""
+    omega = step / base ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_2d_table(dim: int, side: int) -> np.ndarray:
+def sincos_2d_table(dim: int, side: int, base: float = 10000.0, step: float = 1.0) -> np.ndarray:
     """``[side², dim]`` float32; row ``r*side + c``: first half encodes the column, second half the row."""
     rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    table = np.concatenate([sincos_1d(dim // 2, cols, base, step), sincos_1d(dim // 2, rows, base, step)], axis=1)
     return table.astype(np.float32)
 
 

@@ -48,7 +48,9 @@ class SynerMedGen(nnx.Module):
         self.llm2vae = Linear(hidden, token_dim, axes=(None, None), rngs=rngs, compute_dtype=compute_dtype,
                               zero_init=True)
         self.time_embedder = TimestepEmbedder(hidden, rngs=rngs, compute_dtype=compute_dtype)
-        self.latent_pos_embed = position_table(config.max_latent_size, hidden)
+        self.latent_pos_embed = position_table(config.max_latent_size, hidden,
+                                               base=config.get("latent_pos_base", 10000.0),
+                                               step=config.get("latent_pos_step", 1.0))
         self.vae = AutoEncoder(config, rngs=rngs)
 
     # ------------------------------------------------------------------------------------------------------

@@ -111,6 +111,6 @@ class Connector(nnx.Module):
         return self.fc2(gelu_tanh(self.fc1(x)))
 
 
-def position_table(side: int, dim: int) -> FrozenTable:
+def position_table(side: int, dim: int, base: float = 10000.0, step: float = 1.0) -> FrozenTable:
     """A frozen 2-D sin-cos table ``[side², dim]`` (BAGEL's ``vit_pos_embed`` / ``latent_pos_embed``)."""
-    return FrozenTable(jnp.asarray(sincos_2d_table(dim, side)), logical_axes=(None, "embed"))
+    return FrozenTable(jnp.asarray(sincos_2d_table(dim, side, base, step)), logical_axes=(None, "embed"))

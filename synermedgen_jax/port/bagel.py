@@ -337,9 +337,12 @@ def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.nd
         if source.kind in ("read", "copy"):
             value = K.to_ours(plan.files.read(source.key), rule.transform, dtype)
         elif source.kind == "sincos":
-            side = plan.config.vit.max_num_patch_per_side if rule.ours == "vit_pos_embed" else \
-                plan.config.max_latent_size
-            value = sincos_2d_table(rule.our_shape[1], side)
+            if rule.ours == "vit_pos_embed":
+                value = sincos_2d_table(rule.our_shape[1], plan.config.vit.max_num_patch_per_side)
+            else:
+                value = sincos_2d_table(rule.our_shape[1], plan.config.max_latent_size,
+                                        plan.config.get("latent_pos_base", 10000.0),
+                                        plan.config.get("latent_pos_step", 1.0))
         else:
             kernel = rules.get(rule.ours[: -len("bias")] + "kernel")
             fan_in = int(np.prod(kernel.our_shape[:-1])) if kernel is not None else None

@@ -58,7 +58,8 @@ def build(config):
 
         model = build_vae_model(config.model, seed)
         objective = VaeObjective(float(config.train.l1_weight), float(config.train.l2_weight),
-                                 float(config.train.kl_weight), bool(config.model.vae.sample_posterior))
+                                 float(config.train.kl_weight), bool(config.model.vae.sample_posterior),
+                                 float(config.train.get("ssim_weight", 0.0)))
     else:
         from synermedgen_jax.modeling.synermedgen import build_model
 

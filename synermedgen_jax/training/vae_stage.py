@@ -42,6 +42,7 @@ class VaeObjective:
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
     sample_posterior: bool = True  # False: decode the posterior mean (a deterministic autoencoder + KL term)
+    ssim_weight: float = 0.0  # weight of (1 − SSIM) per image (evaluation's Gaussian SSIM, data range 2)
 
     def prepare(self, model, batch, key):
         images = batch["image"]
@@ -61,16 +62,29 @@ class VaeObjective:
         l1 = jnp.sum(jnp.mean(jnp.abs(err), axis=(1, 2, 3)))
         l2 = jnp.sum(jnp.mean(jnp.square(err), axis=(1, 2, 3)))
         kl = jnp.sum(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
-        sums = {"l1": l1, "l2": l2, "kl": kl}
-        loss = (self.l1_weight * l1 + self.l2_weight * l2 + self.kl_weight * kl) / totals["images"]
+        sums = {"l1": l1, "l2": l2, "kl": kl, "ssim": jnp.sum(image_ssim(recon.astype(jnp.float32), images))}
+        loss = self._weighted(sums, totals["images"]) / totals["images"]
         return loss, sums
+
+    def _weighted(self, sums: dict, images) -> jax.Array:
+        return (self.l1_weight * sums["l1"] + self.l2_weight * sums["l2"] + self.kl_weight * sums["kl"]
+                + self.ssim_weight * (images - sums["ssim"]))
 
     def metrics(self, sums, totals):
         n = totals["images"]
         out = {key: value / n for key, value in sums.items()}
-        out["loss"] = self.l1_weight * out["l1"] + self.l2_weight * out["l2"] + self.kl_weight * out["kl"]
+        out["loss"] = self._weighted(sums, n) / n
         out["psnr"] = 10.0 * jnp.log10(4.0 / jnp.maximum(out["l2"], 1e-12))  # data range 2 ([-1, 1])
         return out
+
+
+def image_ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """``[N]`` SSIM of ``[N, H, W, C]`` images in [-1, 1] (channels averaged), as evaluation scores slices."""
+    from synermedgen_jax.evaluation import metrics
+
+    n, height, width, channels = pred.shape
+    flat = lambda x: jnp.moveaxis(x, -1, 1).reshape(n * channels, height, width)
+    return metrics.ssim(flat(pred), flat(target), data_range=2.0).reshape(n, channels).mean(axis=1)
 
 
 def reconstruct(model: VaeOnly, images: jax.Array) -> jax.Array:
