@@ -53,7 +53,9 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     assert sorted(ceiling) == sorted(synthesis)
     for name, row in ceiling.items():
         assert row["slices"] == 1 and abs(row["identity"] - synthesis[name]["identity"]["ssim"]) < 1e-3
-        assert f"| {name} | {synthesis[name]['model']['ssim']:.2f} | {row['reconstruction']:.2f} |" in report
+        assert -100.0 <= row["local_map"] <= 100.0 and row["fit_pairs"] > 0
+        assert (f"| {name} | {synthesis[name]['model']['ssim']:.2f} | {row['reconstruction']:.2f} | "
+                f"{row['local_map']:.2f} | {row['identity']:.2f} |") in report
     source = nib.load(workdir / "held_out_t1.nii.gz")
     synthesized = nib.load(workdir / "synthesized_t2.nii.gz")
     assert synthesized.shape == source.shape

@@ -283,7 +283,32 @@ def _check_vae_ceiling(vae_dir, data):
                                                    use_sample_covariance=False))
     np.testing.assert_allclose(rows[name]["reconstruction"], 100 * np.mean(want_recon), atol=1e-3)
     np.testing.assert_allclose(rows[name]["identity"], 100 * np.mean(want_identity), atol=1e-3)
+    train_pairs = sum(task.source in r["images"] and task.target in r["images"]
+                      for r in (RecordReader(data, "train")[i] for i in range(len(RecordReader(data, "train")))))
+    assert rows[name]["fit_pairs"] == train_pairs > 0 and -100.0 <= rows[name]["local_map"] <= 100.0
     assert vae_ceiling.main(["--vae", str(vae_dir / "missing"), "--data", str(data)]) == 2
+
+
+def test_local_map_recovers_a_quadratic_neighbourhood_function():
+    """fit_local_map / apply_local_map: a target that is a quadratic function of the source latent one pixel to
+    the left (zero beyond the edge) plus the pixel itself is recovered exactly by the 3×3 map; a 1×1 map cannot
+    see the neighbour and is worse."""
+    from synermedgen_jax.evaluation.ceiling import apply_local_map, fit_local_map
+
+    rng = np.random.default_rng()
+    source = rng.standard_normal((12, 6, 7, 3))
+    left = np.pad(source, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :-1]
+    mix_a, mix_b = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    target = left @ mix_a + np.square(source) @ mix_b + 0.5
+    weights = fit_local_map(source, target, size=3, ridge=1e-9)
+    fresh = rng.standard_normal((4, 6, 7, 3))
+    fresh_left = np.pad(fresh, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :-1]
+    want = fresh_left @ mix_a + np.square(fresh) @ mix_b + 0.5
+    np.testing.assert_allclose(apply_local_map(weights, fresh, size=3), want, atol=1e-4)
+    pointwise = apply_local_map(fit_local_map(source, target, size=1), fresh, size=1)
+    assert np.abs(pointwise - want).mean() > 0.1
+    with pytest.raises(ValueError, match="differ"):
+        fit_local_map(source, target[:, :5])
 
 
 def _saved_vae_constants(workdir):

@@ -3,7 +3,9 @@
 Every synthesized slice is a VAE decode, so ``decode(encode(target))`` (posterior mean) bounds what Stage II can
 reach on a route. This prints that reconstruction's SSIM with the evaluation's own slice choice, next to the
 identity baseline (a copy of the source): where the reconstruction does not beat the copy, no amount of Stage II
-training will (synermedgen_jax/evaluation/ceiling.py).
+training will. The "local map" column scores a ridge regression from each source latent's 3×3 neighbourhood to
+the target latent, fitted on the training pairs: a yardstick of what carrying the source latent over achieves
+(synermedgen_jax/evaluation/ceiling.py).
 
 Usage::
 
@@ -38,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, InferenceError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("| route | slices | reconstruction SSIM×100 | identity SSIM×100 |\n|---|---|---|---|")
+    print("| route | slices | reconstruction SSIM×100 | local map SSIM×100 | identity SSIM×100 |\n"
+          "|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['slices']} | {row['reconstruction']:.2f} | {row['identity']:.2f} |")
-    above = sum(row["reconstruction"] > row["identity"] for row in rows.values())
-    print(f"\nreconstruction above the identity copy on {above} of {len(rows)} routes")
+        local = "-" if row.get("local_map") is None else f"{row['local_map']:.2f}"
+        print(f"| {name} | {row['slices']} | {row['reconstruction']:.2f} | {local} | {row['identity']:.2f} |")
+    for key, what in (("reconstruction", "reconstruction"), ("local_map", "local map")):
+        above = sum(row.get(key) is not None and row[key] > row["identity"] for row in rows.values())
+        print(f"{what} above the identity copy on {above} of {len(rows)} routes")
     return 0
 
 
