@@ -45,7 +45,7 @@ STAGES = (
 # 2e-3 gave a mean SSIM×100 of 54.8 over the 18 routes (beating the identity copy on 4) against 51.0 (2) for
 # 200 steps × 4 rows at 1e-3, in about the same time; the model is far from converged at this budget. With the
 # sharper VAE, 500 steps gave a mean of 59.5 (4 of 18 routes) and 1000 steps 67.9 (5 of 18; the MR routes
-# within 1-5 points of the copy): Stage II steps are what the budget buys most.
+# within 1-5 points of the copy, t1↔t1ce excepted): Stage II steps are what the budget buys most.
 STAGE_OVERRIDES = {"stage2": ["--config.train.schedule=cosine", "--config.train.lr=2e-3"]}
 
 
