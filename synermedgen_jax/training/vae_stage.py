@@ -62,13 +62,15 @@ class VaeObjective:
         l1 = jnp.sum(jnp.mean(jnp.abs(err), axis=(1, 2, 3)))
         l2 = jnp.sum(jnp.mean(jnp.square(err), axis=(1, 2, 3)))
         kl = jnp.sum(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
-        sums = {"l1": l1, "l2": l2, "kl": kl, "ssim": jnp.sum(image_ssim(recon.astype(jnp.float32), images))}
+        sums = {"l1": l1, "l2": l2, "kl": kl}
+        if self.ssim_weight:  # only when it is trained on: SSIM filters every image (and needs >= 11 pixels)
+            sums["ssim"] = jnp.sum(image_ssim(recon.astype(jnp.float32), images))
         loss = self._weighted(sums, totals["images"]) / totals["images"]
         return loss, sums
 
     def _weighted(self, sums: dict, images) -> jax.Array:
-        return (self.l1_weight * sums["l1"] + self.l2_weight * sums["l2"] + self.kl_weight * sums["kl"]
-                + self.ssim_weight * (images - sums["ssim"]))
+        loss = self.l1_weight * sums["l1"] + self.l2_weight * sums["l2"] + self.kl_weight * sums["kl"]
+        return loss + self.ssim_weight * (images - sums["ssim"]) if "ssim" in sums else loss
 
     def metrics(self, sums, totals):
         n = totals["images"]
