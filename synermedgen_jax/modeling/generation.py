@@ -25,6 +25,12 @@ class TimestepEmbedder(nnx.Module):
         return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(t, self.features))))
 
 
+def latent_pos_frequencies(config) -> tuple[float, float]:
+    """``(base, step)`` of the ``latent_pos_embed`` sin-cos table of a model config (BAGEL's 10000, 1 when the
+    config predates the fields)."""
+    return float(config.get("latent_pos_base", 10000.0)), float(config.get("latent_pos_step", 1.0))
+
+
 def patchify_latents(latents: jax.Array, patch: int) -> jax.Array:
     """``[N, h·p, w·p, z]`` → ``[N, h·w, p·p·z]`` with (p_row, p_col, z) order inside a token (BAGEL's)."""
     n, height, width, channels = latents.shape

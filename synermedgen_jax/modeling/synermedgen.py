@@ -49,8 +49,7 @@ class SynerMedGen(nnx.Module):
                               zero_init=True)
         self.time_embedder = TimestepEmbedder(hidden, rngs=rngs, compute_dtype=compute_dtype)
         self.latent_pos_embed = position_table(config.max_latent_size, hidden,
-                                               base=config.get("latent_pos_base", 10000.0),
-                                               step=config.get("latent_pos_step", 1.0))
+                                               *generation.latent_pos_frequencies(config))
         self.vae = AutoEncoder(config, rngs=rngs)
 
     # ------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from synermedgen_jax.modeling.generation import latent_pos_frequencies
 from synermedgen_jax.modeling.layers import sincos_2d_table
 from synermedgen_jax.port import keys as K
 from synermedgen_jax.port.safetensors_stream import (
@@ -341,8 +342,7 @@ def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.nd
                 value = sincos_2d_table(rule.our_shape[1], plan.config.vit.max_num_patch_per_side)
             else:
                 value = sincos_2d_table(rule.our_shape[1], plan.config.max_latent_size,
-                                        plan.config.get("latent_pos_base", 10000.0),
-                                        plan.config.get("latent_pos_step", 1.0))
+                                        *latent_pos_frequencies(plan.config))
         else:
             kernel = rules.get(rule.ours[: -len("bias")] + "kernel")
             fan_in = int(np.prod(kernel.our_shape[:-1])) if kernel is not None else None
