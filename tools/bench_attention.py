@@ -6,14 +6,19 @@ brute force from the dense mask), and the max error of the interpret-mode kernel
 (forward and gradients) on scaled-down copies of the packs.
 
 On a GPU or TPU (``--mode accelerator``): median wall time (ms) and TFLOP/s of ``pallas`` vs ``xla_dense`` vs
-``reference`` at T = 4k, 8k, 16k (head_dim 128, GQA 7:1, bf16), forward and forward+backward. FLOPs count
-only the visible (query, key) pairs: forward 4·D·Hq per pair, forward+backward 3.5× that (the usual
-flash-attention convention), the same numerator for every implementation so the numbers compare.
+``reference`` (and, on GPU, ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` with the dense
+mask as a bias; ``xla_dense`` is the same call with XLA's implementation) at T = 4k, 8k, 16k (head_dim 128,
+GQA 7:1, bf16), forward and forward+backward. FLOPs count only the visible (query, key) pairs: forward
+4·D·Hq per pair, forward+backward 3.5× that (the usual flash-attention convention), the same numerator for
+every implementation so the numbers compare. ``--sweep`` times the Pallas kernel over a few tile sizes at
+the first ``--seq-lens`` value.
 
 Usage::
 
     python3 tools/bench_attention.py                       # CPU checks + block-skip fractions
     python3 tools/bench_attention.py --mode accelerator --seq-lens 4096 8192 16384 --json out.json
+    python3 tools/bench_attention.py --mode accelerator --no-check --impls pallas cudnn xla_dense
+    python3 tools/bench_attention.py --mode accelerator --no-check --sweep --seq-lens 8192
 """
 
 from __future__ import annotations
@@ -101,9 +106,22 @@ def _inputs(meta, num_q_heads, num_kv_heads, head_dim, dtype, seed=0):
     return q, k, v
 
 
+def cudnn_dense_attention(q, k, v, sample_id, split_id, split_kind):
+    """cuDNN's fused attention with the dense mask (as a bias); rows that see nothing give zeros."""
+    mask = visibility_mask(sample_id, split_id, split_kind)[:, None]  # [B, 1, Tq, Tk]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
+
+
+def _attend(q, k, v, meta, impl, block_sizes=None):
+    if impl == "cudnn":
+        return cudnn_dense_attention(q, k, v, *meta)
+    return packed_attention(q, k, v, *meta, impl=impl, block_sizes=block_sizes)
+
+
 def _fwd_bwd(impl, meta, block_sizes=None):
     def loss(q, k, v):
-        return jnp.sum(packed_attention(q, k, v, *meta, impl=impl, block_sizes=block_sizes).astype(jnp.float32))
+        return jnp.sum(_attend(q, k, v, meta, impl, block_sizes).astype(jnp.float32))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -127,9 +145,11 @@ def correctness_report(seq_len: int, impl: str = "pallas_interpret", block_sizes
                     f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
                     ref_out = jax.jit(lambda q, k, v, m=meta: packed_attention(q, k, v, *m, impl="reference"))(*f32)
                     _, ref_grads = _fwd_bwd("reference", meta)(*f32)
-                out = jax.jit(lambda q, k, v, m=meta: packed_attention(
-                    q, k, v, *m, impl=impl, block_sizes=block_sizes))(q, k, v)
-                _, grads = _fwd_bwd(impl, meta, block_sizes)(q, k, v)
+                # float32 kernels at "highest" too (IEEE dots): the default lets GPUs use TF32.
+                with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
+                    out = jax.jit(lambda q, k, v, m=meta: packed_attention(
+                        q, k, v, *m, impl=impl, block_sizes=block_sizes))(q, k, v)
+                    _, grads = _fwd_bwd(impl, meta, block_sizes)(q, k, v)
                 grad_err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(grads, ref_grads))
                 grad_scale = max(float(jnp.max(jnp.abs(r))) for r in ref_grads)
                 rows.append(dict(pack=name, impl=impl, T=seq_len, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
@@ -149,9 +169,20 @@ def _median_ms(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def timing_report(seq_lens, repeats: int, impls) -> list[dict]:
+SWEEP = (  # block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages (the backward's: the same)
+    BlockSizes(128, 64, 64, 64, 8, 2), BlockSizes(128, 64, 64, 64, 4, 3), BlockSizes(128, 128, 64, 64, 8, 2),
+    BlockSizes(128, 128, 64, 64, 8, 3), BlockSizes(64, 64, 64, 64, 4, 2), BlockSizes(128, 64, 64, 128, 8, 2),
+    BlockSizes(128, 64, 128, 64, 8, 2), BlockSizes(64, 128, 32, 64, 4, 2),
+)
+
+
+def timing_report(seq_lens, repeats: int, impls, sweep: tuple[BlockSizes, ...] = ()) -> list[dict]:
+    """Timings of ``impls`` (or, with ``sweep``, of ``pallas`` at each of those tile sizes)."""
     rows = []
     num_q_heads, num_kv_heads, head_dim = 28, 4, 128  # BAGEL-7B: GQA 7:1
+    variants = [(f"pallas{b.block_q}x{b.block_k}/{b.block_q_bwd}x{b.block_k_bwd}w{b.num_warps}s{b.num_stages}"
+                 + (f"/bwd:w{b.num_warps_bwd}s{b.num_stages_bwd}" if b.num_warps_bwd else ""), "pallas", b)
+                for b in sweep] or [(impl, impl, None) for impl in impls]
     for seq_len in seq_lens:
         for pack_name in ("stage2_4x(text+vit+vae+noise)", "causal_1x"):
             meta_np = typical_packs(seq_len)[pack_name]
@@ -159,15 +190,17 @@ def timing_report(seq_lens, repeats: int, impls) -> list[dict]:
             pairs = float(jnp.sum(visibility_mask(*meta)))
             fwd_flops = 4.0 * head_dim * num_q_heads * pairs
             q, k, v = _inputs(meta, num_q_heads, num_kv_heads, head_dim, jnp.bfloat16)
-            for impl in impls:
-                fwd = jax.jit(lambda q, k, v, i=impl, m=meta: packed_attention(q, k, v, *m, impl=i))
-                for phase, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", _fwd_bwd(impl, meta), 3.5 * fwd_flops)):
+            for label, impl, sizes in variants:
+                fwd = jax.jit(lambda q, k, v, i=impl, m=meta, b=sizes: _attend(q, k, v, m, i, b))
+                for phase, fn, flops in (("fwd", fwd, fwd_flops),
+                                         ("fwd+bwd", _fwd_bwd(impl, meta, sizes), 3.5 * fwd_flops)):
                     try:
                         ms = _median_ms(fn, (q, k, v), repeats)
-                        rows.append(dict(T=seq_len, pack=pack_name, impl=impl, phase=phase, ms=ms,
+                        rows.append(dict(T=seq_len, pack=pack_name, impl=label, phase=phase, ms=ms,
                                          tflops=flops / (ms * 1e-3) / 1e12))
                     except Exception as e:  # noqa: BLE001 (e.g. the dense reference running out of memory)
-                        rows.append(dict(T=seq_len, pack=pack_name, impl=impl, phase=phase, error=type(e).__name__))
+                        rows.append(dict(T=seq_len, pack=pack_name, impl=label, phase=phase,
+                                         error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
                     print(_format(rows[-1]), flush=True)
     return rows
 
@@ -186,7 +219,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check-seq-len", type=int, default=256,
                         help="T of the correctness check (interpret mode on CPU, compiled kernel on GPU/TPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median reported)")
-    parser.add_argument("--impls", nargs="+", default=["pallas", "xla_dense", "reference"])
+    parser.add_argument("--impls", nargs="*", default=["pallas", "xla_dense", "reference"],
+                        help="packed_attention impls to time, and/or cudnn (GPU)")
+    parser.add_argument("--no-check", action="store_true", help="accelerator mode: skip the correctness check")
+    parser.add_argument("--sweep", action="store_true", help="time the Pallas kernel over the SWEEP tile sizes "
+                        "(at the first --seq-lens value) instead of --impls")
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -202,13 +239,16 @@ def main(argv=None) -> int:
     for row in results["block_skip"]:
         print(_format(row))
     if accelerator:
-        print(f"# compiled kernel vs reference on {platform} (T={args.check_seq_len}, GQA 7:1; reference f32 highest)")
-        results["correctness"] = correctness_report(args.check_seq_len, "pallas", None, (64, 128),
-                                                    (jnp.float32, jnp.bfloat16))
-        for row in results["correctness"]:
-            print(_format(row), flush=True)
+        if not args.no_check:
+            print(f"# compiled kernel vs reference on {platform} (T={args.check_seq_len}, GQA 7:1; reference f32 "
+                  "highest)")
+            results["correctness"] = correctness_report(args.check_seq_len, "pallas", None, (64, 128),
+                                                        (jnp.float32, jnp.bfloat16))
+            for row in results["correctness"]:
+                print(_format(row), flush=True)
         print("# timings (median ms, TFLOP/s over visible pairs)")
-        results["timings"] = timing_report(args.seq_lens, args.repeats, args.impls)
+        seq_lens = args.seq_lens[:1] if args.sweep else args.seq_lens
+        results["timings"] = timing_report(seq_lens, args.repeats, args.impls, SWEEP if args.sweep else ())
     else:
         print(f"# interpret-mode kernels vs reference (T={args.check_seq_len}, f32, GQA 7:1, head_dim 64)")
         results["correctness"] = correctness_report(args.check_seq_len, "pallas_interpret", BlockSizes(32, 32, 32, 32))

@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtol", type=float, default=2e-3,
                         help="largest allowed |Δgrad| / max|grad| per parameter (and |Δloss| / |loss|)")
+    parser.add_argument("--precision", default="default", choices=("default", "highest"),
+                        help="matmul precision of the fused run (the reference always runs at highest); on GPU the "
+                             "default lets XLA and the Triton kernels use TF32 for float32, highest isolates the "
+                             "kernels' own error")
     args = parser.parse_args(argv)
 
     platform = jax.default_backend()
@@ -106,10 +110,11 @@ def main(argv=None) -> int:
                                                           reference.latent_patch_size ** 2))
     with jax.default_matmul_precision("highest"):
         ref_losses, ref_grads = loss_and_grads(reference, batch, noise)
-    fused_losses, fused_grads = loss_and_grads(fused, batch, noise)
+    with jax.default_matmul_precision(None if args.precision == "default" else args.precision):
+        fused_losses, fused_grads = loss_and_grads(fused, batch, noise)
 
     print(f"# platform={platform} devices={jax.devices()} variant={args.variant} impl={impl} "
-          f"T={budget.total_tokens} (und {budget.und_tokens} + gen {budget.gen_tokens})")
+          f"T={budget.total_tokens} (und {budget.und_tokens} + gen {budget.gen_tokens}) precision={args.precision}")
     failed = []
     for key, value in ref_losses.items():
         rel = abs(fused_losses[key] - value) / max(abs(value), 1e-6)

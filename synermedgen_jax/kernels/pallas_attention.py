@@ -34,7 +34,8 @@ class BlockSizes:
     """Tile sizes. ``block_q``/``block_k`` for the forward, ``*_bwd`` for the dq and dk/dv kernels.
 
     Every size must be a power of two ≥ 16 (Triton dot operands); T is padded to a multiple of all four.
-    ``num_warps``/``num_stages`` are Triton-only.
+    ``num_warps``/``num_stages`` (forward) and ``num_warps_bwd``/``num_stages_bwd`` (dq and dk/dv kernels; None:
+    the forward's) are Triton-only.
     """
 
     block_q: int = 64
@@ -43,6 +44,8 @@ class BlockSizes:
     block_k_bwd: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -60,8 +63,11 @@ def default_block_sizes(backend: str, head_dim: int, interpret: bool) -> BlockSi
     if interpret:
         return BlockSizes(32, 32, 32, 32)
     if backend == "triton":
-        # 128x64 forward keeps q, the accumulator and one K/V tile in registers/shared memory at D=128.
-        return BlockSizes(128, 64, 64, 64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+        # 128x64 forward keeps q, the accumulator and one K/V tile in registers/shared memory at D=128. The
+        # backward kernels run best with 4 warps: measured on an H100 (tools/bench_attention.py --sweep, T=8192,
+        # D=128, bf16), 8 warps there made forward+backward 1.7-1.9x slower.
+        return BlockSizes(128, 64, 64, 64, num_warps=8 if head_dim >= 128 else 4, num_stages=2, num_warps_bwd=4,
+                          num_stages_bwd=2)
     return BlockSizes(256, 256, 256, 256)
 
 
@@ -112,7 +118,8 @@ def _attention_bwd(config: _Config, residuals, d_out):
     lists = _lists(meta, sizes.block_q_bwd, sizes.block_k_bwd)
     dq, dk, dv = _module(config).backward(
         q, k, v, meta, lists, d_out.astype(q.dtype), lse, delta, scale=config.scale,
-        bq=sizes.block_q_bwd, bk=sizes.block_k_bwd, num_warps=sizes.num_warps, num_stages=sizes.num_stages,
+        bq=sizes.block_q_bwd, bk=sizes.block_k_bwd, num_warps=sizes.num_warps_bwd or sizes.num_warps,
+        num_stages=sizes.num_stages_bwd or sizes.num_stages,
         interpret=config.interpret,
     )
     return dq, dk, dv, None
