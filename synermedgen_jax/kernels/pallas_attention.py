@@ -65,7 +65,7 @@ def default_block_sizes(backend: str, head_dim: int, interpret: bool) -> BlockSi
     if backend == "triton":
         # 128x64 forward keeps q, the accumulator and one K/V tile in registers/shared memory at D=128. The
         # backward kernels run best with 4 warps: measured on an H100 (tools/bench_attention.py --sweep, T=8192,
-        # D=128, bf16), 8 warps there made forward+backward 1.7-1.9x slower.
+        # D=128, bf16), 8 warps there made the backward 2-2.4x slower (forward+backward 1.4-1.9x).
         return BlockSizes(128, 64, 64, 64, num_warps=8 if head_dim >= 128 else 4, num_stages=2, num_warps_bwd=4,
                           num_stages_bwd=2)
     return BlockSizes(256, 256, 256, 256)
