@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--stage1-steps", type=int, default=150)
     parser.add_argument("--stage2-steps", type=int, default=400)
-    parser.add_argument("--rows", type=int, default=4, help="pack rows per step in every stage")
+    parser.add_argument("--rows", type=int, default=4, help="pack rows per step of the VAE and Stage I (default 4)")
+    parser.add_argument("--stage2-rows", type=int, default=16,
+                        help="pack rows per Stage II step (default 16: small's Stage II rows hold one sample each)")
     parser.add_argument("--eval-slices", type=int, default=8)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--eval-instances", type=int, default=32,
@@ -70,9 +72,9 @@ def main(args: argparse.Namespace) -> int:
                            "--subjects", str(args.subjects), "--seed", str(args.seed), "--overwrite"])
     extra = list(getattr(args, "overrides", []))
 
-    def train(name: str, config: str, run_dir: Path, steps: int, more: list[str]) -> None:
+    def train(name: str, config: str, run_dir: Path, steps: int, more: list[str], rows: int | None = None) -> None:
         state.run(name, ["train", "--config", config, "--workdir", str(run_dir),
-                         *train_overrides(data_dir, steps, args.rows, args.seed), *more, *extra], steps=steps)
+                         *train_overrides(data_dir, steps, rows or args.rows, args.seed), *more, *extra], steps=steps)
 
     vae_dir = workdir / "vae"
     train("vae", f"configs/vae.py:{args.variant}", vae_dir, args.vae_steps, [])
@@ -84,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
                   [f"--config.vae_from={vae_dir}"])
             stage2_more += [f"--config.init_from={arm_dir / 'stage1'}", "--config.init_moe=True"]
         train(f"{arm}/stage2", f"configs/stage2_ucg.py:{args.variant}", arm_dir / "stage2", args.stage2_steps,
-              stage2_more)
+              stage2_more, rows=args.stage2_rows)
         state.run(f"{arm}/eval", ["eval", "--workdir", str(arm_dir / "stage2"), "--data", str(data_dir), "--out",
                                   str(arm_dir / "eval"), "--max-slices", str(args.eval_slices), "--steps",
                                   str(args.sample_steps), "--seed", str(args.seed),

@@ -25,7 +25,7 @@ from synermedgen_jax.commands._runner import StageState, train_overrides, write_
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
 # others pack rows). Measured on 2 CPU cores: data 35 s, VAE 0.4 s/step (4 images), Stage I 1 s/step,
-# Stage II 0.6 s/step (2 rows, small), eval 80 s (one sampler batch per route, no padding), VAE ceiling and
+# Stage II 0.45 s/step (8 one-sample rows, small), eval 80 s (one sampler batch per route, no padding), VAE ceiling and
 # local map 35 s, synthesis 22 s, plus ~20 s compile per stage.
 # The VAE's reconstruction bounds every synthesized slice (decode(encode(target)) is the best a prediction can
 # be). With the (1 − SSIM) term (configs/vae.py), 300 steps reconstruct the evaluated MR slices at SSIM×100
@@ -37,15 +37,16 @@ STAGES = (
     # name, config file, steps at the base budget, rows per step
     ("vae", "configs/vae.py", 300, 4),
     ("stage1", "configs/stage1_gau.py", 60, 4),
-    ("stage2", "configs/stage2_ucg.py", 650, 2),
+    ("stage2", "configs/stage2_ucg.py", 1000, 8),  # small's Stage II rows hold one sample each
 )
 # Short runs end on an annealed learning rate (cosine to lr·min_lr_ratio; configs/vae.py does so already):
 # at a constant 1e-3 the Stage II loss sat on a bouncing plateau for its last 100 steps.
-# Stage II takes more, smaller steps at a higher peak: from the same Stage I and VAE, 400 steps × 2 rows at
+# Stage II takes more, smaller steps at a higher peak: from the same Stage I and VAE, 400 steps × ~8 samples at
 # 2e-3 gave a mean SSIM×100 of 54.8 over the 18 routes (beating the identity copy on 4) against 51.0 (2) for
-# 200 steps × 4 rows at 1e-3, in about the same time; the model is far from converged at this budget. With the
-# sharper VAE, 500 steps gave a mean of 59.5 (4 of 18 routes) and 1000 steps 67.9 (5 of 18; the MR routes
-# within 1-5 points of the copy, t1↔t1ce excepted): Stage II steps are what the budget buys most.
+# 200 steps × ~16 samples at 1e-3, in about the same time; the model is far from converged at this budget.
+# Training at high noise (configs/models.py timestep_shift = 12: 650 steps 62.5 -> 70.9) and one-sample pack
+# rows (configs/train_common.py: 0.44 s/step instead of 0.66) bought the most: 1,000 steps of 8 samples in
+# ~470 s gave a mean of 70.0 and 11 of 18 routes above the copy.
 STAGE_OVERRIDES = {"stage2": ["--config.train.schedule=cosine", "--config.train.lr=2e-3"]}
 
 
