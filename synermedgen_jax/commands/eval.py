@@ -1,7 +1,8 @@
 """Evaluate synthesis routes and understanding accuracy of a checkpoint on a built data folder.
 
   python -m synermedgen_jax eval --checkpoint runs/stage2 --data data/sim [--tasks mni152-sim/brain/t1->t2 ...]
-      [--split test] [--steps 50] [--max-slices 16] [--max-instances 32] [--out runs/stage2/eval]
+      [--split test] [--steps 50] [--cfg-text 4 --cfg-img 1.5] [--max-slices 16] [--max-instances 32]
+      [--out runs/stage2/eval]
 
 Routes (registry tasks, evaluation/tasks.py) whose two modalities the split's records hold are evaluated;
 the dataset's other routes are listed as absent. --tasks takes task names or dataset names. Per route:
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
     parser.add_argument("--split", default="test", help="record split (test)")
     parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50)")
+    parser.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (4.0, BAGEL's)")
+    parser.add_argument("--cfg-img", type=float, default=1.5, help="image guidance scale (1.5, BAGEL's)")
     parser.add_argument("--max-slices", type=int, default=16, help="slices per route (16)")
     parser.add_argument("--max-instances", type=int, default=32, help="instances per understanding task (32; 0: skip)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -57,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
         inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer)
         config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
                             max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
-                            sampler=SamplerConfig(num_steps=args.steps), devices=args.devices)
+                            sampler=SamplerConfig(num_steps=args.steps, cfg_text=args.cfg_text,
+                                                  cfg_img=args.cfg_img), devices=args.devices)
         out = Path(args.out) if args.out else Path(checkpoint) / "eval"
         from tqdm import tqdm
 

@@ -231,7 +231,9 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 def markdown(report: dict) -> str:
     """The paper-style table (SSIM×100 / PSNR / MAE per route, model and identity) and the other sections."""
-    lines = [f"# Evaluation ({report['split']} split, {report['sampler']['num_steps']} timesteps)", "",
+    sampler = report["sampler"]
+    lines = [f"# Evaluation ({report['split']} split, {sampler['num_steps']} timesteps, guidance text "
+             f"{sampler['cfg_text']:g} / image {sampler['cfg_img']:g})", "",
              "| task | group | slices | SSIM×100 | PSNR | MAE | identity SSIM×100 | identity PSNR | identity MAE |"
              " paper SSIM×100 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["synthesis"].items():
