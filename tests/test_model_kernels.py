@@ -30,3 +30,17 @@ def test_pallas_interpret_training_matches_reference(tiny_config):
     assert ref_grads.keys() == fused_grads.keys()
     for path, value in ref_grads.items():
         np.testing.assert_allclose(fused_grads[path], value, atol=1e-4, err_msg=path)
+
+
+def test_gpu_kernel_check_tool_runs_in_interpret_mode(tmp_path):
+    """README's per-kernel GPU check (tools/gpu_kernel_check.py) on CPU in interpret mode (--quick): every
+    attention and flow-matching case runs and agrees with its jnp reference within the tool's tolerances."""
+    import json
+
+    from tools import gpu_kernel_check
+
+    out = tmp_path / "rows.json"
+    assert gpu_kernel_check.main(["--interpret", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["kind"] for row in rows} == {"attention", "flow_matching"}
+    assert all(row["ok"] for row in rows) and len(rows) >= 10
