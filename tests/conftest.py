@@ -26,3 +26,9 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` (minutes-long end-to-end runs) go first: under ``-n 2`` they then run beside the
+    rest of the suite instead of starting last and trailing it."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
