@@ -67,8 +67,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     assert len(synthesis) == 18  # every mni152-sim route of the registry
     assert f"Model SSIM above the identity baseline on **{better} of {len(synthesis)}** routes." in report
     # Beating the copy is not asserted for this smoke run (tiny model, 8 VAE / 2 Stage I / 27 Stage II steps,
-    # 32-pixel slices at 8 mm, 2 sampling steps: it synthesizes noise); the claim belongs to the small model and
-    # is checked on a shortened run by test_shortened_small_run_beats_the_copy_on_most_routes.
+    # 32-pixel slices at 8 mm, 2 sampling steps: it synthesizes noise); the claim belongs to the small model's
+    # default run and is checked by test_default_small_run_beats_the_copy_on_most_routes.
     for row in synthesis.values():
         assert row["slices"] == 1 and np.isfinite(row["identity"]["ssim"])
     # The ceiling table: the same routes and slices as eval (identity SSIM equal to eval's own), one line each.
@@ -89,3 +89,15 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already done") == 6  # vae_ceiling is skipped silently
     assert "$ python -m synermedgen_jax train" not in again.stdout
+
+
+@pytest.mark.parametrize("bad", [["--budget-minutes", "0"], ["--eval-slices", "0"], ["--sample-steps", "1"],
+                                 ["--cfg-text", "-1"], ["--cfg-text", "nan"]])
+def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, bad):
+    from synermedgen_jax.__main__ import main as cli
+
+    workdir = tmp_path / "qs"
+    assert cli(["quickstart", "--workdir", str(workdir), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and bad[0] in err
+    assert not workdir.exists()  # nothing built

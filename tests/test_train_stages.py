@@ -283,8 +283,9 @@ def _check_vae_ceiling(vae_dir, data):
                                                    use_sample_covariance=False))
     np.testing.assert_allclose(rows[name]["reconstruction"], 100 * np.mean(want_recon), atol=1e-3)
     np.testing.assert_allclose(rows[name]["identity"], 100 * np.mean(want_identity), atol=1e-3)
-    train_pairs = sum(task.source in r["images"] and task.target in r["images"]
-                      for r in (RecordReader(data, "train")[i] for i in range(len(RecordReader(data, "train")))))
+    train = RecordReader(data, "train")
+    train_pairs = sum(task.source in record["images"] and task.target in record["images"]
+                      for record in (train[i] for i in range(len(train))))
     assert rows[name]["fit_pairs"] == train_pairs > 0 and -100.0 <= rows[name]["local_map"] <= 100.0
     assert vae_ceiling.main(["--vae", str(vae_dir / "missing"), "--data", str(data)]) == 2
 

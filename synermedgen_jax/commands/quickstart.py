@@ -19,6 +19,7 @@ Stages (each resumable: running the command again continues where it stopped, fi
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from synermedgen_jax.commands._runner import StageState, train_overrides, write_atomic
@@ -71,7 +72,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about the arguments, found before minutes of training rather than at evaluation."""
+    from synermedgen_jax.inference.sampler import SamplerConfig
+
+    if not args.budget_minutes > 0 or args.eval_slices < 1:
+        return f"--budget-minutes must be > 0 and --eval-slices >= 1, got {args.budget_minutes} and {args.eval_slices}"
+    try:
+        SamplerConfig(num_steps=args.sample_steps, cfg_text=args.cfg_text)
+    except ValueError as err:
+        return f"--sample-steps {args.sample_steps} / --cfg-text {args.cfg_text}: {err}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    error = _argument_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     state = StageState(workdir / "quickstart.json")

@@ -88,6 +88,9 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.renorm must be one of {RENORMS}, got {self.renorm!r}")
         if self.shift <= 0:
             raise ValueError(f"SamplerConfig.shift must be > 0, got {self.shift}")
+        for name in ("cfg_text", "cfg_img"):
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                raise ValueError(f"SamplerConfig.{name} (guidance scale) must be >= 0, got {getattr(self, name)}")
 
 
 def timestep_schedule(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
