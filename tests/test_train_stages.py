@@ -31,8 +31,8 @@ def test_masks_give_no_optimizer_state_to_frozen_params(data):
                                    "language_model.layers.0.mlp_moe_gen.up_proj.kernel"),
                                   ("configs/stage2_ucg.py:tiny", "llm2vae.kernel", "vit_model.post_layernorm.weight")]:
         config = loop.resolve_config(_config(spec, data))
-        model, codec, _ = loop.build(config)
-        state = step.init_state(codec, model, optim.make_optimizer(config.train), config.train)
+        make_model, codec, _ = loop.build(config)
+        state = step.abstract_state(codec, make_model, optim.make_optimizer(config.train), config.train)
         assert trained in state["params"] and frozen in state["frozen"] and frozen not in state["params"]
         mu = state["opt"][1][0].mu
         assert set(mu) == set(state["params"])

@@ -24,12 +24,11 @@ def bench(spec: str, data: str, steps: int, warmup: int) -> dict:
     from synermedgen_jax.training import step as step_lib
 
     config = loop.resolve_config(apply_overrides(load_config(spec), [f"--config.data.dir={data}"]))
-    model, codec, objective = loop.build(config)
+    make_model, codec, objective = loop.build(config)
     tx = optim.make_optimizer(config.train)
     mesh = sharding.make_mesh(config.mesh)
-    state = step_lib.init_state(codec, model, tx, config.train)
-    shardings = step_lib.state_shardings(codec, state, tx, mesh)
-    state = jax.device_put(state, shardings)
+    _, shardings = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
+    state = step_lib.create_state(codec, make_model, tx, config.train, shardings)
     batches = inputs.train_batches(config)
     local = [next(batches) for _ in range(warmup + steps)]
     fn = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), shardings,

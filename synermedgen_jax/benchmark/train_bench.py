@@ -91,6 +91,7 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
     import jax
 
+    from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.flops import compiled_flops
     from synermedgen_jax.modeling.packing import PackBudget
     from synermedgen_jax.training import optim, sharding
@@ -104,18 +105,16 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
         mesh = sharding.make_mesh(config.mesh)
     except ValueError as err:
         raise BenchError(str(err)) from None
+    config.model = resolve_kernels(config.model, mesh.devices.flat[0].platform, mesh_shape=dict(mesh.shape))
     rows = rows or int(config.train.rows)
     if rows % (sharding.batch_divisor(mesh) * int(config.train.grad_accum)):
         raise BenchError(f"rows={rows} must be a multiple of data×fsdp ({sharding.batch_divisor(mesh)}) × "
                          f"grad_accum ({config.train.grad_accum})")
     budget = PackBudget.from_config(config.data.pack)
-    model, codec, objective = build(config)
+    make_model, codec, objective = build(config)
     tx = optim.make_optimizer(config.train)
-    host_state = step_lib.init_state(codec, model, tx, config.train)
-    del model
-    state_sh = step_lib.state_shardings(codec, host_state, tx, mesh)
-    state = jax.device_put(host_state, state_sh)
-    del host_state
+    _, state_sh = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
+    state = step_lib.create_state(codec, make_model, tx, config.train, state_sh)
     local, counts = synthetic_batch(config, budget, rows, seed=int(config.train.seed))
     batch = sharding.global_batch(local, mesh)
     fn = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), state_sh,
@@ -152,6 +151,7 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     achieved = analytic["total"] / step_s
     return {
         "name": "train", "config_stage": config.stage, "rows": rows, "devices": devices, "mesh": dict(mesh.shape),
+        "kernels": config.model.kernels.summary,
         "steps": steps, "warmup": warmup, "compile_s": compile_s, "step_times_s": times,
         "step_time_s": step_s, "tokens_per_step": counts["tokens"], "slot_tokens_per_step": counts["slot_tokens"],
         "images_per_step": counts["images"], "samples_per_step": counts["samples"],
@@ -187,11 +187,13 @@ def bench_sample(config, *, steps: int, warmup: int, slices: int = 2, num_steps:
         from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
     except ImportError as err:
         return {"name": "sample", "skipped": f"sampler unavailable: {err}"}
+    from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.packing import PackBudget, SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
 
     budget = PackBudget.from_config(config.data.pack)
-    model = build_model(config.model, int(config.train.seed))
+    model_config = resolve_kernels(config.model)
+    model = build_model(model_config, int(config.train.seed))
     rng = np.random.default_rng(0)
     sources = rng.uniform(-1, 1, size=(slices, *budget.image_size)).astype(np.float32)
     instruction = rng.integers(8, int(config.model.llm.vocab_size), size=12).tolist()
@@ -212,5 +214,6 @@ def bench_sample(config, *, steps: int, warmup: int, slices: int = 2, num_steps:
                      "batch_slices": slices, "first_call_s": first, "batch_time_s": median,
                      "slices_per_s": slices / median, "ms_per_slice": 1e3 * median / slices})
     return {"name": "sample", "num_steps": num_steps, "cfg": "text 4.0 / image 1.5, text_channel renorm (3 passes)",
+            "kernels": model_config.kernels.summary,
             "image_size": list(budget.image_size), "results": rows,
             "cache_speedup": rows[1]["batch_time_s"] / rows[0]["batch_time_s"]}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from synermedgen_jax.kernels.attention import CAUSAL, NOISE, packed_attention
-from synermedgen_jax.modeling.layers import apply_rope, rope_cos_sin
+from synermedgen_jax.modeling.layers import active_mesh, apply_rope, rope_cos_sin
 
 
 class Meta(NamedTuple):
@@ -107,7 +107,8 @@ def _layer(layer, x: jax.Array, und: int, meta: Meta, rope, keys) -> tuple[jax.A
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if keys is None:
-        out = packed_attention(q, k, v, meta.sample_id, meta.split_id, meta.split_kind, impl=attn.attention_impl)
+        out = packed_attention(q, k, v, meta.sample_id, meta.split_id, meta.split_kind, impl=attn.attention_impl,
+                               mesh=active_mesh())
     else:
         k_cache, v_cache, k_meta = keys
         mask = visible(meta, Meta.concat([k_meta, meta]))

@@ -48,8 +48,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
-from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps
+from synermedgen_jax.kernels import partition
+from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps, uses_kernel
 from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
+from synermedgen_jax.modeling.layers import active_mesh
 from synermedgen_jax.modeling.packing import (
     NOISE,
     Geometry,
@@ -77,7 +79,8 @@ class SamplerConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     renorm: str = "text_channel"  # text_channel | channel | global
     renorm_min: float = 0.0
-    step_impl: str = "reference"  # kernels.flow_matching impl switch for the CFG + Euler step
+    # kernels.flow_matching impl of the CFG + Euler step; "auto": the model's flow_matching_impl (kernels/dispatch.py)
+    step_impl: str = "auto"
     use_cache: bool = True
     sample_posterior: bool = False  # source latents: posterior mean (deterministic) unless True
 
@@ -229,11 +232,19 @@ def uncached_velocity(model, batch: dict, layout: Layout, x_und_full: jax.Array,
 
 
 def _guided_step(config: SamplerConfig, x, v, vt, vi, t, dt):
-    """``cfg_euler_step`` per image (vmap over the batch: the "global" renorm's norm is per image)."""
-    step = lambda xb, vb, vtb, vib: cfg_euler_step(
-        xb, vb, vtb, vib, t, dt, cfg_text=config.cfg_text, cfg_img=config.cfg_img, cfg_interval=config.cfg_interval,
-        renorm=config.renorm, renorm_min=config.renorm_min, impl=config.step_impl)
-    return jax.vmap(step)(x, v, vt, vi)
+    """``cfg_euler_step`` per image (vmap over the batch: the "global" renorm's norm is per image). On a mesh a
+    Pallas step runs under ``shard_map`` on each device's images (kernels/partition.py)."""
+    def images_step(x, v, vt, vi, t, dt):
+        step = lambda xb, vb, vtb, vib: cfg_euler_step(
+            xb, vb, vtb, vib, t, dt, cfg_text=config.cfg_text, cfg_img=config.cfg_img,
+            cfg_interval=config.cfg_interval, renorm=config.renorm, renorm_min=config.renorm_min,
+            impl=config.step_impl)
+        return (jax.vmap(step)(x, v, vt, vi),)
+
+    mesh = active_mesh()
+    if mesh is not None and uses_kernel(config.step_impl):
+        images_step = partition.over_rows(images_step, mesh, x.shape[0], 4, 1, "sampler CFG step")
+    return images_step(x, v, vt, vi, jnp.asarray(t, jnp.float32), jnp.asarray(dt, jnp.float32))[0]
 
 
 def sample_latents(model, batches: dict[str, dict], layouts: dict[str, Layout], source_tokens: jax.Array,
@@ -346,6 +357,8 @@ class Sampler:
 
     def __init__(self, model, special: SpecialTokens, image_size: tuple[int, int], vit_image_size: tuple[int, int],
                  config: SamplerConfig = SamplerConfig(), mesh: Mesh | None = None):
+        if config.step_impl == "auto":  # the step follows the model's resolved kernels
+            config = dataclasses.replace(config, step_impl=str(model.config.get("flow_matching_impl", "auto")))
         self.config = config
         self.special = special
         self.image_size, self.vit_image_size = tuple(image_size), tuple(vit_image_size)
@@ -432,6 +445,12 @@ class Sampler:
         """Lowers one batch's compiled call without running it (for ``plan``): the packs are built on the host
         from blank sources (their shapes do not depend on pixel values); every argument is abstract, so a model
         made with ``nnx.eval_shape`` (no parameter allocated) can be planned on a simulated mesh."""
+        function, args = self.lowering_args(batch_size, instruction_ids)
+        return function.lower(*args)
+
+    def lowering_args(self, batch_size: int, instruction_ids: Sequence[int]) -> tuple[Callable, tuple]:
+        """``(jitted function, abstract arguments)`` of one batch's call (see :meth:`lower`; ``jax.export``
+        takes the same pair)."""
         if batch_size < 1 or batch_size % self.batch_divisor:
             raise ValueError(f"Sampler.lower: batch_size {batch_size} must be a positive multiple of "
                              f"{self.batch_divisor}")
@@ -445,8 +464,8 @@ class Sampler:
         if self.mesh is not None:
             key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        return self._function(layouts).lower(state, jax.tree.map(abstract, batches),
-                                             abstract(_vae_sources(batches)), noise, key)
+        return self._function(layouts), (state, jax.tree.map(abstract, batches), abstract(_vae_sources(batches)),
+                                         noise, key)
 
     def generate(self, sources: np.ndarray, instruction_ids: Sequence[int], *, seed: int = 0, batch_size: int = 8,
                  indices: Sequence[int] | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from synermedgen_jax.kernels import partition
 from synermedgen_jax.kernels.tile_math import visible_tile
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 CAUSAL, FULL, NOISE = 0, 1, 2
 IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "auto")
+KERNEL_IMPLS = ("pallas", "pallas_interpret")  # opaque to XLA: partitioned with shard_map on a mesh
 
 
 def visibility_mask(sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array) -> jax.Array:
@@ -121,10 +123,12 @@ def packed_attention(
 
     ``impl``: one of ``IMPLS``. ``block_sizes``: Pallas tile sizes (None: per-platform defaults).
 
-    With ``mesh``, the attention runs under ``shard_map``: batch split over the mesh axes of ``batch_axes``
-    that exist in the mesh, heads (q and K/V alike) over ``head_axis``; T stays whole on every device. Each
-    device attends its own batch rows and heads, so K/V are never gathered. B must divide by the product of
-    the batch axes' sizes, Hq and Hkv by the head axis' size. Axes of the mesh not named are replicated.
+    ``mesh``: the device mesh the caller is traced for (the model passes ``layers.active_mesh()``). A Pallas
+    kernel then runs under ``shard_map`` (kernels/partition.py): rows split over the mesh axes of
+    ``batch_axes``, heads (q and K/V alike) over ``head_axis``; T stays whole on every device, so each device
+    attends its own rows and heads and K/V are never gathered. When the heads do not divide over
+    ``head_axis`` the rows are split over it too where they divide. The jnp implementations ignore ``mesh``:
+    XLA partitions them from their operands' shardings.
     """
     _validate(q, k, v, sample_id, split_id, split_kind)
     if impl == "auto":
@@ -132,7 +136,7 @@ def packed_attention(
     if impl not in IMPLS:
         raise ValueError(f"packed_attention: unknown impl {impl!r}; expected one of {IMPLS}")
     local = functools.partial(_local_attention, impl=impl, block_sizes=block_sizes)
-    if mesh is None:
+    if mesh is None or impl not in KERNEL_IMPLS:
         return local(q, k, v, sample_id, split_id, split_kind)
     return _sharded(local, mesh, tuple(batch_axes), head_axis, q.shape, k.shape)(
         q, k, v, sample_id, split_id, split_kind
@@ -156,22 +160,11 @@ def _local_attention(q, k, v, sample_id, split_id, split_kind, *, impl, block_si
 
 
 def _sharded(local, mesh, batch_axes, head_axis, q_shape, kv_shape):
-    names = tuple(mesh.axis_names)
-    batch = tuple(a for a in batch_axes if a in names)
-    head = head_axis if head_axis in names else None
-    sizes = dict(zip(names, mesh.axis_sizes))
-    batch_ways = math.prod(sizes[a] for a in batch)
-    head_ways = sizes[head] if head else 1
-    if q_shape[0] % batch_ways:
-        raise ValueError(f"packed_attention: batch {q_shape[0]} does not divide over mesh axes {batch} ({batch_ways})")
-    if q_shape[2] % head_ways or kv_shape[2] % head_ways:
-        raise ValueError(
-            f"packed_attention: Hq={q_shape[2]} and Hkv={kv_shape[2]} must divide over mesh axis {head!r} "
-            f"({head_ways} devices)"
-        )
-    batch_spec = batch if batch else None
-    heads = P(batch_spec, None, head, None)
-    meta = P(batch_spec, None)
+    head = partition.dividing_axes(mesh, (head_axis,) if head_axis else (), math.gcd(q_shape[2], kv_shape[2]))
+    wanted_rows = tuple(batch_axes) + ((head_axis,) if head_axis and not head else ())
+    rows = partition.row_axes(mesh, q_shape[0], "packed_attention rows", wanted_rows)
+    heads = P(partition.spec_axes(rows), None, partition.spec_axes(head), None)
+    meta = P(partition.spec_axes(rows), None)
     # Contiguous head shards keep GQA groups together: shard r holds q heads [r*Hq/n, ...) and exactly the
     # K/V heads [r*Hkv/n, ...) they map to, so the local h // group is the right local K/V head.
     return jax.shard_map(
@@ -180,9 +173,7 @@ def _sharded(local, mesh, batch_axes, head_axis, q_shape, kv_shape):
 
 
 def _auto_impl() -> str:
-    platform = jax.default_backend()
-    try:
-        from synermedgen_jax.kernels import pallas_attention  # noqa: F401, PLC0415
-    except ImportError:
-        return "reference"
-    return "pallas" if platform in ("gpu", "cuda", "tpu") else "reference"
+    """``impl="auto"``: the rule of kernels/dispatch.py for the platform being traced for."""
+    from synermedgen_jax.kernels.dispatch import auto_attention  # noqa: PLC0415
+
+    return auto_attention()

@@ -24,6 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
+from synermedgen_jax.kernels import dispatch, partition
+
 IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
 RENORMS = ("text_channel", "channel", "global")
 NORM_EPS = 1e-8  # BAGEL's epsilon in the renorm ratio
@@ -37,11 +39,16 @@ def _resolve(impl: str, backend: str | None) -> tuple[bool, bool, str]:
     if impl not in IMPLS:
         raise ValueError(f"flow_matching: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "tpu") else "reference"
-    backend = backend or ("mosaic" if jax.default_backend() == "tpu" else "triton")
+        impl = dispatch.auto_flow_matching()  # the one rule for "auto" (kernels/dispatch.py)
+    backend = backend or dispatch.pallas_backend()
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"flow_matching: backend must be 'triton' or 'mosaic'; got {backend!r}")
     return impl != "reference", impl == "pallas_interpret", backend
+
+
+def uses_kernel(impl: str) -> bool:
+    """Whether ``impl`` runs a Pallas kernel on this platform (one that must be partitioned on a mesh)."""
+    return _resolve(impl, None)[0]
 
 
 def _check_rows(name: str, x: jax.Array, ndim: int = 2) -> None:
@@ -49,13 +56,27 @@ def _check_rows(name: str, x: jax.Array, ndim: int = 2) -> None:
         raise ValueError(f"flow_matching: {name} must have {ndim} dims ([N, C] or [N]); got shape {x.shape}")
 
 
-def _rowwise_call(kernel, tensors, columns, params, out_widths, out_dtypes, *, interpret, backend, block_rows):
+def _rowwise_call(kernel, tensors, columns, params, out_widths, out_dtypes, *, interpret, backend, block_rows,
+                  mesh=None):
     """Run ``kernel`` over row blocks.
 
     ``tensors``: ``[N, C]`` arrays (channels padded for Triton), ``columns``: ``[N]`` arrays given to the kernel
     as ``[rows, 1]`` tiles, ``params``: a float32 vector given whole as ``[1, P]``. Outputs are ``[N, w]`` for
     each ``w`` in ``out_widths`` (``None`` = the channel width). Returns the outputs with padding removed.
+    With ``mesh`` the call runs under ``shard_map`` on each device's rows (kernels/partition.py).
     """
+    params = jnp.asarray(params, jnp.float32)
+    call = functools.partial(_rowwise_local, kernel, len(tensors), out_widths=out_widths, out_dtypes=out_dtypes,
+                             interpret=interpret, backend=backend, block_rows=block_rows)
+    if mesh is not None:
+        call = partition.over_rows(call, mesh, tensors[0].shape[0], len(tensors) + len(columns), len(out_widths),
+                                   "flow_matching rows")
+    return list(call(*tensors, *columns, params))
+
+
+def _rowwise_local(kernel, num_tensors, *arrays, out_widths, out_dtypes, interpret, backend, block_rows):
+    """:func:`_rowwise_call` on the rows at hand (one device's, under ``shard_map``)."""
+    tensors, columns, params = arrays[:num_tensors], arrays[num_tensors:-1], arrays[-1]
     n, c = tensors[0].shape
     # Triton tiles must have power-of-two sizes; Mosaic takes the whole channel axis as is.
     width = pl.next_power_of_2(c) if backend == "triton" and not interpret else c
@@ -63,7 +84,7 @@ def _rowwise_call(kernel, tensors, columns, params, out_widths, out_dtypes, *, i
     padded_n = -(-n // rows) * rows
     pad_rows = lambda x, w: jnp.pad(x, ((0, padded_n - n), (0, w - x.shape[1])))
     args = [pad_rows(x, width) for x in tensors] + [pad_rows(x[:, None], 1) for x in columns]
-    args.append(jnp.asarray(params, jnp.float32)[None, :])
+    args.append(params[None, :])
     row_spec = lambda w: pl.BlockSpec((rows, w), lambda i: (i, 0))
     in_specs = [row_spec(width)] * len(tensors) + [row_spec(1)] * len(columns)
     in_specs.append(pl.BlockSpec((1, args[-1].shape[1]), lambda i: (0, 0)))
@@ -107,17 +128,17 @@ def _noise_kernel(x0_ref, noise_ref, t_ref, params_ref, out_ref):
     out_ref[...] = x_t.astype(out_ref.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _noised_kernel(x0, noise, t, interpret, backend, block_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _noised_kernel(x0, noise, t, interpret, backend, block_rows, mesh):
     return _rowwise_call(_noise_kernel, [x0, noise], [t], jnp.zeros((1,)), [None], [x0.dtype],
-                         interpret=interpret, backend=backend, block_rows=block_rows)[0]
+                         interpret=interpret, backend=backend, block_rows=block_rows, mesh=mesh)[0]
 
 
-def _noised_fwd(x0, noise, t, interpret, backend, block_rows):
-    return _noised_kernel(x0, noise, t, interpret, backend, block_rows), (x0, noise, t)
+def _noised_fwd(x0, noise, t, interpret, backend, block_rows, mesh):
+    return _noised_kernel(x0, noise, t, interpret, backend, block_rows, mesh), (x0, noise, t)
 
 
-def _noised_bwd(interpret, backend, block_rows, residuals, g):
+def _noised_bwd(interpret, backend, block_rows, mesh, residuals, g):
     # Elementwise: XLA fuses these into one pass, no kernel needed for the backward.
     x0, noise, t = residuals
     g32, t32 = g.astype(jnp.float32), t.astype(jnp.float32)[:, None]
@@ -130,16 +151,18 @@ _noised_kernel.defvjp(_noised_fwd, _noised_bwd)
 
 def noised_latents(
     x0: jax.Array, noise: jax.Array, t: jax.Array, *, impl: str = "reference", backend: str | None = None,
-    block_rows: int = 256,
+    block_rows: int = 256, mesh=None,
 ) -> jax.Array:
-    """``[N, C]`` noised latents ``(1 − t)·x0 + t·noise``; t ``[N]`` per token (already shifted). Differentiable."""
+    """``[N, C]`` noised latents ``(1 − t)·x0 + t·noise``; t ``[N]`` per token (already shifted). Differentiable.
+
+    ``mesh``: the kernel runs under ``shard_map`` on each device's rows (ignored by the reference)."""
     _check_rows("x0", x0)
     if noise.shape != x0.shape or t.shape != x0.shape[:1]:
         raise ValueError(f"noised_latents: noise {noise.shape} must equal x0 {x0.shape}, t {t.shape} be [N]")
     use_kernel, interpret, backend = _resolve(impl, backend)
     if not use_kernel:
         return noised_latents_reference(x0, noise, t)
-    return _noised_kernel(x0, noise, t, interpret, backend, block_rows)
+    return _noised_kernel(x0, noise, t, interpret, backend, block_rows, mesh)
 
 
 # ------------------------------------------------------------------------------------------- velocity MSE
@@ -162,24 +185,24 @@ def _row_mse_grad_kernel(pred_ref, x0_ref, noise_ref, g_ref, params_ref, out_ref
     out_ref[...] = (diff * (2.0 * params_ref[0:1, 0:1]) * g_ref[...]).astype(out_ref.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _row_mse(pred, x0, noise, interpret, backend, block_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _row_mse(pred, x0, noise, interpret, backend, block_rows, mesh):
     """Per-token mean over C of the squared velocity error, ``[N]`` float32."""
     params = jnp.asarray([1.0 / pred.shape[1]])
     out = _rowwise_call(_row_mse_kernel, [pred, x0, noise], [], params, [1], [jnp.float32],
-                        interpret=interpret, backend=backend, block_rows=block_rows)[0]
+                        interpret=interpret, backend=backend, block_rows=block_rows, mesh=mesh)[0]
     return out[:, 0]
 
 
-def _row_mse_fwd(pred, x0, noise, interpret, backend, block_rows):
-    return _row_mse(pred, x0, noise, interpret, backend, block_rows), (pred, x0, noise)
+def _row_mse_fwd(pred, x0, noise, interpret, backend, block_rows, mesh):
+    return _row_mse(pred, x0, noise, interpret, backend, block_rows, mesh), (pred, x0, noise)
 
 
-def _row_mse_bwd(interpret, backend, block_rows, residuals, g):
+def _row_mse_bwd(interpret, backend, block_rows, mesh, residuals, g):
     pred, x0, noise = residuals
     params = jnp.asarray([1.0 / pred.shape[1]])
     d_pred = _rowwise_call(_row_mse_grad_kernel, [pred, x0, noise], [g], params, [None], [jnp.float32],
-                           interpret=interpret, backend=backend, block_rows=block_rows)[0]
+                           interpret=interpret, backend=backend, block_rows=block_rows, mesh=mesh)[0]
     # d/dx0 = +d/dpred and d/dnoise = −d/dpred (exact, free); x0/noise are data, but the grads are correct.
     return d_pred.astype(pred.dtype), d_pred.astype(x0.dtype), (-d_pred).astype(noise.dtype)
 
@@ -189,12 +212,13 @@ _row_mse.defvjp(_row_mse_fwd, _row_mse_bwd)
 
 def velocity_mse_sum(
     pred: jax.Array, x0: jax.Array, noise: jax.Array, mask: jax.Array, *, impl: str = "reference",
-    backend: str | None = None, block_rows: int = 256,
+    backend: str | None = None, block_rows: int = 256, mesh=None,
 ) -> jax.Array:
     """Masked flow-matching loss sum: ``Σ_i mask_i · mean_c (pred − (noise − x0))²_ic`` (float32 scalar).
 
     pred/x0/noise ``[N, C]``, mask ``[N]`` bool or float. The kernel never writes the target to memory.
-    Gradients: exact for pred, x0 and noise; for a float mask, the per-token MSE.
+    Gradients: exact for pred, x0 and noise; for a float mask, the per-token MSE. ``mesh``: the kernels
+    (forward and backward) run under ``shard_map`` on each device's rows; the sum is XLA's.
     """
     for name, x in (("pred", pred), ("x0", x0), ("noise", noise)):
         _check_rows(name, x)
@@ -205,7 +229,7 @@ def velocity_mse_sum(
     use_kernel, interpret, backend = _resolve(impl, backend)
     if not use_kernel:
         return velocity_mse_sum_reference(pred, x0, noise, mask)
-    return jnp.sum(_row_mse(pred, x0, noise, interpret, backend, block_rows) * mask.astype(jnp.float32))
+    return jnp.sum(_row_mse(pred, x0, noise, interpret, backend, block_rows, mesh) * mask.astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------------------- CFG + Euler step
@@ -285,6 +309,7 @@ def cfg_euler_step(
     impl: str = "reference",
     backend: str | None = None,
     block_rows: int = 256,
+    mesh=None,
 ) -> jax.Array:
     """One BAGEL sampling step: classifier-free guidance, renorm, Euler. Returns the new ``x`` ``[N, C]``.
 
@@ -298,7 +323,8 @@ def cfg_euler_step(
     * ``global``/``channel``: both guidance terms first, then the same clamp with norms over the whole image
       / per token.
 
-    Then ``x ← x − v·dt`` (t runs from 1 to 0, dt > 0).
+    Then ``x ← x − v·dt`` (t runs from 1 to 0, dt > 0). ``mesh``: the kernels run under ``shard_map`` on each
+    device's rows (the "global" renorm's image-wide sums are XLA's, across devices).
     """
     for name, a in (("x", x), ("v_cond", v_cond), ("v_text_uncond", v_text_uncond), ("v_img_uncond", v_img_uncond)):
         _check_rows(name, a)
@@ -311,7 +337,7 @@ def cfg_euler_step(
     if not use_kernel:
         return cfg_euler_step_reference(x, v_cond, v_text_uncond, v_img_uncond, t, dt, cfg_interval=cfg_interval,
                                         renorm=renorm, renorm_min=renorm_min, **options)
-    call = functools.partial(_rowwise_call, interpret=interpret, backend=backend, block_rows=block_rows)
+    call = functools.partial(_rowwise_call, interpret=interpret, backend=backend, block_rows=block_rows, mesh=mesh)
     velocities = [v_cond, v_text_uncond, v_img_uncond]
     global_scale = jnp.float32(1.0)
     if renorm == "global" and cfg_text > 1.0:

@@ -19,29 +19,44 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Activation sharding: the model names activation axes logically; the trainer installs (while tracing) a function
-# that maps those names onto its mesh (training/sharding.py). Without one, constraints are no-ops.
-_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_sharding",
-                                                                                        default=None)
+
+# The mesh context: the model names activation axes logically; the trainer and the sampler install (while
+# tracing) the mesh and a function that maps those names onto it (training/sharding.py). Without one,
+# constraints are no-ops and the kernels run unpartitioned.
+@dataclasses.dataclass(frozen=True)
+class _MeshContext:
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+    to_sharding: Callable[[tuple, tuple], jax.sharding.Sharding]
+
+
+_MESH_CONTEXT: contextvars.ContextVar[_MeshContext | None] = contextvars.ContextVar("mesh_context", default=None)
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @contextlib.contextmanager
-def activation_sharding(to_sharding: Callable[[tuple, tuple], jax.sharding.Sharding]) -> Iterator[None]:
-    """Within this context, :func:`constrain` pins activations with ``to_sharding(logical_axes, shape)``."""
-    token = _ACTIVATION_SHARDING.set(to_sharding)
+def mesh_context(mesh, to_sharding: Callable[[tuple, tuple], jax.sharding.Sharding]) -> Iterator[None]:
+    """Within this context :func:`constrain` pins activations with ``to_sharding(logical_axes, shape)`` and the
+    Pallas kernels on the model's path run under ``shard_map`` over ``mesh`` (:func:`active_mesh`)."""
+    token = _MESH_CONTEXT.set(_MeshContext(mesh, to_sharding))
     try:
         yield
     finally:
-        _ACTIVATION_SHARDING.reset(token)
+        _MESH_CONTEXT.reset(token)
+
+
+def active_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
+    """The mesh the model is being traced for (None outside :func:`mesh_context`): the one way every kernel call
+    site learns how to partition itself."""
+    context = _MESH_CONTEXT.get()
+    return None if context is None else context.mesh
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """A sharding constraint by logical axis names (no-op unless a trainer installed the mapping)."""
-    to_sharding = _ACTIVATION_SHARDING.get()
-    if to_sharding is None:
+    """A sharding constraint by logical axis names (no-op outside :func:`mesh_context`)."""
+    context = _MESH_CONTEXT.get()
+    if context is None:
         return x
-    return jax.lax.with_sharding_constraint(x, to_sharding(logical_axes, x.shape))
+    return jax.lax.with_sharding_constraint(x, context.to_sharding(logical_axes, x.shape))
 
 
 class FrozenTable(nnx.Variable):

@@ -26,6 +26,7 @@ from synermedgen_jax.modeling.layers import (
     Init,
     Linear,
     RMSNorm,
+    active_mesh,
     apply_rope,
     constrain,
     make_param,
@@ -99,7 +100,7 @@ class MoTAttention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = packed_attention(q, k, v, meta["sample_id"], meta["split_id"], meta["split_kind"],
-                               impl=self.attention_impl)
+                               impl=self.attention_impl, mesh=active_mesh())
         out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
         out_und = self.o_proj(out[:, :und_tokens])
         if freeze:

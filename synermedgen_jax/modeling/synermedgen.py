@@ -18,7 +18,7 @@ from flax import nnx
 from synermedgen_jax.kernels import flow_matching
 from synermedgen_jax.modeling import generation
 from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
-from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, constrain
+from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, active_mesh, constrain
 from synermedgen_jax.modeling.llm import MoTLanguageModel
 from synermedgen_jax.modeling.vae import AutoEncoder
 from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_table
@@ -122,7 +122,7 @@ class SynerMedGen(nnx.Module):
         t = generation.timesteps_from_logits(batch["timestep_logit"], self.config.timestep_shift)
         token_dim = clean.shape[-1]
         noised = flow_matching.noised_latents(clean.reshape(-1, token_dim), noise.reshape(-1, token_dim).astype(
-            clean.dtype), t.reshape(-1), impl=self.config.flow_matching_impl).reshape(clean.shape)
+            clean.dtype), t.reshape(-1), impl=self.config.flow_matching_impl, mesh=active_mesh()).reshape(clean.shape)
         x_gen = constrain(self.embed_generation(noised, t, batch["latent_pos_id"]), BATCH_LENGTH_EMBED)
         x = jnp.concatenate([x_und, x_gen.astype(x_und.dtype)], axis=1)
         meta = {key: batch[key] for key in META_KEYS}
@@ -155,7 +155,8 @@ def compute_losses(outputs: dict, batch: dict, *, ce_weight: float = 1.0, mse_we
     token_dim = outputs["velocity"].shape[-1]
     rows = lambda x: x.reshape(-1, token_dim)
     mse_sum = flow_matching.velocity_mse_sum(rows(outputs["velocity"]), rows(outputs["clean"]),
-                                             rows(outputs["noise"]), mse_mask.reshape(-1), impl=flow_impl)
+                                             rows(outputs["noise"]), mse_mask.reshape(-1), impl=flow_impl,
+                                             mesh=active_mesh())
     mse_count = jnp.sum(mse_mask)
     mse = mse_sum / jnp.maximum(mse_count, 1.0)
     correct = (jnp.argmax(outputs["logits"], axis=-1) == batch["ce_label"]).astype(jnp.float32)

@@ -14,7 +14,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from synermedgen_jax.kernels.attention import FULL, packed_attention
-from synermedgen_jax.modeling.layers import FrozenTable, Init, LayerNorm, Linear, gelu_tanh, make_param, sincos_2d_table
+from synermedgen_jax.modeling.layers import (
+    FrozenTable,
+    Init,
+    LayerNorm,
+    Linear,
+    active_mesh,
+    gelu_tanh,
+    make_param,
+    sincos_2d_table,
+)
 
 
 class SiglipAttention(nnx.Module):
@@ -34,7 +43,7 @@ class SiglipAttention(nnx.Module):
         shape = (batch, length, self.num_heads, hidden // self.num_heads)
         q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         zeros = jnp.zeros_like(image_id)
-        out = packed_attention(q, k, v, image_id, zeros, zeros + FULL, impl=self.attention_impl)
+        out = packed_attention(q, k, v, image_id, zeros, zeros + FULL, impl=self.attention_impl, mesh=active_mesh())
         return self.out_proj(out.reshape(batch, length, hidden))
 
 

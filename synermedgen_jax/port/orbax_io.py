@@ -145,6 +145,19 @@ def read_leaves(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, np
     return {n: restored[n] for n in names}
 
 
+def read_leaves_onto(folder: str | os.PathLike, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The named leaves, each restored straight onto its target's sharding and cast to its dtype (a process
+    reads only the shards its devices hold), in one partial restore."""
+    ocp = _ocp()
+    if not targets:
+        return {}
+    item = nest(dict(targets))
+    args = nest({n: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype) for n, t in targets.items()})
+    restored = flatten(ocp.PyTreeCheckpointer().restore(_tree_dir(Path(folder)), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True)))
+    return {n: restored[n] for n in targets}
+
+
 def chunk_names(names: Sequence[str], shapes: dict, chunk_bytes: int) -> list[list[str]]:
     """Consecutive groups of ``names`` of about ``chunk_bytes`` each (a group holds at least one name)."""
     groups: list[list[str]] = [[]]

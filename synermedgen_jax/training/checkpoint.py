@@ -13,6 +13,7 @@ half-way leaves no ``<step>/`` folder and is never restored (``cleanup_tmp_direc
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from synermedgen_jax.config import from_json, to_json
 
@@ -29,6 +31,17 @@ SECTIONS = ("params", "frozen", "ema")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (missing, incomplete or incompatible)."""
+
+
+class _QuietReadOnly(logging.Filter):
+    """Orbax warns "Given directory is read only" on every read-only manager: that is how loads open a run,
+    not a problem, so the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def manager(workdir: str | Path, train, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -94,17 +107,148 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter: Any
     return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
 
 
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """A workdir (its latest complete step) or a step directory -> ``(workdir, step)``."""
+def resolve(path: str | Path, *, log=None) -> tuple[Path, int]:
+    """A workdir (its newest readable step) or a step directory -> ``(workdir, step)``.
+
+    A workdir's newest step is verified first (:func:`step_problem`); a damaged one is reported through
+    ``log`` (default: a ``warning:`` line on stderr) naming the step and the file, and the next older readable
+    step is used. A step directory that is damaged, or a workdir without any readable step, is a one-line
+    :class:`CheckpointError` naming the step(s), never a silent fall back to step 0.
+    """
     path = Path(path)
-    if path.name.isdigit() and (path / "state").is_dir():
+    if path.name.isdigit() and path.parent.is_dir() and ((path / "state").is_dir() or not _steps(path)):
+        problem = step_problem(path.parent, int(path.name))
+        if problem:
+            raise CheckpointError(f"checkpoint step {path.name} is damaged: {problem}")
         return path.parent, int(path.name)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+    steps = _steps(path)
     if not steps:
         raise CheckpointError(f"{path} holds no complete checkpoint")
-    return path, max(steps)
+    step, _ = newest_readable_step(path, steps, log=log)
+    return path, step
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: a cheap verification (no array is read) of a step's metadata and of every byte range
+# its OCDBT b-tree references, so a truncated or missing file is found before a restore and named.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "manifest/metadata", "config/metadata")
+_REPORTED: set[tuple[str, int]] = set()
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted((int(p.name) for p in workdir.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost cause's message, one line (TensorStore's names the array and the file)."""
+    seen = err
+    while (seen.__cause__ or seen.__context__) is not None and seen not in (seen.__cause__, seen.__context__):
+        seen = seen.__cause__ or seen.__context__
+    text = (str(seen).strip().splitlines() or [type(seen).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _strings(node):
+    """Every string inside a JSON-like value (an OCDBT ``dump`` result)."""
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def _ocdbt_problem(state_dir: Path) -> str | None:
+    """Walks the OCDBT b-tree of ``state_dir`` and checks each referenced file holds the referenced bytes."""
+    import re
+
+    import tensorstore as ts
+
+    ref = re.compile(r"^(btreenode|value):([^:]*):([^:]+):(\d+):(\d+)$")
+    try:
+        kvstore = ts.KvStore.open({"driver": "file", "path": str(state_dir.absolute()) + "/"}).result()
+        pending = [ts.ocdbt.dump(kvstore).result()]
+        while pending:
+            for text in _strings(pending.pop()):
+                match = ref.match(text)
+                if not match:
+                    continue
+                kind, prefix, name, offset, length = match.groups()
+                file = state_dir / prefix / name
+                size = file.stat().st_size if file.is_file() else None
+                if size is None:
+                    return f"{file}: missing (referenced by the OCDBT index)"
+                if size < int(offset) + int(length):
+                    return f"{file}: truncated ({size} bytes, the index needs {int(offset) + int(length)})"
+                if kind == "btreenode":
+                    pending.append(ts.ocdbt.dump(kvstore, text).result())
+    except Exception as err:  # TensorStore raises ValueError subclasses naming the file
+        return f"{state_dir}: unreadable OCDBT index ({_first_line(err)})"
+    return None
+
+
+def step_problem(workdir: str | Path, step: int) -> str | None:
+    """What makes ``workdir/step`` unreadable, naming the file (``None``: it can be restored). Cheap: reads the
+    metadata JSON files and the OCDBT index, never an array."""
+    folder = Path(workdir) / str(step)
+    if not folder.is_dir():
+        return f"{folder}: missing"
+    for item in ("state", "manifest", "config"):
+        if not (folder / item).is_dir():
+            return f"{folder / item}/: missing"
+    files = [folder / name for name in _JSON_FILES] + sorted((folder / "data").glob("*.json"))
+    for file in files:
+        try:
+            json.loads(file.read_text())
+        except FileNotFoundError:
+            return f"{file}: missing"
+        except (OSError, ValueError) as err:
+            return f"{file}: not readable JSON ({_first_line(err)})"
+    if not (folder / "state" / "manifest.ocdbt").is_file():
+        return f"{folder / 'state' / 'manifest.ocdbt'}: missing"
+    return _ocdbt_problem(folder / "state")
+
+
+def newest_readable_step(workdir: str | Path, steps: list[int] | None = None, *, log=None
+                         ) -> tuple[int, list[tuple[int, str]]]:
+    """``(newest step without a problem, [(newer damaged step, problem), ...])``; each damaged step is
+    reported once per process through ``log`` (default: stderr). None readable: a CheckpointError."""
+    import sys
+
+    workdir = Path(workdir)
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    damaged = []
+    for step in sorted(_steps(workdir) if steps is None else steps, reverse=True):
+        problem = step_problem(workdir, step)
+        if problem is None:
+            if damaged and (str(workdir), step) not in _REPORTED:
+                _REPORTED.add((str(workdir), step))
+                log(f"warning: using checkpoint step {step} of {workdir} (newer step(s) "
+                    f"{', '.join(str(s) for s, _ in damaged)} damaged)")
+            return step, damaged
+        damaged.append((step, problem))
+        if (str(workdir), -step - 1) not in _REPORTED:
+            _REPORTED.add((str(workdir), -step - 1))
+            log(f"warning: checkpoint step {step} of {workdir} is damaged: {problem}")
+    raise CheckpointError(f"{workdir}: no readable checkpoint; "
+                          + "; ".join(f"step {s}: {p}" for s, p in damaged))
+
+
+def set_aside_damaged(workdir: str | Path, steps: list[int], *, log=None) -> None:
+    """Renames damaged step folders to ``damaged-<step>[-n]`` (kept for inspection, ignored by Orbax) so a
+    resumed run can save those steps again."""
+    workdir = Path(workdir)
+    for step in steps:
+        target = workdir / f"damaged-{step}"
+        n = 1
+        while target.exists():
+            target, n = workdir / f"damaged-{step}-{n}", n + 1
+        (workdir / str(step)).rename(target)
+        if log:
+            log(f"moved the damaged checkpoint {workdir / str(step)} to {target}")
 
 
 def read_config(path: str | Path) -> ml_collections.ConfigDict:
@@ -112,53 +256,116 @@ def read_config(path: str | Path) -> ml_collections.ConfigDict:
     return from_json((workdir / str(step) / "config" / "metadata").read_text())
 
 
-def load_weights(path: str | Path, sections: tuple[str, ...] = SECTIONS, *, sharding=None
-                 ) -> tuple[ml_collections.ConfigDict, dict[str, dict[str, jax.Array]]]:
-    """Only the weight sections of a checkpoint (no optimizer state is read): ``(config, {section: flat})``."""
+def _restore_sections(path: str | Path, targets: dict, sections: tuple[str, ...]) -> dict[str, dict]:
+    """``{section: {name: array}}`` of a training checkpoint, each array restored onto its target (a
+    ``jax.ShapeDtypeStruct`` with a sharding) and cast to its dtype; ``targets`` is ``{section: {name: target}}``."""
+    workdir, step = resolve(path)
+    mngr = manager(workdir, None, read_only=True)
+    try:
+        target = {section: dict(targets[section]) for section in sections if targets.get(section)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True)))["state"] if target else {}
+    finally:
+        mngr.close()
+    return {section: dict(state.get(section, {})) for section in sections}
+
+
+def _manifest_and_config(path: str | Path) -> tuple[dict, dict]:
     workdir, step = resolve(path)
     mngr = manager(workdir, None, read_only=True)
     try:
         saved = mngr.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore(),
                                                              config=ocp.args.JsonRestore()))
-        manifest = saved["manifest"]
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {section: {name: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
-                            for name, (shape, dtype) in manifest[section].items()}
-                  for section in sections if manifest.get(section)}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=restore_args, partial_restore=True)))["state"]
     finally:
         mngr.close()
-    return ml_collections.ConfigDict(saved["config"]), {s: dict(state.get(s, {})) for s in sections}
+    return saved["manifest"], saved["config"]
 
 
-def load_model(path: str, *, ema: bool = True) -> tuple[ml_collections.ConfigDict, Any]:
-    """``(run config, SynerMedGen)`` from a workdir (latest checkpoint) or a step directory.
+def is_params_checkpoint(path: str | Path) -> bool:
+    """A parameter checkpoint as ``import`` writes it (port/orbax_io.py), not a training workdir."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "params").is_dir()
 
-    With ``ema=True`` the EMA of the trained parameters replaces them when the run kept one. Stage-0 (VAE)
-    checkpoints return a model whose ``vae`` holds the trained autoencoder and whose other parts are random.
+
+def read_weights(path: str | Path, targets: dict[str, jax.ShapeDtypeStruct], *, ema: bool = False
+                 ) -> dict[str, jax.Array]:
+    """Weights by dotted name from a training workdir / step directory or from what ``import`` writes, each
+    read straight onto its target's sharding and cast to its dtype (a process reads only its own shards).
+
+    ``targets``: ``{name: jax.ShapeDtypeStruct(shape, dtype, sharding=...)}``. Names the checkpoint lacks are
+    absent from the result; a shape that differs raises :class:`CheckpointError` naming every mismatch.
+    ``ema``: from a training checkpoint that kept an EMA, take the EMA of the trained parameters.
     """
-    from flax import nnx
+    if is_params_checkpoint(path):
+        from synermedgen_jax.port import orbax_io
 
-    from synermedgen_jax.modeling.synermedgen import build_model
+        stored = orbax_io.checkpoint_shapes(path)
+        _check_shapes(path, {n: s for n, (s, _) in stored.items()}, targets)
+        return orbax_io.read_leaves_onto(path, {n: t for n, t in targets.items() if n in stored})
+    manifest, _ = _manifest_and_config(path)
+    where: dict[str, dict] = {section: {} for section in SECTIONS}
+    for name, target in targets.items():
+        section = next((s for s in (("ema",) if ema else ()) + ("params", "frozen") if name in manifest.get(s, {})),
+                       None)
+        if section is not None:
+            where[section][name] = target
+    _check_shapes(path, {n: manifest[s][n][0] for s in SECTIONS for n in where[s]}, targets)
+    restored = _restore_sections(path, where, SECTIONS)
+    return {name: value for section in SECTIONS for name, value in restored[section].items()}
+
+
+def _check_shapes(path, stored: dict[str, tuple], targets: dict[str, jax.ShapeDtypeStruct]) -> None:
+    problems = [f"{name}: checkpoint {list(stored[name])} != model {list(target.shape)}"
+                for name, target in targets.items() if name in stored and tuple(stored[name]) != tuple(target.shape)]
+    if problems:
+        raise CheckpointError(f"{path}: shape mismatches ({len(problems)}):\n  " + "\n  ".join(problems[:40]))
+
+
+def model_targets(model: nnx.Module, mesh=None) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{name: ShapeDtypeStruct}`` of every variable of an (abstract) model, placed by the logical-axis rules
+    on ``mesh`` or on this process's first device."""
+    from synermedgen_jax.training import sharding as sharding_lib
     from synermedgen_jax.training.step import path_name
 
-    config, weights = load_weights(path)
-    model = build_model(config.model, seed=int(config.train.seed))
-    flat = {**weights["frozen"], **weights["params"]}
-    if ema and weights.get("ema"):
-        flat.update(weights["ema"])
-    state = nnx.state(model)
-    expected = {path_name(p): [list(v.get_value().shape), str(v.get_value().dtype)]
-                for p, v in nnx.to_flat_state(state)}
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    targets = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        value = variable.get_value()
+        where = single if mesh is None else sharding_lib.named_sharding(
+            mesh, variable.get_metadata().get("logical_axes"), value.shape)
+        targets[path_name(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=where)
+    return targets
+
+
+def load_model(path: str, *, ema: bool = True, mesh=None) -> tuple[ml_collections.ConfigDict, Any]:
+    """``(run config, SynerMedGen)`` from a workdir (latest checkpoint) or a step directory.
+
+    The model is built abstractly and every weight is read straight onto its sharding (``mesh``: the logical
+    rules' placement; default this process's first device), so no host copy of the whole model is made. With
+    ``ema=True`` the EMA of the trained parameters replaces them when the run kept one. Stage-0 (VAE)
+    checkpoints return a model whose ``vae`` holds the trained autoencoder and whose other parts are random.
+    """
+    from synermedgen_jax.kernels.dispatch import resolve_kernels
+    from synermedgen_jax.modeling.synermedgen import build_model
+
+    config = read_config(path)
+    # The run's kernel request ("auto") resolved for this machine, as train did for the machine that trained it.
+    config.model = resolve_kernels(config.model, mesh_shape=None if mesh is None else dict(mesh.shape))
+    make_model = lambda: build_model(config.model, seed=int(config.train.seed))  # noqa: E731
+    model = make_model() if config.stage == "vae" else nnx.eval_shape(make_model)
+    targets = model_targets(model, mesh)
     if config.stage == "vae":
-        expected = {n: s for n, s in expected.items() if n.startswith("vae.")}
-    check_compatible({"params": {n: [list(v.shape), str(v.dtype)] for n, v in flat.items()}},
-                     {"params": expected}, what=f"checkpoint {path}", sections=("params",))
+        targets = {n: t for n, t in targets.items() if n.startswith("vae.")}
+    weights = read_weights(path, targets, ema=ema)
+    missing = sorted(set(targets) - set(weights))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not match this config: {len(missing)} weights missing, "
+                              f"e.g. {missing[:5]}")
+    state = nnx.state(model)
     for p, variable in nnx.to_flat_state(state):
-        name = path_name(p)
-        if name in flat:
-            variable.set_value(flat[name])
+        name = ".".join(str(part) for part in p)
+        if name in weights:
+            variable.set_value(weights[name])
     nnx.update(model, state)
     return config, model

@@ -9,15 +9,18 @@ non-finite step never reaches a checkpoint.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from synermedgen_jax.config import to_json
@@ -50,52 +53,53 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def build(config):
-    """``(model, codec, objective)`` for the config's stage (host-initialised, deterministic in the seed)."""
+def build(config) -> tuple[Callable[[], nnx.Module], step_lib.Codec, step_lib.Objective]:
+    """``(make_model, codec, objective)`` for the config's stage. Nothing is allocated: the codec comes from the
+    abstract model; ``make_model`` is traced by the sharded init (deterministic in the seed)."""
     seed = int(config.train.seed)
     if config.stage == "vae":
         from synermedgen_jax.training.vae_stage import VaeObjective, build_vae_model
 
-        model = build_vae_model(config.model, seed)
+        make_model = functools.partial(build_vae_model, config.model, seed)
         objective = VaeObjective(float(config.train.l1_weight), float(config.train.l2_weight),
                                  float(config.train.kl_weight), bool(config.model.vae.sample_posterior),
                                  float(config.train.get("ssim_weight", 0.0)))
     else:
         from synermedgen_jax.modeling.synermedgen import build_model
 
-        model = build_model(config.model, seed)
+        make_model = functools.partial(build_model, config.model, seed)
         objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
-    return model, step_lib.Codec(model, optim.trainable_predicate(config)), objective
+    return make_model, step_lib.Codec(nnx.eval_shape(make_model), optim.trainable_predicate(config)), objective
 
 
-def _assign(state: dict, flat: dict, *, what: str, prefix: str = "") -> int:
-    """Copies weights by name into ``state['params'|'frozen'|'ema']``; shapes must match."""
-    problems, count = [], 0
-    for section in ("params", "frozen", "ema"):
+def _weight_targets(state: dict, shardings: dict, sections=("params", "frozen")) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{name: ShapeDtypeStruct}`` with each weight's sharding: where a checkpoint read puts it."""
+    return {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[section][name])
+            for section in sections for name, value in state[section].items()}
+
+
+def _assign(state: dict, shardings: dict, weights: dict) -> None:
+    """Puts ``weights`` (already on their shardings, or arrays to place) into ``state['params'|'frozen']``."""
+    for section in ("params", "frozen"):
         for name in state[section]:
-            if name in flat and name.startswith(prefix):
-                if tuple(np.shape(flat[name])) != tuple(np.shape(state[section][name])):
-                    problems.append(f"{name}: {np.shape(flat[name])} vs {np.shape(state[section][name])}")
-                    continue
-                # A copy: two names must never share a buffer (init_moe twins, EMA) or donation fails.
-                state[section][name] = jax.numpy.array(flat[name], state[section][name].dtype, copy=True)
-                count += 1
-    if problems:
-        raise checkpoint.CheckpointError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
-    return count
+            if name in weights:
+                # A fresh buffer: two names must never share one (init_moe twins, EMA) or donation fails.
+                state[section][name] = jax.device_put(weights[name], shardings[section][name], may_alias=False)
 
 
-def apply_init(config, state: dict, tx) -> dict:
-    """init_from (all weights by name), init_moe (und → gen expert), vae_from (vae.* weights)."""
+def apply_init(config, state: dict, shardings: dict, tx) -> dict:
+    """init_from (all weights by name), init_moe (und → gen expert), vae_from (vae.* weights), on a sharded
+    state: every weight is read straight onto its sharding, so each process reads only its shards."""
+    if not (config.init_from or config.init_moe or config.vae_from):
+        return state
     if config.init_from:
-        _, weights = checkpoint.load_weights(config.init_from, ("params", "frozen"))
-        flat = {**weights["frozen"], **weights["params"]}
-        names = set(state["params"]) | set(state["frozen"])
-        missing = sorted(names - set(flat))
+        targets = _weight_targets(state, shardings)
+        weights = checkpoint.read_weights(config.init_from, targets)
+        missing = sorted(set(targets) - set(weights))
         if missing:
             raise checkpoint.CheckpointError(f"init_from {config.init_from}: {len(missing)} parameters missing, "
                                              f"e.g. {missing[:5]}")
-        _assign(state, flat, what=f"init_from {config.init_from}")
+        _assign(state, shardings, weights)
     if config.init_moe:
         everything = {**state["frozen"], **state["params"]}
         copies = {}
@@ -105,15 +109,17 @@ def apply_init(config, state: dict, tx) -> dict:
                 if source not in everything:
                     raise checkpoint.CheckpointError(f"init_moe: {name} has no understanding twin {source}")
                 copies[name] = everything[source]
-        _assign(state, copies, what="init_moe")
+        _assign(state, shardings, copies)
     if config.vae_from:
-        _, weights = checkpoint.load_weights(config.vae_from, ("params", "frozen"))
-        flat = {n: v for s in ("frozen", "params") for n, v in weights[s].items() if n.startswith("vae.")}
-        if _assign(state, flat, what=f"vae_from {config.vae_from}", prefix="vae.") == 0:
+        targets = {n: t for n, t in _weight_targets(state, shardings).items() if n.startswith("vae.")}
+        weights = checkpoint.read_weights(config.vae_from, targets)
+        if not weights:
             raise checkpoint.CheckpointError(f"vae_from {config.vae_from}: no vae.* weights found")
-    state["opt"] = tx.init(state["params"])  # fresh moments for the loaded parameters
+        _assign(state, shardings, weights)
+    # Fresh moments (and EMA) for the loaded parameters, born on their shardings.
+    state["opt"] = jax.jit(tx.init, out_shardings=shardings["opt"])(state["params"])
     if state["ema"]:
-        state["ema"] = {n: jax.numpy.array(v, copy=True) for n, v in state["params"].items()}
+        state["ema"] = {n: jax.device_put(v, shardings["ema"][n], may_alias=False) for n, v in state["params"].items()}
     return state
 
 
@@ -150,32 +156,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
     workdir = Path(workdir)
     tcfg = config.train
     mesh = sharding.make_mesh(config.mesh, devices)
+    from synermedgen_jax.kernels.dispatch import resolve_kernels  # "auto" → concrete, logged by RunLogger
+
+    config.model = resolve_kernels(config.model, mesh.devices.flat[0].platform, mesh_shape=dict(mesh.shape))
     if int(tcfg.rows) % sharding.batch_divisor(mesh):
         raise TrainingError(f"config.train.rows={tcfg.rows} must be a multiple of data×fsdp = "
                             f"{sharding.batch_divisor(mesh)} on mesh {dict(mesh.shape)}")
-    model, codec, objective = build(config)
+    make_model, codec, objective = build(config)
     tx = optim.make_optimizer(tcfg)
-    host_state = step_lib.init_state(codec, model, tx, tcfg)
-    del model
-    shardings = step_lib.state_shardings(codec, host_state, tx, mesh)
+    # The state is planned abstractly and created (or restored) straight onto its shardings: no process ever
+    # holds the whole state, on the host or on one device.
+    abstract, shardings = step_lib.plan_state(codec, make_model, tx, tcfg, mesh)
     batches = inputs.train_batches(config)
     mngr = checkpoint.manager(workdir, tcfg)
-    n_trainable = sum(int(np.size(v)) for v in host_state["params"].values())
+    n_trainable = sum(int(np.prod(v.shape)) for v in abstract["params"].values())
     logger = RunLogger(workdir, config, n_trainable, mesh.size) if jax.process_index() == 0 else None
     preemption = _Preemption()
     try:
         latest = mngr.latest_step()
-        if latest is not None:
-            state = checkpoint.restore(mngr, latest, jax.device_put(host_state, shardings), batches)
+        if latest is not None:  # the newest readable step; damaged newer ones are named and set aside
+            latest = _readable_latest(mngr, workdir, logger)
+            state = checkpoint.restore(mngr, latest, step_lib.with_shardings(abstract, shardings), batches)
             if logger:
                 logger.message(f"resumed from {workdir}/{latest}")
         else:
-            state = jax.device_put(apply_init(config, host_state, tx), shardings)
+            state = step_lib.create_state(codec, make_model, tx, tcfg, shardings)
+            state = apply_init(config, state, shardings, tx)
             if jax.process_index() == 0:
                 workdir.mkdir(parents=True, exist_ok=True)
                 _atomic_write(workdir / "config.json", to_json(config))
-        del host_state
         start = int(jax.device_get(state["step"]))
+        if logger:
+            logger.forget_after(start)  # rows of steps the resumed run recomputes are written once, by it
         total = int(tcfg.steps)
         if start >= total:
             if logger:
@@ -192,6 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         pending = None  # (step, metrics on device, tokens, t_dispatch)
         local_batch = first
         last_time = time.perf_counter()
+        if logger:
+            logger.message(f"compiling the train step (the first step can take a minute), then steps {start}..{total}")
         for current in range(start, total):
             if preemption.check() or (stop_at is not None and current >= stop_at):
                 _finish_pending(pending, logger, tcfg, last_time)
@@ -232,6 +246,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         mngr.close()
         if logger:
             logger.close()
+
+
+def _readable_latest(mngr, workdir: Path, logger) -> int:
+    """The newest step that passes ``checkpoint.step_problem``; newer damaged steps are reported (step and file)
+    and renamed ``damaged-<step>`` (kept, ignored by Orbax) so this run can save those steps again. None
+    readable: a CheckpointError naming each step, never a silent start from step 0."""
+    log = logger.message if logger else (lambda text: None)
+    latest, damaged = checkpoint.newest_readable_step(workdir, log=log)
+    if damaged:
+        if jax.process_index() == 0:
+            checkpoint.set_aside_damaged(workdir, [step for step, _ in damaged], log=log)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("set_aside_damaged")
+        mngr.reload()
+    return latest
 
 
 def _after_training(config, codec, state: dict, workdir: Path, logger) -> None:

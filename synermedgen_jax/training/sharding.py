@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from synermedgen_jax.modeling.layers import activation_sharding
+from synermedgen_jax.modeling.layers import mesh_context
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading (row) axis of every batch array
@@ -89,16 +89,22 @@ def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int]
     return PartitionSpec(*out)
 
 
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None] | None, shape: Sequence[int]) -> NamedSharding:
+    """Where an array with these logical axes lives on ``mesh``."""
+    return NamedSharding(mesh, logical_spec(logical_axes, shape, mesh))
+
+
 def activation_sharder(mesh: Mesh):
     """The mapping modeling/layers.py ``constrain`` uses while the train step is traced on ``mesh``."""
     return lambda logical_axes, shape: NamedSharding(mesh, logical_spec(logical_axes, shape, mesh))
 
 
 def traced_on_mesh(fn, mesh: Mesh):
-    """``fn`` traced with ``mesh``'s activation sharding installed, so the model's ``constrain`` calls keep rows
-    on their batch shard (the train step and the sampler jit this)."""
+    """``fn`` traced inside the mesh's :func:`~synermedgen_jax.modeling.layers.mesh_context`: the model's
+    ``constrain`` calls keep rows on their batch shard and every Pallas kernel on the model's path runs under
+    ``shard_map`` on per-device rows and heads (the train step, the eval step and the sampler jit this)."""
     def traced(*args):
-        with activation_sharding(activation_sharder(mesh)):
+        with mesh_context(mesh, activation_sharder(mesh)):
             return fn(*args)
 
     return traced

@@ -34,7 +34,10 @@ def path_name(path: tuple) -> str:
 
 
 class Codec:
-    """Flat ``{name: array}`` dicts <-> an nnx model of one fixed structure."""
+    """Flat ``{name: array}`` dicts <-> an nnx model of one fixed structure.
+
+    Built from an abstract model (``nnx.eval_shape``): it keeps the graph, the variable types and their
+    metadata, never an array."""
 
     def __init__(self, model: nnx.Module, is_trainable: Callable[[str], bool]):
         self.graphdef, state = nnx.split(model)
@@ -117,7 +120,7 @@ class UnifiedObjective:
 
 # ----------------------------------------------------------------------------------------------------------
 def init_state(codec: Codec, model: nnx.Module, tx: optax.GradientTransformation, train) -> dict:
-    """A fresh train state (host arrays; place it with ``jax.device_put(state, state_shardings(...))``)."""
+    """A fresh train state from ``model`` (traceable: :func:`abstract_state` and :func:`create_state` trace it)."""
     params, frozen = codec.split_values(model)
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -127,6 +130,32 @@ def init_state(codec: Codec, model: nnx.Module, tx: optax.GradientTransformation
         "ema": {n: jnp.array(v, copy=True) for n, v in params.items()} if float(train.ema) > 0 else {},
         "rng": jax.random.key_data(jax.random.PRNGKey(int(train.seed))),
     }
+
+
+def abstract_state(codec: Codec, make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, train
+                   ) -> dict:
+    """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves); nothing is allocated."""
+    return jax.eval_shape(lambda: init_state(codec, make_model(), tx, train))
+
+
+def plan_state(codec: Codec, make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, train,
+               mesh: Mesh) -> tuple[dict, dict]:
+    """``(abstract state, its shardings on mesh)``: everything known about the state before it exists."""
+    abstract = abstract_state(codec, make_model, tx, train)
+    return abstract, state_shardings(codec, abstract, tx, mesh)
+
+
+def create_state(codec: Codec, make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, train,
+                 shardings: dict) -> dict:
+    """A fresh train state born sharded: one jitted init whose outputs have ``shardings``, so each device
+    materialises only its own shards (random parameters are drawn per shard) and no host or device ever holds
+    the whole state."""
+    return jax.jit(lambda: init_state(codec, make_model(), tx, train), out_shardings=shardings)()
+
+
+def with_shardings(abstract: dict, shardings: dict) -> dict:
+    """``abstract`` with each leaf's sharding set (the restore target of a sharded checkpoint read)."""
+    return jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
 
 
 def state_shardings(codec: Codec, state: dict, tx: optax.GradientTransformation, mesh: Mesh) -> dict:

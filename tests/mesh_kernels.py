@@ -1,0 +1,216 @@
+"""Subprocess body of tests/test_mesh_kernels.py (needs 8 simulated host devices, set before jax starts).
+
+    python tests/mesh_kernels.py numerics   -> prints {"mesh": {"loss": .., "max_grad_diff": ..}} as JSON
+    python tests/mesh_kernels.py export     -> prints {"platform/mesh/what": [custom calls]} as JSON
+
+``numerics``: loss and every parameter gradient of the tiny Stage II model with the Pallas kernels (interpret
+mode) on three simulated meshes, against the same on one device. ``export``: the jitted sharded Stage II train
+step and one sampler step of the tiny config with the real Pallas kernels, lowered for CUDA (Triton) and TPU
+(Mosaic) on the same meshes; every kernel custom call is listed with its operand shapes and whether it sits
+inside a manual-sharding (``shard_map``) region.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MESHES = {"data2_fsdp4": (2, 4, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+ROWS = 8
+
+
+def stage2_config(impl: str):
+    from synermedgen_jax.config import load_config
+    from synermedgen_jax.training.loop import resolve_config
+
+    config = load_config("configs/stage2_ucg.py:tiny")
+    config.model.attention_impl = config.model.flow_matching_impl = impl
+    config.model.vae.sample_posterior = False
+    config.train.rows = ROWS
+    config.train.ema = 0.0
+    return resolve_config(config)
+
+
+def setup(config, mesh):
+    """``(codec, objective, state, shardings, global batch, batch shardings)`` on ``mesh``."""
+    from synermedgen_jax.benchmark.train_bench import synthetic_batch
+    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.training import loop, optim, sharding
+    from synermedgen_jax.training import step as step_lib
+
+    make_model, codec, objective = loop.build(config)
+    tx = optim.make_optimizer(config.train)
+    _, shardings = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
+    state = step_lib.create_state(codec, make_model, tx, config.train, shardings)
+    local, _ = synthetic_batch(config, PackBudget.from_config(config.data.pack), ROWS, seed=3)
+    return codec, objective, tx, state, shardings, sharding.global_batch(local, mesh), sharding.batch_sharding(
+        mesh, local)
+
+
+def loss_and_grads_fn(codec, objective):
+    def fn(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+        frozen = state["frozen"]
+        full = {**batch, **objective.prepare(codec.model(state["params"], frozen), batch, key)}
+        totals = objective.totals(full)
+        (loss, _), grads = jax.value_and_grad(lambda p: objective.loss(codec.model(p, frozen), full, totals),
+                                              has_aux=True)(state["params"])
+        return loss, grads
+    return fn
+
+
+def make_mesh(shape, devices=None):
+    from synermedgen_jax.training import sharding
+
+    spec = dict(zip(sharding.MESH_AXES, shape))
+    return sharding.make_mesh(spec, devices or jax.devices()[: int(np.prod(shape))])
+
+
+def numerics() -> dict:
+    from synermedgen_jax.training import sharding
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    config = stage2_config("pallas_interpret")
+    results, reference = {}, None
+    for name, shape in {"single": (1, 1, 1), **MESHES}.items():
+        mesh = make_mesh(shape)
+        codec, objective, _, state, shardings, batch, batch_sh = setup(config, mesh)
+        fn = jax.jit(sharding.traced_on_mesh(loss_and_grads_fn(codec, objective), mesh),
+                     in_shardings=(shardings, batch_sh))
+        loss, grads = jax.device_get(fn(state, batch))
+        if reference is None:
+            reference = (loss, grads)
+        scale = max(float(np.max(np.abs(g))) for g in reference[1].values())
+        worst = max(float(np.max(np.abs(np.asarray(grads[n]) - reference[1][n]))) for n in grads)
+        results[name] = {"loss": float(loss), "max_grad_diff": worst, "grad_scale": scale,
+                         "grad_norm": float(np.sqrt(sum(np.sum(np.square(g)) for g in grads.values())))}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ export
+TRITON_CALL = "__gpu$xla.gpu.triton"
+_TENSOR = re.compile(r"tensor<([0-9x]*)(?:x?[a-z]+[0-9]*)")
+
+
+def kernel_calls(module: str, platform: str) -> list[dict]:
+    """Every Pallas custom call of a StableHLO module: its operand shapes and whether it is inside a
+    ``shard_map`` body (a function called from a manual-sharding region, or a region marked manual)."""
+    target = "tpu_custom_call" if platform == "tpu" else TRITON_CALL
+    manual_functions = manual_bodies(module)
+    calls, function = [], None
+    for line in module.splitlines():
+        match = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
+        if match:
+            function = match.group(1)
+        if "stablehlo.custom_call" in line and target in line:
+            signature = line[line.rindex(":"):] if ":" in line else line
+            operands = signature.split("->")[0]
+            shapes = [tuple(int(d) for d in m.split("x") if d) for m in _TENSOR.findall(operands)]
+            calls.append({"function": function, "shapes": shapes, "manual": function in manual_functions})
+    return calls
+
+
+def manual_bodies(module: str) -> set[str]:
+    """Functions reachable from a shard_map call site (``sdy.manual_computation`` or the GSPMD-style
+    ``@shmap_body`` functions called between ``SPMDFullToShardShape`` and ``SPMDShardToFullShape``)."""
+    calls: dict[str, set[str]] = {}
+    function, roots = None, set()
+    in_manual = 0
+    for line in module.splitlines():
+        match = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
+        if match:
+            function = match.group(1)
+            calls.setdefault(function, set())
+            if "shmap_body" in function or "xla.sdy.manual" in line:
+                roots.add(function)
+        if "sdy.manual_computation" in line:
+            in_manual += 1
+        for callee in re.findall(r"(?:func\.)?call @([\w.$-]+)", line):
+            calls[function].add(callee)
+            if in_manual:
+                roots.add(callee)
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(calls.get(name, ()))
+    return seen
+
+
+def export_all() -> dict:
+    import importlib.util
+
+    from jax import export
+
+    from synermedgen_jax.training import sharding
+    from synermedgen_jax.training import step as step_lib
+
+    out = {}
+    platforms = ["tpu"] + (["cuda"] if importlib.util.find_spec("jax_plugins.xla_cuda12") else [])
+    config = stage2_config("pallas")
+    for platform in platforms:
+        for name, shape in MESHES.items():
+            if platform == "tpu":
+                device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+                mesh = jax.sharding.AbstractMesh(shape, sharding.MESH_AXES, abstract_device=device,
+                                                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
+            else:
+                mesh = make_mesh(shape)
+            train, sample = lowerable_steps(config, mesh)
+            checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
+            for what, (fn, args) in {"train": train, "sample": sample}.items():
+                context = (jax.sharding.use_abstract_mesh(mesh) if platform == "tpu"
+                           else jax.sharding.use_mesh(mesh))
+                with context:
+                    exported = export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
+                out[f"{platform}/{name}/{what}"] = kernel_calls(exported.mlir_module(), platform)
+    del step_lib
+    return out
+
+
+def lowerable_steps(config, mesh):
+    """The jitted sharded train step and sampler call with abstract sharded arguments on ``mesh``."""
+    from flax import nnx
+
+    from synermedgen_jax.benchmark.train_bench import synthetic_batch
+    from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+    from synermedgen_jax.modeling.packing import PackBudget, SpecialTokens
+    from synermedgen_jax.modeling.synermedgen import build_model
+    from synermedgen_jax.training import loop, optim, sharding
+    from synermedgen_jax.training import step as step_lib
+
+    make_model, codec, objective = loop.build(config)
+    tx = optim.make_optimizer(config.train)
+    abstract, shardings = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
+    local, _ = synthetic_batch(config, PackBudget.from_config(config.data.pack), ROWS, seed=3)
+    batch_sh = sharding.batch_sharding(mesh, local)
+    train_fn = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), shardings,
+                                       batch_sh, mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in local.items()}
+    train = (train_fn, (step_lib.with_shardings(abstract, shardings), batch))
+
+    pack = config.data.pack
+    sampler = Sampler(nnx.eval_shape(lambda: build_model(config.model, 0)), SpecialTokens(1, 2, 3, 4, 0),
+                      tuple(pack.image_size), tuple(pack.vit_image_size),
+                      SamplerConfig(num_steps=3, step_impl="pallas"), mesh=mesh)
+    lowered_args = sampler.lowering_args(ROWS, [5, 6, 7])
+    return train, lowered_args
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    what = sys.argv[1]
+    result = numerics() if what == "numerics" else export_all()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # start the backend before any mesh is made
+    main()
