@@ -21,6 +21,7 @@ import ml_collections
 from configs import models
 
 DEFAULT_MIX = (("cts", 0.468), ("tia", 0.381), ("mi", 0.150))
+SYNERMED_PREFIX = "synermed_"
 
 # Per-row pack budgets by model variant: (stage I, stage II).
 _PACKS = {
@@ -53,6 +54,11 @@ _PACKS = {
 
 def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) -> ml_collections.ConfigDict:
     variant = variant or "tiny"
+    if variant.startswith(SYNERMED_PREFIX):  # synermed_<variant>: trains on a SynerMed release build
+        from configs.synermed import release_config
+
+        return release_config(base_config(stage, variant[len(SYNERMED_PREFIX):], data_stage=data_stage, pack=pack),
+                              variant[len(SYNERMED_PREFIX):], pack)
     if variant not in _PACKS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(_PACKS)}")
     big = variant == "bagel_7b_mot"
@@ -75,6 +81,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     data.augment = data_stage in ("stage2", "mixed")
     data.workers = 0
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
+    data.source = "auto"  # auto: from the build's manifest | records | synermed (configs/synermed.py)
     data.pack = ml_collections.ConfigDict(_PACKS[variant][pack])
 
     train = config.train = ml_collections.ConfigDict()
@@ -131,7 +138,7 @@ def understanding_optimisation(config: ml_collections.ConfigDict, variant: str |
     steps the held-out panel accuracy was 0.215 / 0.155 / 0.177 (seeds 0-2; image-blind level 0.167). With each
     image preceded by its label (data/prompts.py MI_IMAGE_LABELS etc.) it is 0.468 / 0.369 / 0.388 (training
     panels 0.81 / 0.66 / 0.63); tested in tests/test_train_stages.py."""
-    variant = variant or "tiny"
+    variant = (variant or "tiny").removeprefix(SYNERMED_PREFIX)
     if variant == "tiny":
         config.train.lr = 3e-3
         config.train.warmup = 10

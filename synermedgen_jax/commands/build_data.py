@@ -8,6 +8,8 @@ Sources and the layouts they read:
   brats         <case>/<case>_{t1,t1ce,t2,flair}.nii.gz (2021) or <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz (2023)
   autopet       <patient>/<study>/{CTres,SUV}.nii.gz
   mni152-sim    no files: subjects simulated from nilearn's MNI152 template (T1, T1CE, T2, FLAIR, CT, CBCT, PET)
+  synermed      the published release: SynerMed.parquet, SynerMed.jsonl, slice/<modality>/*.png (its own
+                options: --workers, --process-index/--process-count, ...; see commands/build_synermed.py)
 
 Writes to --out: records/<split>-NNNNN.array_record (one record per case and axial slice, every modality,
 normalised to [-1, 1] with the inverse parameters), records/<split>.index.json, instances/<split>.npz
@@ -44,7 +46,8 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from synermedgen_jax.data.sources import SOURCES
 
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout")
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES) + ["synermed"],
+                        help="dataset layout (synermed: the published SynerMed release folder, see below)")
     parser.add_argument("--root", help="dataset folder (not needed for mni152-sim)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
@@ -73,9 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=512, help="embedded tokenizer vocabulary (512)")
     parser.add_argument("--contact-sheet", metavar="PNG", help="write a PNG of the first case, all modalities")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from synermedgen_jax.commands.build_synermed import add_release_arguments
+
+    add_release_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.source == "synermed":  # the release folder: its own builder (commands/build_synermed.py)
+        from synermedgen_jax.commands.build_synermed import main as release_main
+
+        return release_main(args)
     from synermedgen_jax.data.build import BuildConfig, build, summary_lines
     from synermedgen_jax.data.volumes import DataError
 

@@ -13,6 +13,12 @@ evaluated the same way (zero-shot synthesis).
 
 Writes to --out (default: <checkpoint>/eval): results.md, results.csv, results.json, grids/<task>.png
 (source / target / prediction / |error|) and tensorboard scalars in tb/. Bad input: one-line error, exit 2.
+
+  python -m synermedgen_jax eval --metadata metadata.json --predictions OUT --targets DIR [--out DIR]
+
+scores PNG pairs instead (ours or the official script's outputs; no checkpoint): SSIM×100 / PSNR / MAE per
+route of <key>.png against DIR/<key>.png (or each entry's 'target' / 'gt' under --image-root); writes
+scores.md, scores.csv and scores.json to --out (default: --predictions).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--workdir", help="training workdir (its latest checkpoint)")
     source.add_argument("--checkpoint", help="training workdir or step directory")
-    parser.add_argument("--data", required=True, help="built data folder (build-data --out)")
+    parser.add_argument("--data", help="built data folder (build-data --out)")
     parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
     parser.add_argument("--split", default="test", help="record split (test)")
     parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50)")
@@ -42,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: --data's)")
     parser.add_argument("--no-progress", action="store_true")
+    group = parser.add_argument_group("PNG pairs (the official metadata convention; no checkpoint needed)")
+    group.add_argument("--metadata", help="{key: {id, prompt}} JSON: score <key>.png predictions per route")
+    group.add_argument("--predictions", help="folder of <key>.png outputs (synthesize --output-dir or the official "
+                                              "script's)")
+    group.add_argument("--targets", help="folder of <key>.png targets (default: each entry's 'target' / 'gt' "
+                                          "under --image-root)")
+    group.add_argument("--image-root", help="folder the entries' paths are relative to")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,7 +62,13 @@ def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.inference import loading
     from synermedgen_jax.inference.sampler import SamplerConfig
 
+    if args.metadata:  # PNG pairs per route (evaluation/png_pairs.py)
+        return _png_pairs(args)
     checkpoint = args.checkpoint or args.workdir
+    if not checkpoint or not args.data:
+        print("error: --workdir/--checkpoint and --data are required (or --metadata with --predictions)",
+              file=sys.stderr)
+        return 2
     try:
         if args.steps < 2 or args.max_slices < 1 or args.batch_size < 1 or args.devices < 1:
             raise loading.InferenceError("--steps must be >= 2, --max-slices, --batch-size and --devices >= 1")
@@ -77,3 +96,22 @@ def main(args: argparse.Namespace) -> int:
     print(markdown(report))
     print(f"report written to {out}")
     return 0
+
+
+def _png_pairs(args: argparse.Namespace) -> int:
+    from synermedgen_jax.evaluation.png_pairs import markdown, score_pairs, write_report
+    from synermedgen_jax.inference.metadata import read_metadata
+
+    try:
+        if not args.predictions:
+            raise ValueError("--metadata needs --predictions DIR (the <key>.png outputs to score)")
+        report = score_pairs(read_metadata(args.metadata), args.predictions, targets=args.targets,
+                             image_root=args.image_root)
+    except ValueError as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    out = Path(args.out) if args.out else Path(args.predictions)
+    write_report(report, out)
+    print(f"scores written to {out}/scores.{{md,csv,json}}")
+    return 0 if report["keys"] else 1

@@ -10,6 +10,12 @@ written in the target's native units (HU for CT/CBCT, SUV for PET; MR targets: -
 0..1000) with the input's affine and header geometry. Slices without foreground are not synthesized.
 The same --seed gives the same volume whatever --batch-size. Modalities: ct, cbct, mr, t1, t1ce, t2, flair, pet.
 
+  python -m synermedgen_jax synthesize --checkpoint runs/stage2 --metadata metadata.json --image-root DIR \
+      --output-dir OUT
+
+follows the official inference convention instead: {key: {"id": path under DIR, "prompt": text}} -> OUT/<key>.png,
+keys with an existing output skipped (inference/metadata.py).
+
 Exit status 2 with a one-line error for bad input (unknown modality or route, a 2-D/4-D or non-NIfTI file,
 --output equal to --input or existing without --force, a checkpoint of another config); nothing is written.
 """
@@ -31,10 +37,13 @@ def _window(text: str) -> tuple[float, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
-    parser.add_argument("--input", required=True, help="source volume (.nii or .nii.gz)")
-    parser.add_argument("--source-modality", required=True, help="modality of --input")
-    parser.add_argument("--target-modality", required=True, help="modality to synthesize")
-    parser.add_argument("--output", required=True, help="output volume (.nii or .nii.gz)")
+    parser.add_argument("--input", help="source volume (.nii or .nii.gz)")
+    parser.add_argument("--source-modality", help="modality of --input")
+    parser.add_argument("--target-modality", help="modality to synthesize")
+    parser.add_argument("--output", help="output volume (.nii or .nii.gz)")
+    from synermedgen_jax.commands.synthesize_metadata import add_metadata_arguments
+
+    add_metadata_arguments(parser)
     parser.add_argument("--mask", help="body mask volume (same grid): synthesize inside it, background outside")
     parser.add_argument("--task", help="registry task whose instruction to use, e.g. synthrad2023/brain/cbct->ct")
     parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50; steps-1 Euler steps)")
@@ -61,6 +70,14 @@ def _error(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.metadata:  # the official metadata convention (commands/synthesize_metadata.py)
+        from synermedgen_jax.commands.synthesize_metadata import main as metadata_main
+
+        return metadata_main(args)
+    missing = [f"--{n.replace('_', '-')}" for n in ("input", "source_modality", "target_modality", "output")
+               if not getattr(args, n)]
+    if missing:
+        return _error(f"{', '.join(missing)} required (or --metadata FILE --image-root DIR --output-dir DIR)")
     from synermedgen_jax.inference.loading import InferenceError, load_for_inference
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh
     from synermedgen_jax.inference.synthesize import (

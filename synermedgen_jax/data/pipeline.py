@@ -64,6 +64,7 @@ class PipelineConfig:
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None
     workers: int = 0  # grain worker processes for sample building; 0 = in-process (best on 2 cores)
+    source: str = "auto"  # auto (from the build's manifest) | records | synermed (data/synermed.py)
 
 
 def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
@@ -242,9 +243,13 @@ def _weights(config: PipelineConfig) -> dict[str, float]:
     return weights
 
 
-def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineConfig = PipelineConfig()
-                   ) -> grain.IterDataset:
+def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineConfig = PipelineConfig(),
+                   geometry: Any = None) -> grain.IterDataset:
     """The mixed, sharded, shuffled stream of ``(items, tag)`` samples (before packing)."""
+    from synermedgen_jax.data import synermed
+
+    if synermed.use_release(data_dir, config.source):  # a SynerMed release build: its own samples
+        return synermed.sample_dataset(data_dir, budget, config, geometry)
     data_dir = str(data_dir)
     tables = load_instances(Path(data_dir) / "instances" / f"{config.split}.npz")
     weights = _weights(config)
@@ -286,6 +291,6 @@ def packed_dataset(data_dir: str | Path, budget: PackBudget, model_config: Any, 
         from synermedgen_jax.data.tokenizer import load_tokenizer
 
         special = SpecialTokens.from_tokenizer(load_tokenizer(Path(data_dir) / "tokenizer.json"))
-    samples = sample_dataset(data_dir, budget, config)
+    samples = sample_dataset(data_dir, budget, config, geometry=model_config)
     rows = PackIterDataset(samples, budget, special, model_config, seed=config.seed)
     return rows.batch(config.rows_per_batch, drop_remainder=True)

@@ -39,7 +39,7 @@ def pipeline_config(data, *, stage: str | None = None, split: str | None = None,
                           task_weights=weights, stage2_weight=float(data.stage2_weight), cfg_text=float(data.cfg_text),
                           cfg_vit=float(data.cfg_vit), cfg_vae=float(data.cfg_vae), augment=bool(data.augment),
                           rows_per_batch=rows, repeat=repeat, process_index=shard, process_count=shards,
-                          workers=int(data.workers))
+                          workers=int(data.workers), source=str(data.get("source", "auto")))
 
 
 class ShardedBatches:

@@ -1,0 +1,513 @@
+"""The published SynerMed release as training data: its row formats, the official sample semantics, routes.
+
+The release is one folder::
+
+    SynerMed/
+      SynerMed.parquet   generation: ``image_list`` (list of PNG bytes) and ``instruction_list`` (list of lists of
+                         strings; ``instruction_list[i-1]`` holds alternative phrasings of the step image i-1 → i)
+      SynerMed.jsonl     understanding: one JSON object per line, ``image`` (a path relative to ``slice/`` or a
+                         list of them) and ``conversations`` (``{"from": "human"|"gpt", "value": ...}``)
+      slice/<modality>/*.png
+
+``build-data --source synermed`` (data/synermed_build.py) validates every row and line and copies the good ones
+into ArrayRecord shards (``records/edit-NNNNN`` per Parquet row group, ``records/conv-NNNNN`` per JSONL chunk);
+this module turns those records into training samples with the official loaders' semantics:
+
+* Edit chains (Stage II), as BAGEL's ``UnifiedEditIterableDataset.parse_row``: a start image and an end image at
+  most two steps later are drawn; the start image is conditioning (clean VAE latents, then ViT tokens; no loss).
+  A 2-step hop either (probability 1/2) concatenates one phrasing per step into one instruction
+  (``"A. B."``), dropping the intermediate image, or interleaves instruction, intermediate image (noised with
+  the loss, then clean VAE and ViT copies as conditioning for the next step) and the next instruction. The end
+  image is the noised target with the loss. As in the official loader, a concatenated hop that ends on the
+  chain's last image is shortened by one step (``SynerMedConfig.shorten_concat_at_end``). Instructions and
+  conditioning images may be dropped for classifier-free guidance; images go through RGB conversion.
+* Conversations (Stage I), as BAGEL's ``SftJSONLIterableDataset.change_format``: human turns are split at the
+  ``<image>`` markers (text without loss, each marker the next image as ViT tokens), gpt turns are text with
+  the loss. (The build already dropped conversations without a gpt turn.)
+
+Record payloads are msgpack (data/records.py, no pickle): edits keep the Parquet's original PNG bytes;
+conversations keep the image paths relative to ``slice/`` and read them through the build's ``slice`` link.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from synermedgen_jax.data.volumes import DataError
+
+PARQUET_NAME = "SynerMed.parquet"
+JSONL_NAME = "SynerMed.jsonl"
+SLICE_DIR = "slice"
+EDIT, CONV = "edit", "conv"
+KINDS = (EDIT, CONV)
+IMAGE_MARKER = "<image>"
+SOURCE_NAME = "synermed"
+
+# ------------------------------------------------------------------------------------------------- routes
+
+# Folder names of slice/<modality>/ (lower case, before any "_suffix" such as ct_FDG) -> modality key.
+_FOLDER_MODALITY = {"t1": "t1", "t1n": "t1", "t1w": "t1", "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce",
+                    "t2": "t2", "t2w": "t2", "flair": "flair", "t2f": "flair", "ct": "ct", "cbct": "cbct",
+                    "pet": "pet", "suv": "pet", "mr": "mr", "mri": "mr"}
+
+_MENTION = re.compile(
+    r"(?<![a-z0-9])(?:"
+    r"(?P<cbct>cbct|cone[\s-]*beam(?:[\s-]*(?:ct|computed\s+tomography))?)"
+    r"|(?P<t1ce>t1[\s-]*(?:ce|c|gd|\+\s*c)|contrast[\s-]*enhanced\s+t1(?:[\s-]*weighted)?|post[\s-]*contrast\s+t1"
+    r"(?:[\s-]*weighted)?)"
+    r"|(?P<flair>(?:t2[\s-]*)?flair)"
+    r"|(?P<t1>t1(?:[\s-]*weighted|w)?)"
+    r"|(?P<t2>t2(?:[\s-]*weighted|w)?)"
+    r"|(?P<pet>(?:fdg[\s-]*)?pet)"
+    r"|(?P<ct>ct|computed\s+tomography)"
+    r"|(?P<mr>mri|mr)"
+    r")(?![a-z0-9])", re.IGNORECASE)
+# The nearest of these words before a mention decides its role (source or target of the step).
+_CUE = re.compile(r"(?<![a-z])(?P<src>from|given|of this|in this|shown in|based on|using|on this|source)"
+                  r"|(?P<tgt>to|into|as|generate|synthesi[sz]e|produce|create|predict|obtain|target)(?![a-z])",
+                  re.IGNORECASE)
+_MR_SEQUENCES = ("t1", "t1ce", "t2", "flair")
+
+
+def modality_from_path(path: str) -> str | None:
+    """``t1/BraTS_0001_070.png`` or ``slice/pet_FDG/x.png`` -> the modality of its folder (None if unknown)."""
+    parts = [p for p in Path(str(path)).parts[:-1] if p not in (SLICE_DIR, ".")]
+    for part in parts:
+        name = part.lower().split("_")[0].split("-")[0]
+        if name in _FOLDER_MODALITY:
+            return _FOLDER_MODALITY[name]
+    return None
+
+
+def mentions(text: str) -> list[tuple[str, int]]:
+    """Modality mentions ``(modality, start offset)`` in order; a bare "MRI" is dropped next to a sequence name."""
+    found = [(m.lastgroup, m.start()) for m in _MENTION.finditer(text)]
+    if any(name in _MR_SEQUENCES for name, _ in found):
+        found = [(name, at) for name, at in found if name != "mr"]
+    return found
+
+
+def parse_route(text: str) -> tuple[str, str] | None:
+    """(source, target) modality named by one instruction, or None when it does not name two modalities."""
+    first: dict[str, int] = {}
+    for name, at in mentions(text):
+        first.setdefault(name, at)
+    if len(first) < 2:
+        return None
+    roles = {}
+    for name, at in first.items():
+        cues = list(_CUE.finditer(text[max(0, at - 40):at]))
+        roles[name] = cues[-1].lastgroup if cues else None
+    order = sorted(first, key=first.get)
+    src = next((m for m in order if roles[m] == "src"), None)
+    tgt = next((m for m in order if roles[m] == "tgt" and m != src), None)
+    if src is None:
+        src = next((m for m in order if m != tgt and roles[m] is None), None) or next(m for m in order if m != tgt)
+    if tgt is None:
+        tgt = next(m for m in order if m != src)
+    return src, tgt
+
+
+def step_route(phrasings: Sequence[str]) -> tuple[str, str] | None:
+    """The route a step's phrasings agree on most (ties: the first phrasing's)."""
+    votes = Counter(r for r in (parse_route(p) for p in phrasings) if r is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def chain_modalities(instruction_list: Sequence[Sequence[str]]) -> list[str | None]:
+    """Modality of each image of an edit chain, from its steps' routes (None where no step names it)."""
+    steps = [step_route(p) for p in instruction_list]
+    mods: list[str | None] = [steps[0][0] if steps and steps[0] else None]
+    for i, route in enumerate(steps):
+        following = steps[i + 1] if i + 1 < len(steps) else None
+        mods.append(route[1] if route else (following[0] if following else None))
+    return mods
+
+
+def route_name(src: str | None, tgt: str | None) -> str:
+    return f"{src or '?'}->{tgt or '?'}" if (src or tgt) else "unknown"
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def open_image(blob: bytes):
+    """A fully decoded PIL image (raises ``DataError`` for anything Pillow cannot decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(blob))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        message = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)[:120]
+        raise DataError(f"undecodable image ({type(err).__name__}: {message})") from None
+    return image
+
+
+def to_rgb(image):
+    """BAGEL's ``pil_img2rgb``: transparency composited on white, everything else converted to RGB."""
+    from PIL import Image
+
+    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        return white
+    return image.convert("RGB")
+
+
+def image_array(blob: bytes, channels: int = 3) -> np.ndarray:
+    """PNG bytes -> float32 in [-1, 1] after RGB conversion: ``[H, W]`` for a grey picture (or a 1-channel
+    model, which gets the luminance), else ``[H, W, 3]``."""
+    rgb = to_rgb(open_image(blob))
+    pixels = np.asarray(rgb, np.uint8)
+    if channels == 1 and not (np.array_equal(pixels[..., 0], pixels[..., 1])
+                              and np.array_equal(pixels[..., 0], pixels[..., 2])):
+        pixels = np.asarray(rgb.convert("L"), np.uint8)[..., None]
+    if pixels.shape[-1] == 3 and np.array_equal(pixels[..., 0], pixels[..., 1]) and \
+            np.array_equal(pixels[..., 0], pixels[..., 2]):
+        pixels = pixels[..., :1]
+    out = pixels.astype(np.float32) / 127.5 - 1.0
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def grey_array(blob: bytes) -> np.ndarray:
+    """PNG bytes -> ``[H, W]`` float32 grey in [-1, 1] (the luminance after RGB conversion)."""
+    return np.asarray(to_rgb(open_image(blob)).convert("L"), np.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------- row validation
+
+
+def check_edit_row(image_list, instruction_list) -> list[bytes]:
+    """The row's image blobs when it is a usable edit chain; raises ``DataError`` with the reason otherwise."""
+    if image_list is None or len(image_list) == 0:
+        raise DataError("no images")
+    if len(image_list) == 1:
+        raise DataError("row with one image (an edit needs at least two)")
+    if instruction_list is None or len(instruction_list) == 0:
+        raise DataError("empty instruction list")
+    if len(instruction_list) != len(image_list) - 1:
+        raise DataError(f"instruction count mismatch: {len(instruction_list)} steps for {len(image_list)} images "
+                        f"(expected {len(image_list) - 1})")
+    for step, phrasings in enumerate(instruction_list):
+        if isinstance(phrasings, str) or not phrasings or not all(isinstance(p, str) and p.strip()
+                                                                  for p in phrasings):
+            raise DataError(f"empty instruction list: step {step} (image {step} -> {step + 1})")
+    blobs = []
+    for k, blob in enumerate(image_list):
+        if not isinstance(blob, (bytes, bytearray)):
+            raise DataError(f"corrupt image blob: image {k} is not bytes ({type(blob).__name__})")
+        try:
+            open_image(bytes(blob))
+        except DataError as err:
+            raise DataError(f"corrupt image blob: image {k}: {err}") from None
+        blobs.append(bytes(blob))
+    return blobs
+
+
+def check_conversation(obj, slice_ok) -> tuple[list[str], list[dict]]:
+    """``(image paths, turns)`` of a usable conversation; raises ``DataError`` with the reason otherwise.
+
+    ``slice_ok(path) -> None | reason``: checks one image file under ``slice/``.
+    """
+    if not isinstance(obj, dict):
+        raise DataError(f"not a JSON object ({type(obj).__name__})")
+    turns = obj.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError("no conversations list")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(
+                turn.get("value"), str):
+            raise DataError(f"turn {k}: expected {{'from': 'human'|'gpt', 'value': text}}")
+    if not any(t["from"] == "gpt" for t in turns):
+        raise DataError("no gpt turn (nothing to learn)")
+    images = obj.get("image", [])
+    if images is None:
+        images = []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise DataError("image: expected a path or a list of paths")
+    markers = sum(t["value"].count(IMAGE_MARKER) for t in turns if t["from"] == "human")
+    stray = sum(t["value"].count(IMAGE_MARKER) for t in turns if t["from"] == "gpt")
+    if markers != len(images) or stray:
+        where = f" ({stray} in gpt turns)" if stray else ""
+        raise DataError(f"<image> count mismatch: {markers + stray} markers{where} for {len(images)} images")
+    for path in images:
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise DataError(f"image path {path!r} must be relative to slice/")
+        problem = slice_ok(path)
+        if problem:
+            raise DataError(problem)
+    return images, [{"from": t["from"], "value": t["value"]} for t in turns]
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+@dataclasses.dataclass(frozen=True)
+class SynerMedConfig:
+    """Sample-construction switches (defaults: the official loaders')."""
+
+    shorten_concat_at_end: bool = True
+    concat_probability: float = 0.5
+
+
+OFFICIAL = SynerMedConfig()
+
+
+def edit_plan(n_images: int, instruction_list: Sequence[Sequence[str]], rng: np.random.Generator,
+              config: SynerMedConfig = OFFICIAL) -> list[tuple]:
+    """The official hop rule as a plan: ``("cond", i)``, ``("text", str)``, ``("mid", i)``, ``("target", i)``.
+
+    Same draws, in the same order, as BAGEL's ``UnifiedEditIterableDataset.parse_row`` (``random.choice`` →
+    ``rng.integers``)."""
+    start = int(rng.integers(n_images - 1))
+    max_end = min(start + 3, n_images)
+    end = int(rng.integers(start + 1, max_end))
+    plan: list[tuple] = [("cond", start)]
+    if end - start > 1 and rng.random() < config.concat_probability:
+        if config.shorten_concat_at_end and end == n_images - 1:
+            end -= 1
+        text = "".join(instruction_list[i - 1][int(rng.integers(len(instruction_list[i - 1])))] + ". "
+                       for i in range(start + 1, end + 1))
+        plan += [("text", text.rstrip()), ("target", end)]
+        return plan
+    for i in range(start + 1, end + 1):
+        phrasings = instruction_list[i - 1]
+        plan.append(("text", phrasings[int(rng.integers(len(phrasings)))]))
+        plan.append(("target", i) if i == end else ("mid", i))
+    return plan
+
+
+def conversation_plan(turns: Sequence[dict], n_images: int) -> list[tuple]:
+    """BAGEL's ``change_format``: ``("text", str, loss)`` and ``("image", k)`` in sequence order."""
+    plan: list[tuple] = []
+    k = 0
+    for turn in turns:
+        if turn["from"] == "human":
+            pieces = turn["value"].split(IMAGE_MARKER)
+            for j, piece in enumerate(pieces):
+                if piece.strip():
+                    plan.append(("text", piece.strip(), False))
+                if j != len(pieces) - 1 and k < n_images:
+                    plan.append(("image", k))
+                    k += 1
+        else:
+            plan.append(("text", turn["value"], True))
+    return plan
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_release_build(data_dir: str | Path) -> bool:
+    return read_manifest(data_dir).get("source") == SOURCE_NAME
+
+
+def use_release(data_dir: str | Path, source: str = "auto") -> bool:
+    """Whether the pipeline reads ``data_dir`` as a SynerMed release build (``config.data.source``)."""
+    if source not in ("auto", "records", SOURCE_NAME):
+        raise ValueError(f"config.data.source={source!r}: expected auto, records or {SOURCE_NAME}")
+    if source == "records":
+        return False
+    release = is_release_build(data_dir)
+    if source == SOURCE_NAME and not release:
+        raise ValueError(f"{data_dir}: not a SynerMed release build (run build-data --source synermed --root "
+                         "SynerMed/ --out DIR, or give config.data.dir the build folder)")
+    return release
+
+
+def record_counts(data_dir: str | Path) -> dict[str, int]:
+    manifest = read_manifest(data_dir)
+    return {kind: sum(int(s["records"]) for s in manifest.get("shards", {}).get(kind, [])) for kind in KINDS}
+
+
+class SampleMaker:
+    """Element ``(kind, record index)`` -> ``(items, tag)`` with the official semantics (module doc), or None
+    when the sample cannot fit an empty pack row (skipped, as BAGEL skips over-long samples; counted)."""
+
+    def __init__(self, data_dir: str, budget, pipeline_config, geometry=None,
+                 config: SynerMedConfig = OFFICIAL):
+        self.data_dir, self.budget, self.pipeline, self.geometry, self.config = (
+            str(data_dir), budget, pipeline_config, geometry, config)
+        self._readers: dict = {}
+        self._tokenizer = None
+        self._probe = None
+        self.oversize = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_readers={}, _tokenizer=None, _probe=None)
+        return state
+
+    def reader(self, kind: str):
+        if kind not in self._readers:
+            from synermedgen_jax.data.records import RecordReader
+
+            self._readers[kind] = RecordReader(self.data_dir, kind)
+        return self._readers[kind]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from synermedgen_jax.data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(Path(self.data_dir) / "tokenizer.json")
+        return self._tokenizer
+
+    def _channels(self) -> int:
+        if self.geometry is None:
+            return 3
+        from synermedgen_jax.modeling.packing import Geometry
+
+        g = self.geometry if isinstance(self.geometry, Geometry) else Geometry.from_model_config(self.geometry)
+        return max(g.vit_channels, g.vae_channels)
+
+    def _fits(self, items) -> bool:
+        if self.geometry is None:
+            return True
+        from synermedgen_jax.modeling.packing import PackBuilder, SpecialTokens
+
+        if self._probe is None:
+            self._probe = PackBuilder(self.budget, SpecialTokens(0, 0, 0, 0), self.geometry)
+        return self._probe.fits(items)
+
+    def slice_bytes(self, path: str) -> bytes:
+        return (Path(self.data_dir) / SLICE_DIR / path).read_bytes()
+
+    def edit_items(self, record: dict, rng: np.random.Generator) -> list:
+        from synermedgen_jax.data.volumes import resize_image
+        from synermedgen_jax.modeling.packing import Text, VaeImage, VitImage, cfg_dropout
+
+        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
+        channels = self._channels()
+        decoded: dict[int, np.ndarray] = {}
+
+        def image(i: int) -> np.ndarray:
+            if i not in decoded:
+                decoded[i] = image_array(record["images"][i], channels)
+            return decoded[i]
+
+        items: list = []
+        for step in edit_plan(len(record["images"]), record["instructions"], rng, self.config):
+            what, value = step
+            if what == "cond":
+                items += [VaeImage(resize_image(image(value), size), cfg=True),
+                          VitImage(resize_image(image(value), vit_size), cfg=True)]
+            elif what == "text":
+                items.append(Text(self.tokenizer.encode(value), cfg=True))
+            elif what == "mid":
+                items += [VaeImage(resize_image(image(value), size), noised=True),
+                          VaeImage(resize_image(image(value), size), cfg=True),
+                          VitImage(resize_image(image(value), vit_size), cfg=True)]
+            else:
+                items.append(VaeImage(resize_image(image(value), size), noised=True))
+        p = self.pipeline
+        return cfg_dropout(items, rng, text=p.cfg_text, vit=p.cfg_vit, vae=p.cfg_vae)
+
+    def conversation_items(self, record: dict) -> list:
+        from synermedgen_jax.data.volumes import resize_image
+        from synermedgen_jax.modeling.packing import Text, VitImage
+
+        vit_size = tuple(self.budget.vit_image_size)
+        channels = self._channels()
+        items: list = []
+        for step in conversation_plan(record["turns"], len(record["images"])):
+            if step[0] == "image":
+                pixels = image_array(self.slice_bytes(record["images"][step[1]]), channels)
+                items.append(VitImage(resize_image(pixels, vit_size)))
+            else:
+                items.append(Text(self.tokenizer.encode(step[1]), loss=step[2]))
+        return items
+
+    def __call__(self, element: tuple[str, int], rng: np.random.Generator):
+        kind, index = element
+        record = self.reader(kind)[int(index)]
+        items = self.edit_items(record, rng) if kind == EDIT else self.conversation_items(record)
+        if not self._fits(items):
+            self.oversize += 1
+            if self.oversize in (1, 10, 100, 1000) or self.oversize % 10000 == 0:
+                import logging
+
+                logging.warning("synermed: %d sample(s) longer than an empty pack row skipped (latest %s#%d); "
+                                "enlarge config.data.pack", self.oversize, kind, index)
+            return None
+        return items, f"{kind}#{index}"
+
+
+class _Tag:
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, i):
+        return self.kind, int(i)
+
+
+def _not_none(x) -> bool:
+    return x is not None
+
+
+def stage_weights(stage: str, stage2_weight: float) -> dict[str, float]:
+    if stage == "stage1":
+        return {CONV: 1.0}
+    if stage == "stage2":
+        return {EDIT: 1.0}
+    if stage == "mixed":
+        return {CONV: 1.0 - float(stage2_weight), EDIT: float(stage2_weight)}
+    raise ValueError(f"data stage {stage!r} has no SynerMed samples (stage1: conversations, stage2: edit chains, "
+                     "mixed: both)")
+
+
+def sample_dataset(data_dir: str | Path, budget, config, geometry=None):
+    """The sharded, shuffled stream of ``(items, tag)`` samples of a SynerMed build (``data.pipeline`` calls
+    this for builds whose manifest source is ``synermed``). Process ``p`` of ``P`` reads records ``p::P`` of
+    each kind only."""
+    import grain
+
+    if config.split != "train":
+        raise ValueError(f"{data_dir}: a SynerMed build has one split, 'train' (asked for {config.split!r})")
+    counts = record_counts(data_dir)
+    weights = {k: w for k, w in stage_weights(config.stage, config.stage2_weight).items() if w > 0}
+    if config.process_index is None or config.process_count is None:
+        import jax
+
+        index, count = jax.process_index(), jax.process_count()
+    else:
+        index, count = config.process_index, config.process_count
+    datasets, mix = [], []
+    for k, (kind, weight) in enumerate(sorted(weights.items())):
+        if counts.get(kind, 0) == 0:
+            raise ValueError(f"{data_dir}: the SynerMed build has no {kind} records "
+                             f"({'conversations' if kind == CONV else 'edit chains'})")
+        ds = grain.MapDataset.range(counts[kind])[index::count]
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed * 1000 + k)
+        if config.repeat:
+            ds = ds.repeat()
+        datasets.append(ds.map(_Tag(kind)))
+        mix.append(weight)
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, mix)
+    ds = ds.random_map(SampleMaker(str(data_dir), budget, config, geometry), seed=config.seed)
+    it = ds.to_iter_dataset().filter(_not_none)
+    if config.workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
+    return it
