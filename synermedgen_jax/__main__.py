@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from synermedgen_jax.commands._runner import EXIT_CODES
+
 # name -> (module, one-line help, issue that builds it)
 COMMANDS: dict[str, tuple[str, str, int]] = {
     "quickstart": ("quickstart", "the main job on the embedded default: data, training, eval, report", 9),
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
+        sub.epilog = (f"{sub.epilog}\n\n" if sub.epilog else "") + EXIT_CODES
         sub.set_defaults(_main=module.main)
     return parser
 

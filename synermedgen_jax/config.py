@@ -43,7 +43,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
             sys.path.remove(parent)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: has no get_config(variant) function")
-    return module.get_config(variant or None)
+    try:
+        return module.get_config(variant or None)
+    except (ValueError, KeyError) as err:  # e.g. an unknown variant
+        raise ConfigError(f"{spec}: {str(err).strip(chr(39))}") from None
 
 
 def _parse_value(text: str, current):
@@ -88,8 +91,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         node = config
         for parent in parents:
             node = node[parent]
-        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
-            node[leaf] = _parse_value(value_text, node[leaf])
+        current = node[leaf]
+        value = _parse_value(value_text, current)
+        if isinstance(current, (bool, int, float)) and not isinstance(value, (bool, int, float)) or (
+                isinstance(current, bool) != isinstance(value, bool) and current is not None):
+            kind = "True or False" if isinstance(current, bool) else f"a {type(current).__name__}"
+            raise ConfigError(f"--config.{key}={value_text}: expected {kind} (current value {current!r})")
+        try:
+            with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+                node[leaf] = value
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"--config.{key}={value_text}: {err}") from None
     return config
 
 

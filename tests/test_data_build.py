@@ -209,14 +209,14 @@ def test_no_patient_in_two_splits(built):
 
 
 def test_existing_output_needs_overwrite_and_nothing_valid_fails(built, layouts, tmp_path, capsys):
-    assert _build("autopet", layouts / "autopet", built["autopet"]) == 1
+    assert _build("autopet", layouts / "autopet", built["autopet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     broken = tmp_path / "broken"
     (broken / "BraTS2021_00009").mkdir(parents=True)
     (broken / "BraTS2021_00009" / "BraTS2021_00009_t1.nii.gz").write_bytes(b"garbage")
     out = tmp_path / "out"
-    assert _build("brats", broken, out) == 1
+    assert _build("brats", broken, out) == 2
     assert "no valid record remains" in capsys.readouterr().err
     skipped = (out / "skipped.jsonl").read_text().splitlines()
     assert len(skipped) == 1 and "BraTS2021_00009" in skipped[0]
-    assert _build("synthrad2023", tmp_path / "nowhere", tmp_path / "o2") == 1
+    assert _build("synthrad2023", tmp_path / "nowhere", tmp_path / "o2") == 2

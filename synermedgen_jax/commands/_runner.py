@@ -9,6 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+# The exit-status convention of every command (shown at the end of each --help).
+EXIT_CODES = ("exit status: 0 done; 2 a one-line error (bad argument, config, input file, data or checkpoint), "
+              "found before any work where it can be, with nothing valid overwritten; 1 an unexpected failure "
+              "(a traceback)")
+
 
 def cli(argv: list[str]) -> int:
     """Runs ``python -m synermedgen_jax ARGV`` in this process (echoing the command, so logs are replayable)."""

@@ -81,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
             if args.modality not in valid_modalities():
                 raise loading.InferenceError(f"--modality: unknown {args.modality!r}; valid: "
                                              f"{', '.join(valid_modalities())}")
+        if not args.prompt.strip():
+            raise loading.InferenceError("--prompt: empty; give the question to answer")
         config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
         if args.label and len(args.label) != len(args.image):
             raise loading.InferenceError(f"--label: {len(args.label)} labels for {len(args.image)} images; give "

@@ -15,7 +15,10 @@ Writes to --out: records/<split>-NNNNN.array_record (one record per case and axi
 normalised to [-1, 1] with the inverse parameters), records/<split>.index.json, instances/<split>.npz
 (CTS/TIA/MI, the non-aligned VQA control and Stage II pairs as index views), tokenizer.json,
 manifest.json (counts, shard sha256, config, code version) and skipped.jsonl (file, case, reason).
-Bad cases are skipped; the exit status is non-zero only when no valid record remains.
+Bad cases are skipped; the exit status is non-zero only when no valid record remains. The build is written
+into a hidden sibling folder and moved into --out only when it succeeded: a failed --overwrite build keeps
+the previous one, a killed build leaves nothing a rerun trips over. A split given a fraction but left without
+a patient (too few subjects) is a warning.
 """
 
 from __future__ import annotations
@@ -101,15 +104,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = build(config)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     for line in summary_lines(result):
         print(line)
     print(f"wrote {result.out}/manifest.json")
-    if result.total_records == 0:
-        print(f"error: no valid record remains ({len(result.skipped)} cases skipped; see "
-              f"{result.out}/skipped.jsonl)", file=sys.stderr)
-        return 1
-    if not any(result.records[s] for s in SPLITS if s == "train"):
-        print("warning: the train split is empty", file=sys.stderr)
+    cases = result.manifest["counts"]["cases"]
+    for split, fraction in zip(SPLITS, args.split, strict=True):
+        if fraction > 0 and not result.records[split]:
+            print(f"warning: the {split} split is empty ({sum(cases.values())} patients for fractions "
+                  f"{' '.join(str(f) for f in args.split)}): "
+                  + ("training has no data" if split == "train" else
+                     f"eval --split {split} and in-run evaluation need it; build more --subjects"), file=sys.stderr)
     return 0

@@ -57,6 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-root", help="folder the entries' paths are relative to")
 
 
+def _warn_if_untrained_on(inference, data: Path) -> None:
+    """A warning (scores are still computed) when --data is another dataset or slice size than the run's."""
+    from synermedgen_jax.inference.loading import _data_manifest
+
+    trained = _data_manifest(inference.data_dir)
+    given = _data_manifest(str(data))
+    if not trained or not given:
+        return
+    for key, what in (("source", "dataset"), ("slice_size", "slice size")):
+        had = trained.get(key, (trained.get("config") or {}).get(key))
+        has = given.get(key, (given.get("config") or {}).get(key))
+        if had is not None and has is not None and had != has:
+            print(f"warning: --data {data} has {what} {has!r}, the model was trained on {had!r} "
+                  f"({inference.data_dir}); the scores are out of distribution", file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.evaluation.evaluate import EvalConfig, markdown, run_evaluation
     from synermedgen_jax.inference import loading
@@ -77,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
         tokenizer = args.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists() else None)
         inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer)
+        _warn_if_untrained_on(inference, data)
         config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
                             max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
                             sampler=SamplerConfig(num_steps=args.steps, cfg_text=args.cfg_text,

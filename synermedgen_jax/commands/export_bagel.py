@@ -41,19 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _is_training_checkpoint(path: Path) -> bool:
     """Training workdirs hold numbered step folders with a ``state`` item (training/checkpoint.py)."""
-    if path.name.isdigit() and (path / "state").is_dir():
-        return True
-    return path.is_dir() and any(p.name.isdigit() and (p / "state").is_dir() for p in path.iterdir())
+    def is_step(p: Path) -> bool:  # _CHECKPOINT_METADATA: a step whose state item is damaged or missing
+        return p.name.isdigit() and ((p / "state").is_dir() or (p / "_CHECKPOINT_METADATA").is_file())
+
+    return is_step(path) or (path.is_dir() and any(is_step(p) for p in path.iterdir()))
 
 
 def _export_training(args: argparse.Namespace) -> int:
     """A training checkpoint: weights restored (EMA with --ema), then written tensor by tensor."""
     from flax import nnx
 
-    from synermedgen_jax.training.checkpoint import CheckpointError, load_model
+    from synermedgen_jax.training.checkpoint import CheckpointError, load_model, read_config
 
     start = time.time()
     try:
+        if read_config(str(args.checkpoint)).stage == "vae":
+            raise CheckpointError(f"{args.checkpoint}: a stage-0 (VAE only) checkpoint; its language and vision "
+                                  "parts are untrained, so it is not a BAGEL model (export a Stage I/II run)")
         run_config, model = load_model(str(args.checkpoint), ema=args.ema)
         dtype = "bf16" if args.dtype == "auto" else args.dtype
         ae_dtype = "f32" if args.ae_dtype == "auto" else args.ae_dtype

@@ -10,7 +10,9 @@ an error that suggests close matches). SIGTERM saves a checkpoint and exits 0; r
 
 Multi-host: jax.distributed is initialised from --coordinator/--num-processes/--process-id, or from the
 environment on TPU pods and SLURM (--distributed auto). See launch/README.md.
-Writes to WORKDIR: <step>/ Orbax checkpoints, config.json, metrics.jsonl, tb/ (tensorboard).
+Writes to WORKDIR: <step>/ Orbax checkpoints, config.json, metrics.jsonl, tb/ (tensorboard). A damaged newest
+checkpoint (a truncated or missing file) is named, renamed damaged-<step>, and the run resumes from the newest
+readable step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     accept_config_overrides(parser)
 
 
+def validate(config, workdir: str, stop_at: int | None) -> None:
+    """Every check that needs no model or data loading, before any of it (ConfigError naming the field)."""
+    from pathlib import Path
+
+    from synermedgen_jax.config import ConfigError
+    from synermedgen_jax.training.loop import resolve_config
+
+    train = config.train
+    for key in ("steps", "rows", "checkpoint_every", "grad_accum", "keep"):
+        if key in train and int(train[key]) <= 0:
+            raise ConfigError(f"--config.train.{key}={train[key]}: must be a positive integer")
+    for key in ("eval_every", "image_every", "log_every"):
+        if key in train and int(train[key]) < 0:
+            raise ConfigError(f"--config.train.{key}={train[key]}: must be >= 0")
+    if stop_at is not None and stop_at < 0:
+        raise ConfigError(f"--stop-at {stop_at}: must be >= 0")
+    try:
+        resolve_config(config)
+    except ValueError as err:  # unknown stage, nan policy, rows vs grad_accum, latent scale of vae_from
+        raise ConfigError(str(err).splitlines()[0]) from None
+    data = Path(str(config.data.dir))
+    if not (data / "manifest.json").is_file() or not (data / "records").is_dir():
+        what = "does not exist" if not data.exists() else "is not a built data folder (no manifest.json/records)"
+        raise ConfigError(f"--config.data.dir={data}: {what}; build it with build-data")
+    for key in ("init_from", "vae_from"):
+        if config.get(key) and not Path(str(config[key])).exists():
+            raise ConfigError(f"--config.{key}={config[key]}: does not exist")
+    path = Path(workdir)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--workdir {workdir}: {blocker} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--workdir {workdir}: cannot create it ({err.strerror or err})") from None
+
+
 def _init_distributed(args: argparse.Namespace) -> None:
     import jax
 
@@ -54,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         config = apply_overrides(load_config(args.config), overrides)
+        validate(config, args.workdir, args.stop_at)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -66,4 +106,4 @@ def main(args: argparse.Namespace) -> int:
         return train(config, args.workdir, stop_at=args.stop_at)
     except (CheckpointError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2

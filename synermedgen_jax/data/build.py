@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -172,21 +173,87 @@ def process_case(case: CaseSpec, source: Source, config: BuildConfig) -> tuple[l
     return records, summary
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    ours = ["records", "instances", "manifest.json", "skipped.jsonl", "tokenizer.json"]
-    existing = [name for name in ours if (out / name).exists()]
-    if existing and not overwrite:
+# What a build writes into --out; manifest.json is written last and marks a complete build.
+OURS = ("records", "instances", "skipped.jsonl", "tokenizer.json", "manifest.json")
+
+
+def check_out(out: Path) -> None:
+    """--out must be (or become) a writable folder: a one-line DataError before any work."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"--out {out}: {blocker} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--out {out}: cannot create its parent folder ({err.strerror or err})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK | os.X_OK)):
+        raise DataError(f"--out {out}: not writable")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """Checks ``out`` and returns a fresh staging folder beside it (``.<name>.building-<pid>``) that
+    :func:`_swap_in` moves into place only when the build succeeded: a failed or killed build never touches a
+    previous build. Leftovers of killed builds (stale staging folders, a folder without manifest.json) are
+    cleared; a swap killed half-way is rolled back to the previous build."""
+    check_out(out)
+    for stale in out.parent.glob(f".{out.name}.building-*"):
+        pid = stale.name.rpartition("-")[2]
+        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
+    old = out.parent / f".{out.name}.previous"
+    if old.is_dir():  # a swap was killed half-way: put the previous build back if the new one is incomplete
+        if (old / "manifest.json").is_file() and not (out / "manifest.json").is_file():
+            out.mkdir(exist_ok=True)
+            for name in OURS:
+                if (old / name).exists():
+                    _remove(out / name)
+                    os.replace(old / name, out / name)
+        shutil.rmtree(old, ignore_errors=True)
+    if (out / "manifest.json").is_file() and not overwrite:
+        existing = [name for name in OURS if (out / name).exists()]
         raise DataError(f"{out}: already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (out / "records").mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.building-{os.getpid()}"
+    (stage / "records").mkdir(parents=True)
+    return stage
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Moves the complete build from ``stage`` into ``out`` (a new folder: one rename). Into an existing folder
+    the previous build is moved aside first and deleted last; manifest.json goes last either way."""
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = out.parent / f".{out.name}.previous"
+    old.mkdir(exist_ok=True)
+    for name in ("manifest.json", *OURS[:-1]):  # the old manifest first: out is never a mixed "complete" build
+        if (out / name).exists() or (out / name).is_symlink():
+            os.replace(out / name, old / name)
+    for name in OURS:
+        if (stage / name).exists():
+            os.replace(stage / name, out / name)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def build(config: BuildConfig) -> BuildResult:
     """Runs the whole build (see module doc)."""
-    from tqdm import tqdm
-
     started = time.time()
     source = get_source(config.source)
     root = Path(config.root) if config.root else None
@@ -195,11 +262,22 @@ def build(config: BuildConfig) -> BuildResult:
     if root is not None and config.source != "mni152-sim" and not root.is_dir():
         raise DataError(f"--root {root}: not a folder")
     out = Path(config.out)
-    _prepare_out(out, config.overwrite)
+    stage = _prepare_out(out, config.overwrite)
+    try:
+        return _build_into(stage, out, config, source, root, started)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, started: float) -> BuildResult:
+    """The build proper, written into ``stage`` and swapped into ``out`` when at least one record is valid."""
+    from tqdm import tqdm
+
     cases = source.discover(root, config.source_options())
     split_of = assign_splits([c.patient_id for c in cases], config.split_fractions, config.seed)
 
-    writers = {s: ShardWriter(out / "records", s, config.records_per_shard) for s in SPLITS}
+    writers = {s: ShardWriter(stage / "records", s, config.records_per_shard) for s in SPLITS}
     index = {s: {"cases": [], "case": [], "slice_index": [], "foreground": [], "mean": []} for s in SPLITS}
     skipped: list[dict] = []
     sheet_written = False
@@ -235,9 +313,20 @@ def build(config: BuildConfig) -> BuildResult:
     shards = {s: w.close() for s, w in writers.items()}
     counts = {s: w.count for s, w in writers.items()}
 
-    manifest_counts = _write_indices_and_instances(out, index, config)
-    tokenizer = _write_tokenizer(out, config)
-    write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    skipped_text = "".join(json.dumps(s) + "\n" for s in skipped)
+    if not any(counts.values()):
+        first = f", e.g. {skipped[0]['reason']}" if skipped else ""
+        if not (out / "manifest.json").is_file():  # nothing to keep: leave the reasons where the user looks
+            out.mkdir(exist_ok=True)
+            _remove(out / "records")
+            write_text(out / "skipped.jsonl", skipped_text)
+            where = f"see {out}/skipped.jsonl"
+        else:
+            where = f"the previous build in {out} is unchanged"
+        raise DataError(f"{out}: no valid record remains ({len(skipped)} cases skipped{first}); {where}")
+    manifest_counts = _write_indices_and_instances(stage, index, config)
+    tokenizer = _write_tokenizer(stage, config)
+    write_text(stage / "skipped.jsonl", skipped_text)
     manifest = {
         "schema": SCHEMA_VERSION,
         "source": config.source,
@@ -253,7 +342,8 @@ def build(config: BuildConfig) -> BuildResult:
                       "special_ids": tokenizer.special_ids},
         "slice_orientation": "axial; row 0 anterior, column 0 subject left (RAS+ canonical)",
     }
-    write_json(out / "manifest.json", manifest)
+    write_json(stage / "manifest.json", manifest)
+    _swap_in(stage, out)
     return BuildResult(out, counts, skipped, manifest)
 
 

@@ -79,6 +79,13 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def umask_mode(path: str | Path) -> None:
+    """Gives a ``mkstemp`` file (always 0600) the mode a plain ``open`` would have under this umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds."""
@@ -88,6 +95,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -145,6 +153,7 @@ class ShardWriter:
     def _finish(self) -> None:
         self._writer.close()
         final = self.directory / self._name
+        umask_mode(self._tmp)
         os.replace(self._tmp, final)
         self.shards.append({"file": f"{self.directory.name}/{self._name}", "records": self._in_shard,
                             "sha256": sha256_file(final)})

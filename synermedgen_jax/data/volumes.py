@@ -88,6 +88,40 @@ MAX_DIM = 4096
 MAX_VOXELS = 1024**3 // 2
 
 
+# deflate cannot compress better than about 1032:1, so a .nii.gz claiming more is truncated or corrupt
+MAX_GZIP_RATIO = 1100
+
+
+def check_nifti_header(path: str | Path, img, *, max_dim: int = MAX_DIM, max_voxels: int = MAX_VOXELS
+                       ) -> tuple[int, ...]:
+    """The shared guard of every NIfTI reader, run on the header before any voxel is read: the shape (trailing
+    singleton axes dropped) within ``max_dim`` per axis and ``max_voxels`` in all, and the claimed voxel bytes
+    possible for the file's size (an uncompressed file must hold them, a gzip one cannot expand beyond
+    deflate's ratio). Returns the shape; raises DataError naming the file."""
+    path = Path(path)
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if shape and (min(shape) <= 0 or max(shape) > max_dim or math.prod(shape) > max_voxels):
+        raise DataError(f"{path}: header claims an absurd size {shape} (limits: {max_dim} per axis, "
+                        f"{max_voxels} voxels)")
+    try:
+        itemsize = np.dtype(img.get_data_dtype()).itemsize
+        offset = int(img.header.get("vox_offset", 0) or 0)
+    except (TypeError, ValueError, AttributeError):
+        itemsize, offset = 1, 0
+    claimed = math.prod(shape) * itemsize + offset
+    size = path.stat().st_size if path.is_file() else None
+    if size is not None and path.name.endswith(".gz"):
+        if claimed > MAX_GZIP_RATIO * size + 2**20:
+            raise DataError(f"{path}: header claims {shape} voxels ({claimed} bytes) but the {size}-byte gzip file "
+                            "cannot hold them: truncated or corrupt")
+    elif size is not None and path.name.endswith(".nii") and size < claimed:
+        raise DataError(f"{path}: header claims {shape} voxels ({claimed} bytes) but the file holds {size} bytes: "
+                        "truncated or corrupt")
+    return shape
+
+
 def load_volume(path: str | Path, *, max_dim: int = MAX_DIM, max_voxels: int = MAX_VOXELS) -> Volume:
     """Reads a NIfTI file into canonical orientation with checks; raises DataError naming the file."""
     path = Path(path)
@@ -95,15 +129,9 @@ def load_volume(path: str | Path, *, max_dim: int = MAX_DIM, max_voxels: int = M
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for unreadable files
         raise DataError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err})") from err
-    shape = tuple(int(s) for s in img.shape)
-    # 4D files with trailing singleton dimensions are 3D volumes written by some tools.
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = check_nifti_header(path, img, max_dim=max_dim, max_voxels=max_voxels)
     if len(shape) != 3:
         raise DataError(f"{path}: header shape {tuple(img.shape)} is not a 3D volume")
-    if min(shape) <= 0 or max(shape) > max_dim or math.prod(shape) > max_voxels:
-        raise DataError(f"{path}: header claims an absurd size {shape} (limits: {max_dim} per axis, "
-                        f"{max_voxels} voxels)")
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or np.any(zooms > 100):
         raise DataError(f"{path}: header voxel spacing {zooms.tolist()} mm is not plausible")

@@ -27,7 +27,10 @@ from nibabel.orientations import apply_orientation, io_orientation
 from scipy import ndimage
 from skimage.transform import resize
 
+from synermedgen_jax.data.records import umask_mode
 from synermedgen_jax.data.volumes import (
+    DataError,
+    check_nifti_header,
     modality_foreground,
     modality_spec,
     norm_params,
@@ -74,11 +77,11 @@ def read_nifti(path: str | Path) -> nib.Nifti1Image:
         raise InferenceError(f"{path}: file not found")
     try:
         image = nib.load(str(path))
-        shape = tuple(int(s) for s in image.shape)
+        shape = check_nifti_header(path, image)  # the shared size guard, before any voxel is read
+    except DataError as err:
+        raise InferenceError(str(err)) from None
     except Exception as err:  # nibabel raises many types for unreadable files
         raise InferenceError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err})") from None
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
     if len(shape) != 3 or min(shape) < 1:
         kind = "2-D" if len(shape) < 3 else f"{len(shape)}-D"
         raise InferenceError(f"{path}: a {kind} image of shape {tuple(image.shape)}; synthesis needs a 3-D volume")
@@ -187,6 +190,7 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: nib.Nifti1Image) 
     os.close(fd)
     try:
         nib.save(image, tmp)
+        umask_mode(tmp)  # mkstemp's 0600 -> what a plain write would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -347,6 +347,9 @@ def iter_params(plan: ImportPlan, *, seed: int = 0) -> Iterator[tuple[str, np.nd
             kernel = rules.get(rule.ours[: -len("bias")] + "kernel")
             fan_in = int(np.prod(kernel.our_shape[:-1])) if kernel is not None else None
             value = K.initial_value(rule, rng, fan_in)
+        if source.kind in ("read", "copy") and not np.all(np.isfinite(value)):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise PortError(f"{plan.files.folder}: tensor {source.key} holds {bad} NaN/Inf values of {value.size}")
         yield rule.ours, value.astype(dtype, copy=False)
 
 
@@ -459,12 +462,26 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def atomic_folder(out: Path) -> Path:
     """A temporary sibling folder that :func:`commit_folder` renames onto ``out`` (refuses a non-empty ``out``)."""
     out = Path(out).absolute()  # Orbax wants absolute paths
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PortError(f"{out}: already exists and is not an empty folder; choose a new output path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed import/export
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

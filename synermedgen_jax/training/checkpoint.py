@@ -34,11 +34,11 @@ class CheckpointError(ValueError):
 
 
 class _QuietReadOnly(logging.Filter):
-    """Orbax warns "Given directory is read only" on every read-only manager: that is how loads open a run,
-    not a problem, so the line is dropped."""
+    """Orbax warns "Given directory is read only" (and about its save interval) on every read-only manager:
+    that is how loads open a run, not a problem, so those lines are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
+        return not str(record.msg).startswith(("Given directory is read only", "CheckpointManagerOptions.read_only"))
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())

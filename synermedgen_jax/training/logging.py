@@ -52,7 +52,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -69,6 +69,7 @@ class RunLogger:
         if step % max(int(self.config.train.log_every), 1) == 0:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()  # a killed run keeps in tensorboard what metrics.jsonl kept
         if self.bar is not None:
             if self.bar.n < step + 1:
                 self.bar.update(step + 1 - self.bar.n)
@@ -80,6 +81,28 @@ class RunLogger:
         self.jsonl.write(json.dumps({"step": step, "eval": prefix, **{k: float(v) for k, v in values.items()}})
                          + "\n")
         self.jsonl.flush()
+        self.writer.flush()
+
+    def forget_after(self, start: int) -> None:
+        """On resume from step ``start``: drops the rows of train steps ``>= start`` (and evaluations after it)
+        that a killed run logged after its last checkpoint, so each step's row appears once."""
+        path = self.workdir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+            if step < start or (step == start and "eval" in record):
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            self.jsonl.close()
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+            self.jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
 
     def images(self, tag: str, grid: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, grid, step)
