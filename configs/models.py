@@ -84,8 +84,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # latent_pos_embed's sin-cos frequencies: step/base^(k/(d/2)) radians per grid cell (BAGEL: 10000, 1).
     config.latent_pos_base = 10000.0
     config.latent_pos_step = 1.0
-    config.attention_impl = "reference"  # see synermedgen_jax/kernels/attention.py
-    config.flow_matching_impl = "reference"  # noising + velocity MSE, see synermedgen_jax/kernels/flow_matching.py
+    # auto: the Pallas kernels on GPU (Triton) and TPU (Mosaic), the faster jnp path on CPU; resolved once per
+    # run by synermedgen_jax/kernels/dispatch.py (the run's config.json says what computed). Explicit values:
+    # kernels/attention.py IMPLS, kernels/flow_matching.py IMPLS (noising, velocity MSE, the CFG + Euler step).
+    config.attention_impl = "auto"
+    config.flow_matching_impl = "auto"
     config.compute_dtype = "float32"
     config.param_dtype = "float32"
     config.remat = "none"  # none | full | dots (per decoder layer)

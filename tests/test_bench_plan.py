@@ -51,6 +51,19 @@ def test_plan_tiny_on_4_simulated_devices(tmp_path):
     assert plan["peak_live"]["bytes"] >= sum(b["bytes"] for b in plan["largest_buffers"])
     assert plan["analytic_model_flops"] > 0
     assert "PEAK" in proc.stdout and "theoretical minimum" in proc.stdout
+    # "auto" resolves to the Pallas kernels on the default --target gpu: their CPU stand-ins are compiled, the
+    # output says so, and the attention kernel's own working set is added to the per-device figure.
+    assert plan["target"] == "gpu" and plan["attention_impl"] == "chunked"
+    assert plan["kernels"]["stand_ins"] == {"attention": {"target": "pallas/triton", "compiled": "chunked"},
+                                            "flow_matching": {"target": "pallas/triton", "compiled": "reference"}}
+    assert plan["kernels"]["summary"].startswith("attention: pallas/triton, flow matching: pallas/triton, under "
+                                                 "shard_map over data×fsdp")
+    assert "compiling 'chunked' in its place" in proc.stdout
+    assert plan["kernel_working_set_bytes_per_device"] == plan["kernel_working_set"]["total"] > 0
+    assert plan["per_device_bytes"] == plan["peak_bytes_per_device"] + plan["kernel_working_set_bytes_per_device"]
+    # tiny computes in float32: no f32 copy of a bf16 operand, the accelerator-equivalent figure is the same.
+    assert plan["f32_copy_bytes_per_device"] == 0
+    assert plan["accelerator_equivalent_peak_bytes_per_device"] == plan["per_device_bytes"]
     # The sampler's batch (one slice per data x fsdp shard, 50 CFG steps) is planned on the same mesh.
     sampler = plan["sampler"]
     assert sampler["slices_per_batch"] == 4 and sampler["steps"] == 50
@@ -122,6 +135,42 @@ def test_plan_compiler_options_reach_xla(tmp_path):
     applied = "".join(p.read_text() for p in tmp_path.glob("*.debug_options"))
     assert "xla_cpu_scheduler_type: CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED" in applied, applied
     assert list(tmp_path.glob("*after_optimizations-live-range.txt"))
+
+
+def test_f32_copies_of_bf16_operands_are_counted_at_the_peak():
+    from synermedgen_jax.benchmark.plan import f32_copy_bytes
+
+    hlo = """%fused_computation.1 (param_0: bf16[4,4]) -> f32[4,4] {
+  %param_0 = bf16[4,4]{1,0} parameter(0)
+  ROOT %convert.1 = f32[4,4]{1,0} convert(%param_0)
+}
+
+ENTRY %main (p0: bf16[4,4], p1: f32[16,4], p2: f32[4,4]) -> f32[4,4] {
+  %p0 = bf16[4,4]{1,0} parameter(0)
+  %p1 = f32[16,4]{1,0} parameter(1)
+  %p2 = f32[4,4]{1,0} parameter(2)
+  %wrapped_convert = f32[4,4]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.1
+  %all-gather = f32[64,4]{1,0} all-gather(%p1), dimensions={0}
+  %convert.2 = f32[4,4]{1,0} convert(%p0)
+  %convert.3 = f32[4,4]{1,0} convert(%p2)
+  %bitcast.1 = f32[16]{0} bitcast(%convert.2)
+  ROOT %add = f32[4,4]{1,0} add(%wrapped_convert, %convert.2)
+}
+"""
+    live = """  Live ranges at 3 (peak):
+    wrapped_convert{}: 64 bytes (cumulative: 64 bytes)
+    all-gather{}: 1024 bytes (cumulative: 1088 bytes)
+    convert.2{}: 64 bytes (cumulative: 1152 bytes)
+    convert.3{}: 64 bytes (cumulative: 1216 bytes)
+    bitcast.1{}: 64 bytes (cumulative: 1280 bytes)
+    p1{}: 256 bytes (cumulative: 1536 bytes)
+  Stack trace breakdown for peak usage: 1536 bytes
+"""
+    found = f32_copy_bytes(live, hlo)
+    # the fusion rooted in a bf16 convert, the direct convert and its bitcast: whole; the f32 gather: half;
+    # not the convert of an f32 value, nor the parameter.
+    assert found["converts_of_bf16_bytes"] == 3 * 64 and found["f32_gathers_excess_bytes"] == 512
+    assert found["bytes"] == 3 * 64 + 512 and found["values"] == 4 and found["live_bytes"] == 1536
 
 
 def test_helpers():

@@ -259,6 +259,89 @@ def activation_estimate(model_config, budget, rows_per_device: float) -> dict:
     return {"total": int(total), "policy": policy, "tokens_per_device": tokens}
 
 
+# The stand-in a CPU plan compiles for a Pallas kernel of the target: the jnp path of the same memory class.
+# Attention: ``chunked`` (online softmax over key chunks, O(T·chunk) temporaries like the kernel's O(T·block),
+# never a T² array); flow matching: the jnp reference (row-wise elementwise code, like the kernels').
+KERNEL_STAND_INS = {"attention": "chunked", "flow_matching": "reference"}
+TARGETS = ("gpu", "tpu")
+
+
+def kernel_stand_ins(model_config, target: str, mesh_shape: Mapping[str, int] | None = None):
+    """``(model config to compile on CPU, description)``: ``model_config`` resolved for ``target``
+    (kernels/dispatch.py); every Pallas kernel it resolves to is replaced by its stand-in. The description says
+    what runs on the target and what was compiled in its place."""
+    from synermedgen_jax.kernels.dispatch import pallas_backend, resolve_kernels
+
+    if target not in TARGETS:
+        raise BenchError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    resolved = resolve_kernels(model_config, target, mesh_shape=dict(mesh_shape or {}))
+    compiled = resolved.copy_and_resolve_references()
+    stand_ins = {}
+    for part, field in (("attention", "attention_impl"), ("flow_matching", "flow_matching_impl")):
+        impl = str(resolved[field])
+        if impl == "pallas":
+            compiled[field] = KERNEL_STAND_INS[part]
+            stand_ins[part] = {"target": f"pallas/{pallas_backend(target)}", "compiled": KERNEL_STAND_INS[part]}
+    return compiled, {"target": target, "summary": str(resolved.kernels.summary),
+                      "requested": {"attention": str(resolved.kernels.attention_requested),
+                                    "flow_matching": str(resolved.kernels.flow_matching_requested)},
+                      "resolved": {"attention": str(resolved.attention_impl),
+                                   "flow_matching": str(resolved.flow_matching_impl)},
+                      "stand_ins": stand_ins}
+
+
+def kernel_working_set(model_config, budget, rows_per_device: float, mesh_sizes: Mapping[str, int],
+                       target: str) -> dict:
+    """Per-device bytes the Pallas attention kernel adds in device memory on ``target`` (an upper bound, added
+    to the stand-in's compiled peak whose own equivalents stay counted). Per call, on the local rows and heads:
+    the padded (T to the block multiple, Triton head_dim to a power of two) and, for Mosaic, head-major copies
+    of q/k/v (and of dO in the backward), the output, the saved log-sum-exp per query row and head (f32), the
+    backward's delta (f32), dq/dk/dv, and the visible-block lists of the forward and backward tilings. The
+    output and log-sum-exp stay saved between forward and backward for every layer the remat policy does not
+    recompute (``none``: all decoder layers; ``full``/``dots`` recompute the kernel's outputs). The tiles
+    themselves live in on-chip memory (shared memory / VMEM), not in the device-memory figure."""
+    import numpy as np
+
+    from synermedgen_jax.kernels.pallas_attention import _triton_head_dim, default_block_sizes
+
+    backend = "mosaic" if target == "tpu" else "triton"
+    b = np.dtype(model_config.compute_dtype).itemsize
+    tensor = int(mesh_sizes.get("tensor", 1))
+
+    def call(tokens: int, q_heads: int, kv_heads: int, head_dim: int, rows: float) -> dict:
+        lanes = _triton_head_dim(head_dim) if backend == "triton" else head_dim
+        sizes = default_block_sizes(backend, lanes, False)
+        padded = -(-tokens // sizes.multiple) * sizes.multiple
+        if q_heads % tensor == 0 and kv_heads % tensor == 0:
+            q_heads, kv_heads = q_heads // tensor, kv_heads // tensor
+        q = rows * padded * q_heads * lanes * b
+        kv = 2 * rows * padded * kv_heads * lanes * b
+        stats = rows * q_heads * padded * 4  # one f32 per query row and head
+        copies = (q + kv) * (padded != tokens or lanes != head_dim)
+        if backend == "mosaic":
+            copies += q + kv + q  # head-major q, k, v and the output transposed back
+        lists = 0
+        for bq, bk in ((sizes.block_q, sizes.block_k), (sizes.block_q_bwd, sizes.block_k_bwd)):
+            nq, nk = padded // bq, padded // bk
+            lists += rows * nq * nk * (1 + 4 + 4) + rows * (nq + nk) * 4  # block map, kv/q index lists, counts
+        forward = copies + q + stats + lists / 2
+        backward = copies + (q if backend == "mosaic" else 0) + q + stats + stats + q + kv + lists / 2
+        return {"saved": q + stats, "transient": forward + backward}
+
+    llm, vit = model_config.llm, model_config.vit
+    decoder = call(budget.total_tokens, llm.num_heads, llm.num_kv_heads, llm.head_dim, rows_per_device)
+    vit_call = call(max(1, budget.vit_patches), vit.num_heads, vit.num_heads, vit.hidden_size // vit.num_heads,
+                    rows_per_device)
+    kept_layers = llm.num_layers if model_config.remat == "none" else 0
+    saved = kept_layers * decoder["saved"] + vit.num_layers * vit_call["saved"]
+    transient = max(decoder["transient"], vit_call["transient"])
+    return {"total": int(saved + transient), "saved_between_passes": int(saved), "one_call": int(transient),
+            "backend": backend, "decoder_layers_saved": kept_layers,
+            "counted_as": "padded/relayout copies of q, k, v, dO; output; log-sum-exp and delta (f32 per query row "
+                          "and head); dq, dk, dv; visible-block lists; outputs and log-sum-exp kept for "
+                          f"{kept_layers} decoder + {vit.num_layers} ViT layers (remat {model_config.remat})"}
+
+
 # ------------------------------------------------------------------------------------------------------------
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]")
 
@@ -351,6 +434,75 @@ def peak_live_buffers(live_range_text: str, hlo_text: str, top: int = 12) -> dic
             "count": len(rows), "buffers": buffers}
 
 
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\]\S*\s+([\w\-]+)\((.*)$")
+_PASS_THROUGH = {"bitcast", "reshape", "transpose", "copy", "broadcast", "slice", "dynamic-slice"}
+_GATHERS = {"all-gather", "all-gather-start", "all-gather-done"}
+
+
+def _hlo_values(hlo_text: str) -> tuple[dict, dict]:
+    """``({name: (dtype, op, operands, called computation)}, {computation: root name})`` of an HLO module."""
+    values, roots, computation = {}, {}, None
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and "=" not in stripped.split("(")[0]:
+            computation = stripped.split("(")[0].split()[-1].lstrip("%")
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        root, name, dtype, _, op, rest = match.groups()
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0]) if op != "parameter" else []
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        values[name] = (dtype, op, operands, called.group(1) if called else None)
+        if root and computation:
+            roots[computation] = name
+    return values, roots
+
+
+def _f32_from_bf16(name: str, values: dict, roots: dict, depth: int = 0) -> bool:
+    """Whether value ``name`` is an f32 convert of a bf16 value (directly, through layout-only ops, or as the
+    root of the fusion that defines it)."""
+    if name not in values or depth > 8:
+        return False
+    dtype, op, operands, called = values[name]
+    if op == "convert":
+        return dtype == "f32" and bool(operands) and values.get(operands[0], ("",))[0] == "bf16"
+    if op in _PASS_THROUGH and operands:
+        return _f32_from_bf16(operands[0], values, roots, depth + 1)
+    if op in ("fusion", "call") and called in roots:
+        return dtype == "f32" and _f32_from_bf16(roots[called], values, roots, depth + 1)
+    return False
+
+
+def f32_copy_bytes(live_range_text: str, hlo_text: str) -> dict:
+    """Bytes of the values live at the memory peak that exist in f32 only because XLA:CPU computes bf16 dots in
+    f32: f32 converts of bf16 values (all their bytes) and f32 all-gathers (half their bytes: the FSDP weight
+    gathers, which an accelerator performs on the bf16 weights after the model's cast, while XLA:CPU drops the
+    f32→bf16→f32 round trip and gathers the f32 parameters). Read from XLA's live-range dump (every value live
+    at the peak) and the optimised module (each value's defining instruction, fusions by their root). For
+    programs that compute in bf16 (an f32 model's f32 gathers are its own)."""
+    start = live_range_text.find("(peak):")
+    if start < 0:
+        raise ValueError("no '(peak):' section in the live-range dump")
+    section = live_range_text[start:]
+    end = section.find("Stack trace")
+    live = [(name, int(size)) for name, size in _LIVE.findall(section[: end if end > 0 else None])]
+    values, roots = _hlo_values(hlo_text)
+    converts = gathers = count = 0
+    for name, size in live:
+        value = values.get(name)
+        if value is None or value[0] != "f32":
+            continue
+        if _f32_from_bf16(name, values, roots):
+            converts, count = converts + size, count + 1
+        elif value[1] in _GATHERS:
+            gathers, count = gathers + size // 2, count + 1
+    return {"bytes": converts + gathers, "converts_of_bf16_bytes": converts, "f32_gathers_excess_bytes": gathers,
+            "values": count, "live_bytes": sum(size for _, size in live),
+            "method": "values live at the peak (XLA live-range dump): f32 converts of bf16 values (whole) + f32 "
+                      "all-gathers (half: gathered in bf16 on an accelerator)"}
+
+
 def loop_corrected_flops(compiled, hlo_text: str | None = None) -> tuple[float, float, list[dict]]:
     """``(XLA's cost_analysis FLOPs, FLOPs to add, loops)`` per device: cost_analysis counts every while-loop
     body once, so the dot/convolution FLOPs of each body's remaining ``trips - 1`` runs are added."""
@@ -380,15 +532,21 @@ def compile_plan(abstract: AbstractTrain) -> dict:
     xla_flops, loop_extra, loops = loop_corrected_flops(compiled, hlo_text)
     try:
         peak = peak_live_buffers(live_text, hlo_text) if live_text else None
+        f32_copies = None
+        if live_text and str(abstract.config.model.compute_dtype) == "bfloat16":
+            f32_copies = f32_copy_bytes(live_text, hlo_text)
+        elif live_text:
+            f32_copies = {"bytes": 0, "values": 0, "method": "compute in float32: no bf16 operand to copy"}
     except ValueError:
-        peak = None
+        peak = f32_copies = None
     buffers = peak["buffers"] if peak else largest_buffers(hlo_text)
     return {"lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory,
             "compiled_flops_per_device": xla_flops + loop_extra, "xla_flops_per_device": xla_flops,
             "loop_flops_added_per_device": loop_extra,
             "loops": sorted(loops, key=lambda loop: -loop["body_flops"] * (loop["trips"] or 1))[:6],
             "peak_live": {k: v for k, v in peak.items() if k != "buffers"} if peak else None,
-            "largest_buffers": buffers, "buffers_kind": "live at the peak" if peak else "largest values"}
+            "largest_buffers": buffers, "buffers_kind": "live at the peak" if peak else "largest values",
+            "f32_copies": f32_copies}
 
 
 def sampler_plan(config, mesh, slices: int, steps: int, instruction_tokens: int = 32) -> dict:

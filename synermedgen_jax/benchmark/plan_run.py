@@ -28,8 +28,9 @@ def _load(args):
         from synermedgen_jax.kernels.attention import IMPLS
 
         if args.attention not in IMPLS or args.attention in ("pallas", "auto"):
-            raise BenchError(f"--attention {args.attention!r}: on simulated CPU devices use reference, xla_dense "
-                             "or pallas_interpret")
+            raise BenchError(f"--attention {args.attention!r}: on simulated CPU devices use reference, xla_dense, "
+                             "chunked or pallas_interpret (without --attention the plan compiles the stand-in of "
+                             "the kernel the config resolves to on --target)")
         config.model.attention_impl = args.attention
     if args.remat:
         if args.remat not in ("none", "full", "dots"):
@@ -57,6 +58,9 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     from synermedgen_jax.training import sharding
 
     config = _load(args)
+    target = getattr(args, "target", "") or "gpu"
+    # What runs on the target (kernels/dispatch.py), and the CPU-compilable stand-in of each Pallas kernel.
+    config.model, kernels = plan_lib.kernel_stand_ins(config.model, target, mesh_spec)
     budget = PackBudget.from_config(config.data.pack)
     if args.tokens:
         budget = plan_lib.scale_budget(budget, args.tokens)
@@ -72,6 +76,10 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     print(f"  batch: {rows} rows x {budget.total_tokens:,d} tokens (und {budget.und_tokens:,d} + gen "
           f"{budget.gen_tokens:,d}, {budget.vae_images} VAE / {budget.vit_images} ViT images, {budget.ce_tokens} "
           f"CE slots), {rows / divisor:g} rows per data shard, grad_accum {config.train.grad_accum}")
+    print(f"  kernels on {target}: {kernels['summary']}")
+    for part, stand_in in kernels["stand_ins"].items():
+        print(f"    {part.replace('_', ' ')}: {stand_in['target']} cannot be compiled on CPU; compiling "
+              f"'{stand_in['compiled']}' in its place (same memory class: {_STAND_IN_WHY[part]})")
     print(f"  model: attention {config.model.attention_impl}, remat {config.model.remat}, compute "
           f"{config.model.compute_dtype}, params {config.model.param_dtype}")
 
@@ -109,18 +117,31 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     peak, floor = memory["peak_bytes"], minimum["total"]
     limit = args.device_memory_gb * 1e9
     budget_bytes = 1.5 * floor + activations["total"]
+    rows_per_device = rows / divisor / int(config.train.grad_accum)
+    working_set = (plan_lib.kernel_working_set(config.model, budget, rows_per_device, mesh_spec, target)
+                   if "attention" in kernels["stand_ins"] else None)
+    kernel_bytes = working_set["total"] if working_set else 0
+    f32_copies = _f32_copies(compiles, depths, full_layers)
+    per_device = peak + kernel_bytes
+    accelerator = per_device - (f32_copies["bytes"] if f32_copies else 0)
     result = {
         "command": "plan", "config": args.config, "config_hash": config_hash(config), "stage": config.stage,
         "variant": config.model.variant, "devices": mesh.size, "mesh": dict(mesh.shape), "rows": rows,
         "tokens_per_row": budget.total_tokens, "tokens_per_step": rows * budget.total_tokens,
         "attention_impl": config.model.attention_impl, "remat": config.model.remat, "method": method,
+        "target": target, "kernels": kernels, "kernel_working_set": working_set,
+        "kernel_working_set_bytes_per_device": kernel_bytes,
+        "per_device_bytes": per_device, "f32_copies": f32_copies,
+        "f32_copy_bytes_per_device": f32_copies["bytes"] if f32_copies else None,
+        "accelerator_equivalent_peak_bytes_per_device": accelerator,
+        "fits_device_accelerator_equivalent": bool(accelerator <= limit),
         "scheduler": "XLA:CPU memory-minimising scheduler (plan.CPU_PLAN_OPTIONS)",
         "notes": _NOTES if config.model.compute_dtype == "bfloat16" else [],
         "peak_bytes_per_device": peak, "min_bytes_per_device": floor,
         "peak_over_min": peak / floor if floor else math.inf,
         "activation_estimate_bytes_per_device": activations["total"],
-        "target_bytes_per_device": int(budget_bytes), "within_target": bool(peak <= budget_bytes),
-        "device_memory_bytes": int(limit), "fits_device": bool(peak <= limit),
+        "target_bytes_per_device": int(budget_bytes), "within_target": bool(per_device <= budget_bytes),
+        "device_memory_bytes": int(limit), "fits_device": bool(per_device <= limit),
         "memory_per_device": memory, "min_parts_per_device": minimum["parts"],
         "compiled_flops": compiled_total, "compiled_flops_per_device": per_device,
         "xla_cost_analysis_flops": xla_per_device * mesh.size,
@@ -143,6 +164,25 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     }
     _print(result)
     return result
+
+
+_STAND_IN_WHY = {"attention": "online softmax over key chunks, O(T·chunk) temporaries like the kernel's O(T·block), "
+                              "no T² array; the kernel's own working set is added below",
+                 "flow_matching": "row-wise elementwise code, as the kernels"}
+
+
+def _f32_copies(compiles: dict, depths: list[int], full_layers: int) -> dict | None:
+    """The f32 copies of bf16 operands live at the peak (plan.f32_copy_bytes), extrapolated like the memory."""
+    found = [compiles[d].get("f32_copies") for d in depths]
+    if any(f is None for f in found):
+        return None
+    if len(depths) == 1:
+        return found[0]
+    low, high = found
+    grow = lambda key: int(_extrapolate(low.get(key, 0), high.get(key, 0), depths[0], depths[1],  # noqa: E731
+                                        full_layers))
+    return {**high, **{k: grow(k) for k in ("bytes", "converts_of_bf16_bytes", "f32_gathers_excess_bytes")
+                       if k in high}, "extrapolated": True}
 
 
 # What a reader of a CPU plan must know before comparing it with an accelerator.
@@ -188,8 +228,18 @@ def _print(r: dict) -> None:
             {"what": "outputs", "bytes": gib(mem["output_bytes"])},
             {"what": "  aliased with arguments (donated state)", "bytes": gib(mem["alias_bytes"])},
             {"what": "temporaries", "bytes": gib(mem["temp_bytes"])},
-            {"what": "PEAK (args + outputs - aliased + temps)", "bytes": gib(r["peak_bytes_per_device"])},
-            {"what": "theoretical minimum", "bytes": gib(r["min_bytes_per_device"])}]
+            {"what": "PEAK (args + outputs - aliased + temps)", "bytes": gib(r["peak_bytes_per_device"])}]
+    if r.get("kernel_working_set"):
+        ws = r["kernel_working_set"]
+        rows += [{"what": f"+ Pallas attention working set on {r['target']} ({ws['backend']}, not in the stand-in)",
+                  "bytes": gib(ws["total"])},
+                 {"what": "PER DEVICE (peak + kernel working set)", "bytes": gib(r["per_device_bytes"])}]
+    if r.get("f32_copies") and r["f32_copies"].get("bytes"):
+        rows += [{"what": "  of which f32 copies of bf16 operands (XLA:CPU only)",
+                  "bytes": gib(r["f32_copies"]["bytes"])},
+                 {"what": "ACCELERATOR-EQUIVALENT (per device - f32 copies)",
+                  "bytes": gib(r["accelerator_equivalent_peak_bytes_per_device"])}]
+    rows += [{"what": "theoretical minimum", "bytes": gib(r["min_bytes_per_device"])}]
     rows += [{"what": f"  {k}", "bytes": gib(v)} for k, v in r["min_parts_per_device"].items()]
     rows += [{"what": f"activation estimate (remat {r['remat']}, attention {r['attention_impl']})",
               "bytes": gib(r["activation_estimate_bytes_per_device"])},
@@ -198,7 +248,10 @@ def _print(r: dict) -> None:
     for note in r.get("notes", []):
         print(f"note: {note}")
     print(f"peak / minimum = {r['peak_over_min']:.2f}; within target: {r['within_target']}; fits "
-          f"{r['device_memory_bytes'] / 1e9:g} GB: {r['fits_device']} (peak {r['peak_bytes_per_device'] / 1e9:.1f} GB)")
+          f"{r['device_memory_bytes'] / 1e9:g} GB: {r['fits_device']} (per device {r['per_device_bytes'] / 1e9:.1f} GB"
+          f", accelerator-equivalent {r['accelerator_equivalent_peak_bytes_per_device'] / 1e9:.1f} GB)")
+    if r.get("f32_copies") and r["f32_copies"].get("bytes"):
+        print(f"  f32 copies = {r['f32_copies']['method']}")
     print(f"\nFLOPs per step: compiled {r['compiled_flops']:.4g} ({r['compiled_flops_per_device']:.4g} per device x "
           f"{r['devices']}), analytic {r['analytic_flops']:.4g}, ratio {r['flops_ratio']:.3f}")
     print(f"  compiled = {r['compiled_flops_method']}; XLA's own figure: {r['xla_cost_analysis_flops']:.4g}")

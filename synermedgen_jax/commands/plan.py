@@ -20,9 +20,16 @@ Examples:
 --layers K compiles with 1 and K decoder layers and extrapolates linearly to the config's layer count (XLA:CPU
 compiles of the 28 unrolled 7B layers take long on a small machine); the output says so.
 --tokens N rescales the pack budget to N tokens per row (every capacity by the same factor).
+--target gpu|tpu (default gpu): the config's kernels are resolved for that platform (kernels/dispatch.py; the
+default "auto" gives the Pallas kernels). Pallas cannot be compiled on CPU, so each kernel is compiled as its
+stand-in of the same memory class (attention: "chunked", O(T·chunk) instead of the kernel's O(T·block), never
+O(T²); flow matching: the jnp reference), the output and JSON say so, and the kernel's own device-memory working
+set (padded copies, output, log-sum-exp and delta per query row and head, dq/dk/dv, block lists) is added to the
+per-device figure. --attention reference plans the dense path on purpose.
 The plan always runs on the CPU backend (simulated devices); it re-executes itself in a subprocess when jax
-was already initialised with another device count. On a host without bf16 matmul instructions XLA:CPU keeps
-f32 copies of bf16 operands, so a CPU plan's temporaries exceed an accelerator's (the output notes it).
+was already initialised with another device count. XLA:CPU computes bf16 dots in f32 and keeps f32 copies of
+bf16 operands (and gathers FSDP weights in f32); the plan counts those copies live at the peak and prints an
+accelerator-equivalent figure (per device minus the copies) beside the CPU one.
 """
 
 from __future__ import annotations
@@ -46,8 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=0,
                         help="compile K decoder layers (and 1) and extrapolate linearly to the full depth")
     parser.add_argument("--attention", default="",
-                        help="override model.attention_impl (reference, xla_dense, pallas_interpret)")
+                        help="override model.attention_impl (reference, xla_dense, chunked, pallas_interpret); "
+                             "default: what the config resolves to on --target")
     parser.add_argument("--remat", default="", help="override model.remat (none, full, dots)")
+    parser.add_argument("--target", default="gpu", choices=("gpu", "tpu"),
+                        help="platform the plan is for (default gpu): the config's kernels are resolved for it and "
+                             "each Pallas kernel is compiled as its CPU stand-in")
     parser.add_argument("--device-memory-gb", type=float, default=80.0,
                         help="device memory the plan must fit (GB = 1e9 bytes, default 80)")
     parser.add_argument("--sampler-steps", type=int, default=50,
@@ -66,7 +77,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["plan", "--config", args.config, "--mesh", args.mesh, "--devices", str(args.devices),
             "--rows", str(args.rows), "--tokens", str(args.tokens), "--layers", str(args.layers),
             "--device-memory-gb", str(args.device_memory_gb), "--sampler-steps", str(args.sampler_steps),
-            "--sampler-slices", str(args.sampler_slices)]
+            "--sampler-slices", str(args.sampler_slices), "--target", args.target]
     for flag, value in (("--attention", args.attention), ("--remat", args.remat), ("--json", args.json)):
         if value:
             argv += [flag, value]

@@ -72,7 +72,10 @@ def default_block_sizes(backend: str, head_dim: int, interpret: bool) -> BlockSi
 
 
 def _default_backend() -> str:
-    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    """Mosaic when tracing for TPU, Triton otherwise (kernels/dispatch.py decides the platform)."""
+    from synermedgen_jax.kernels.dispatch import pallas_backend  # noqa: PLC0415
+
+    return pallas_backend()
 
 
 @dataclasses.dataclass(frozen=True)

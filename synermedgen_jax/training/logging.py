@@ -49,6 +49,11 @@ class RunLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=int(config.train.steps), desc=config.stage, dynamic_ncols=True, file=sys.stderr)
+        # What computes (kernels/dispatch.py resolve_kernels): logged once and carried by this run's first row.
+        kernels = config.model.get("kernels") if "model" in config else None
+        self.kernels = str(kernels["summary"]) if kernels else None
+        if self.kernels:
+            self.message(self.kernels)
 
     def message(self, text: str) -> None:
         if self.bar is not None:
@@ -64,7 +69,10 @@ class RunLogger:
         if peak > 0 and seconds > 0:
             # Estimate: 6·N·tokens (forward + backward matmuls of the trained part; attention not counted).
             values["mfu"] = 6.0 * self.trainable_params * tokens / seconds / (peak * self.device_count)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        record = {"step": step, **values}
+        if self.kernels:  # the first row of the run (or of a resumed segment) says what computed it
+            record["kernels"], self.kernels = self.kernels, None
+        self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if step % max(int(self.config.train.log_every), 1) == 0:
             for key, value in values.items():
