@@ -3,8 +3,8 @@
     python tools/bench_synermed.py [--rows 2400] [--workers 2] [--image-size 256] [--keep DIR]
 
 Writes a release in the published layout from the embedded simulation (data/synermed_sim.py; 256x256 PNG
-slices like the release's, 2-4 images per edit row, three conversations per slice), builds it with
-``--workers`` processes (a subprocess, as a user runs it) while sampling the summed RSS of the whole process
+slices like the release's with fresh noise per row, 2-4 images per edit row, three conversations per slice),
+builds it with ``--workers`` processes (a subprocess, as a user runs it) while sampling the summed RSS of the whole process
 tree every 50 ms, and prints:
 
 * rows/s of the Parquet part and lines/s of the JSONL part (wall clock, and per worker from the units' own
@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--row-group", type=int, default=256, help="rows per Parquet row group (256)")
+    parser.add_argument("--noise", type=float, default=1.0,
+                        help="grey-level noise making every row's PNGs unique, like the release's (1)")
     parser.add_argument("--keep", help="write the release and build here instead of a temporary folder")
     args = parser.parse_args()
 
@@ -70,7 +72,8 @@ def main() -> int:
     slices = 24
     started = time.time()
     expected = write_release(root, subjects=1, voxel_mm=4.0, image_size=args.image_size, slices_per_subject=slices,
-                             row_group_size=args.row_group, repeat=max(1, args.rows // slices), bad=False)
+                             row_group_size=args.row_group, repeat=max(1, args.rows // slices), bad=False,
+                             noise=args.noise)
     parquet_bytes = (root / "SynerMed.parquet").stat().st_size
     jsonl_bytes = (root / "SynerMed.jsonl").stat().st_size
     print(f"simulated release: {expected['rows']} Parquet rows ({parquet_bytes / 2**20:.1f} MiB, "

@@ -76,10 +76,11 @@ def step_phrasings(src: str, tgt: str, k: int) -> list[str]:
 
 def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0, seed: int = 0,
                   image_size: int | None = None, slices_per_subject: int | None = 6, row_group_size: int = 4,
-                  repeat: int = 1, bad: bool = True, conversations: bool = True) -> dict:
+                  repeat: int = 1, bad: bool = True, conversations: bool = True, noise: float = 0.0) -> dict:
     """Writes the release; returns the expected build: good edit rows (``{row: modalities}``), good
     conversation lines (``{line: image count}``), bad rows/lines with the start of their reason, and the
-    expected edit-step counts per route."""
+    expected edit-step counts per route. ``noise`` > 0 adds fresh Gaussian noise (grey levels) to every image
+    of every edit row: each row's PNGs are then unique, as in the release (the benchmark uses it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -102,7 +103,12 @@ def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0,
         for i in range(len(slices)):
             chain = CHAINS[(i + r) % len(CHAINS)]
             expect_edit[len(image_lists)] = list(chain)
-            image_lists.append([blobs[i][m] for m in chain])
+            if noise > 0:
+                rng = np.random.default_rng([seed, r, i])
+                image_lists.append([png_bytes(np.clip(slices[i][m] + rng.normal(0, noise, slices[i][m].shape), 0,
+                                                      255).astype(np.uint8)) for m in chain])
+            else:
+                image_lists.append([blobs[i][m] for m in chain])
             instruction_lists.append([step_phrasings(a, b, i + k) for k, (a, b) in enumerate(zip(chain, chain[1:]))])
             for a, b in zip(chain, chain[1:]):
                 steps[f"{a}->{b}"] = steps.get(f"{a}->{b}", 0) + 1
