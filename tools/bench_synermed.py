@@ -4,8 +4,8 @@
 
 Writes a release in the published layout from the embedded simulation (data/synermed_sim.py; 256x256 PNG
 slices like the release's with fresh noise per row, 2-4 images per edit row, three conversations per slice),
-builds it with ``--workers`` processes (a subprocess, as a user runs it) while sampling the summed RSS of the whole process
-tree every 50 ms, and prints:
+builds it with ``--workers`` processes (a subprocess, as a user runs it) while sampling the summed RSS of the
+whole process tree every 50 ms, and prints:
 
 * rows/s of the Parquet part and lines/s of the JSONL part (wall clock, and per worker from the units' own
   timings), peak RSS of the build (all processes together, and the largest one);
