@@ -12,6 +12,7 @@ inside a manual-sharding (``shard_map``) region.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -98,41 +99,48 @@ _TENSOR = re.compile(r"tensor<([0-9x]*)(?:x?[a-z]+[0-9]*)")
 
 
 def kernel_calls(module: str, platform: str) -> list[dict]:
-    """Every Pallas custom call of a StableHLO module: its operand shapes and whether it is inside a
-    ``shard_map`` body (a function called from a manual-sharding region, or a region marked manual)."""
+    """Every Pallas custom call of a StableHLO module: its operand shapes and whether it runs inside a
+    ``shard_map`` body: in the region of an ``sdy.manual_computation`` op, or in a function called from one."""
     target = "tpu_custom_call" if platform == "tpu" else TRITON_CALL
     manual_functions = manual_bodies(module)
     calls, function = [], None
-    for line in module.splitlines():
+    for line, manual in _lines_with_manual_flag(module):
         match = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
         if match:
             function = match.group(1)
         if "stablehlo.custom_call" in line and target in line:
-            signature = line[line.rindex(":"):] if ":" in line else line
+            signature = line[line.rindex(" : ("):] if " : (" in line else line
             operands = signature.split("->")[0]
             shapes = [tuple(int(d) for d in m.split("x") if d) for m in _TENSOR.findall(operands)]
-            calls.append({"function": function, "shapes": shapes, "manual": function in manual_functions})
+            calls.append({"function": function, "shapes": shapes, "manual": manual or function in manual_functions})
     return calls
 
 
+def _lines_with_manual_flag(module: str):
+    """``(line, inside a manual_computation region)`` for each line (regions are the lines indented deeper
+    than their op, up to the closing brace at the op's own depth)."""
+    depths: list[int] = []
+    for line in module.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while depths and line.strip() and indent <= depths[-1] and not line.strip().startswith("}"):
+            depths.pop()
+        yield line, bool(depths)
+        if "sdy.manual_computation(" in line:
+            depths.append(indent)
+
+
 def manual_bodies(module: str) -> set[str]:
-    """Functions reachable from a shard_map call site (``sdy.manual_computation`` or the GSPMD-style
-    ``@shmap_body`` functions called between ``SPMDFullToShardShape`` and ``SPMDShardToFullShape``)."""
+    """Functions called (directly or not) from inside a manual region."""
     calls: dict[str, set[str]] = {}
     function, roots = None, set()
-    in_manual = 0
-    for line in module.splitlines():
+    for line, manual in _lines_with_manual_flag(module):
         match = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
         if match:
             function = match.group(1)
             calls.setdefault(function, set())
-            if "shmap_body" in function or "xla.sdy.manual" in line:
-                roots.add(function)
-        if "sdy.manual_computation" in line:
-            in_manual += 1
-        for callee in re.findall(r"(?:func\.)?call @([\w.$-]+)", line):
-            calls[function].add(callee)
-            if in_manual:
+        for callee in re.findall(r"call @([\w.$-]+)", line):
+            calls.setdefault(function, set()).add(callee)
+            if manual:
                 roots.add(callee)
     seen, todo = set(), list(roots)
     while todo:
@@ -144,19 +152,21 @@ def manual_bodies(module: str) -> set[str]:
     return seen
 
 
-def export_all() -> dict:
+def export_all(platforms=("tpu", "cuda"), meshes=tuple(MESHES)) -> dict:
+    """``{"platform/mesh/train|sample": [custom calls]}`` (CUDA only where the jax CUDA plugin is installed)."""
     import importlib.util
 
     from jax import export
 
     from synermedgen_jax.training import sharding
-    from synermedgen_jax.training import step as step_lib
 
     out = {}
-    platforms = ["tpu"] + (["cuda"] if importlib.util.find_spec("jax_plugins.xla_cuda12") else [])
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        platforms = [p for p in platforms if p != "cuda"]
     config = stage2_config("pallas")
     for platform in platforms:
-        for name, shape in MESHES.items():
+        for name in meshes:
+            shape = MESHES[name]
             if platform == "tpu":
                 device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
                 mesh = jax.sharding.AbstractMesh(shape, sharding.MESH_AXES, abstract_device=device,
@@ -167,11 +177,10 @@ def export_all() -> dict:
             checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
             for what, (fn, args) in {"train": train, "sample": sample}.items():
                 context = (jax.sharding.use_abstract_mesh(mesh) if platform == "tpu"
-                           else jax.sharding.use_mesh(mesh))
+                           else contextlib.nullcontext())
                 with context:
                     exported = export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
                 out[f"{platform}/{name}/{what}"] = kernel_calls(exported.mlir_module(), platform)
-    del step_lib
     return out
 
 
@@ -204,11 +213,21 @@ def lowerable_steps(config, mesh):
     return train, lowered_args
 
 
+def unpartitioned() -> dict:
+    """The negative control: the same CUDA export with the model's kernel call sites blind to the mesh (as
+    before the mesh path existed), so the test shows it can fail."""
+    import importlib
+
+    for module in ("modeling.llm", "modeling.vit", "modeling.synermedgen", "inference.kv_cache",
+                   "inference.sampler"):
+        importlib.import_module(f"synermedgen_jax.{module}").active_mesh = lambda: None
+    return export_all(platforms=("cuda",), meshes=("data2_fsdp4",))
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    what = sys.argv[1]
-    result = numerics() if what == "numerics" else export_all()
-    print(json.dumps(result))
+    modes = {"numerics": numerics, "export": export_all, "unpartitioned": unpartitioned}
+    print(json.dumps(modes[sys.argv[1]]()))
 
 
 if __name__ == "__main__":
