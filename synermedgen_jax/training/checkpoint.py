@@ -282,6 +282,15 @@ def _manifest_and_config(path: str | Path) -> tuple[dict, dict]:
     return saved["manifest"], saved["config"]
 
 
+def read_model_config(path: str | Path) -> ml_collections.ConfigDict:
+    """The model config of a training workdir / step directory or of what ``import`` writes."""
+    if is_params_checkpoint(path):
+        from synermedgen_jax.port import orbax_io
+
+        return orbax_io.read_config(path)
+    return read_config(path).model
+
+
 def is_params_checkpoint(path: str | Path) -> bool:
     """A parameter checkpoint as ``import`` writes it (port/orbax_io.py), not a training workdir."""
     path = Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 import signal
 import time
@@ -101,6 +102,10 @@ def apply_init(config, state: dict, shardings: dict, tx) -> dict:
                                              f"e.g. {missing[:5]}")
         _assign(state, shardings, weights)
     if config.init_moe:
+        if config.init_from and checkpoint.is_params_checkpoint(config.init_from):
+            logging.getLogger(__name__).warning(
+                "init_moe=True overwrites the generation expert imported from %s with its understanding expert; "
+                "pass --config.init_moe=False to fine-tune the imported generation expert", config.init_from)
         everything = {**state["frozen"], **state["params"]}
         copies = {}
         for name in everything:

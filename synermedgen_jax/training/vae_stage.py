@@ -123,12 +123,12 @@ def adopt_latent_scale(config) -> dict[str, float] | None:
     """Sets ``config.model.vae.scale_factor/shift_factor`` to those of the VAE weights the run starts from:
     ``vae_from``'s latent_scale.json when it has one, else (no ``vae_from``) the saved config of ``init_from``,
     whose VAE weights the run copies. Returns the values, or None when the config's constants stay."""
-    from synermedgen_jax.training.checkpoint import read_config, resolve
+    from synermedgen_jax.training.checkpoint import read_model_config, resolve
 
     if not config.vae_from:
         if not config.init_from:
             return None
-        saved = read_config(str(config.init_from)).model.vae
+        saved = read_model_config(str(config.init_from)).vae
         scale, shift = float(saved.scale_factor), float(saved.shift_factor)
     else:
         workdir, _ = resolve(str(config.vae_from))
