@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (explicit multi-process)")
     parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    parser.add_argument("--expect-devices", type=int, default=0,
+                        help="fail at start unless the job sees exactly this many devices in all (0: no check); "
+                             "launchers pass the hardware they reserved, so a mis-detected cluster cannot fill "
+                             "a -1 mesh axis with a fraction of it")
     parser.epilog = "--config.KEY=VALUE   override any config key (repeatable)"
     accept_config_overrides(parser)
 
@@ -41,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(config, workdir: str, stop_at: int | None) -> None:
     """Every check that needs no model or data loading, before any of it (ConfigError naming the field)."""
     from pathlib import Path
+
+    from etils import epath
 
     from synermedgen_jax.config import ConfigError
     from synermedgen_jax.training.loop import resolve_config
@@ -63,8 +69,10 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         what = "does not exist" if not data.exists() else "is not a built data folder (no manifest.json/records)"
         raise ConfigError(f"--config.data.dir={data}: {what}; build it with build-data")
     for key in ("init_from", "vae_from"):
-        if config.get(key) and not Path(str(config[key])).exists():
+        if config.get(key) and not epath.Path(str(config[key])).exists():
             raise ConfigError(f"--config.{key}={config[key]}: does not exist")
+    if "://" in str(workdir):  # remote storage (gs://…): Orbax and the logger create it through etils.epath
+        return
     path = Path(workdir)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -99,6 +107,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _init_distributed(args)
+    if args.expect_devices:
+        import jax
+
+        if jax.device_count() != args.expect_devices:
+            print(f"error: --expect-devices {args.expect_devices}: the job sees {jax.device_count()} devices "
+                  f"({jax.process_count()} processes x {jax.local_device_count()} local); check the launcher's "
+                  "tasks per node and GPUs per task", file=sys.stderr)
+            return 2
     from synermedgen_jax.training.checkpoint import CheckpointError
     from synermedgen_jax.training.loop import TrainingError, train
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint as grain_ckpt
@@ -22,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils.epath import Path  # local paths and gs:// (and other remote) workdirs alike
 from flax import nnx
 
 from synermedgen_jax.config import from_json, to_json
@@ -161,6 +161,12 @@ def _strings(node):
         yield node
 
 
+def _kvstore_spec(folder: Path) -> dict | str:
+    """TensorStore's view of a folder: the file driver here, the URL itself (``gs://…``) for remote storage."""
+    text = str(folder)
+    return text.rstrip("/") + "/" if "://" in text else {"driver": "file", "path": str(folder.absolute()) + "/"}
+
+
 def _ocdbt_problem(state_dir: Path) -> str | None:
     """Walks the OCDBT b-tree of ``state_dir`` and checks each referenced file holds the referenced bytes."""
     import re
@@ -169,7 +175,7 @@ def _ocdbt_problem(state_dir: Path) -> str | None:
 
     ref = re.compile(r"^(btreenode|value):([^:]*):([^:]+):(\d+):(\d+)$")
     try:
-        kvstore = ts.KvStore.open({"driver": "file", "path": str(state_dir.absolute()) + "/"}).result()
+        kvstore = ts.KvStore.open(_kvstore_spec(state_dir)).result()
         pending = [ts.ocdbt.dump(kvstore).result()]
         while pending:
             for text in _strings(pending.pop()):
@@ -178,7 +184,7 @@ def _ocdbt_problem(state_dir: Path) -> str | None:
                     continue
                 kind, prefix, name, offset, length = match.groups()
                 file = state_dir / prefix / name
-                size = file.stat().st_size if file.is_file() else None
+                size = file.stat().length if file.is_file() else None
                 if size is None:
                     return f"{file}: missing (referenced by the OCDBT index)"
                 if size < int(offset) + int(length):

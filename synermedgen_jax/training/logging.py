@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
+from etils.epath import Path  # local paths and gs:// (and other remote) workdirs alike
 from tensorboardX import SummaryWriter
 
 SCALARS = ("loss", "ce", "mse", "token_accuracy", "grad_norm", "lr", "l1", "l2", "kl", "psnr")
@@ -35,6 +35,35 @@ def image_grid(columns: list[np.ndarray], *, pad: int = 2) -> np.ndarray:
     return np.stack([gray] * 3)
 
 
+class _Jsonl:
+    """``metrics.jsonl`` kept open for appending; object stores (``gs://``) cannot append, so there the rows are
+    kept and the whole file rewritten at each flush (it holds one short line per step)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.remote = "://" in str(path)
+        self.rows = path.read_text() if self.remote and path.exists() else ""  # str: json lines
+        self.file = None if self.remote else path.open("a")
+
+    def write(self, text: str) -> None:
+        if self.remote:
+            self.rows += text
+        else:
+            self.file.write(text)
+
+    def flush(self) -> None:
+        if self.remote:
+            self.path.write_text(self.rows)
+        else:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        else:
+            self.flush()
+
+
 class RunLogger:
     def __init__(self, workdir: str | Path, config, trainable_params: int, device_count: int):
         self.workdir = Path(workdir)
@@ -43,7 +72,7 @@ class RunLogger:
         self.trainable_params = trainable_params
         self.device_count = device_count
         self.writer = SummaryWriter(str(self.workdir / "tb"))
-        self.jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run
+        self.jsonl = _Jsonl(self.workdir / "metrics.jsonl")
         self.bar = None
         if config.train.progress:
             from tqdm import tqdm
@@ -110,7 +139,7 @@ class RunLogger:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(keep))
             tmp.replace(path)
-            self.jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
+            self.jsonl = _Jsonl(path)
 
     def images(self, tag: str, grid: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, grid, step)

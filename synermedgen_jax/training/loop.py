@@ -16,11 +16,11 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils.epath import Path  # local paths and gs:// (and other remote) workdirs alike
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -129,22 +129,31 @@ def apply_init(config, state: dict, shardings: dict, tx) -> dict:
 
 
 class _Preemption:
-    """SIGTERM → a flag checked at step boundaries (all processes agree through an all-gather)."""
+    """Preemption notices checked at step boundaries.
+
+    One process: SIGTERM sets a flag. Several: JAX's preemption service (started by ``jax.distributed``)
+    catches SIGTERM on any process, agrees in the background on the first step every process will reach, and
+    :func:`~jax.experimental.multihost_utils.reached_preemption_sync_point` turns true there on all of them:
+    a local check each step, no collective on the step's path.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multi = jax.process_count() > 1
+        # The preemption service installs its own SIGTERM handler; a Python one would replace it.
+        self._previous = None if self.multi else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def check(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    def check(self, step: int) -> bool:
+        if self.multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def close(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _tokens(batch: dict) -> int:
@@ -212,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         if logger:
             logger.message(f"compiling the train step (the first step can take a minute), then steps {start}..{total}")
         for current in range(start, total):
-            if preemption.check() or (stop_at is not None and current >= stop_at):
+            if preemption.check(current) or (stop_at is not None and current >= stop_at):
                 _finish_pending(pending, logger, tcfg, last_time)
                 pending = None
                 if current not in mngr.all_steps():  # a checkpoint step may already hold this state
