@@ -92,7 +92,9 @@ def main(args: argparse.Namespace) -> int:
         if not (data / "records").is_dir():
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
         tokenizer = args.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists() else None)
-        inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer)
+        from synermedgen_jax.inference.sampler import inference_mesh
+
+        inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer, mesh=inference_mesh(args.devices))
         _warn_if_untrained_on(inference, data)
         config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
                             max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,

@@ -103,14 +103,15 @@ def main(args: argparse.Namespace) -> int:
             raise InferenceError(f"--output {output} exists; pass --force to overwrite it")
         image = read_nifti(args.input)
         mask = read_nifti(args.mask) if args.mask else None
-        inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+        mesh = inference_mesh(args.devices)
+        inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh)
         if inference.source:  # prefer the phrasing of the dataset the run was trained on
             task = resolve_route(args.source_modality, args.target_modality, task=args.task,
                                  dataset=inference.source)
         config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=args.cfg_text, cfg_img=args.cfg_img,
                                renorm=args.renorm)
         sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size, config,
-                          mesh=inference_mesh(args.devices))
+                          mesh=mesh)
         from tqdm import tqdm
 
         bar = tqdm(total=0, unit="slice", disable=args.no_progress, file=sys.stderr, desc=task.name)

@@ -57,8 +57,10 @@ def norm_from_manifest(manifest: dict) -> NormConfig:
                       float(config.get("pet_suv_max", default.pet_suv_max)))
 
 
-def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, ema: bool = True) -> Inference:
-    """Model (EMA weights when kept), tokenizer (``--tokenizer`` or the run's ``data.dir``) and sizes."""
+def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, ema: bool = True,
+                       mesh=None) -> Inference:
+    """Model (EMA weights when kept), tokenizer (``--tokenizer`` or the run's ``data.dir``) and sizes.
+    ``mesh``: each weight is read straight onto its place on the sampler's mesh (no whole copy on one device)."""
     path = Path(path)
     if not path.exists():
         raise InferenceError(f"{path}: checkpoint not found")
@@ -67,7 +69,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     except ImportError as err:
         raise InferenceError(f"{path}: checkpoints cannot be read here ({err})") from None
     try:
-        run_config, model = load_model(str(path), ema=ema)
+        run_config, model = load_model(str(path), ema=ema, mesh=mesh)
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         # CheckpointError (a ValueError) names mismatching parameters for a checkpoint of another config.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
