@@ -145,15 +145,25 @@ def test_f32_copies_of_bf16_operands_are_counted_at_the_peak():
   ROOT %convert.1 = f32[4,4]{1,0} convert(%param_0)
 }
 
+%fused_dot (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  ROOT %dot.9 = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
 ENTRY %main (p0: bf16[4,4], p1: f32[16,4], p2: f32[4,4]) -> f32[4,4] {
   %p0 = bf16[4,4]{1,0} parameter(0)
   %p1 = f32[16,4]{1,0} parameter(1)
   %p2 = f32[4,4]{1,0} parameter(2)
+  %ynn_fusion.1 = f32[4,4]{1,0} fusion(%p2, %p2), kind=kCustom, calls=%fused_dot
+  %convert.4 = bf16[4,4]{1,0} convert(%ynn_fusion.1)
+  %ynn_fusion.2 = f32[4,4]{1,0} fusion(%p2, %p2), kind=kCustom, calls=%fused_dot
   %wrapped_convert = f32[4,4]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.1
   %all-gather = f32[64,4]{1,0} all-gather(%p1), dimensions={0}
   %convert.2 = f32[4,4]{1,0} convert(%p0)
   %convert.3 = f32[4,4]{1,0} convert(%p2)
   %bitcast.1 = f32[16]{0} bitcast(%convert.2)
+  %add.1 = f32[4,4]{1,0} add(%ynn_fusion.2, %p2)
   ROOT %add = f32[4,4]{1,0} add(%wrapped_convert, %convert.2)
 }
 """
@@ -164,13 +174,17 @@ ENTRY %main (p0: bf16[4,4], p1: f32[16,4], p2: f32[4,4]) -> f32[4,4] {
     convert.3{}: 64 bytes (cumulative: 1216 bytes)
     bitcast.1{}: 64 bytes (cumulative: 1280 bytes)
     p1{}: 256 bytes (cumulative: 1536 bytes)
-  Stack trace breakdown for peak usage: 1536 bytes
+    ynn_fusion.1{}: 64 bytes (cumulative: 1600 bytes)
+    ynn_fusion.2{}: 64 bytes (cumulative: 1664 bytes)
+  Stack trace breakdown for peak usage: 1664 bytes
 """
     found = f32_copy_bytes(live, hlo)
-    # the fusion rooted in a bf16 convert, the direct convert and its bitcast: whole; the f32 gather: half;
-    # not the convert of an f32 value, nor the parameter.
+    # the fusion rooted in a bf16 convert, the direct convert and its bitcast: whole; the f32 gather and the f32
+    # dot result only converted to bf16: half; not the convert of an f32 value, the parameter, nor the f32 dot
+    # result used in f32.
     assert found["converts_of_bf16_bytes"] == 3 * 64 and found["f32_gathers_excess_bytes"] == 512
-    assert found["bytes"] == 3 * 64 + 512 and found["values"] == 4 and found["live_bytes"] == 1536
+    assert found["f32_dot_results_excess_bytes"] == 32
+    assert found["bytes"] == 3 * 64 + 512 + 32 and found["values"] == 5 and found["live_bytes"] == 1664
 
 
 def test_helpers():

@@ -291,14 +291,15 @@ def kernel_stand_ins(model_config, target: str, mesh_shape: Mapping[str, int] | 
 
 
 def kernel_working_set(model_config, budget, rows_per_device: float, mesh_sizes: Mapping[str, int],
-                       target: str) -> dict:
+                       target: str, vit_trained: bool = True) -> dict:
     """Per-device bytes the Pallas attention kernel adds in device memory on ``target`` (an upper bound, added
     to the stand-in's compiled peak whose own equivalents stay counted). Per call, on the local rows and heads:
     the padded (T to the block multiple, Triton head_dim to a power of two) and, for Mosaic, head-major copies
     of q/k/v (and of dO in the backward), the output, the saved log-sum-exp per query row and head (f32), the
     backward's delta (f32), dq/dk/dv, and the visible-block lists of the forward and backward tilings. The
     output and log-sum-exp stay saved between forward and backward for every layer the remat policy does not
-    recompute (``none``: all decoder layers; ``full``/``dots`` recompute the kernel's outputs). The tiles
+    recompute (``none``: all decoder layers; ``full``/``dots`` recompute the kernel's outputs) and for every ViT
+    layer when the ViT is trained (``vit_trained``; a frozen ViT has no backward). The tiles
     themselves live in on-chip memory (shared memory / VMEM), not in the device-memory figure."""
     import numpy as np
 
@@ -333,13 +334,14 @@ def kernel_working_set(model_config, budget, rows_per_device: float, mesh_sizes:
     vit_call = call(max(1, budget.vit_patches), vit.num_heads, vit.num_heads, vit.hidden_size // vit.num_heads,
                     rows_per_device)
     kept_layers = llm.num_layers if model_config.remat == "none" else 0
-    saved = kept_layers * decoder["saved"] + vit.num_layers * vit_call["saved"]
+    vit_layers = vit.num_layers if vit_trained else 0
+    saved = kept_layers * decoder["saved"] + vit_layers * vit_call["saved"]
     transient = max(decoder["transient"], vit_call["transient"])
     return {"total": int(saved + transient), "saved_between_passes": int(saved), "one_call": int(transient),
             "backend": backend, "decoder_layers_saved": kept_layers,
             "counted_as": "padded/relayout copies of q, k, v, dO; output; log-sum-exp and delta (f32 per query row "
                           "and head); dq, dk, dv; visible-block lists; outputs and log-sum-exp kept for "
-                          f"{kept_layers} decoder + {vit.num_layers} ViT layers (remat {model_config.remat})"}
+                          f"{kept_layers} decoder + {vit_layers} ViT layers (remat {model_config.remat})"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -474,13 +476,31 @@ def _f32_from_bf16(name: str, values: dict, roots: dict, depth: int = 0) -> bool
     return False
 
 
+def _dot_result(name: str, values: dict, roots: dict) -> bool:
+    """Whether ``name`` is made by a dot (directly or as the root of its fusion, e.g. XLA:CPU's YNNPACK
+    ``ynn_fusion``)."""
+    _, op, _, called = values[name]
+    if op == "dot":
+        return True
+    root = roots.get(called) if op == "fusion" else None
+    return root is not None and values.get(root, ("", ""))[1] == "dot"
+
+
 def f32_copy_bytes(live_range_text: str, hlo_text: str) -> dict:
     """Bytes of the values live at the memory peak that exist in f32 only because XLA:CPU computes bf16 dots in
-    f32: f32 converts of bf16 values (all their bytes) and f32 all-gathers (half their bytes: the FSDP weight
-    gathers, which an accelerator performs on the bf16 weights after the model's cast, while XLA:CPU drops the
-    f32→bf16→f32 round trip and gathers the f32 parameters). Read from XLA's live-range dump (every value live
-    at the peak) and the optimised module (each value's defining instruction, fusions by their root). For
-    programs that compute in bf16 (an f32 model's f32 gathers are its own)."""
+    f32 (its float normalisation turns each bf16 dot into converts to f32, an f32 dot and a convert back):
+
+    * f32 converts of bf16 values (the dot operands): all their bytes;
+    * f32 dot results whose every user makes bf16 (the convert back): half their bytes (an accelerator's dot
+      writes the bf16 result, accumulating in f32 on chip);
+    * f32 all-gathers: half their bytes (the FSDP weight gathers, which an accelerator performs on the bf16
+      weights after the model's cast, while XLA:CPU drops the f32→bf16→f32 round trip and gathers f32).
+
+    Read from XLA's live-range dump (every value live at the peak) and the optimised module (each value's
+    defining instruction, a fusion by its root, and its users). Subtracting these bytes from the peak gives the
+    same program point without the copies; values the classification does not recognise stay counted, so the
+    accelerator-equivalent figure errs high. For programs that compute in bf16 (an f32 model's f32 gathers are
+    its own)."""
     start = live_range_text.find("(peak):")
     if start < 0:
         raise ValueError("no '(peak):' section in the live-range dump")
@@ -488,7 +508,11 @@ def f32_copy_bytes(live_range_text: str, hlo_text: str) -> dict:
     end = section.find("Stack trace")
     live = [(name, int(size)) for name, size in _LIVE.findall(section[: end if end > 0 else None])]
     values, roots = _hlo_values(hlo_text)
-    converts = gathers = count = 0
+    users: dict[str, list[str]] = {}
+    for name, (_, _, operands, _) in values.items():
+        for operand in operands:
+            users.setdefault(operand, []).append(name)
+    converts = dots = gathers = count = 0
     for name, size in live:
         value = values.get(name)
         if value is None or value[0] != "f32":
@@ -497,10 +521,14 @@ def f32_copy_bytes(live_range_text: str, hlo_text: str) -> dict:
             converts, count = converts + size, count + 1
         elif value[1] in _GATHERS:
             gathers, count = gathers + size // 2, count + 1
-    return {"bytes": converts + gathers, "converts_of_bf16_bytes": converts, "f32_gathers_excess_bytes": gathers,
+        elif (_dot_result(name, values, roots) and users.get(name)
+              and all(values[user][0] == "bf16" for user in users[name])):
+            dots, count = dots + size // 2, count + 1
+    return {"bytes": converts + dots + gathers, "converts_of_bf16_bytes": converts,
+            "f32_dot_results_excess_bytes": dots, "f32_gathers_excess_bytes": gathers,
             "values": count, "live_bytes": sum(size for _, size in live),
-            "method": "values live at the peak (XLA live-range dump): f32 converts of bf16 values (whole) + f32 "
-                      "all-gathers (half: gathered in bf16 on an accelerator)"}
+            "method": "values live at the peak (XLA live-range dump): f32 converts of bf16 values (whole), f32 dot "
+                      "results only converted to bf16 (half), f32 all-gathers (half: bf16 on an accelerator)"}
 
 
 def loop_corrected_flops(compiled, hlo_text: str | None = None) -> tuple[float, float, list[dict]]:

@@ -118,12 +118,15 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     limit = args.device_memory_gb * 1e9
     budget_bytes = 1.5 * floor + activations["total"]
     rows_per_device = rows / divisor / int(config.train.grad_accum)
-    working_set = (plan_lib.kernel_working_set(config.model, budget, rows_per_device, mesh_spec, target)
+    from synermedgen_jax.training.optim import trainable_groups
+
+    working_set = (plan_lib.kernel_working_set(config.model, budget, rows_per_device, mesh_spec, target,
+                                               vit_trained="und" in trainable_groups(config))
                    if "attention" in kernels["stand_ins"] else None)
     kernel_bytes = working_set["total"] if working_set else 0
     f32_copies = _f32_copies(compiles, depths, full_layers)
-    per_device = peak + kernel_bytes
-    accelerator = per_device - (f32_copies["bytes"] if f32_copies else 0)
+    device_bytes = peak + kernel_bytes
+    accelerator = device_bytes - (f32_copies["bytes"] if f32_copies else 0)
     result = {
         "command": "plan", "config": args.config, "config_hash": config_hash(config), "stage": config.stage,
         "variant": config.model.variant, "devices": mesh.size, "mesh": dict(mesh.shape), "rows": rows,
@@ -131,7 +134,7 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         "attention_impl": config.model.attention_impl, "remat": config.model.remat, "method": method,
         "target": target, "kernels": kernels, "kernel_working_set": working_set,
         "kernel_working_set_bytes_per_device": kernel_bytes,
-        "per_device_bytes": per_device, "f32_copies": f32_copies,
+        "per_device_bytes": device_bytes, "f32_copies": f32_copies,
         "f32_copy_bytes_per_device": f32_copies["bytes"] if f32_copies else None,
         "accelerator_equivalent_peak_bytes_per_device": accelerator,
         "fits_device_accelerator_equivalent": bool(accelerator <= limit),
@@ -140,8 +143,8 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         "peak_bytes_per_device": peak, "min_bytes_per_device": floor,
         "peak_over_min": peak / floor if floor else math.inf,
         "activation_estimate_bytes_per_device": activations["total"],
-        "target_bytes_per_device": int(budget_bytes), "within_target": bool(per_device <= budget_bytes),
-        "device_memory_bytes": int(limit), "fits_device": bool(per_device <= limit),
+        "target_bytes_per_device": int(budget_bytes), "within_target": bool(device_bytes <= budget_bytes),
+        "device_memory_bytes": int(limit), "fits_device": bool(device_bytes <= limit),
         "memory_per_device": memory, "min_parts_per_device": minimum["parts"],
         "compiled_flops": compiled_total, "compiled_flops_per_device": per_device,
         "xla_cost_analysis_flops": xla_per_device * mesh.size,
@@ -181,8 +184,8 @@ def _f32_copies(compiles: dict, depths: list[int], full_layers: int) -> dict | N
     low, high = found
     grow = lambda key: int(_extrapolate(low.get(key, 0), high.get(key, 0), depths[0], depths[1],  # noqa: E731
                                         full_layers))
-    return {**high, **{k: grow(k) for k in ("bytes", "converts_of_bf16_bytes", "f32_gathers_excess_bytes")
-                       if k in high}, "extrapolated": True}
+    keys = ("bytes", "converts_of_bf16_bytes", "f32_dot_results_excess_bytes", "f32_gathers_excess_bytes")
+    return {**high, **{k: grow(k) for k in keys if k in high}, "extrapolated": True}
 
 
 # What a reader of a CPU plan must know before comparing it with an accelerator.
