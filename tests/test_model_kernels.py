@@ -15,6 +15,7 @@ from tools.check_model_kernels import loss_and_grads, packed_batch
 
 def test_pallas_interpret_training_matches_reference(tiny_config):
     reference = tiny_config.copy_and_resolve_references()
+    reference.attention_impl = reference.flow_matching_impl = "reference"  # not the configs' "auto"
     reference.vae.sample_posterior = False
     fused = reference.copy_and_resolve_references()
     fused.attention_impl = "pallas_interpret"

@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     impl = args.impl if args.impl != "auto" else ("pallas" if platform in ("gpu", "cuda", "tpu") else
                                                   "pallas_interpret")
     reference = load_config(f"configs/models.py:{args.variant}")
+    reference.attention_impl = reference.flow_matching_impl = "reference"  # the configs' "auto" is the kernels
     reference.vae.sample_posterior = False  # both runs must see the same latents
     fused = reference.copy_and_resolve_references()
     fused.attention_impl = fused.flow_matching_impl = impl

@@ -189,9 +189,10 @@ def _f32_copies(compiles: dict, depths: list[int], full_layers: int) -> dict | N
 
 
 # What a reader of a CPU plan must know before comparing it with an accelerator.
-_NOTES = ["on a host without bf16 matmul instructions (e.g. AVX2 only) XLA:CPU converts bf16 dot operands to f32 "
-          "copies (FSDP-gathered weights are gathered in f32) and keeps f32 results beside the bf16 ones, so the "
-          "temporaries exceed an accelerator's for the same program (7B: ~1.5 GiB f32 [T_gen, 18944] MLP values)."]
+_NOTES = ["XLA:CPU computes bf16 dots in f32: it converts bf16 dot operands to f32 copies (FSDP weights may be "
+          "gathered in f32) and keeps f32 dot results beside the bf16 ones, so its temporaries exceed an "
+          "accelerator's for the same program; the copies live at the peak are counted ('of which f32 copies') "
+          "and subtracted in the accelerator-equivalent figure."]
 
 
 def _plan_sampler(args, config, mesh, depths: list[int], full_layers: int) -> dict | str:
