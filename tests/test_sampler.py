@@ -5,16 +5,16 @@ Tiny model, float32, 4 sampling steps; every jitted function compiles once per m
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from synermedgen_jax.inference import sampler as smp
 from synermedgen_jax.inference.kv_cache import forward_cached, prefill
+from synermedgen_jax.modeling import llm
 from synermedgen_jax.modeling.packing import Geometry, SpecialTokens
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
@@ -53,8 +53,7 @@ def _packs(model, sources):
     return out
 
 
-@functools.partial(nnx.jit, static_argnums=(2,))
-def _cached(model, batch, layout, source_tokens, x_t, t):
+def _cached_step(model, batch, layout, source_tokens, x_t, t):
     x_ctx, meta = smp.context_embeddings(model, batch, layout, source_tokens)
     cache = prefill(model.language_model, x_ctx, len(layout.ctx_und), meta)[1]
     x_q, q_meta = smp.query_embeddings(model, batch, layout, x_t, t)
@@ -63,20 +62,22 @@ def _cached(model, batch, layout, source_tokens, x_t, t):
     return model.llm2vae(hidden[:, und:])
 
 
-@pytest.mark.parametrize("name", smp.PASSES)
-def test_cached_step_equals_uncached_forward(model, name):
+_cached = nnx.jit(_cached_step, static_argnums=(2,))
+
+
+def _step_inputs(model, name):
     sources = _sources(2)
     batch, layout, budget = _packs(model, sources)[name]
     source_tokens = smp.source_latent_tokens(model, jnp.asarray(batch["vae_images"][:, 0]), None, False)
-    token_dim = source_tokens.shape[-1]
-    x_t = jax.random.normal(jax.random.key(3), (2, len(layout.q_gen), token_dim))
-    t = 0.7
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-    cached = _cached(model, jbatch, layout, source_tokens, x_t, jnp.float32(t))
+    x_t = jax.random.normal(jax.random.key(3), (2, len(layout.q_gen), source_tokens.shape[-1]))
+    return batch, layout, budget, source_tokens, x_t
 
-    # The uncached reference: SynerMedGen.__call__ on the same pack. Clean latents and noise of the target
-    # slot are both x_t, so its x_t = (1 - t)·x_t + t·x_t whatever t; the timestep logit inverts the model's
-    # training shift so that the forward's t is exactly the sampler's t.
+
+def _training_velocity(model, batch, layout, budget, source_tokens, x_t, t):
+    """The uncached reference: SynerMedGen.__call__ (the training forward) on the same pack. Clean latents and
+    noise of the target slot are both x_t, so its x_t = (1 - t)·x_t + t·x_t whatever t; the timestep logit
+    inverts the model's training shift so that the forward's t is exactly the sampler's t."""
+    token_dim = source_tokens.shape[-1]
     q_gen, ctx_gen = np.asarray(layout.q_gen), np.asarray(layout.ctx_gen, int)
     index = batch["latent_index"][0]
     slots = budget.vae_images
@@ -89,11 +90,50 @@ def test_cached_step_equals_uncached_forward(model, name):
     s = model.config.timestep_shift
     u = t / (s - (s - 1.0) * t)
     logit = np.where(np.isfinite(batch["timestep_logit"]), np.log(u / (1.0 - u)), -np.inf).astype(np.float32)
-    jbatch["timestep_logit"] = jnp.asarray(logit)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()} | {"timestep_logit": jnp.asarray(logit)}
     outputs = nnx.jit(lambda m, b, c, n: m(b, c, n))(model, jbatch, jnp.asarray(clean), jnp.asarray(noise))
-    reference = np.asarray(outputs["velocity"])[:, q_gen]
+    return np.asarray(outputs["velocity"])[:, q_gen]
+
+
+@pytest.mark.parametrize("name", smp.PASSES)
+def test_cached_step_equals_uncached_forward(model, name):
+    batch, layout, budget, source_tokens, x_t = _step_inputs(model, name)
+    t = 0.7
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    cached = _cached(model, jbatch, layout, source_tokens, x_t, jnp.float32(t))
+    reference = _training_velocity(model, batch, layout, budget, source_tokens, x_t, t)
     assert np.abs(reference).max() > 0.1  # a meaningful comparison
     np.testing.assert_allclose(np.asarray(cached), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_cached_sampler_and_training_forward_run_the_same_layer_code(model, remat, monkeypatch):
+    """The cached sampler step (prefill + forward_cached) and the training forward (SynerMedGen.__call__, with
+    the remat policy of training) give the same velocities, float32, |Δ| ≤ 1e-4, and both go through the one
+    ``MoTAttention.__call__``: without a cache for training and prefill, with a ``LayerCache`` for the step."""
+    calls = []
+    attention_call = llm.MoTAttention.__call__
+
+    def spy(self, x, und_tokens, meta, rope, cache=None):
+        calls.append((x.shape[1], cache is not None))
+        return attention_call(self, x, und_tokens, meta, rope, cache)
+
+    monkeypatch.setattr(llm.MoTAttention, "__call__", spy)
+    config = model.config.as_configdict()
+    config.remat = remat
+    monkeypatch.setattr(model.language_model, "config", ml_collections.FrozenConfigDict(config))
+    batch, layout, budget, source_tokens, x_t = _step_inputs(model, "cond")
+    t, layers = 0.4, model.config.llm.num_layers
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    cached = np.asarray(nnx.jit(_cached_step, static_argnums=(2,))(
+        model, jbatch, layout, source_tokens, x_t, jnp.float32(t)))
+    context, query = len(layout.ctx_und) + len(layout.ctx_gen), len(layout.q_und) + len(layout.q_gen)
+    assert calls == [(context, False)] * layers + [(query, True)] * layers
+    calls.clear()
+    trained = _training_velocity(model, batch, layout, budget, source_tokens, x_t, t)
+    assert calls == [(batch["token_ids"].shape[1] + budget.gen_tokens, False)] * layers
+    assert np.abs(trained).max() > 0.1
+    np.testing.assert_allclose(cached, trained, atol=1e-4, rtol=0)
 
 
 def test_contexts_follow_bagel_rope_and_splits(model):

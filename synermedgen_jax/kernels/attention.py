@@ -45,14 +45,24 @@ IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "aut
 KERNEL_IMPLS = ("pallas", "pallas_interpret")  # opaque to XLA: partitioned with shard_map on a mesh
 
 
-def visibility_mask(sample_id: jax.Array, split_id: jax.Array, split_kind: jax.Array) -> jax.Array:
-    """Dense visibility ``[B, Tq, Tk]`` (bool) from per-token metadata ``[B, T]``.
+def visibility_mask(
+    sample_id: jax.Array,
+    split_id: jax.Array,
+    split_kind: jax.Array,
+    order: jax.Array | None = None,
+    keys: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """Dense visibility ``[B, Tq, Tk]`` (bool) by the rule of ``tile_math.visible_tile``.
 
-    Position order for the causal rule is the index along T.
+    Query metadata ``[B, Tq]``; ``order`` is each token's position for the causal rule (None: the index
+    along T). ``keys``: the keys' ``(sample_id, split_id, split_kind, order)`` ``[B, Tk]`` when they are not
+    the queries themselves (a KV cache: Tk ≠ Tq), else None.
     """
-    positions = jnp.arange(sample_id.shape[-1])
-    return visible_tile(sample_id[:, :, None], split_id[:, :, None], split_kind[:, :, None], positions[None, :, None],
-                        sample_id[:, None, :], split_id[:, None, :], split_kind[:, None, :], positions[None, None, :])
+    if order is None:
+        order = jnp.broadcast_to(jnp.arange(sample_id.shape[-1]), sample_id.shape)
+    k_sample, k_split, k_kind, k_order = keys if keys is not None else (sample_id, split_id, split_kind, order)
+    return visible_tile(sample_id[:, :, None], split_id[:, :, None], split_kind[:, :, None], order[:, :, None],
+                        k_sample[:, None, :], k_split[:, None, :], k_kind[:, None, :], k_order[:, None, :])
 
 
 def reference_attention(
@@ -62,16 +72,21 @@ def reference_attention(
     sample_id: jax.Array,
     split_id: jax.Array,
     split_kind: jax.Array,
+    *,
+    order: jax.Array | None = None,
+    keys: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Plain jnp attention with a dense mask. Rows that see nothing return zeros.
 
-    Softmax statistics are computed in float32 whatever the input dtype.
+    ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]``, query metadata ``[B, Tq]``; ``order`` and ``keys`` as in
+    :func:`visibility_mask` (``keys`` given: the keys' own metadata, so Tk may differ from Tq — the KV-cached
+    forward of inference/kv_cache.py). Softmax statistics are computed in float32 whatever the input dtype.
     """
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
-    mask = visibility_mask(sample_id, split_id, split_kind)  # [B, Tq, Tk]
-    # [B, T, Hkv, G, D]: query heads grouped onto their shared K/V head, no K/V repetition.
+    mask = visibility_mask(sample_id, split_id, split_kind, order, keys)  # [B, Tq, Tk]
+    # [B, Tq, Hkv, G, D]: query heads grouped onto their shared K/V head, no K/V repetition.
     q_grouped = q.reshape(batch, seq_len, num_kv_heads, group, head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)

@@ -9,18 +9,27 @@ Routing costs nothing: the pack stores understanding tokens in ``x[:, :und_token
 by both. ``freeze_und`` reproduces BAGEL's detaches on the understanding side (inputs, values, normalised q/k,
 attention and MLP outputs, final norm).
 
+One layer code serves training, prefill and decoding (as MaxText's ``model_mode``): without a cache the layer
+attends within its own tokens through the packed kernel (training, and the prefill of inference/kv_cache.py);
+with a :class:`LayerCache` its queries attend to the cached keys/values followed by their own (the jnp
+reference attention with the keys' metadata, Tq ≠ Tk). Either region may be empty (a decoded text token has
+no generation tokens).
+
 Parameter names follow BAGEL's checkpoint keys (``layers.{i}.self_attn.q_proj_moe_gen``…); kernels are
 ``[in, out]`` (PyTorch's transposed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from synermedgen_jax.kernels.attention import packed_attention
+from synermedgen_jax.kernels.attention import packed_attention, reference_attention
 from synermedgen_jax.modeling.layers import (
     BATCH_LENGTH_EMBED,
     Init,
@@ -34,6 +43,27 @@ from synermedgen_jax.modeling.layers import (
 )
 
 _stop = jax.lax.stop_gradient
+KEY_FIELDS = ("sample_id", "split_id", "split_kind", "order")
+
+
+class LayerCache(NamedTuple):
+    """One layer's cached keys and values after RoPE ``k, v [B, Tc, Hkv, D]`` and the keys' metadata ``meta``
+    (``KEY_FIELDS`` → ``[B, Tc]`` int32; ``order`` is the position for the causal rule)."""
+
+    k: jax.Array
+    v: jax.Array
+    meta: Mapping[str, jax.Array]
+
+
+def _per_expert(x: jax.Array, und_tokens: int, und: Callable, gen: Callable):
+    """``und`` on ``x[:, :und_tokens]``, ``gen`` on the rest, outputs (pytrees alike) joined along axis 1; an
+    empty region is skipped."""
+    parts = []
+    if und_tokens:
+        parts.append(und(x[:, :und_tokens]))
+    if x.shape[1] > und_tokens:
+        parts.append(gen(x[:, und_tokens:]))
+    return jax.tree.map(lambda *p: p[0] if len(p) == 1 else jnp.concatenate(p, axis=1), *parts)
 
 
 def _dtype(name: str):
@@ -89,23 +119,30 @@ class MoTAttention(nnx.Module):
             q, k, v = _stop(q), _stop(k), _stop(v)
         return q, k, v
 
-    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        """``x [B, T, E]`` (normed) → attention output ``[B, T, E]`` (after the per-expert o_proj)."""
+    def __call__(self, x: jax.Array, und_tokens: int, meta: Mapping, rope: tuple[jax.Array, jax.Array],
+                 cache: LayerCache | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """``x [B, T, E]`` (normed) → attention output ``[B, T, E]`` (after the per-expert o_proj) and this
+        call's keys/values after RoPE ``[B, T, Hkv, D]`` (what a cache keeps).
+
+        ``meta``: ``sample_id``, ``split_id``, ``split_kind`` ``[B, T]`` (and ``order`` when ``cache`` is given).
+        ``cache``: None attends within ``x`` (the packed kernel, on the active mesh); else ``x``'s queries see
+        the cached keys then their own, by the same visibility rule."""
         freeze = self.freeze_und
-        q_und, k_und, v_und = self._project(x[:, :und_tokens], "", freeze)
-        q_gen, k_gen, v_gen = self._project(x[:, und_tokens:], "_moe_gen", False)
-        q = jnp.concatenate([q_und, q_gen], axis=1)
-        k = jnp.concatenate([k_und, k_gen], axis=1)
-        v = jnp.concatenate([v_und, v_gen], axis=1)
+        q, k, v = _per_expert(x, und_tokens, lambda h: self._project(h, "", freeze),
+                              lambda h: self._project(h, "_moe_gen", False))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, meta["sample_id"], meta["split_id"], meta["split_kind"],
-                               impl=self.attention_impl, mesh=active_mesh())
+        if cache is None:
+            out = packed_attention(q, k, v, meta["sample_id"], meta["split_id"], meta["split_kind"],
+                                   impl=self.attention_impl, mesh=active_mesh())
+        else:
+            keys = tuple(jnp.concatenate([cache.meta[f], meta[f]], axis=1) for f in KEY_FIELDS)
+            out = reference_attention(q, jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
+                                      meta["sample_id"], meta["split_id"], meta["split_kind"], order=meta["order"],
+                                      keys=keys)
         out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
-        out_und = self.o_proj(out[:, :und_tokens])
-        if freeze:
-            out_und = _stop(out_und)
-        return jnp.concatenate([out_und, self.o_proj_moe_gen(out[:, und_tokens:])], axis=1)
+        out_und = lambda h: _stop(self.o_proj(h)) if freeze else self.o_proj(h)
+        return _per_expert(out, und_tokens, out_und, self.o_proj_moe_gen), (k, v)
 
 
 class MoTDecoderLayer(nnx.Module):
@@ -124,24 +161,31 @@ class MoTDecoderLayer(nnx.Module):
     ATTENTION_BLOCK = ("input_layernorm", "input_layernorm_moe_gen", "self_attn")
     MLP_BLOCK = ("post_attention_layernorm", "post_attention_layernorm_moe_gen", "mlp", "mlp_moe_gen")
 
-    def attention_block(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
-        """Pre-norm joint attention with its residual: ``x [B, T, E]`` → ``[B, T, E]``."""
-        x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
-        normed = jnp.concatenate([self.input_layernorm(x_und), self.input_layernorm_moe_gen(x_gen)], axis=1)
-        return x + self.self_attn(normed, und_tokens, meta, rope).astype(x.dtype)
+    def attention_block(self, x: jax.Array, und_tokens: int, meta: Mapping, rope,
+                        cache: LayerCache | None = None, return_kv: bool = False):
+        """Pre-norm joint attention with its residual: ``x [B, T, E]`` → ``[B, T, E]`` (and ``(k, v)`` when
+        ``return_kv``); ``cache`` as in :meth:`MoTAttention.__call__`."""
+        normed = _per_expert(x, und_tokens, self.input_layernorm, self.input_layernorm_moe_gen)
+        out, kv = self.self_attn(normed, und_tokens, meta, rope, cache)
+        x = x + out.astype(x.dtype)
+        return (x, kv) if return_kv else x
 
     def mlp_block(self, x: jax.Array, und_tokens: int) -> jax.Array:
         """Pre-norm per-expert SwiGLU with its residual: ``x [B, T, E]`` → ``[B, T, E]``."""
-        x_und, x_gen = x[:, :und_tokens], x[:, und_tokens:]
-        mlp_und = self.mlp(self.post_attention_layernorm(x_und))
-        if self.freeze_und:
-            mlp_und = _stop(mlp_und)
-        mlp_gen = self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x_gen))
-        return x + jnp.concatenate([mlp_und, mlp_gen], axis=1).astype(x.dtype)
+        def und(h):
+            out = self.mlp(self.post_attention_layernorm(h))
+            return _stop(out) if self.freeze_und else out
 
-    def __call__(self, x: jax.Array, und_tokens: int, meta: dict, rope) -> jax.Array:
-        """``x [B, T, E]`` → ``[B, T, E]``."""
-        return self.mlp_block(self.attention_block(x, und_tokens, meta, rope), und_tokens)
+        gen = lambda h: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h))
+        return x + _per_expert(x, und_tokens, und, gen).astype(x.dtype)
+
+    def __call__(self, x: jax.Array, und_tokens: int, meta: Mapping, rope, cache: LayerCache | None = None,
+                 return_kv: bool = False):
+        """``x [B, T, E]`` → ``[B, T, E]``; with ``return_kv`` also this layer's new keys/values
+        ``(k, v) [B, T, Hkv, D]``. ``cache``: None (train, prefill) or the keys to prepend (cached forward)."""
+        x, kv = self.attention_block(x, und_tokens, meta, rope, cache, return_kv=True)
+        x = self.mlp_block(x, und_tokens)
+        return (x, kv) if return_kv else x
 
 
 class MoTLanguageModel(nnx.Module):
@@ -182,11 +226,12 @@ class MoTLanguageModel(nnx.Module):
             # Layer boundaries: rows stay split over the batch mesh axes (FSDP gathers weights, not activations).
             x = constrain(x, BATCH_LENGTH_EMBED)
             x = _apply_layer(layer, x, und_tokens, meta, rope, self.config.remat)
-        x = constrain(x, BATCH_LENGTH_EMBED)
-        out_und = self.norm(x[:, :und_tokens])
-        if freeze:
-            out_und = _stop(out_und)
-        return jnp.concatenate([out_und, self.norm_moe_gen(x[:, und_tokens:])], axis=1)
+        return self.final_norm(constrain(x, BATCH_LENGTH_EMBED), und_tokens)
+
+    def final_norm(self, x: jax.Array, und_tokens: int) -> jax.Array:
+        """Per-expert final RMSNorm: ``norm`` on the first ``und_tokens`` tokens, ``norm_moe_gen`` on the rest."""
+        und = lambda h: _stop(self.norm(h)) if self.config.llm.freeze_und else self.norm(h)
+        return _per_expert(x, und_tokens, und, self.norm_moe_gen)
 
 
 def _apply_layer(layer: MoTDecoderLayer, x: jax.Array, und_tokens: int, meta: dict, rope, policy: str):
