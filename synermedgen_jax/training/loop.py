@@ -218,8 +218,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         pending = None  # (step, metrics on device, tokens, t_dispatch)
         local_batch = first
         last_time = time.perf_counter()
-        if logger:
-            logger.message(f"compiling the train step (the first step can take a minute), then steps {start}..{total}")
+        compiled = False
         for current in range(start, total):
             if preemption.check(current) or (stop_at is not None and current >= stop_at):
                 _finish_pending(pending, logger, tcfg, last_time)
@@ -235,6 +234,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
             global_batch = sharding.global_batch(local_batch, mesh)
             tokens = _tokens(local_batch) * jax.process_count()
             local_batch = None
+            if not compiled:
+                if logger:
+                    logger.message(f"compiling the train step (can take a minute), then steps {current}..{total}")
+                train_step = train_step.lower(state, global_batch).compile()
+                _wait_for_all_processes("train step compiled")
+                compiled, last_time = True, time.perf_counter()
             state, metrics = train_step(state, global_batch)
             if pending is not None:
                 last_time = _finish_pending(pending, logger, tcfg, last_time)
@@ -275,6 +280,16 @@ def _readable_latest(mngr, workdir: Path, logger) -> int:
             multihost_utils.sync_global_devices("set_aside_damaged")
         mngr.reload()
     return latest
+
+
+def _wait_for_all_processes(name: str) -> None:
+    """A host barrier through jax.distributed's coordination service (no device collective), so the processes'
+    first collective starts together whatever each one's compile time took: CPU (gloo) collectives give up when
+    a peer is more than ~30 s late."""
+    if jax.process_count() > 1:
+        from jax._src import distributed  # the coordination client; JAX exposes no public host barrier
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=3_600_000)
 
 
 def _after_training(config, codec, state: dict, workdir: Path, logger) -> None:
