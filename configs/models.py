@@ -8,7 +8,7 @@ Usage::
 Variants:
   tiny          unit tests: well under 1M parameters, compiles in seconds on CPU.
   small         the CPU quickstart.
-  bagel_7b_mot  BAGEL-7B-MoT exactly (Qwen2.5-7B MoT, SigLIP so400m/14, FLUX VAE); shared/DESIGN.md §3.
+  bagel_7b_mot  BAGEL-7B-MoT exactly (Qwen2.5-7B MoT, SigLIP so400m/14, FLUX VAE); docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -107,18 +107,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.vae = _vae(in_channels=1, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=8,
                           norm_groups=8)
         config.max_latent_size = 32
-        # The quickstart's 8×8 latent-token grid sits in the flat low end of BAGEL's table (neighbouring cells
-        # 98.5 % alike, the whole row ≥ 87 %), so a target token finds its source token slowly. Faster
-        # frequencies (neighbours 77 % alike) lowered the Stage II loss by ~10 % all through a 400-step run
-        # (0.275 vs 0.305 at steps 200-250) and raised the mean SSIM×100 over 18 routes from 55.8 to 56.3.
+        # The quickstart's 8×8 latent-token grid sits in the flat low end of BAGEL's table, so a target token
+        # finds its source token slowly: faster frequencies train faster (docs/experiments.md).
         config.latent_pos_base = 32.0
         config.latent_pos_step = 3.0
         # Training timesteps t = sigmoid(N(0, 1)) shifted by s·t / (1 + (s−1)·t): s = 12 puts most draws at high
         # noise, where the velocity target can only be met from the source image, i.e. where the translation
-        # is learnt (at low noise the target is mostly in x_t itself). From the same VAE and Stage I, 650
-        # Stage II steps: mean SSIM×100 over the 18 quickstart routes 62.5 at s = 1 (BAGEL's training default),
-        # 67.8 at 3, 69.1 at 6, 70.9 at 12; 1,000 steps: 70.0 at 12 (11 of 18 routes above the copy), 71.1 at
-        # 24 (8 of 18: cbct<->ct up, the T2 targets down). Inference keeps its own shift (SamplerConfig.shift).
+        # is learnt (shifts compared: docs/experiments.md). Inference keeps its own shift (SamplerConfig.shift).
         config.timestep_shift = 12.0
     elif variant == "tiny":
         config.llm = _llm(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -36,10 +36,9 @@ _PACKS = {
                     image_size=(64, 64), vit_image_size=(56, 56)),
         # One Stage II sample per row: source + target take 128 latent tokens; prompt + ViT tokens + markers
         # take 47 und slots on the brain routes (54 for the longest anatomy name, "head-neck"; 56 leaves room).
-        # The CPU quickstart runs jnp attention (reference or chunked), which computes every pair of a row, visible or
-        # not: rows of ~4 samples (192 / 512 slots) spent 4x the attention FLOPs, and a step of 8 one-sample
-        # rows took 0.44 s against 0.66 s for 2 rows of ~4 (about the same samples per step). The Pallas
-        # kernels skip invisible tiles, so on GPU/TPU longer rows cost nothing extra.
+        # The CPU quickstart runs jnp attention, which computes every pair of a row, visible or not, so short
+        # rows are faster there (docs/experiments.md); the Pallas kernels skip invisible tiles, so on GPU/TPU
+        # longer rows cost nothing extra.
         stage2=dict(und_tokens=56, gen_tokens=128, vit_patches=16, vit_images=1, vae_images=2, ce_tokens=4,
                     image_size=(64, 64), vit_image_size=(56, 56)),
     ),

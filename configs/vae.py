@@ -19,22 +19,15 @@ def get_config(variant=None):
     # (vae_from) use them as shift/scale so flow matching sees unit-scale latents (training/vae_stage.py).
     config.train.fit_latent_scale = True
     if variant != "bagel_7b_mot":
-        # Short CPU runs: a higher peak, annealed by a cosine to lr·min_lr_ratio. The reconstruction is the
-        # ceiling of every synthesized slice, and the last steps at a constant rate left the PSNR bouncing
-        # by ±2 dB step to step.
+        # Short CPU runs: a higher peak, annealed by a cosine (a constant rate left the reconstruction, the
+        # ceiling of every synthesized slice, bouncing at the end; docs/experiments.md).
         config.train.lr = 2e-3
         config.train.schedule = "cosine"
-        # Decode the posterior mean: the encoder's log-variance starts near 0 (posterior std ≈ 1 against a
-        # mean of std ≈ 1.7), and a few hundred steps do not shrink it, so a sampled latent is mostly noise
-        # and the decoder learns to blur. On the quickstart data (300 steps) the mean lifted the reconstruction
-        # SSIM×100 of the evaluated MR slices from 74.8-78.1 to 76.7-79.9. Stage II and the sampler use the
+        # Decode the posterior mean: in a short run the posterior std stays near 1, so a sampled latent is
+        # mostly noise and the decoder learns to blur (docs/experiments.md). Stage II and the sampler use the
         # mean as well (configs/stage2_ucg.py).
         config.model.vae.sample_posterior = False
-        # Train on the metric too: L1 + L2 alone leave a short run blurry. On the quickstart data (300 steps) the
-        # (1 − SSIM) term lifted the reconstruction SSIM×100 of the evaluated MR targets from 76.7-79.9 to
-        # 85.7-89.2 (600 steps without it: 82.9-86.9). A sharper autoencoder is what makes the MR routes
-        # winnable: the best 3×3 quadratic map from source to target latents, fitted on all training pairs,
-        # scored t1→t2 / t2→t1 / flair→t2 / t2→flair 73.9 / 71.4 / 72.8 / 72.3 through the old VAE (the copy
-        # scores 71.9 / 71.9 / 72.8 / 72.8) and 79.1 / 75.9 / 77.0 / 75.3 through this one.
+        # Train on the metric too: L1 + L2 alone leave a short run blurry, and a sharper autoencoder is what
+        # makes the MR routes winnable (docs/experiments.md).
         config.train.ssim_weight = 1.0
     return config

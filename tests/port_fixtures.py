@@ -1,7 +1,7 @@
 """Builds random tiny BAGEL-layout folders with PyTorch (transformers / diffusers modules), for the port tests.
 
 The folder is written with the official ``safetensors.torch.save_file`` (not our writer), so reading it tests
-our reader against the reference implementation. Key names follow shared/reference/bagel_7b_mot_keys.json.
+our reader against the reference implementation. Key names follow the released BAGEL checkpoint (docs/architecture.md).
 """
 
 from __future__ import annotations

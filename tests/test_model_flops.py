@@ -31,7 +31,7 @@ def test_bagel_7b_mot_parameter_count_matches_release():
 
     config = load_config("configs/models.py:bagel_7b_mot")
     counts = count_params(nnx.eval_shape(lambda: SynerMedGen(config, rngs=nnx.Rngs(params=0))))
-    # shared/reference/bagel_7b_mot_keys.json: 14,607,260,128 in ema.safetensors, of which 32,241,664 are the two
+    # The released checkpoint (docs/architecture.md): 14,607,260,128 in ema.safetensors, of which 32,241,664 are the two
     # frozen sin-cos tables (not trainable Params here), and 83,819,683 in ae.safetensors.
     assert counts["vae"] == 83_819_683
     assert counts["total"] - counts["vae"] == 14_607_260_128 - (4900 + 64 * 64) * 3584

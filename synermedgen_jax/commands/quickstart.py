@@ -25,14 +25,8 @@ from pathlib import Path
 from synermedgen_jax.commands._runner import StageState, train_overrides, write_atomic
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
-# others pack rows). Measured on 2 CPU cores: data 35 s, VAE 0.4 s/step (4 images), Stage I 1 s/step,
-# Stage II 0.45 s/step (8 one-sample rows, small), eval 80 s (one sampler batch per route, no padding), VAE ceiling and
-# local map 35 s, synthesis 22 s, plus ~20 s compile per stage.
-# The VAE's reconstruction bounds every synthesized slice (decode(encode(target)) is the best a prediction can
-# be). With the (1 − SSIM) term (configs/vae.py), 300 steps reconstruct the evaluated MR slices at SSIM×100
-# 85.7-89.2 (L1 + L2 alone: 76.7-79.9, under a copy of the source on most BraTS routes; 400 steps with the term:
-# 87.1-91.2, no better for the local map below); through it, the local latent map of evaluation/ceiling.py
-# beats the copy on most routes (through the old VAE the MR routes were a tie at best). Stage II gets the rest.
+# others pack rows): the VAE gets enough steps to bound synthesis well, Stage II the rest. Timings and the
+# runs behind these numbers: docs/experiments.md.
 BASE_MINUTES = 15.0
 STAGES = (
     # name, config file, steps at the base budget, rows per step
@@ -40,18 +34,9 @@ STAGES = (
     ("stage1", "configs/stage1_gau.py", 60, 4),
     ("stage2", "configs/stage2_ucg.py", 1000, 8),  # small's Stage II rows hold one sample each
 )
-# Short runs end on an annealed learning rate (cosine to lr·min_lr_ratio; configs/vae.py does so already):
-# at a constant 1e-3 the Stage II loss sat on a bouncing plateau for its last 100 steps.
-# Stage II takes more, smaller steps at a higher peak: from the same Stage I and VAE, 400 steps × ~8 samples at
-# 2e-3 gave a mean SSIM×100 of 54.8 over the 18 routes (beating the identity copy on 4) against 51.0 (2) for
-# 200 steps × ~16 samples at 1e-3, in about the same time; the model is far from converged at this budget.
-# Training at high noise (configs/models.py timestep_shift = 12: 650 steps 62.5 -> 70.9) and one-sample pack
-# rows (configs/train_common.py: 0.44 s/step instead of 0.66) bought the most: 1,000 steps of 8 samples in
-# ~470 s gave a mean of 70.0 and 11 of 18 routes above the copy.
-# Guidance, chosen on the val split (18 routes, 4 slices each, the default run's checkpoint): text scale 4
-# (BAGEL's) mean SSIM×100 72.7 with 7 routes above the copy; 3: 75.1 / 8; 2: 77.3 / 10; 1.5: 78.0 / 10;
-# 1.25: 78.2 / 10; 1 (no guidance): 77.2 / 8. On the test split of that run: scale 4 gave 10 routes, 1.5 gave
-# 12 (mean 70.5 -> 75.0). Image guidance stays at BAGEL's 1.5 (1.0 with text 2 on val: 77.3 / 9).
+# Short runs end on an annealed learning rate; Stage II takes more, smaller steps at a higher peak (the model is
+# far from converged at this budget). Text guidance 1.5, not BAGEL's 4, scored best on the val split; image
+# guidance stays at BAGEL's 1.5. The runs: docs/experiments.md.
 CFG_TEXT = 1.5
 STAGE_OVERRIDES = {"stage2": ["--config.train.schedule=cosine", "--config.train.lr=2e-3"]}
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-# Relaxation at 1.5 T (ms) and proton density, inside the ranges of DESIGN.md §9 and of published 1.5 T
+# Relaxation at 1.5 T (ms) and proton density, inside the ranges of docs/simulation.md and of published 1.5 T
 # values (Stanisz et al., MRM 54:507, 2005, WM T1 884 / T2 72, GM T1 1124 / T2 95; BrainWeb's tissue table,
 # Kwan et al. 1999). WM T1 is taken at the low end so T1-weighted WM/GM contrast is as on real scans.
 # Lesion compartments: vasogenic oedema has prolonged T1/T2, necrosis is fluid-like (e.g. Just & Thelen,
@@ -42,16 +42,16 @@ TISSUE_MR = {  # name: (T1, T2, PD)
 # 2.5 % WM, blood ≈ 1 mM after a 0.1 mmol/kg dose); the leaky rim of a high-grade tumour ≈ 0.6 mM.
 GD_R1_PER_MM_S = 4.1
 GD_CONC_MM = {"gm": 0.05, "wm": 0.025, "enhancing": 0.6, "oedema": 0.02}
-# Sequences (ms), DESIGN.md §9: T1w spin echo, T2w spin echo, FLAIR inversion recovery.
+# Sequences (ms), docs/simulation.md: T1w spin echo, T2w spin echo, FLAIR inversion recovery.
 T1W = (500.0, 15.0)
 T2W = (4000.0, 100.0)
 FLAIR = (9000.0, 100.0)
-# Hounsfield units (DESIGN.md §9; brain values as in standard CT texts, e.g. WM 20-30, GM 35-45, CSF 0-15,
+# Hounsfield units (docs/simulation.md; brain values as in standard CT texts, e.g. WM 20-30, GM 35-45, CSF 0-15,
 # fat about -100, cortical bone 1000-2000, diploe a few hundred).
 TISSUE_HU = {"wm": 28.0, "gm": 40.0, "csf": 8.0, "oedema": 18.0, "necrosis": 15.0, "enhancing": 36.0,
              "gap": 8.0, "diploe": 600.0, "scalp": 40.0, "fat": -90.0, "air": -1000.0}
 CORTICAL_BONE_HU = (1300.0, 1800.0)
-# FDG SUV: cortex about 2.5-3x white matter (DESIGN.md §9; e.g. EANM brain FDG guideline, Varrone et al.,
+# FDG SUV: cortex about 2.5-3x white matter (docs/simulation.md; e.g. EANM brain FDG guideline, Varrone et al.,
 # EJNMMI 36:2103, 2009), CSF near zero, high-grade tumour rim at or above cortex, necrosis photopenic.
 TISSUE_SUV = {"wm": 3.0, "gm": 8.0, "csf": 0.3, "oedema": 2.2, "necrosis": 0.8, "enhancing": 10.0,
               "gap": 0.3, "bone": 0.6, "scalp": 1.2, "fat": 0.4}

@@ -1,6 +1,6 @@
 """Jitted, batched image-quality metrics: SSIM, PSNR and MAE over ``[N, H, W]`` slices.
 
-Contract (shared/DESIGN.md §6): every metric takes ``pred`` and ``target`` of shape ``[N, H, W]`` and
+Contract (docs/architecture.md): every metric takes ``pred`` and ``target`` of shape ``[N, H, W]`` and
 returns one value per image, shape ``[N]``. SSIM reproduces scikit-image's
 
     structural_similarity(im1, im2, gaussian_weights=True, sigma=1.5,

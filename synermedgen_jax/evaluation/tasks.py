@@ -1,6 +1,6 @@
 """Registry of the synthesis evaluation tasks: the paper's 22 routes and their ``mni152-sim`` analogues.
 
-Paper routes (shared/DESIGN.md §2), grouped as the paper averages them:
+Paper routes (docs/architecture.md), grouped as the paper averages them:
 
 * ``"brats"`` (12): every ordered pair among T1, T1CE, T2, FLAIR (``brats/brain/<src>-><tgt>``).
 * ``"synthrad+autopet"`` (10): SynthRAD2023 MR->CT, CT->MR, CBCT->CT, CT->CBCT for brain and pelvis
@@ -47,7 +47,7 @@ GROUPS: tuple[str, ...] = ("synthrad+autopet", "brats")
 # SynerMedGen's SSIM x 100 averaged over each group, as reported by the paper.
 PAPER_GROUP_AVERAGES: dict[str, float] = {"synthrad+autopet": 83.28, "brats": 89.03}
 
-# SynerMedGen's per-route SSIM x 100 where DESIGN §2 quotes it (the other routes are left None).
+# SynerMedGen's per-route SSIM x 100 where the paper quotes it (the other routes are left None).
 _PAPER_SSIM: dict[str, float] = {
     "synthrad2023/brain/cbct->ct": 87.15,
     "synthrad2023/pelvis/cbct->ct": 87.14,

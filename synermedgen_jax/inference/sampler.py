@@ -70,7 +70,7 @@ PASSES = ("cond", "text_uncond", "img_uncond")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """SynerMedGen's evaluation settings by default (shared/DESIGN.md §3, Inference)."""
+    """SynerMedGen's evaluation settings by default (docs/architecture.md, Inference)."""
 
     num_steps: int = 50  # timesteps, N - 1 Euler steps
     shift: float = 3.0

@@ -1,6 +1,6 @@
 """Packed-split attention: BAGEL's visibility rule over packed multimodal sequences.
 
-Contract (shared/DESIGN.md §6)::
+Contract (docs/kernels.md)::
 
     packed_attention(q, k, v, sample_id, split_id, split_kind, *, impl="reference") -> [B, T, Hq, D]
 

@@ -3,7 +3,7 @@
 A *sample* is a list of items (``Text``, ``VitImage``, ``VaeImage``); a *pack* (one batch row) holds as many
 samples as fit a fixed budget, so that one compiled step serves the whole run.
 
-Semantics follow BAGEL's ``pack_sequence`` (shared/DESIGN.md §3):
+Semantics follow BAGEL's ``pack_sequence`` (docs/packing.md):
 
 * text → one ``causal`` split ``[<|im_start|>, ids…, <|im_end|>]``; RoPE ids advance by one per token; with
   ``loss=True`` every position but the last predicts the next token (CE labels ``ids… + <|im_end|>``).

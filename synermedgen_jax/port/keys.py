@@ -1,4 +1,4 @@
-"""The one mapping table between BAGEL checkpoint keys and our parameter paths (shared/DESIGN.md §3).
+"""The one mapping table between BAGEL checkpoint keys and our parameter paths (docs/architecture.md).
 
 The table is derived from our model's own (abstract) state, so it can never drift from the model code: every
 leaf path is renamed with a handful of prefix rules and given a layout transform, used in both directions:

@@ -1,7 +1,7 @@
 """Device mesh and the ONE table that maps logical parameter axes onto it.
 
 Mesh axes are ``('data', 'fsdp', 'tensor')``, all ``AxisType.Auto`` (explicit axis types break ordinary
-sharded code in this JAX version, shared/DESIGN.md §4). Batches are split over ``data × fsdp``; parameters are
+sharded code in this JAX version; docs/sharding.md). Batches are split over ``data × fsdp``; parameters are
 split over ``fsdp`` on their ``embed``-like axis (ZeRO-3 style: gathered per use by XLA) and over ``tensor`` on
 heads / mlp / vocab (Megatron style). A logical axis whose size does not divide the mesh axis is replicated
 instead of failing, so odd small configs still run on any mesh.
