@@ -23,7 +23,8 @@ def test_plan_tiny_on_4_simulated_devices(tmp_path):
     out = tmp_path / "plan.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "synermedgen_jax", "plan", "--config", "configs/stage2_ucg.py:tiny",
-                           "--mesh", "data=1,fsdp=4,tensor=1", "--devices", "4", "--rows", "4", "--json", str(out)],
+                           "--mesh", "data=1,fsdp=4,tensor=1", "--devices", "4", "--rows", "4",
+                           "--devices-per-host", "2", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(out.read_text())
@@ -40,6 +41,13 @@ def test_plan_tiny_on_4_simulated_devices(tmp_path):
     # The trained state is donated: nearly all of the output aliases the arguments.
     assert memory["alias_bytes"] > 0.9 * memory["output_bytes"]
     assert plan["min_bytes_per_device"] == sum(plan["min_parts_per_device"].values())
+    # Host memory per process (2 hosts x 2 devices): nothing at init (born on device), this host's shards at
+    # restore: at least its devices' shares, less than the whole state (what every host held before).
+    host = plan["host_bytes_per_process"]
+    assert host["processes"] == 2 and host["devices_per_process"] == 2 and host["init"] == 0
+    state_per_device = plan["min_bytes_per_device"] - plan["min_parts_per_device"]["grads"]
+    assert 2 * state_per_device * 0.99 >= host["restore"] >= state_per_device
+    assert host["restore"] < 0.75 * host["whole_state"]
     # compiled = per device x devices; within bounds of the analytic count (routing: no double expert work)
     assert plan["compiled_flops"] == pytest.approx(plan["compiled_flops_per_device"] * 4)
     assert 0.85 < plan["compiled_flops"] / plan["analytic_flops"] < 1.2

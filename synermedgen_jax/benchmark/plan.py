@@ -172,13 +172,11 @@ def abstract_train(config, mesh, rows: int, budget=None) -> AbstractTrain:
     inside the trace, so no parameter or optimizer moment is ever materialised.
     """
     import jax
-    from flax import nnx
 
     from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
-    from synermedgen_jax.modeling.synermedgen import build_model
     from synermedgen_jax.training import optim, sharding
     from synermedgen_jax.training import step as step_lib
-    from synermedgen_jax.training.loop import resolve_config
+    from synermedgen_jax.training.loop import build, resolve_config
 
     config = resolve_config(config)
     budget = budget or PackBudget.from_config(config.data.pack)
@@ -186,19 +184,15 @@ def abstract_train(config, mesh, rows: int, budget=None) -> AbstractTrain:
     accum = int(config.train.grad_accum)
     if rows % (divisor * accum):
         raise BenchError(f"rows={rows} must be a multiple of data×fsdp ({divisor}) × grad_accum ({accum})")
-    seed = int(config.train.seed)
-    model = nnx.eval_shape(lambda: build_model(config.model, seed))
-    codec = step_lib.Codec(model, optim.trainable_predicate(config))
+    make_model, codec, objective = build(config)  # the trainer's own plan of the state: nothing allocated
     tx = optim.make_optimizer(config.train)
-    state = jax.eval_shape(lambda: step_lib.init_state(codec, build_model(config.model, seed), tx, config.train))
-    state_sh = step_lib.state_shardings(codec, state, tx, mesh)
+    state, state_sh = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
     # One real (empty) pack row gives the exact keys, shapes and dtypes the data pipeline produces.
     row = empty_row(PackBuilder(budget, SpecialTokens(1, 2, 3, 4), config.model))
     batch = {k: jax.ShapeDtypeStruct((rows, *v.shape), v.dtype) for k, v in row.items()}
     batch_sh = sharding.batch_sharding(mesh, batch)
-    state_abs = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state, state_sh)
+    state_abs = step_lib.with_shardings(state, state_sh)
     batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
-    objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
     step = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, config.train), state_sh,
                                    batch_sh, mesh)
     return AbstractTrain(config, mesh, budget, rows, state_abs, batch_abs, state_sh, step, codec)
@@ -214,6 +208,35 @@ def per_device_bytes(tree) -> int:
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def host_bytes_per_process(state, devices_per_process: int) -> dict:
+    """Peak host memory a process needs for the train state at init and at restore, with ``devices_per_process``
+    devices per host (process ``p`` holds mesh devices ``[p·n, (p+1)·n)`` in mesh order, as ``jax.make_mesh``
+    orders them).
+
+    Init: the state is born on the devices by one jitted program (training/step.py ``create_state``), so no
+    state byte passes through the host. Restore: Orbax reads each array's shards for this process's devices
+    only; the figure is all of them staged at once (an upper bound). Before the state was born sharded, every
+    process built the whole state on its host and device 0: ``whole_state``."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree.leaves(state)
+    devices = list(leaves[0].sharding.mesh.devices.flat) if leaves else []
+    per_process = []
+    for start in range(0, len(devices), devices_per_process):
+        mine = set(devices[start:start + devices_per_process])
+        total = 0
+        for leaf in leaves:
+            shards = {tuple((s.start, s.stop) for s in index)
+                      for device, index in leaf.sharding.devices_indices_map(leaf.shape).items() if device in mine}
+            shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64))
+            total += len(shards) * shard * np.dtype(leaf.dtype).itemsize
+        per_process.append(total)
+    whole = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in leaves)
+    return {"devices_per_process": devices_per_process, "processes": len(per_process), "init": 0,
+            "restore": max(per_process, default=0), "whole_state": whole}
 
 
 def theoretical_minimum(abstract: AbstractTrain) -> dict:

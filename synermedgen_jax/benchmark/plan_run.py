@@ -86,6 +86,8 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     t0 = time.perf_counter()
     full = plan_lib.abstract_train(config, mesh, rows, budget)
     minimum = plan_lib.theoretical_minimum(full)
+    per_host = getattr(args, "devices_per_host", 0) or (4 if target == "tpu" else 8)
+    host = plan_lib.host_bytes_per_process(full.state, min(per_host, mesh.size))
     depths = [1, args.layers] if args.layers else [full_layers]
     compiles = {}
     for depth in depths:
@@ -140,7 +142,7 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         "fits_device_accelerator_equivalent": bool(accelerator <= limit),
         "scheduler": "XLA:CPU memory-minimising scheduler (plan.CPU_PLAN_OPTIONS)",
         "notes": _NOTES if config.model.compute_dtype == "bfloat16" else [],
-        "peak_bytes_per_device": peak, "min_bytes_per_device": floor,
+        "peak_bytes_per_device": peak, "min_bytes_per_device": floor, "host_bytes_per_process": host,
         "peak_over_min": peak / floor if floor else math.inf,
         "activation_estimate_bytes_per_device": activations["total"],
         "target_bytes_per_device": int(budget_bytes), "within_target": bool(device_bytes <= budget_bytes),
@@ -243,6 +245,13 @@ def _print(r: dict) -> None:
                   "bytes": gib(r["f32_copies"]["bytes"])},
                  {"what": "ACCELERATOR-EQUIVALENT (per device - f32 copies)",
                   "bytes": gib(r["accelerator_equivalent_peak_bytes_per_device"])}]
+    host = r["host_bytes_per_process"]
+    rows += [{"what": f"host per process ({host['devices_per_process']} devices each): init (state born on device)",
+              "bytes": gib(host["init"])},
+             {"what": "host per process: restore (this process's shards, all staged at once)",
+              "bytes": gib(host["restore"])},
+             {"what": "  (before the state was born sharded: the whole state, on every host)",
+              "bytes": gib(host["whole_state"])}]
     rows += [{"what": "theoretical minimum", "bytes": gib(r["min_bytes_per_device"])}]
     rows += [{"what": f"  {k}", "bytes": gib(v)} for k, v in r["min_parts_per_device"].items()]
     rows += [{"what": f"activation estimate (remat {r['remat']}, attention {r['attention_impl']})",

@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also plan one sampler batch with this many steps (Stage II configs; 0 skips it)")
     parser.add_argument("--sampler-slices", type=int, default=0,
                         help="slices per sampler batch (default: one per data x fsdp shard)")
+    parser.add_argument("--devices-per-host", type=int, default=0,
+                        help="devices per host process for the host-memory figures (default: 8 for gpu, 4 for tpu)")
     parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
 
 
