@@ -7,6 +7,7 @@ Config files are Python modules with ``get_config(variant: str | None)``; they m
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -98,19 +99,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             kind = "True or False" if isinstance(current, bool) else f"a {type(current).__name__}"
             raise ConfigError(f"--config.{key}={value_text}: expected {kind} (current value {current!r})")
         try:
-            with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+            with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
                 node[leaf] = value
         except (TypeError, ValueError) as err:
             raise ConfigError(f"--config.{key}={value_text}: {err}") from None
     return config
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -37,7 +37,7 @@ def test_bagel_7b_mot_parameter_count_matches_release():
     assert counts["total"] - counts["vae"] == 14_607_260_128 - (4900 + 64 * 64) * 3584
 
 
-def test_cli_lists_unbuilt_commands_plainly():
+def test_cli_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "synermedgen_jax", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert "model-info" in out.stdout and "quickstart" in out.stdout

@@ -66,10 +66,6 @@ def _per_expert(x: jax.Array, und_tokens: int, und: Callable, gen: Callable):
     return jax.tree.map(lambda *p: p[0] if len(p) == 1 else jnp.concatenate(p, axis=1), *parts)
 
 
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
 
@@ -93,7 +89,7 @@ class MoTAttention(nnx.Module):
         self.qk_norm = llm.qk_norm
         self.freeze_und = llm.freeze_und
         self.attention_impl = config.attention_impl
-        kw = dict(rngs=rngs, compute_dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype))
+        kw = dict(rngs=rngs, compute_dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype))
         for suffix in ("", "_moe_gen"):
             setattr(self, f"q_proj{suffix}", Linear(hidden, llm.num_heads * head_dim, axes=("embed", "heads"), **kw))
             setattr(self, f"k_proj{suffix}",
@@ -148,7 +144,7 @@ class MoTAttention(nnx.Module):
 class MoTDecoderLayer(nnx.Module):
     def __init__(self, config, *, rngs: nnx.Rngs):
         llm = config.llm
-        kw = dict(rngs=rngs, compute_dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype))
+        kw = dict(rngs=rngs, compute_dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.freeze_und = llm.freeze_und
         self.self_attn = MoTAttention(config, rngs=rngs)
         self.mlp = MLP(llm.hidden_size, llm.intermediate_size, **kw)
@@ -193,7 +189,7 @@ class MoTLanguageModel(nnx.Module):
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         llm = config.llm
-        param_dtype = _dtype(config.param_dtype)
+        param_dtype = jnp.dtype(config.param_dtype)
         self.config = config
         self.embed_tokens = make_param(rngs, (llm.vocab_size, llm.hidden_size), ("vocab", "embed"),
                                        Init("normal", 0.02), param_dtype)
@@ -206,11 +202,11 @@ class MoTLanguageModel(nnx.Module):
     def embed(self, token_ids: jax.Array) -> jax.Array:
         """``[B, t]`` int → ``[B, t, E]`` in the compute dtype."""
         table = self.embed_tokens.value
-        return jnp.take(table, token_ids, axis=0).astype(_dtype(self.config.compute_dtype))
+        return jnp.take(table, token_ids, axis=0).astype(jnp.dtype(self.config.compute_dtype))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., E]`` → ``[..., V]`` (float32 for a stable softmax)."""
-        dtype = _dtype(self.config.compute_dtype)
+        dtype = jnp.dtype(self.config.compute_dtype)
         return jnp.einsum("...e,ev->...v", hidden.astype(dtype), self.lm_head.value.astype(dtype),
                           preferred_element_type=jnp.float32)
 

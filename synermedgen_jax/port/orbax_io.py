@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -170,16 +170,6 @@ def chunk_names(names: Sequence[str], shapes: dict, chunk_bytes: int) -> list[li
         groups[-1].append(name)
         size += int(np.prod(shape)) * dtype.itemsize
     return [group for group in groups if group]
-
-
-def iter_checkpoint_leaves(folder: str | os.PathLike, names: Sequence[str], *,
-                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[str, np.ndarray]]:
-    """Reads the named leaves in order, a chunk of about ``chunk_bytes`` at a time."""
-    shapes = checkpoint_shapes(folder)
-    for group in chunk_names(names, shapes, chunk_bytes):
-        chunk = read_leaves(folder, group)
-        for name in group:
-            yield name, chunk.pop(name)
 
 
 def load_params_checkpoint(folder: str | os.PathLike, target: nnx.State | None = None):
