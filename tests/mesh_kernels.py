@@ -5,9 +5,10 @@
 
 ``numerics``: loss and every parameter gradient of the tiny Stage II model with the Pallas kernels (interpret
 mode) on three simulated meshes, against the same on one device. ``export``: the jitted sharded Stage II train
-step and one sampler step of the tiny config with the real Pallas kernels, lowered for CUDA (Triton) and TPU
-(Mosaic) on the same meshes; every kernel custom call is listed with its operand shapes and whether it sits
-inside a manual-sharding (``shard_map``) region.
+step and one sampler step of the default ``small`` config (no override: ``auto`` resolved for the target),
+lowered for CUDA (Triton) and TPU (Mosaic) on the same meshes; every kernel custom call is listed with its
+operand shapes and whether it sits inside a manual-sharding (``shard_map``) region, next to the sizes the test
+expects per device.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ MESHES = {"data2_fsdp4": (2, 4, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (
 ROWS = 8
 
 
-def stage2_config(impl: str):
+def stage2_config(impl: str | None, variant: str = "tiny", platform: str | None = None):
+    """Stage II of ``variant`` at ROWS rows; ``impl`` forces both kernel switches, None keeps the config's
+    ``auto`` and resolves it for ``platform``."""
     from synermedgen_jax.config import load_config
+    from synermedgen_jax.kernels import dispatch
     from synermedgen_jax.training.loop import resolve_config
 
-    config = load_config("configs/stage2_ucg.py:tiny")
-    config.model.attention_impl = config.model.flow_matching_impl = impl
+    config = load_config(f"configs/stage2_ucg.py:{variant}")
+    if impl is None:
+        config.model = dispatch.resolve_kernels(config.model, platform)
+    else:
+        config.model.attention_impl = config.model.flow_matching_impl = impl
     config.model.vae.sample_posterior = False
     config.train.rows = ROWS
     config.train.ema = 0.0
@@ -153,18 +160,24 @@ def manual_bodies(module: str) -> set[str]:
 
 
 def export_all(platforms=("tpu", "cuda"), meshes=tuple(MESHES)) -> dict:
-    """``{"platform/mesh/train|sample": [custom calls]}`` (CUDA only where the jax CUDA plugin is installed)."""
+    """``{"platform/mesh/train|sample": [custom calls], "expect": {...}}`` (CUDA only where the jax CUDA plugin
+    is installed)."""
     import importlib.util
 
     from jax import export
 
+    from synermedgen_jax.kernels import dispatch
     from synermedgen_jax.training import sharding
 
     out = {}
     if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
         platforms = [p for p in platforms if p != "cuda"]
-    config = stage2_config("pallas")
     for platform in platforms:
+        config = stage2_config(None, "small", platform)
+        assert (config.model.attention_impl, config.model.flow_matching_impl) == ("pallas", "pallas"), platform
+        model = config.model
+        out["expect"] = {"heads": sorted({model.llm.num_heads, model.llm.num_kv_heads, model.vit.num_heads}),
+                         "gen_train": int(config.data.pack.gen_tokens)}
         for name in meshes:
             shape = MESHES[name]
             if platform == "tpu":
@@ -174,11 +187,12 @@ def export_all(platforms=("tpu", "cuda"), meshes=tuple(MESHES)) -> dict:
             else:
                 mesh = make_mesh(shape)
             train, sample = lowerable_steps(config, mesh)
+            out["expect"]["gen_sample"] = int(sample[1][3].shape[1])  # the sampler's noise: [B, Lq, C]
             checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
             for what, (fn, args) in {"train": train, "sample": sample}.items():
                 context = (jax.sharding.use_abstract_mesh(mesh) if platform == "tpu"
                            else contextlib.nullcontext())
-                with context:
+                with context, dispatch.for_platform(platform):
                     exported = export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
                 out[f"{platform}/{name}/{what}"] = kernel_calls(exported.mlir_module(), platform)
     return out
@@ -208,7 +222,7 @@ def lowerable_steps(config, mesh):
     pack = config.data.pack
     sampler = Sampler(nnx.eval_shape(lambda: build_model(config.model, 0)), SpecialTokens(1, 2, 3, 4, 0),
                       tuple(pack.image_size), tuple(pack.vit_image_size),
-                      SamplerConfig(num_steps=3, step_impl="pallas"), mesh=mesh)
+                      SamplerConfig(num_steps=3), mesh=mesh)
     lowered_args = sampler.lowering_args(ROWS, [5, 6, 7])
     return train, lowered_args
 

@@ -275,12 +275,13 @@ _MESH_SCRIPT = textwrap.dedent("""
         assert float(jnp.max(jnp.abs(g - r))) <= 1e-4
     hlo = sharded.lower(q, k, v).compile().as_text()
     assert "all-gather" not in hlo, "K/V were gathered"
-    try:
-        packed_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], *meta, mesh=mesh)
-    except ValueError as e:
-        assert "divide over mesh axis" in str(e)
-    else:
-        raise AssertionError("bad head count accepted")
+    # Heads that do not divide over tensor=2 (3 q / 1 K/V): the kernel still runs per device (rows over
+    # data x tensor here) and gives the reference's answer.
+    odd = lambda q, k, v: packed_attention(q, k, v, *meta, impl="pallas_interpret", mesh=mesh,
+                                           block_sizes=BlockSizes(32, 32, 32, 32))
+    q3, k1, v1 = q[:, :, :3], k[:, :, :1], v[:, :, :1]
+    got = jax.jit(odd)(q3, k1, v1)
+    assert float(jnp.max(jnp.abs(got - reference_attention(q3, k1, v1, *meta)))) <= 1e-5
     print("MESH_OK")
 """)
 

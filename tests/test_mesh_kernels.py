@@ -1,8 +1,9 @@
-"""The mesh path: on simulated meshes (data=2×fsdp=4, fsdp=8, data=2×fsdp=2×tensor=2) every Pallas kernel of
-the Stage II train step and of a sampler step runs under shard_map on per-device shapes, for CUDA (Triton) and
-TPU (Mosaic) — proven by exporting for those platforms and reading the modules — and the sharded loss and
-gradients equal the single-device ones (kernels in interpret mode). A negative control exports with the
-model's call sites blind to the mesh and finds the global batch in the kernels, as before the mesh path."""
+"""The mesh path, for the default ``small`` config (``auto`` kernels resolved for the target): on simulated meshes
+(data=2×fsdp=4, fsdp=8, data=2×fsdp=2×tensor=2) every Pallas kernel of the Stage II train step and of a sampler
+step runs under shard_map on per-device shapes, for CUDA (Triton) and TPU (Mosaic) — proven by exporting for those
+platforms and reading the modules — and the sharded loss and gradients of the tiny model equal the single-device
+ones (kernels in interpret mode). A negative control exports with the model's call sites blind to the mesh and
+finds the global batch in the kernels, as before the mesh path."""
 
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ import sys
 import pytest
 import train_helpers as h
 from mesh_kernels import MESHES, ROWS
-
-HEADS = {"q": 4, "kv": 2, "vit": 2}  # the tiny config's decoder query / K/V heads and ViT heads
-GEN_TOKENS = {"train": 256, "sample": 64}  # latent rows per pack row: Stage II pack budget / one 32x32 target
 
 
 def _run(mode: str, tmp_path_factory) -> dict:
@@ -36,7 +34,9 @@ def numerics(tmp_path_factory):
     return _run("numerics", tmp_path_factory)
 
 
-def _check_local(calls: list[dict], mesh: tuple[int, int, int], what: str, platform: str) -> None:
+def _check_local(calls: list[dict], mesh: tuple[int, int, int], what: str, platform: str, expect: dict) -> None:
+    """Every call inside shard_map; attention operands on ROWS / (data·fsdp) rows and heads / tensor heads;
+    flow-matching operands on the device's latent-token rows."""
     data, fsdp, tensor = mesh
     rows = ROWS // (data * fsdp)
     attention = flow = 0
@@ -48,10 +48,10 @@ def _check_local(calls: list[dict], mesh: tuple[int, int, int], what: str, platf
             four = [s for s in big if len(s) == 4]
             assert all(shape[0] == rows for shape in four), (call, rows)
             for shape in four[:3]:  # q, k, v lead every attention kernel's operands
-                assert shape[1 if platform == "tpu" else 2] in {HEADS[k] // tensor for k in HEADS}, call
+                assert shape[1 if platform == "tpu" else 2] in {h // tensor for h in expect["heads"]}, call
         else:  # flow matching: [token rows, C], or [images, tokens, C] for the sampler's vmapped step
             flow += 1
-            local = ROWS * GEN_TOKENS[what] // (data * fsdp)
+            local = ROWS * expect[f"gen_{what}"] // (data * fsdp)
             assert math.prod(big[0][:-1]) == local, (call, local)
     assert attention > 0 and flow > 0, calls
 
@@ -63,7 +63,7 @@ def test_every_kernel_call_is_per_device(exported, platform, mesh, what):
     key = f"{platform}/{mesh}/{what}"
     if key not in exported:
         pytest.skip("jax-cuda12-plugin is not installed: no CUDA lowering (see requirements-test.txt)")
-    _check_local(exported[key], MESHES[mesh], what, platform)
+    _check_local(exported[key], MESHES[mesh], what, platform, exported["expect"])
 
 
 def test_negative_control_sees_the_global_batch(tmp_path_factory):
@@ -73,7 +73,7 @@ def test_negative_control_sees_the_global_batch(tmp_path_factory):
     train = calls["cuda/data2_fsdp4/train"]
     assert not any(call["manual"] for call in train)
     with pytest.raises(AssertionError):
-        _check_local(train, MESHES["data2_fsdp4"], "train", "cuda")
+        _check_local(train, MESHES["data2_fsdp4"], "train", "cuda", calls["expect"])
     # The attention kernels receive all ROWS rows: XLA gathered the batch onto every device.
     assert any(s[0] == ROWS for call in train for s in call["shapes"] if len(s) == 4)
 
