@@ -17,14 +17,13 @@ for checkpoints trained on a SynerMed build (their manifest source) and the samp
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from synermedgen_jax.inference.loading import InferenceError
-from synermedgen_jax.inference.sampler import PASSES, Sampler, exact_pack, generation_layout
-from synermedgen_jax.modeling.packing import Text, VaeImage, VitImage
+from synermedgen_jax.inference.sampler import Sampler
 
 ORDERS = ("auto", "image-first", "text-first")
 
@@ -51,38 +50,6 @@ def read_metadata(path: str | Path) -> dict[str, dict]:
 
 def output_path(output_dir: str | Path, key: str) -> Path:
     return Path(output_dir) / f"{key}.png"
-
-
-def image_first_contexts(instruction_ids: Sequence[int], sources: np.ndarray, image_size: tuple[int, int],
-                         vit_image_size: tuple[int, int]) -> dict[str, list[list]]:
-    """BAGEL's edit contexts: conditional ``[VAE, ViT, text, target]``; text-unconditional ``[VAE, ViT,
-    target]`` (the context before the text); image-unconditional ``[text, target]``."""
-    from synermedgen_jax.data.volumes import resize_image
-
-    out: dict[str, list[list]] = {name: [] for name in PASSES}
-    target = VaeImage(np.zeros(image_size, np.float32), noised=True)
-    for source in sources:
-        text = Text(list(instruction_ids))
-        vae = VaeImage(resize_image(source, image_size))
-        vit = VitImage(resize_image(source, vit_image_size))
-        out["cond"].append([vae, vit, text, target])
-        out["text_uncond"].append([vae, vit, target])
-        out["img_uncond"].append([text, target])
-    return out
-
-
-class ImageFirstSampler(Sampler):
-    """``Sampler`` with the official (image-first) context order; everything else is the sampler's."""
-
-    def _packs(self, instruction_ids: Sequence[int], sources: np.ndarray) -> tuple[dict, dict]:
-        samples = image_first_contexts(instruction_ids, sources, self.image_size, self.vit_image_size)
-        batches, layouts = {}, {}
-        for name in PASSES:
-            batch, budget = exact_pack(samples[name], self.geometry, self.special, self.image_size,
-                                       self.vit_image_size)
-            layouts[name] = generation_layout(batch, budget)
-            batches[name] = batch
-        return batches, layouts
 
 
 def resolve_order(order: str, inference) -> str:
@@ -127,9 +94,9 @@ def synthesize_metadata(inference, metadata: dict[str, dict], image_root: str | 
         groups.setdefault((metadata[key]["prompt"], pixels.shape), []).append((key, pixels))
     if not groups:
         return result
-    cls = ImageFirstSampler if resolve_order(order, inference) == "image-first" else Sampler
-    sampler = cls(inference.model, inference.special, inference.image_size, inference.vit_image_size, sampler_config,
-                  mesh=inference_mesh(devices))
+    sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size,
+                      sampler_config, mesh=inference_mesh(devices),
+                      image_first=resolve_order(order, inference) == "image-first")
     step = -(-max(1, batch_size) // sampler.batch_divisor) * sampler.batch_divisor
     for (prompt, shape), entries in groups.items():
         ids = inference.tokenizer.encode(prompt)

@@ -154,16 +154,20 @@ def generation_layout(batch: dict, budget: PackBudget) -> Layout:
 
 
 def context_samples(instruction_ids: Sequence[int], sources: np.ndarray, image_size: tuple[int, int],
-                    vit_image_size: tuple[int, int]) -> dict[str, list[list]]:
-    """The three CFG contexts for each source ``[B, H, W]`` (in [-1, 1]), each with the noised target last."""
+                    vit_image_size: tuple[int, int], *, image_first: bool = False) -> dict[str, list[list]]:
+    """The three CFG contexts for each source ``[B, H, W]`` (in [-1, 1]), each with the noised target last.
+
+    ``image_first``: the official SynerMed edit order, conditional ``[VAE, ViT, text, target]`` (text-
+    unconditional ``[VAE, ViT, target]``); otherwise ``[text, ViT, VAE, target]`` as our packs train."""
     out: dict[str, list[list]] = {name: [] for name in PASSES}
     target = VaeImage(np.zeros(image_size, np.float32), noised=True)
     for source in sources:
         text = Text(list(instruction_ids))
         vit = VitImage(resize_image(source, vit_image_size))
         vae = VaeImage(resize_image(source, image_size))
-        out["cond"].append([text, vit, vae, target])
-        out["text_uncond"].append([vit, vae, target])
+        images = [vae, vit] if image_first else [vit, vae]
+        out["cond"].append(images + [text, target] if image_first else [text, *images, target])
+        out["text_uncond"].append([*images, target])
         out["img_uncond"].append([text, target])
     return out
 
@@ -356,7 +360,8 @@ class Sampler:
     """
 
     def __init__(self, model, special: SpecialTokens, image_size: tuple[int, int], vit_image_size: tuple[int, int],
-                 config: SamplerConfig = SamplerConfig(), mesh: Mesh | None = None):
+                 config: SamplerConfig = SamplerConfig(), mesh: Mesh | None = None, image_first: bool = False):
+        self.image_first = image_first  # context order (context_samples)
         if config.step_impl == "auto":  # the step follows the model's resolved kernels
             config = dataclasses.replace(config, step_impl=str(model.config.get("flow_matching_impl", "auto")))
         self.config = config
@@ -379,7 +384,8 @@ class Sampler:
         self._compiled: dict[tuple, Callable] = {}
 
     def _packs(self, instruction_ids: Sequence[int], sources: np.ndarray) -> tuple[dict, dict]:
-        samples = context_samples(instruction_ids, sources, self.image_size, self.vit_image_size)
+        samples = context_samples(instruction_ids, sources, self.image_size, self.vit_image_size,
+                                  image_first=self.image_first)
         batches, layouts = {}, {}
         for name in PASSES:
             batch, budget = exact_pack(samples[name], self.geometry, self.special, self.image_size,
