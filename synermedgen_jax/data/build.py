@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synermedgen_jax import staging
 from synermedgen_jax.data import understanding
 from synermedgen_jax.data.records import (
     SCHEMA_VERSION,
@@ -190,26 +191,13 @@ def check_out(out: Path) -> None:
         raise DataError(f"--out {out}: not writable")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """Checks ``out`` and returns a fresh staging folder beside it (``.<name>.building-<pid>``) that
     :func:`_swap_in` moves into place only when the build succeeded: a failed or killed build never touches a
     previous build. Leftovers of killed builds (stale staging folders, a folder without manifest.json) are
     cleared; a swap killed half-way is rolled back to the previous build."""
     check_out(out)
-    for stale in out.parent.glob(f".{out.name}.building-*"):
-        pid = stale.name.rpartition("-")[2]
-        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
-            shutil.rmtree(stale, ignore_errors=True)
+    staging.clear_stale(out, "building")
     old = out.parent / f".{out.name}.previous"
     if old.is_dir():  # a swap was killed half-way: put the previous build back if the new one is incomplete
         if (old / "manifest.json").is_file() and not (out / "manifest.json").is_file():
@@ -222,7 +210,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     if (out / "manifest.json").is_file() and not overwrite:
         existing = [name for name in OURS if (out / name).exists()]
         raise DataError(f"{out}: already holds a build ({', '.join(existing)}); pass --overwrite to replace it")
-    stage = out.parent / f".{out.name}.building-{os.getpid()}"
+    stage = staging.staging_folder(out, "building")
     (stage / "records").mkdir(parents=True)
     return stage
 

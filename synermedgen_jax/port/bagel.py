@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from synermedgen_jax import staging
 from synermedgen_jax.modeling.generation import latent_pos_frequencies
 from synermedgen_jax.modeling.layers import sincos_2d_table
 from synermedgen_jax.port import keys as K
@@ -462,27 +463,14 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def atomic_folder(out: Path) -> Path:
     """A temporary sibling folder that :func:`commit_folder` renames onto ``out`` (refuses a non-empty ``out``)."""
     out = Path(out).absolute()  # Orbax wants absolute paths
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PortError(f"{out}: already exists and is not an empty folder; choose a new output path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed import/export
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    staging.clear_stale(out, "tmp")  # left by a killed import/export
+    tmp = staging.staging_folder(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
