@@ -104,6 +104,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     train.checkpoint_every = 1000 if big else 100
     train.keep = 3
     train.async_checkpoint = True
+    train.checkpoint_host_gb = 4  # GB of arrays a save/restore stages in host memory at once per process (0: Orbax's)
     train.log_every = 10
     train.eval_every = 0 if big else 100  # 0: no eval
     train.eval_rows = 16  # rows per eval pass and task

@@ -52,7 +52,11 @@ def manager(workdir: str | Path, train, *, read_only: bool = False) -> ocp.Check
         create=not read_only,
         read_only=read_only,
     )
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain_ckpt.CheckpointHandler(),
+    host_gb = int(train.get("checkpoint_host_gb", 0)) if train is not None else 0
+    # Bounds the host buffers a save or restore stages at once (per process), so it does not grow with the state.
+    limits = dict(save_concurrent_gb=host_gb, restore_concurrent_gb=host_gb,
+                  save_device_host_concurrent_gb=host_gb) if host_gb > 0 else {}
+    handlers = {"state": ocp.PyTreeCheckpointHandler(**limits), "data": grain_ckpt.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "manifest": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(workdir).absolute(), options=options, item_handlers=handlers)
 
