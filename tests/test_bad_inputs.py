@@ -176,9 +176,11 @@ def test_nifti_header_guard_before_any_voxel(env, tmp_path):
     runs = [synth + ["--input", str(tmp_path / name)] for name in ("big.nii", "big.nii.gz")]
     runs.append(["ask", "--checkpoint", str(env["run"]), "--prompt", "Which modality?", "--image",
                  str(tmp_path / "big.nii.gz")])
-    script = ("import resource, sys\nfrom synermedgen_jax.__main__ import main\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking (pytest worker) process.
+    script = ("import re\nfrom pathlib import Path\nfrom synermedgen_jax.__main__ import main\n"
+              "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))\n"
               f"for argv in {runs!r}:\n"
-              "    print(main(argv), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)\n")
+              "    print(main(argv), hwm() // 1024, flush=True)\n")
     result = h.run([sys.executable, "-c", script], run_env(env["cache"]))
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines()]

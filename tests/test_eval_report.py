@@ -36,7 +36,7 @@ def report(data, tiny_config, tmp_path_factory):
     inference = loading.Inference(model=model, tokenizer=load_tokenizer(data / "tokenizer.json"),
                                   image_size=(32, 32), vit_image_size=(28, 28))
     mp = pytest.MonkeyPatch()
-    mp.setattr(loading, "load_for_inference", lambda path, tokenizer=None: inference)
+    mp.setattr(loading, "load_for_inference", lambda path, tokenizer=None, mesh=None: inference)
     out = tmp_path_factory.mktemp("report")
     try:
         code = cli(["eval", "--checkpoint", "ckpt", "--data", str(data), "--split", "val", "--tasks", *TASKS,

@@ -71,7 +71,8 @@ def _pack(kind: str, seq_len: int, rng: np.random.Generator):
     if kind == "blind":  # a noise split with padding around: padding rows see nothing
         return layout_pack([[(NOISE, seq_len // 3, GEN)]], seq_len, region_gap=seq_len // 3)
     if kind == "random":
-        return layout_pack(random_samples(rng, seq_len), seq_len, region_gap=int(rng.integers(0, 9)))
+        gap = int(rng.integers(0, 9))  # the samples leave room for the gap between the two regions
+        return layout_pack(random_samples(rng, seq_len - gap), seq_len, region_gap=gap)
     raise ValueError(kind)
 
 

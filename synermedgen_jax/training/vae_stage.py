@@ -123,7 +123,7 @@ def adopt_latent_scale(config) -> dict[str, float] | None:
     """Sets ``config.model.vae.scale_factor/shift_factor`` to those of the VAE weights the run starts from:
     ``vae_from``'s latent_scale.json when it has one, else (no ``vae_from``) the saved config of ``init_from``,
     whose VAE weights the run copies. Returns the values, or None when the config's constants stay."""
-    from synermedgen_jax.training.checkpoint import read_model_config, resolve
+    from synermedgen_jax.training.checkpoint import read_model_config
 
     if not config.vae_from:
         if not config.init_from:
@@ -131,7 +131,9 @@ def adopt_latent_scale(config) -> dict[str, float] | None:
         saved = read_model_config(str(config.init_from)).vae
         scale, shift = float(saved.scale_factor), float(saved.shift_factor)
     else:
-        workdir, _ = resolve(str(config.vae_from))
+        # The file sits in the workdir; no step has to be read (or verified) for it.
+        vae_from = Path(str(config.vae_from))
+        workdir = vae_from.parent if vae_from.name.isdigit() else vae_from
         path = Path(workdir) / LATENT_SCALE_FILE
         if not path.exists():
             return None
