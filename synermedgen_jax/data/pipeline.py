@@ -155,7 +155,7 @@ class SampleMaker:
         return items, f"pairs#{row}"
 
 
-class _Tag:
+class Tag:
     """``i -> (task, i)`` (a class, not a lambda, so worker processes can receive it)."""
 
     def __init__(self, task: str):
@@ -269,7 +269,7 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
             ds = ds.shuffle(seed=config.seed * 1000 + k)
         if config.repeat:
             ds = ds.repeat()
-        datasets.append(ds.map(_Tag(task)))
+        datasets.append(ds.map(Tag(task)))
         mix.append(weight)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, mix)
     maker = SampleMaker(data_dir, config.split, tables, str(Path(data_dir) / "tokenizer.json"), budget, config)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synermedgen_jax.data.pipeline import Tag
 from synermedgen_jax.data.volumes import DataError
 
 PARQUET_NAME = "SynerMed.parquet"
@@ -450,14 +451,6 @@ class SampleMaker:
         return items, f"{kind}#{index}"
 
 
-class _Tag:
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def __call__(self, i):
-        return self.kind, int(i)
-
-
 def _not_none(x) -> bool:
     return x is not None
 
@@ -499,7 +492,7 @@ def sample_dataset(data_dir: str | Path, budget, config, geometry=None):
             ds = ds.shuffle(seed=config.seed * 1000 + k)
         if config.repeat:
             ds = ds.repeat()
-        datasets.append(ds.map(_Tag(kind)))
+        datasets.append(ds.map(Tag(kind)))
         mix.append(weight)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, mix)
     ds = ds.random_map(SampleMaker(str(data_dir), budget, config, geometry), seed=config.seed)
