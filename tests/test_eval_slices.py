@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from synermedgen_jax.data.routes import get_task
 from synermedgen_jax.evaluation import evaluate
-from synermedgen_jax.evaluation.tasks import get_task
 
 TASK = get_task("mni152-sim/brain/t1->t2")
 

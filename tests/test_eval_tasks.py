@@ -1,4 +1,4 @@
-"""The evaluation task registry (22 paper routes + mni152-sim analogues) and understanding-answer scoring."""
+"""The route registry (data/routes.py: 22 paper routes + mni152-sim analogues) and understanding-answer scoring."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synermedgen_jax.evaluation import answers, tasks
+from synermedgen_jax.data import routes
+from synermedgen_jax.evaluation import answers
 
 BRATS = ("t1", "t1ce", "t2", "flair")
 
@@ -19,7 +20,7 @@ BRATS = ("t1", "t1ce", "t2", "flair")
 
 
 def test_paper_routes_are_the_22_of_the_paper():
-    paper = tasks.all_tasks(paper_only=True)
+    paper = routes.all_tasks(paper_only=True)
     assert len(paper) == 22 and len({t.name for t in paper}) == 22
     by_ds = {ds: {(t.anatomy, t.source, t.target) for t in paper if t.dataset == ds}
              for ds in ("brats", "synthrad2023", "autopet")}
@@ -27,43 +28,43 @@ def test_paper_routes_are_the_22_of_the_paper():
     assert by_ds["synthrad2023"] == {(an, s, t) for an in ("brain", "pelvis")
                                      for s, t in (("mr", "ct"), ("ct", "mr"), ("cbct", "ct"), ("ct", "cbct"))}
     assert by_ds["autopet"] == {("whole-body", "pet", "ct"), ("whole-body", "ct", "pet")}
-    groups = {g: [t for t in paper if t.group == g] for g in tasks.GROUPS}
+    groups = {g: [t for t in paper if t.group == g] for g in routes.GROUPS}
     assert len(groups["brats"]) == 12 and len(groups["synthrad+autopet"]) == 10
     assert all(t.dataset == "brats" for t in groups["brats"])
 
 
 def test_task_fields_and_names():
-    for t in tasks.all_tasks():
+    for t in routes.all_tasks():
         assert t.name == f"{t.dataset}/{t.anatomy}/{t.source}->{t.target}"
-        assert t.route == tasks.route_key(t.source, t.target)
-        assert t.source in tasks.valid_modalities() and t.target in tasks.valid_modalities()
-        assert t.group in tasks.GROUPS
-        assert tasks.get_task(t.name) is t
+        assert t.route == routes.route_key(t.source, t.target)
+        assert t.source in routes.valid_modalities() and t.target in routes.valid_modalities()
+        assert t.group in routes.GROUPS
+        assert routes.get_task(t.name) is t
         assert t.instruction.startswith("Synthesize the ") and t.instruction.endswith(" slice.")
-    assert (tasks.get_task("synthrad2023/brain/cbct->ct").instruction
+    assert (routes.get_task("synthrad2023/brain/cbct->ct").instruction
             == "Synthesize the CT slice corresponding to this brain CBCT slice.")
-    assert "pelvis" in tasks.get_task("synthrad2023/pelvis/mr->ct").instruction
-    assert "FLAIR" in tasks.get_task("brats/brain/t1->flair").instruction
+    assert "pelvis" in routes.get_task("synthrad2023/pelvis/mr->ct").instruction
+    assert "FLAIR" in routes.get_task("brats/brain/t1->flair").instruction
 
 
 def test_paper_numbers():
-    reported = {t.name: t.paper_ssim for t in tasks.all_tasks() if t.paper_ssim is not None}
+    reported = {t.name: t.paper_ssim for t in routes.all_tasks() if t.paper_ssim is not None}
     assert reported == {
         "synthrad2023/brain/cbct->ct": 87.15, "synthrad2023/pelvis/cbct->ct": 87.14,
         "synthrad2023/brain/mr->ct": 88.87, "autopet/whole-body/ct->pet": 91.10,
         "brats/brain/t2->t1": 90.58, "brats/brain/t1->t2": 87.14,
     }
-    assert tasks.PAPER_GROUP_AVERAGES == {"synthrad+autopet": 83.28, "brats": 89.03}
+    assert routes.PAPER_GROUP_AVERAGES == {"synthrad+autopet": 83.28, "brats": 89.03}
 
 
 def test_mni152_sim_analogues_match_the_data_source():
     from synermedgen_jax.data.sources import MNI152Sim
 
-    sim = tasks.tasks_for("mni152-sim")
+    sim = routes.tasks_for("mni152-sim")
     assert len(sim) == 18
     assert {(t.source, t.target) for t in sim} == set(MNI152Sim.ROUTES)
     for t in sim:
-        paper = tasks.get_task(t.analogue_of)
+        paper = routes.get_task(t.analogue_of)
         assert paper.dataset != "mni152-sim" and paper.group == t.group
         assert t.anatomy == "brain" and t.paper_ssim is None
 
@@ -71,43 +72,43 @@ def test_mni152_sim_analogues_match_the_data_source():
 def test_modality_names_match_the_data_package():
     from synermedgen_jax.data.volumes import MODALITY_NAMES
 
-    assert tasks.valid_modalities() == tuple(MODALITY_NAMES)
-    assert tasks.valid_modalities() == ("ct", "cbct", "mr", "t1", "t1ce", "t2", "flair", "pet")
+    assert routes.valid_modalities() == tuple(MODALITY_NAMES)
+    assert routes.valid_modalities() == ("ct", "cbct", "mr", "t1", "t1ce", "t2", "flair", "pet")
 
 
 def test_lookup_errors_list_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown task 'brats/brain/t1->ct'.*brats/brain/t1->t1ce"):
-        tasks.get_task("brats/brain/t1->ct")
+        routes.get_task("brats/brain/t1->ct")
     with pytest.raises(ValueError, match=r"unknown dataset 'synthrad'.*synthrad2023"):
-        tasks.tasks_for("synthrad")
+        routes.tasks_for("synthrad")
     with pytest.raises(ValueError, match=r"unknown source modality 'mri'.*flair"):
-        tasks.route_key("mri", "ct")
+        routes.route_key("mri", "ct")
     with pytest.raises(ValueError, match=r"unknown target modality 'T1'"):
-        tasks.route_key("ct", "T1")
+        routes.route_key("ct", "T1")
     with pytest.raises(ValueError, match="two different modalities"):
-        tasks.route_key("ct", "ct")
-    assert tasks.route_key("cbct", "ct") == "cbct->ct"
-    assert [t.dataset for t in tasks.tasks_for("autopet")] == ["autopet", "autopet"]
+        routes.route_key("ct", "ct")
+    assert routes.route_key("cbct", "ct") == "cbct->ct"
+    assert [t.dataset for t in routes.tasks_for("autopet")] == ["autopet", "autopet"]
 
 
 def test_group_average_against_manual_means():
     rng = random.Random()
-    paper = tasks.all_tasks(paper_only=True)
+    paper = routes.all_tasks(paper_only=True)
     present = rng.sample(paper, 15)
     results = {t.name: rng.uniform(50, 95) for t in present}
-    got = tasks.group_average(results)
-    for g in tasks.GROUPS:
-        vals = [v for n, v in results.items() if tasks.get_task(n).group == g]
+    got = routes.group_average(results)
+    for g in routes.GROUPS:
+        vals = [v for n, v in results.items() if routes.get_task(n).group == g]
         if vals:
             assert math.isclose(got[g], sum(vals) / len(vals), rel_tol=1e-12)
         else:
             assert g not in got
     only_brats = {t.name: 80.0 for t in paper if t.group == "brats"}
-    assert tasks.group_average(only_brats) == {"brats": 80.0}
+    assert routes.group_average(only_brats) == {"brats": 80.0}
     with pytest.raises(ValueError, match="not finite"):
-        tasks.group_average({"brats/brain/t1->t2": float("nan")})
+        routes.group_average({"brats/brain/t1->t2": float("nan")})
     with pytest.raises(ValueError, match="unknown task"):
-        tasks.group_average({"brats/t1->t2": 1.0})
+        routes.group_average({"brats/t1->t2": 1.0})
 
 
 # ------------------------------------------------------------------------------------------ answers

@@ -258,9 +258,9 @@ def _check_vae_ceiling(vae_dir, data):
     import vae_ceiling
 
     from synermedgen_jax.data.records import RecordReader
+    from synermedgen_jax.data.routes import get_task
     from synermedgen_jax.evaluation.ceiling import route_ceilings
     from synermedgen_jax.evaluation.evaluate import _pick_slices, present_tasks
-    from synermedgen_jax.evaluation.tasks import get_task
     from synermedgen_jax.training.checkpoint import load_model
     from synermedgen_jax.training.vae_stage import reconstruct
 

@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.modality is not None:
-            from synermedgen_jax.evaluation.tasks import valid_modalities
+            from synermedgen_jax.data.routes import valid_modalities
 
             if args.modality not in valid_modalities():
                 raise loading.InferenceError(f"--modality: unknown {args.modality!r}; valid: "

@@ -4,7 +4,7 @@
       [--split test] [--steps 50] [--cfg-text 4 --cfg-img 1.5] [--max-slices 16] [--max-instances 32]
       [--out runs/stage2/eval]
 
-Routes (registry tasks, evaluation/tasks.py) whose two modalities the split's records hold are evaluated;
+Routes (registry tasks, data/routes.py) whose two modalities the split's records hold are evaluated;
 the dataset's other routes are listed as absent. --tasks takes task names or dataset names. Per route:
 SSIM×100 and PSNR on normalised slices, MAE in native units (HU/SUV) inside the body mask, for the model
 and for an identity baseline that copies the source; group averages as the paper groups routes. CTS, MI and

@@ -3,7 +3,7 @@
   python -m synermedgen_jax synthesize --checkpoint runs/stage2 --input case/cbct.nii.gz \
       --source-modality cbct --target-modality ct --output case/sct.nii.gz [--mask case/mask.nii.gz]
 
-The route's instruction comes from the task registry (evaluation/tasks.py; --task picks one when several
+The route's instruction comes from the task registry (data/routes.py; --task picks one when several
 datasets share a route). The input is normalised with its modality's rule, cut into axial slices like the
 training data, synthesized in batches (flow matching, --steps timesteps, three-pass CFG, KV cache) and
 written in the target's native units (HU for CT/CBCT, SUV for PET; MR targets: --target-window, default

@@ -128,7 +128,7 @@ def generation_instruction(template: int, src: str, tgt: str, anatomy: str) -> s
     sentence ``eval`` and ``synthesize`` give the model — so training covers what inference asks; the others
     vary the phrasing."""
     if template == 0:
-        from synermedgen_jax.evaluation.tasks import instruction
+        from synermedgen_jax.data.routes import instruction
 
         return instruction(src, tgt, anatomy)
     return GEN_TEMPLATES[template].format(src=display_name(src), tgt=display_name(tgt))

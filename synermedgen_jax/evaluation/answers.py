@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from synermedgen_jax.evaluation.tasks import MODALITIES
+from synermedgen_jax.data.routes import MODALITIES
 
 __all__ = ["LETTERS", "UNDERSTANDING_TASKS", "parse_choice", "parse_modality_map", "parse_answer", "accuracy"]
 

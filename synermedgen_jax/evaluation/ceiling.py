@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.data.routes import get_task
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.evaluation import metrics
 from synermedgen_jax.evaluation.evaluate import ContentIndex, _pick_slices, present_tasks
-from synermedgen_jax.evaluation.tasks import get_task
 
 LOCAL_MAP_SIZE = 3  # neighbourhood side (latent pixels) of the local map
 LOCAL_MAP_RIDGE = 1e-3

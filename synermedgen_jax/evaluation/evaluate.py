@@ -1,7 +1,7 @@
 """The evaluation: synthesis routes present in a built data folder + understanding accuracy, and its report.
 
 Synthesis. A route is *present* when the split's records hold both of its modalities for a registry task
-``<dataset>/<anatomy>/<src>-><tgt>`` (evaluation/tasks.py); the registry's other tasks of that dataset are
+``<dataset>/<anatomy>/<src>-><tgt>`` (data/routes.py); the registry's other tasks of that dataset are
 listed as absent. Per route, the first ``max_slices`` records in record order are synthesized
 (inference/sampler.py, the route's registry instruction, seed = record number so results do not depend on
 batching) and compared with the real target at the record's resolution:
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from synermedgen_jax.data.records import RecordReader, write_json, write_png, write_text
+from synermedgen_jax.data.routes import GROUPS, PAPER_GROUP_AVERAGES, Task, all_tasks, get_task, group_average
 from synermedgen_jax.data.volumes import denormalise, resize_image
 from synermedgen_jax.evaluation import metrics
 from synermedgen_jax.evaluation.answers import UNDERSTANDING_TASKS, accuracy
-from synermedgen_jax.evaluation.tasks import GROUPS, PAPER_GROUP_AVERAGES, Task, all_tasks, get_task, group_average
 from synermedgen_jax.inference.loading import Inference, InferenceError
 from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh
 

@@ -28,6 +28,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from synermedgen_jax.data.records import umask_mode
+from synermedgen_jax.data.routes import Task, all_tasks, valid_modalities
 from synermedgen_jax.data.volumes import (
     DataError,
     check_nifti_header,
@@ -38,7 +39,6 @@ from synermedgen_jax.data.volumes import (
     slice_geometry,
     to_axial_slices,
 )
-from synermedgen_jax.evaluation.tasks import Task, all_tasks, valid_modalities
 from synermedgen_jax.inference.loading import Inference, InferenceError
 from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
 
