@@ -5,7 +5,7 @@ Layout (other commands rely on these names)::
     config.stage        "vae" | "stage1_gau" | "stage2_ucg" | "baseline_vqa" | "ablate_no_{cts,mi,tia}"
     config.model        configs/models.py:<variant>
     config.data.dir     built data folder (python -m synermedgen_jax build-data ...)
-    config.data.pack    PackBudget fields (modeling/packing.py)
+    config.data.pack    PackBudget fields (data/packing.py)
     config.data.*       Grain pipeline fields (data/pipeline.py PipelineConfig) + shards, eval_split
     config.train.*      optimisation, checkpointing, logging
     config.mesh         data / fsdp / tensor sizes (-1 fills the remaining devices)

@@ -47,7 +47,7 @@ def stage2_config(impl: str | None, variant: str = "tiny", platform: str | None 
 def setup(config, mesh):
     """``(codec, objective, state, shardings, global batch, batch shardings)`` on ``mesh``."""
     from synermedgen_jax.benchmark.train_bench import synthetic_batch
-    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.training import loop, optim, sharding
     from synermedgen_jax.training import step as step_lib
 
@@ -203,8 +203,8 @@ def lowerable_steps(config, mesh):
     from flax import nnx
 
     from synermedgen_jax.benchmark.train_bench import synthetic_batch
+    from synermedgen_jax.data.packing import PackBudget, SpecialTokens
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    from synermedgen_jax.modeling.packing import PackBudget, SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
     from synermedgen_jax.training import loop, optim, sharding
     from synermedgen_jax.training import step as step_lib

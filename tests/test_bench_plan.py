@@ -203,7 +203,7 @@ def test_helpers():
     assert peaks.lookup("TPU v5 lite").name == "TPU v5e" and peaks.lookup("TPU v6 lite").name == "TPU v6e"
     assert peaks.lookup("cpu") is None and peaks.peak_flops("cpu", 2.0)[0] == 2e12
     from synermedgen_jax.config import load_config
-    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.data.packing import PackBudget
 
     budget = PackBudget.from_config(load_config("configs/stage2_ucg.py:bagel_7b_mot").data.pack)
     big = scale_budget(budget, 32768)

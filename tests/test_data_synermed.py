@@ -180,7 +180,7 @@ def test_two_processes_build_and_read_disjoint_shares(release, built, tmp_path):
 
     # Training-time shares: process p of 2 reads records p::2 of each kind; together: everything, once.
     from synermedgen_jax.config import load_config
-    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.data.packing import PackBudget
 
     model = load_config("configs/models.py:tiny")
     for stage, kind, count in (("stage2", "edit", len(expected["edit_rows"])),
@@ -241,10 +241,10 @@ def test_edit_plans_follow_the_official_hop_rule():
 
 def test_samples_carry_the_right_images_order_and_loss(built):
     from synermedgen_jax.config import load_config
+    from synermedgen_jax.data.packing import PackBudget, Text, VaeImage, VitImage
     from synermedgen_jax.data.pipeline import PipelineConfig
     from synermedgen_jax.data.tokenizer import load_tokenizer
     from synermedgen_jax.data.volumes import resize_image
-    from synermedgen_jax.modeling.packing import PackBudget, Text, VaeImage, VitImage
 
     out, _ = built
     tok = load_tokenizer(out / "tokenizer.json")

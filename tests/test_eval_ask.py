@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from synermedgen_jax.data.packing import Text, VitImage
 from synermedgen_jax.inference.understanding import Answerer, DecodeConfig, choose_tokens
-from synermedgen_jax.modeling.packing import Text, VitImage
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

@@ -115,7 +115,7 @@ def small_stage2():
 def test_default_small_train_step_lowers_to_the_kernels(small_stage2, platform):
     from flax import nnx
 
-    from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
+    from synermedgen_jax.data.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
     from synermedgen_jax.modeling.synermedgen import build_model
     from synermedgen_jax.training import optim
     from synermedgen_jax.training import step as step_lib
@@ -148,8 +148,8 @@ def test_default_small_train_step_lowers_to_the_kernels(small_stage2, platform):
 def test_default_small_sampler_step_lowers_to_the_kernels(small_stage2, platform):
     from flax import nnx
 
+    from synermedgen_jax.data.packing import SpecialTokens
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    from synermedgen_jax.modeling.packing import SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
 
     model_config = dispatch.resolve_kernels(small_stage2.model, platform)

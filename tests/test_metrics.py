@@ -16,6 +16,7 @@ from scipy import ndimage
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from synermedgen_jax import ssim as ssim_module
 from synermedgen_jax.evaluation import metrics
 
 R = metrics.RADIUS
@@ -88,7 +89,7 @@ def test_ssim_matches_skimage_real_images():
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_ssim_several_chunks_with_padding(monkeypatch, use_mask):
     # A small chunk budget forces 2 images per lax.map step: 5 images -> 3 steps, the last one padded.
-    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 2 * 36 * 29)
+    monkeypatch.setattr(ssim_module, "_CHUNK_PIXELS", 2 * 36 * 29)
     rng = np.random.default_rng()
     p, t = pair(rng, (5, 36, 29))
     mask = rng.random(p.shape) < 0.5 if use_mask else None

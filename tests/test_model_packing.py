@@ -10,8 +10,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synermedgen_jax.kernels.attention import visibility_mask
-from synermedgen_jax.modeling.packing import (
+from synermedgen_jax.data.packing import (
     CAUSAL,
     NOISE,
     Dropped,
@@ -25,6 +24,7 @@ from synermedgen_jax.modeling.packing import (
     pack_samples,
     stack_rows,
 )
+from synermedgen_jax.kernels.attention import visibility_mask
 from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses
 
 SPECIAL = SpecialTokens(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
@@ -125,7 +125,7 @@ def test_rope_ids_and_labels_follow_bagel():
 
 
 def test_prompt_items_put_each_label_before_its_image():
-    from synermedgen_jax.modeling.packing import prompt_items
+    from synermedgen_jax.data.packing import prompt_items
 
     # Each image's label text comes right before it, so answers can name images by label.
     images = [np.full((28, 28), float(i), np.float32) for i in range(3)]

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from torch_refs import load_diffusers_vae, load_qwen_into_und_expert, load_siglip
 
-from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, Text, patchify, stack_rows
+from synermedgen_jax.data.packing import PackBudget, PackBuilder, SpecialTokens, Text, patchify, stack_rows
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
 torch = pytest.importorskip("torch")

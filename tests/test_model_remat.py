@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synermedgen_jax.modeling.flops import hlo_matmul_flops
-from synermedgen_jax.modeling.packing import (
+from synermedgen_jax.data.packing import (
     PackBudget,
     PackBuilder,
     SpecialTokens,
@@ -18,6 +17,7 @@ from synermedgen_jax.modeling.packing import (
     VitImage,
     stack_rows,
 )
+from synermedgen_jax.modeling.flops import hlo_matmul_flops
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

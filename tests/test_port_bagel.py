@@ -30,7 +30,7 @@ from port_fixtures import SPECIAL_IDS, make_bagel_folder, port_test_config, sinc
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from synermedgen_jax.__main__ import main as cli  # noqa: E402
-from synermedgen_jax.modeling.packing import (  # noqa: E402
+from synermedgen_jax.data.packing import (  # noqa: E402
     PackBudget,
     PackBuilder,
     SpecialTokens,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from synermedgen_jax.data.packing import Geometry, SpecialTokens
 from synermedgen_jax.inference import sampler as smp
 from synermedgen_jax.inference.kv_cache import forward_cached, prefill
 from synermedgen_jax.modeling import llm
-from synermedgen_jax.modeling.packing import Geometry, SpecialTokens
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
 SPECIAL = SpecialTokens(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)

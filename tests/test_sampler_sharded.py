@@ -25,7 +25,7 @@ assert jax.device_count() == 4, jax.devices()
 
 from synermedgen_jax.config import load_config
 from synermedgen_jax.inference import sampler as smp
-from synermedgen_jax.modeling.packing import SpecialTokens
+from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 from synermedgen_jax.training import sharding
 

@@ -325,10 +325,10 @@ def _check_sample_grids(workdir, data):
     EMA weights produces."""
     from PIL import Image
 
+    from synermedgen_jax.data.packing import SpecialTokens
     from synermedgen_jax.data.records import RecordReader
     from synermedgen_jax.data.tokenizer import load_tokenizer
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    from synermedgen_jax.modeling.packing import SpecialTokens
     from synermedgen_jax.training.checkpoint import load_model
     from synermedgen_jax.training.logging import image_grid
     from synermedgen_jax.training.train_eval import SampleGrids

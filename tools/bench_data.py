@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _budget(variant: str, slice_size: int):
-    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.data.packing import PackBudget
 
     if variant == "tiny":
         return PackBudget(und_tokens=1024, gen_tokens=512, vit_patches=512, vit_images=24, vae_images=8,

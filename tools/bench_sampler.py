@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from synermedgen_jax.config import load_config
+from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.inference import sampler as smp
 from synermedgen_jax.inference.kv_cache import prefill
-from synermedgen_jax.modeling.packing import SpecialTokens
 from synermedgen_jax.modeling.synermedgen import build_model
 
 

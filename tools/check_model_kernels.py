@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from synermedgen_jax.config import load_config  # noqa: E402
-from synermedgen_jax.modeling.packing import (  # noqa: E402
+from synermedgen_jax.data.packing import (  # noqa: E402
     PackBudget,
     PackBuilder,
     SpecialTokens,

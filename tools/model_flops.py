@@ -25,8 +25,8 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from synermedgen_jax.config import load_config  # noqa: E402
+from synermedgen_jax.data.packing import PackBudget  # noqa: E402
 from synermedgen_jax.modeling.flops import compiled_flops, step_flops  # noqa: E402
-from synermedgen_jax.modeling.packing import PackBudget  # noqa: E402
 from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses  # noqa: E402
 
 # Representative packs: a few Stage II samples (text + ViT + clean VAE + noised VAE) plus Stage I answers.

@@ -4,7 +4,7 @@ are ``jax.ShapeDtypeStruct`` with their ``NamedSharding``.
 
 The state, shardings and step come from training/step.py (``init_state`` under ``jax.eval_shape``,
 ``state_shardings``, ``make_train_step``, ``jit_train_step``) exactly as the trainer builds them; the batch
-shapes come from a real empty pack row of the config's budget (modeling/packing.py).
+shapes come from a real empty pack row of the config's budget (data/packing.py).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def abstract_train(config, mesh, rows: int, budget=None) -> AbstractTrain:
     """
     import jax
 
-    from synermedgen_jax.modeling.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
+    from synermedgen_jax.data.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
     from synermedgen_jax.training import optim, sharding
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import build, resolve_config
@@ -607,8 +607,8 @@ def sampler_plan(config, mesh, slices: int, steps: int, instruction_tokens: int 
     and XLA's FLOPs (loop bodies counted once per trip, as for the train step)."""
     from flax import nnx
 
+    from synermedgen_jax.data.packing import SpecialTokens
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    from synermedgen_jax.modeling.packing import SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
 
     pack = config.data.pack

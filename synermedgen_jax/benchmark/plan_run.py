@@ -54,7 +54,7 @@ def _extrapolate(low: float, high: float, k_low: int, k_high: int, target: int) 
 def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     import jax
 
-    from synermedgen_jax.modeling.packing import PackBudget
+    from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.training import sharding
 
     config = _load(args)

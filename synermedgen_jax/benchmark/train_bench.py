@@ -1,6 +1,6 @@
 """Train-step and sampling throughput on the local devices, with synthetic packs of the config's budget.
 
-Packs are filled by the real packer (modeling/packing.py) with synthetic samples shaped like the stage's data
+Packs are filled by the real packer (data/packing.py) with synthetic samples shaped like the stage's data
 (Stage II: prompt + ViT source + clean VAE source + noised VAE target; Stage I: question + ViT image + answer),
 random pixels and token ids, so the step does exactly the work of a real batch of that budget; throughput
 counts only non-padding tokens.
@@ -22,7 +22,7 @@ SPECIAL_IDS = (1, 2, 3, 4)  # bos, eos, vision_start, vision_end of the syntheti
 
 
 def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch: int) -> list:
-    from synermedgen_jax.modeling.packing import Text, VaeImage, VitImage
+    from synermedgen_jax.data.packing import Text, VaeImage, VitImage
 
     def text(n: int, loss: bool = False) -> Text:
         return Text(rng.integers(8, vocab, size=n).tolist(), loss=loss)
@@ -38,7 +38,7 @@ def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch:
 
 def synthetic_batch(config, budget, rows: int, seed: int = 0) -> tuple[dict, dict]:
     """``(batch, counts)``: ``rows`` packs filled greedily with synthetic samples of ``config.stage``."""
-    from synermedgen_jax.modeling.packing import PackBuilder, SpecialTokens, stack_rows
+    from synermedgen_jax.data.packing import PackBuilder, SpecialTokens, stack_rows
 
     rng = np.random.default_rng(seed)
     builder = PackBuilder(budget, SpecialTokens(*SPECIAL_IDS), config.model)
@@ -91,9 +91,9 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
     import jax
 
+    from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.flops import compiled_flops
-    from synermedgen_jax.modeling.packing import PackBudget
     from synermedgen_jax.training import optim, sharding
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import build, resolve_config
@@ -187,8 +187,8 @@ def bench_sample(config, *, steps: int, warmup: int, slices: int = 2, num_steps:
         from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
     except ImportError as err:
         return {"name": "sample", "skipped": f"sampler unavailable: {err}"}
+    from synermedgen_jax.data.packing import PackBudget, SpecialTokens
     from synermedgen_jax.kernels.dispatch import resolve_kernels
-    from synermedgen_jax.modeling.packing import PackBudget, SpecialTokens
     from synermedgen_jax.modeling.synermedgen import build_model
 
     budget = PackBudget.from_config(config.data.pack)

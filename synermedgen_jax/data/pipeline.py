@@ -25,10 +25,7 @@ import numpy as np
 from skimage.transform import AffineTransform, warp
 
 from synermedgen_jax.data import prompts
-from synermedgen_jax.data.records import RecordReader
-from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES, resize_image
-from synermedgen_jax.modeling.packing import (
+from synermedgen_jax.data.packing import (
     PackBudget,
     PackBuilder,
     PackOverflowError,
@@ -39,6 +36,9 @@ from synermedgen_jax.modeling.packing import (
     cfg_dropout,
     prompt_items,
 )
+from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
+from synermedgen_jax.data.volumes import MODALITY_NAMES, resize_image
 
 STAGES = ("stage1", "stage2", "mixed", "vqa")
 
@@ -214,7 +214,7 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class PackIterDataset(grain.IterDataset):
-    """Greedy in-order packing of ``(items, tag)`` samples into fixed-shape rows (``modeling.packing``)."""
+    """Greedy in-order packing of ``(items, tag)`` samples into fixed-shape rows (``data.packing``)."""
 
     def __init__(self, parent: grain.IterDataset, budget: PackBudget, special: SpecialTokens, geometry: Any,
                  seed: int = 0):
@@ -286,7 +286,7 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
 
 def packed_dataset(data_dir: str | Path, budget: PackBudget, model_config: Any, config: PipelineConfig =
                    PipelineConfig(), special: SpecialTokens | None = None) -> grain.IterDataset:
-    """Batches ``{name: [rows_per_batch, ...]}`` of packed rows (see ``modeling.packing.PackBuilder.build``)."""
+    """Batches ``{name: [rows_per_batch, ...]}`` of packed rows (see ``data.packing.PackBuilder.build``)."""
     if special is None:
         from synermedgen_jax.data.tokenizer import load_tokenizer
 

@@ -374,7 +374,7 @@ class SampleMaker:
     def _channels(self) -> int:
         if self.geometry is None:
             return 3
-        from synermedgen_jax.modeling.packing import Geometry
+        from synermedgen_jax.data.packing import Geometry
 
         g = self.geometry if isinstance(self.geometry, Geometry) else Geometry.from_model_config(self.geometry)
         return max(g.vit_channels, g.vae_channels)
@@ -382,7 +382,7 @@ class SampleMaker:
     def _fits(self, items) -> bool:
         if self.geometry is None:
             return True
-        from synermedgen_jax.modeling.packing import PackBuilder, SpecialTokens
+        from synermedgen_jax.data.packing import PackBuilder, SpecialTokens
 
         if self._probe is None:
             self._probe = PackBuilder(self.budget, SpecialTokens(0, 0, 0, 0), self.geometry)
@@ -392,8 +392,8 @@ class SampleMaker:
         return (Path(self.data_dir) / SLICE_DIR / path).read_bytes()
 
     def edit_items(self, record: dict, rng: np.random.Generator) -> list:
+        from synermedgen_jax.data.packing import Text, VaeImage, VitImage, cfg_dropout
         from synermedgen_jax.data.volumes import resize_image
-        from synermedgen_jax.modeling.packing import Text, VaeImage, VitImage, cfg_dropout
 
         size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
         channels = self._channels()
@@ -422,8 +422,8 @@ class SampleMaker:
         return cfg_dropout(items, rng, text=p.cfg_text, vit=p.cfg_vit, vae=p.cfg_vae)
 
     def conversation_items(self, record: dict) -> list:
+        from synermedgen_jax.data.packing import Text, VitImage
         from synermedgen_jax.data.volumes import resize_image
-        from synermedgen_jax.modeling.packing import Text, VitImage
 
         vit_size = tuple(self.budget.vit_image_size)
         channels = self._channels()

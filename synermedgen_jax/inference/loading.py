@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.data.volumes import NormConfig
-from synermedgen_jax.modeling.packing import SpecialTokens
 
 
 class InferenceError(ValueError):

@@ -2,7 +2,7 @@
 
 Per batch of source slices:
 
-1. Three contexts are packed (modeling/packing.py) with the noised target appended, as in training
+1. Three contexts are packed (data/packing.py) with the noised target appended, as in training
    (``[instruction text, source as ViT tokens, source as clean VAE latents, noised target]``):
 
    * conditional: the whole context;
@@ -46,13 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from synermedgen_jax.data.volumes import resize_image
-from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
-from synermedgen_jax.kernels import partition
-from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps, uses_kernel
-from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
-from synermedgen_jax.modeling.layers import active_mesh
-from synermedgen_jax.modeling.packing import (
+from synermedgen_jax.data.packing import (
     NOISE,
     Geometry,
     PackBudget,
@@ -63,6 +57,12 @@ from synermedgen_jax.modeling.packing import (
     VitImage,
     stack_rows,
 )
+from synermedgen_jax.data.volumes import resize_image
+from synermedgen_jax.inference.kv_cache import Meta, forward_cached, prefill
+from synermedgen_jax.kernels import partition
+from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps, uses_kernel
+from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
+from synermedgen_jax.modeling.layers import active_mesh
 from synermedgen_jax.training import sharding
 
 PASSES = ("cond", "text_uncond", "img_uncond")

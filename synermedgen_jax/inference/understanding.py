@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from synermedgen_jax.data.packing import Geometry, SpecialTokens, prompt_items
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, empty_slots, extend, forward_cached, prefill
 from synermedgen_jax.inference.sampler import exact_pack
 from synermedgen_jax.kernels.attention import CAUSAL
-from synermedgen_jax.modeling.packing import Geometry, SpecialTokens, prompt_items
 
 
 @dataclasses.dataclass(frozen=True)

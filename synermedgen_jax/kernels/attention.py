@@ -18,7 +18,7 @@ Visibility of key j from query i (same sample only, padding sees and is seen by 
 * ``split_j >  split_i``: never.
 
 Only the *relative order inside a split* uses token positions; everything else uses the metadata, so a
-pack may store its understanding and generation tokens in separate regions (see modeling/packing.py).
+pack may store its understanding and generation tokens in separate regions (see data/packing.py).
 
 This module holds the jnp reference and the dispatch; the fused Pallas kernels live beside it.
 """

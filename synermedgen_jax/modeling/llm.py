@@ -5,7 +5,7 @@ each with its own q/k/v/o projections, q/k RMSNorms, SwiGLU MLP and the two per-
 expert. The experts meet in ONE grouped-query attention over the whole pack.
 
 Routing costs nothing: the pack stores understanding tokens in ``x[:, :und_tokens]`` and generation tokens in
-``x[:, und_tokens:]`` (modeling/packing.py), so each expert runs on a contiguous slice and no token is computed
+``x[:, und_tokens:]`` (data/packing.py), so each expert runs on a contiguous slice and no token is computed
 by both. ``freeze_und`` reproduces BAGEL's detaches on the understanding side (inputs, values, normalised q/k,
 attention and MLP outputs, final norm).
 

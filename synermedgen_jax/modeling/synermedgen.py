@@ -1,6 +1,6 @@
 """The unified SynerMedGen / BAGEL model: ViT + connector, MoT language model, generation head, VAE.
 
-A forward pass takes one packed batch (modeling/packing.py) plus the clean VAE latents of its image slots and
+A forward pass takes one packed batch (data/packing.py) plus the clean VAE latents of its image slots and
 the flow-matching noise, and returns next-token logits at the CE positions and velocity predictions at every
 generation token. Attribute names mirror BAGEL's checkpoint prefixes (``language_model``, ``vit_model``,
 ``connector``, ``vit_pos_embed``, ``vae2llm``, ``llm2vae``, ``time_embedder``, ``latent_pos_embed``) and

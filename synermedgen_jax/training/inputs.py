@@ -16,8 +16,8 @@ import grain
 import jax
 import numpy as np
 
+from synermedgen_jax.data.packing import PackBudget
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
-from synermedgen_jax.modeling.packing import PackBudget
 
 
 def shard_layout(data, rows: int) -> tuple[int, list[int], int]:

@@ -158,10 +158,10 @@ class SampleGrids:
 
     def __call__(self, state: dict, step: int, mesh) -> Path | None:
         """Samples the slices at ``step``; returns the PNG path on process 0 (None elsewhere)."""
+        from synermedgen_jax.data.packing import SpecialTokens
         from synermedgen_jax.data.records import write_png
         from synermedgen_jax.data.volumes import resize_image
         from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-        from synermedgen_jax.modeling.packing import SpecialTokens
 
         params, frozen = self._host_weights(state, mesh)
         if jax.process_index() != 0:

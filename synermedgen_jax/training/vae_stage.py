@@ -24,6 +24,7 @@ from flax import nnx
 
 from synermedgen_jax.modeling.synermedgen import freeze_config
 from synermedgen_jax.modeling.vae import AutoEncoder
+from synermedgen_jax.ssim import ssim
 
 
 class VaeOnly(nnx.Module):
@@ -42,7 +43,7 @@ class VaeObjective:
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
     sample_posterior: bool = True  # False: decode the posterior mean (a deterministic autoencoder + KL term)
-    ssim_weight: float = 0.0  # weight of (1 − SSIM) per image (evaluation's Gaussian SSIM, data range 2)
+    ssim_weight: float = 0.0  # weight of (1 − SSIM) per image (synermedgen_jax/ssim.py, data range 2)
 
     def prepare(self, model, batch, key):
         images = batch["image"]
@@ -81,12 +82,11 @@ class VaeObjective:
 
 
 def image_ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """``[N]`` SSIM of ``[N, H, W, C]`` images in [-1, 1] (channels averaged), as evaluation scores slices."""
-    from synermedgen_jax.evaluation import metrics
-
+    """``[N]`` SSIM of ``[N, H, W, C]`` images in [-1, 1] (channels averaged): synermedgen_jax/ssim.py, the
+    function evaluation scores slices with."""
     n, height, width, channels = pred.shape
     flat = lambda x: jnp.moveaxis(x, -1, 1).reshape(n * channels, height, width)
-    return metrics.ssim(flat(pred), flat(target), data_range=2.0).reshape(n, channels).mean(axis=1)
+    return ssim(flat(pred), flat(target), data_range=2.0).reshape(n, channels).mean(axis=1)
 
 
 def reconstruct(model: VaeOnly, images: jax.Array) -> jax.Array:

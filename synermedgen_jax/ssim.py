@@ -1,7 +1,8 @@
-"""Jitted, batched image-quality metrics: SSIM, PSNR and MAE over ``[N, H, W]`` slices.
+"""Jitted, batched SSIM over ``[N, H, W]`` images: the one implementation behind evaluation's SSIM score
+(evaluation/metrics.py) and the stage-0 VAE's SSIM loss (training/vae_stage.py).
 
-Contract (docs/architecture.md): every metric takes ``pred`` and ``target`` of shape ``[N, H, W]`` and
-returns one value per image, shape ``[N]``. SSIM reproduces scikit-image's
+Contract (docs/architecture.md): ``ssim`` takes ``pred`` and ``target`` of shape ``[N, H, W]`` and returns one
+value per image, shape ``[N]``. It reproduces scikit-image's
 
     structural_similarity(im1, im2, gaussian_weights=True, sigma=1.5,
                           use_sample_covariance=False, data_range=R)
@@ -36,8 +37,9 @@ there the border does depend on the boundary mode, so it uses dense band matrice
 
 Masks (body / foreground). ``mask`` is ``[N, H, W]`` (bool or 0/1); nonzero marks pixels that count.
 SSIM with a mask is the mean of the SSIM map over the mask pixels *inside the same 5-pixel crop* (mask
-pixels on the border strip are ignored). PSNR and MAE with a mask use the mask pixels only. An image
-with no counted pixel yields NaN (0 / 0) rather than an error, because values are unknown at trace time.
+pixels on the border strip are ignored). An image with no counted pixel yields NaN (0 / 0) rather than an
+error, because values are unknown at trace time. :func:`check_images` and :func:`check_data_range` are the
+argument checks every metric of evaluation/metrics.py shares.
 
 All computation is float32 (inputs of other dtypes are cast); float64 is not supported.
 """
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["K1", "K2", "SIGMA", "TRUNCATE", "RADIUS", "WIN_SIZE", "gaussian_taps", "ssim", "ssim_map",
-           "psnr", "mae"]
+           "check_images", "check_data_range"]
 
 K1 = 0.01
 K2 = 0.03
@@ -80,7 +82,9 @@ def gaussian_taps(sigma: float = SIGMA, radius: int = RADIUS) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_images(pred, target, mask, *, min_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def check_images(pred, target, mask, *, min_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(pred, target, mask)`` checked and cast: float32 ``[N, H, W]`` images of equal shape (H, W >=
+    ``min_size``), the mask as bool (or None). A bad argument raises a one-line ValueError."""
     p_shape, t_shape = np.shape(pred), np.shape(target)
     for name, shape in (("pred", p_shape), ("target", t_shape)):
         if len(shape) != 3:
@@ -103,7 +107,8 @@ def _check_images(pred, target, mask, *, min_size: int = 1) -> tuple[jax.Array, 
     return jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32), m
 
 
-def _check_data_range(data_range) -> jax.Array | np.float32:
+def check_data_range(data_range) -> jax.Array | np.float32:
+    """A positive finite scalar data range as float32 (a traced value is only checked for its shape)."""
     if isinstance(data_range, jax.core.Tracer):
         # A traced value cannot be checked here; the caller took responsibility for it.
         if np.ndim(data_range) != 0:
@@ -216,8 +221,8 @@ def ssim(pred, target, *, data_range, mask=None) -> jax.Array:
     Returns:
       ``[N]`` float32 SSIM values. Jittable; usable inside ``jax.jit`` with static shapes.
     """
-    x, y, m = _check_images(pred, target, mask, min_size=WIN_SIZE)
-    dr = _check_data_range(data_range)
+    x, y, m = check_images(pred, target, mask, min_size=WIN_SIZE)
+    dr = check_data_range(data_range)
     n, h, w = x.shape
     chunk = max(1, min(n, max(2, _CHUNK_PIXELS // (h * w))))
     return _ssim_impl(x, y, dr, m, chunk=chunk)
@@ -257,45 +262,9 @@ def ssim_map(pred, target, *, data_range) -> jax.Array:
 
     Uses dense reflect-folded band matrices (``O(H^2 W + H W^2)`` per image): meant for a few images.
     """
-    x, y, _ = _check_images(pred, target, None, min_size=WIN_SIZE)
-    dr = _check_data_range(data_range)
+    x, y, _ = check_images(pred, target, None, min_size=WIN_SIZE)
+    dr = check_data_range(data_range)
     taps = gaussian_taps()
     gh = jnp.asarray(_reflect_band(x.shape[1], taps), jnp.float32)
     gw = jnp.asarray(_reflect_band(x.shape[2], taps), jnp.float32)
     return _ssim_map_impl(x, y, dr, gh, gw)
-
-
-# --------------------------------------------------------------------------------------------------
-# PSNR and MAE
-# --------------------------------------------------------------------------------------------------
-
-
-@jax.jit
-def _masked_mean(v: jax.Array, mask) -> jax.Array:
-    n = v.shape[0]
-    v = v.reshape(n, -1)
-    if mask is None:
-        return jnp.mean(v, axis=1)
-    m = mask.reshape(n, -1).astype(jnp.float32)
-    return jnp.sum(v * m, axis=1) / jnp.sum(m, axis=1)
-
-
-def psnr(pred, target, *, data_range, mask=None) -> jax.Array:
-    """Peak signal-to-noise ratio per image in dB, as scikit-image's ``peak_signal_noise_ratio``.
-
-    ``10 * log10(data_range**2 / MSE)``; identical images give ``inf``. With ``mask`` the MSE is over the
-    mask pixels only. Shapes: ``pred``, ``target``, ``mask`` ``[N, H, W]`` -> ``[N]``.
-    """
-    x, y, m = _check_images(pred, target, mask)
-    dr = _check_data_range(data_range)
-    mse = _masked_mean(jnp.square(x - y), m)
-    return 10.0 * jnp.log10(dr * dr / mse)
-
-
-def mae(pred, target, *, mask=None) -> jax.Array:
-    """Mean absolute error per image, in the units of the inputs (de-normalise first, e.g. to HU).
-
-    Shapes: ``pred``, ``target``, ``mask`` ``[N, H, W]`` -> ``[N]``.
-    """
-    x, y, m = _check_images(pred, target, mask)
-    return _masked_mean(jnp.abs(x - y), m)
