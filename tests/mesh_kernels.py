@@ -64,7 +64,7 @@ def loss_and_grads_fn(codec, objective):
     def fn(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
         frozen = state["frozen"]
-        full = {**batch, **objective.prepare(codec.model(state["params"], frozen), batch, key)}
+        full = objective.prepare(codec.model(state["params"], frozen), batch, key)
         totals = objective.totals(full)
         (loss, _), grads = jax.value_and_grad(lambda p: objective.loss(codec.model(p, frozen), full, totals),
                                               has_aux=True)(state["params"])

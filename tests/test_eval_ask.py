@@ -51,10 +51,10 @@ def test_cached_decoding_equals_uncached_forward(model):
 
         full, _ = exact_pack([sample], answerer.geometry, answerer.special, (16, 16), (28, 28))
         del batch
-        jb = {k: jnp.asarray(v) for k, v in full.items()}
+        jb = jax.tree.map(jnp.asarray, full)
         tokens = jnp.zeros((1, 0, model.llm2vae.kernel.value.shape[1]))
-        out = nnx.jit(lambda m, b, c: m(b, c, c[:, :0]))(model, jb, tokens)
-        logits = np.asarray(out["logits"])[0][np.asarray(full["ce_mask"][0]) > 0]
+        out = nnx.jit(lambda m, b, c: m(b, c, c[..., 0]))(model, jb, tokens)  # no generation tokens, no times
+        logits = np.asarray(out["logits"])[0][np.asarray(full.ce_mask[0]) > 0]
         allowed = logits[:, :_Tok.vocab_size]
         predicted = allowed.argmax(-1).tolist()
         # CE positions: <|im_start|>, answer tokens; labels: answer tokens, <|im_end|>.

@@ -120,6 +120,7 @@ def test_default_small_train_step_lowers_to_the_kernels(small_stage2, platform):
     from synermedgen_jax.training import optim
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import resolve_config
+    from synermedgen_jax.training.objective import UnifiedObjective
 
     config = resolve_config(small_stage2)
     config.model = dispatch.resolve_kernels(config.model, platform)
@@ -130,7 +131,7 @@ def test_default_small_train_step_lowers_to_the_kernels(small_stage2, platform):
     state = jax.eval_shape(lambda: step_lib.init_state(codec, make_model(), tx, config.train))
     row = empty_row(PackBuilder(PackBudget.from_config(config.data.pack), SpecialTokens(1, 2, 3, 4), config.model))
     batch = {k: jax.ShapeDtypeStruct((2, *v.shape), v.dtype) for k, v in row.items()}
-    objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
+    objective = UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
     step = jax.jit(step_lib.make_train_step(codec, tx, objective, config.train), donate_argnums=0)
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
     with _platform_context(platform), dispatch.for_platform(platform):

@@ -14,6 +14,7 @@ from synermedgen_jax.data.packing import (
     CAUSAL,
     NOISE,
     Dropped,
+    Pack,
     PackBudget,
     PackBuilder,
     PackOverflowError,
@@ -25,7 +26,8 @@ from synermedgen_jax.data.packing import (
     stack_rows,
 )
 from synermedgen_jax.kernels.attention import visibility_mask
-from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses
+from synermedgen_jax.modeling.synermedgen import SynerMedGen
+from synermedgen_jax.training.objective import Prepared, UnifiedObjective
 
 SPECIAL = SpecialTokens(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
 BUDGET = PackBudget(und_tokens=96, gen_tokens=64, vit_patches=16, vit_images=4, vae_images=4, ce_tokens=24,
@@ -167,9 +169,12 @@ def _geometry(tiny_config):
 
 @nnx.jit
 def _forward(model, batch, noise):
-    latents = model.latent_tokens(batch["vae_images"], None)
-    outputs = model(batch, latents, noise)
-    return outputs, compute_losses(outputs, batch)
+    """The training objective's forward (noising, model, token sums) with the velocity MSE's jnp reference;
+    ``(outputs, whole-batch metrics)``."""
+    objective = UnifiedObjective()
+    inputs = Prepared(Pack.from_arrays(batch), model.latent_tokens(batch["vae_images"], None), noise)
+    outputs, sums = objective.forward(model, inputs, flow_impl="reference")
+    return outputs, objective.metrics(sums, objective.totals(inputs))
 
 
 def _stage2_sample(rng):

@@ -44,6 +44,7 @@ def test_full_remat_gives_the_same_loss_and_gradients():
     from synermedgen_jax.training import optim
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import resolve_config
+    from synermedgen_jax.training.objective import UnifiedObjective
 
     seed = int(np.random.SeedSequence().entropy % 2**31)
     results = {}
@@ -59,8 +60,8 @@ def test_full_remat_gives_the_same_loss_and_gradients():
         params = {n: v + 0.05 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
                   for i, (n, v) in enumerate(sorted(params.items()))}
         batch = _batch(config.model, seed)
-        objective = step_lib.UnifiedObjective()
-        full = {**batch, **objective.prepare(model, batch, key)}
+        objective = UnifiedObjective()
+        full = objective.prepare(model, batch, key)
         totals = objective.totals(full)
         loss = lambda p: objective.loss(codec.model(p, frozen), full, totals)[0]  # noqa: B023
         results[policy] = jax.jit(jax.value_and_grad(loss))(params)

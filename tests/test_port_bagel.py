@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from synermedgen_jax.__main__ import main as cli  # noqa: E402
 from synermedgen_jax.data.packing import (  # noqa: E402
+    Pack,
     PackBudget,
     PackBuilder,
     SpecialTokens,
@@ -43,6 +44,7 @@ from synermedgen_jax.data.packing import (  # noqa: E402
 from synermedgen_jax.modeling.synermedgen import SynerMedGen  # noqa: E402
 from synermedgen_jax.port import bagel  # noqa: E402
 from synermedgen_jax.port.orbax_io import load_params_checkpoint, save_params_checkpoint  # noqa: E402
+from synermedgen_jax.training.objective import flow_matching_inputs  # noqa: E402
 
 SPECIAL = SpecialTokens(**SPECIAL_IDS)
 SEED = int(np.random.SeedSequence().entropy % 2**31)
@@ -223,7 +225,11 @@ def test_mot_forward_matches_torch_reference(folder):
     batch = {k: jnp.asarray(v) for k, v in stack_rows([builder.build()]).items()}
     clean = rng.standard_normal((1, 32, 16)).astype(np.float32)  # 2 image slots × 4×4 latent tokens × (2·2·4)
     noise = rng.standard_normal((1, 32, 16)).astype(np.float32)
-    out = nnx.jit(lambda m, b, c, n: m(b, c, n))(model, batch, jnp.asarray(clean), jnp.asarray(noise))
+    def forward(m, pack, clean, noise):  # the training objective's noising, then the model's forward
+        flow = flow_matching_inputs(m, pack, clean, noise)
+        return m(pack, flow.noised, flow.t)
+
+    out = nnx.jit(forward)(model, Pack.from_arrays(batch), jnp.asarray(clean), jnp.asarray(noise))
 
     # BAGEL's sequence: [bos ids1 eos] [vs vit×4 ve] [vs clean×16 ve] [vs noised×16 ve] [bos ids2 eos].
     t_noised = torch.sigmoid(torch.tensor(float(np.asarray(batch["timestep_logit"])[0, 16])))

@@ -68,18 +68,22 @@ _cached = nnx.jit(_cached_step, static_argnums=(2,))
 def _step_inputs(model, name):
     sources = _sources(2)
     batch, layout, budget = _packs(model, sources)[name]
-    source_tokens = smp.source_latent_tokens(model, jnp.asarray(batch["vae_images"][:, 0]), None, False)
+    source_tokens = smp.source_latent_tokens(model, jnp.asarray(batch.vae_images[:, 0]), None, False)
     x_t = jax.random.normal(jax.random.key(3), (2, len(layout.q_gen), source_tokens.shape[-1]))
     return batch, layout, budget, source_tokens, x_t
 
 
 def _training_velocity(model, batch, layout, budget, source_tokens, x_t, t):
-    """The uncached reference: SynerMedGen.__call__ (the training forward) on the same pack. Clean latents and
-    noise of the target slot are both x_t, so its x_t = (1 - t)·x_t + t·x_t whatever t; the timestep logit
-    inverts the model's training shift so that the forward's t is exactly the sampler's t."""
+    """The uncached reference: SynerMedGen.__call__ (the training forward) on the same pack, its generation
+    input built as in training (training/objective.flow_matching_inputs: x0 gathered per token by latent_index,
+    t from the pack's logits through the training shift, x_t = (1 - t)·x0 + t·ε). The target slot's x0 and ε
+    are both the sampler's x_t, so its x_t is exactly that whatever t; its logit inverts the training shift so
+    that the forward's t is exactly the sampler's t; the source slot is clean (logit −inf, t = 0)."""
+    from synermedgen_jax.training.objective import flow_matching_inputs
+
     token_dim = source_tokens.shape[-1]
     q_gen, ctx_gen = np.asarray(layout.q_gen), np.asarray(layout.ctx_gen, int)
-    index = batch["latent_index"][0]
+    index = batch.latent_index[0]
     slots = budget.vae_images
     clean = np.zeros((2, slots * source_tokens.shape[1], token_dim), np.float32)
     clean[:, index[q_gen]] = np.asarray(x_t)
@@ -89,9 +93,14 @@ def _training_velocity(model, batch, layout, budget, source_tokens, x_t, t):
     noise[:, q_gen] = np.asarray(x_t)
     s = model.config.timestep_shift
     u = t / (s - (s - 1.0) * t)
-    logit = np.where(np.isfinite(batch["timestep_logit"]), np.log(u / (1.0 - u)), -np.inf).astype(np.float32)
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()} | {"timestep_logit": jnp.asarray(logit)}
-    outputs = nnx.jit(lambda m, b, c, n: m(b, c, n))(model, jbatch, jnp.asarray(clean), jnp.asarray(noise))
+    logit = np.where(np.isfinite(batch.timestep_logit), np.log(u / (1.0 - u)), -np.inf).astype(np.float32)
+    pack = jax.tree.map(jnp.asarray, batch.replace(timestep_logit=logit))
+
+    def forward(m, pack, clean, noise):
+        flow = flow_matching_inputs(m, pack, clean, noise)
+        return m(pack, flow.noised, flow.t)
+
+    outputs = nnx.jit(forward)(model, pack, jnp.asarray(clean), jnp.asarray(noise))
     return np.asarray(outputs["velocity"])[:, q_gen]
 
 
@@ -99,7 +108,7 @@ def _training_velocity(model, batch, layout, budget, source_tokens, x_t, t):
 def test_cached_step_equals_uncached_forward(model, name):
     batch, layout, budget, source_tokens, x_t = _step_inputs(model, name)
     t = 0.7
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    jbatch = jax.tree.map(jnp.asarray, batch)
     cached = _cached(model, jbatch, layout, source_tokens, x_t, jnp.float32(t))
     reference = _training_velocity(model, batch, layout, budget, source_tokens, x_t, t)
     assert np.abs(reference).max() > 0.1  # a meaningful comparison
@@ -124,16 +133,24 @@ def test_cached_sampler_and_training_forward_run_the_same_layer_code(model, rema
     monkeypatch.setattr(model.language_model, "config", ml_collections.FrozenConfigDict(config))
     batch, layout, budget, source_tokens, x_t = _step_inputs(model, "cond")
     t, layers = 0.4, model.config.llm.num_layers
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    jbatch = jax.tree.map(jnp.asarray, batch)
     cached = np.asarray(nnx.jit(_cached_step, static_argnums=(2,))(
         model, jbatch, layout, source_tokens, x_t, jnp.float32(t)))
     context, query = len(layout.ctx_und) + len(layout.ctx_gen), len(layout.q_und) + len(layout.q_gen)
     assert calls == [(context, False)] * layers + [(query, True)] * layers
     calls.clear()
     trained = _training_velocity(model, batch, layout, budget, source_tokens, x_t, t)
-    assert calls == [(batch["token_ids"].shape[1] + budget.gen_tokens, False)] * layers
+    assert calls == [(batch.und_tokens + budget.gen_tokens, False)] * layers
     assert np.abs(trained).max() > 0.1
     np.testing.assert_allclose(cached, trained, atol=1e-4, rtol=0)
+    # The uncached sampler step is the training forward itself (SynerMedGen.__call__ with the sampler's
+    # generation tokens: the clean source at t = 0, x_t at t).
+    calls.clear()
+    x_und = nnx.jit(lambda m, b: m.embed_understanding(b))(model, jbatch)
+    uncached = np.asarray(nnx.jit(smp.uncached_velocity, static_argnums=(2,))(
+        model, jbatch, layout, x_und, source_tokens, x_t, jnp.float32(t)))
+    assert calls == [(batch.und_tokens + budget.gen_tokens, False)] * layers
+    np.testing.assert_allclose(uncached, trained, atol=1e-4, rtol=0)
 
 
 def test_contexts_follow_bagel_rope_and_splits(model):
@@ -142,7 +159,7 @@ def test_contexts_follow_bagel_rope_and_splits(model):
     expected_target_rope = {"cond": text_len + 2, "text_uncond": 2, "img_uncond": text_len}
     for name, (batch, layout, _) in packs.items():
         tu = layout.und_tokens
-        q_rope = np.concatenate([batch["rope_id"][0, list(layout.q_und)], batch["rope_id"][0, tu + np.asarray(
+        q_rope = np.concatenate([batch.rope_id[0, list(layout.q_und)], batch.rope_id[0, tu + np.asarray(
             layout.q_gen)]])
         assert set(q_rope.tolist()) == {expected_target_rope[name]}, name
         assert len(layout.q_und) == 2 and len(layout.q_gen) == 16

@@ -59,7 +59,7 @@ def main() -> None:
     # One forward over the noised split alone (markers + latent tokens, no context), for comparison.
     s = smp.Sampler(model, special, size, vit)
     batches, layouts = s._packs(ids, sources)
-    batch, layout = {k: jnp.asarray(v) for k, v in batches["cond"].items()}, layouts["cond"]
+    batch, layout = jax.tree.map(jnp.asarray, batches["cond"]), layouts["cond"]
     x = jax.random.normal(jax.random.key(0), (args.batch, len(layout.q_gen), s.token_dim))
 
     graphdef, state = nnx.split(model)

@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from synermedgen_jax.config import load_config  # noqa: E402
 from synermedgen_jax.data.packing import (  # noqa: E402
+    Pack,
     PackBudget,
     PackBuilder,
     SpecialTokens,
@@ -36,7 +37,8 @@ from synermedgen_jax.data.packing import (  # noqa: E402
     VitImage,
     stack_rows,
 )
-from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses  # noqa: E402
+from synermedgen_jax.modeling.synermedgen import SynerMedGen  # noqa: E402
+from synermedgen_jax.training.objective import Prepared, UnifiedObjective  # noqa: E402
 
 
 def packed_batch(config, image_side: int, samples: int, seed: int) -> tuple[dict, PackBudget]:
@@ -71,8 +73,8 @@ def loss_and_grads(config, batch: dict, noise: jax.Array):
     model.llm2vae.kernel[...] = 0.05 * jnp.ones_like(model.llm2vae.kernel[...])
 
     def loss_fn(model):
-        outputs = model(batch, model.latent_tokens(batch["vae_images"], None), noise)
-        losses = compute_losses(outputs, batch, flow_impl=config.flow_matching_impl)
+        inputs = Prepared(Pack.from_arrays(batch), model.latent_tokens(batch["vae_images"], None), noise)
+        losses = UnifiedObjective().batch_metrics(model, inputs, flow_impl=config.flow_matching_impl)
         return losses["loss"], losses
 
     (_, losses), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)

@@ -25,9 +25,10 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from synermedgen_jax.config import load_config  # noqa: E402
-from synermedgen_jax.data.packing import PackBudget  # noqa: E402
+from synermedgen_jax.data.packing import Pack, PackBudget  # noqa: E402
 from synermedgen_jax.modeling.flops import compiled_flops, step_flops  # noqa: E402
-from synermedgen_jax.modeling.synermedgen import SynerMedGen, compute_losses  # noqa: E402
+from synermedgen_jax.modeling.synermedgen import SynerMedGen  # noqa: E402
+from synermedgen_jax.training.objective import Prepared, UnifiedObjective  # noqa: E402
 
 # Representative packs: a few Stage II samples (text + ViT + clean VAE + noised VAE) plus Stage I answers.
 BUDGETS = {
@@ -66,7 +67,8 @@ def measure(variant: str, rows: int = 1) -> dict:
 
     def loss(trainable, frozen, batch, latents, noise):
         model = nnx.merge(graphdef, trainable, frozen)
-        return compute_losses(model(batch, latents, noise), batch)["loss"]
+        inputs = Prepared(Pack.from_arrays(batch), latents, noise)
+        return UnifiedObjective().batch_metrics(model, inputs, flow_impl="reference")["loss"]
 
     args = (trainable, frozen, abstract_batch(budget, config, rows),
             jax.ShapeDtypeStruct((rows, latent_tokens, token_dim), jnp.float32),

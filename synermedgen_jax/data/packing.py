@@ -24,12 +24,96 @@ computed by both experts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import struct
 
 CAUSAL, FULL, NOISE = 0, 1, 2
+
+
+@struct.dataclass
+class Pack:
+    """A batch of packs, the model's input: ``B`` rows of ``Tu`` understanding then ``Tg`` generation tokens.
+
+    Host code (Grain, checkpointable iterators, the mesh placement) moves packs as ``{field: array}`` dicts
+    (:meth:`PackBuilder.build`, :func:`stack_rows`); :meth:`from_arrays` is the one conversion to this typed
+    pytree, done where a pack enters the model (``training/objective.UnifiedObjective.prepare``, the sampler's
+    and the Answerer's :func:`inference.sampler.exact_pack`). Leaves are numpy or jax arrays, or
+    ``jax.ShapeDtypeStruct`` when planned. ``P`` ViT patch slots, ``C`` CE slots, ``S`` VAE image slots of
+    ``H × W × ch`` pixels (docs/packing.md has the rules that fill them):
+
+    * ``token_ids [B, Tu]`` int32: text and marker ids (pad elsewhere).
+    * ``sample_id [B, Tu+Tg]`` int32: sample of each token in its row, −1 for padding.
+    * ``split_id [B, Tu+Tg]`` int32: split of each token inside its sample.
+    * ``split_kind [B, Tu+Tg]`` int32: ``CAUSAL`` 0, ``FULL`` 1, ``NOISE`` 2 (the visibility rule's kind).
+    * ``rope_id [B, Tu+Tg]`` int32: RoPE position id.
+    * ``vit_patches [B, P, p·p·ch]`` float32: ViT patches.
+    * ``vit_pos_id [B, P]`` int32: NaViT position id ``row·max_side + col`` of each patch.
+    * ``vit_image_id [B, P]`` int32: image of each patch in its row, −1 for padding.
+    * ``vit_dest [B, P]`` int32: understanding slot each patch's embedding goes to (``Tu``: dropped).
+    * ``ce_index [B, C]`` int32: understanding position of each CE slot.
+    * ``ce_label [B, C]`` int32: its next-token label.
+    * ``ce_mask [B, C]`` float32: 1 for labelled slots.
+    * ``vae_images [B, S, H, W, ch]`` float32 in [-1, 1]: VAE image slots.
+    * ``latent_index [B, Tg]`` int32: which latent token of which slot (``slot·L + token``) a generation token is.
+    * ``latent_pos_id [B, Tg]`` int32: ``row·max_latent_size + col`` into ``latent_pos_embed``.
+    * ``timestep_logit [B, Tg]`` float32: one N(0, 1) draw per noised image, shared by its tokens; −inf for
+      clean images and padding (t = 0). Drawn on the host by the pack builder's generator, which the Grain
+      pipeline seeds per sample and checkpoints with the iterator: a sample's t depends only on the data order,
+      not on the device step key, and the pack already knows which tokens form one image.
+    * ``mse_mask [B, Tg]`` float32: 1 for the tokens that carry the flow-matching loss (noised images).
+    """
+
+    token_ids: Any
+    sample_id: Any
+    split_id: Any
+    split_kind: Any
+    rope_id: Any
+    vit_patches: Any
+    vit_pos_id: Any
+    vit_image_id: Any
+    vit_dest: Any
+    ce_index: Any
+    ce_label: Any
+    ce_mask: Any
+    vae_images: Any
+    latent_index: Any
+    latent_pos_id: Any
+    timestep_logit: Any
+    mse_mask: Any
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> Pack:
+        """The typed pack of a ``{field: array}`` mapping (extra keys are an error, so is a missing one)."""
+        if isinstance(arrays, Pack):
+            return arrays
+        names = set(PACK_FIELDS)
+        if set(arrays) != names:
+            raise ValueError(f"Pack.from_arrays: missing {sorted(names - set(arrays))}, "
+                             f"unknown {sorted(set(arrays) - names)}")
+        return cls(**{name: arrays[name] for name in PACK_FIELDS})
+
+    def arrays(self) -> dict[str, Any]:
+        """``{field: array}`` (what Grain and the host-side placement helpers speak)."""
+        return {name: getattr(self, name) for name in PACK_FIELDS}
+
+    @property
+    def und_tokens(self) -> int:
+        return self.token_ids.shape[1]
+
+    @property
+    def gen_tokens(self) -> int:
+        return self.latent_index.shape[1]
+
+    def meta(self) -> dict[str, Any]:
+        """The per-token metadata the decoder reads (``sample_id``, ``split_id``, ``split_kind``, ``rope_id``)."""
+        return {name: getattr(self, name) for name in META_FIELDS}
+
+
+PACK_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Pack))
+META_FIELDS = ("sample_id", "split_id", "split_kind", "rope_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +488,8 @@ class PackBuilder:
 
     # ----------------------------------------------------------------------------------------------------
     def build(self) -> dict[str, np.ndarray]:
-        """Returns the pack row (fixed shapes) and resets the builder."""
+        """Returns the pack row (fixed shapes; :class:`Pack`'s fields without the ``[B]`` axis, as a dict: what
+        Grain batches and checkpoints) and resets the builder."""
         row = {
             "token_ids": self.token_ids,
             "sample_id": self.sample_id,

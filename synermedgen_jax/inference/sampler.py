@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from synermedgen_jax.data.packing import (
     NOISE,
     Geometry,
+    Pack,
     PackBudget,
     PackBuilder,
     SpecialTokens,
@@ -123,8 +124,8 @@ class Layout:
 
 
 def exact_pack(samples: Sequence[Sequence], geometry: Geometry, special: SpecialTokens,
-               image_size: tuple[int, int], vit_image_size: tuple[int, int]) -> tuple[dict, PackBudget]:
-    """One sample per row, padded to the largest sample: ``({name: [B, ...]}, budget)``."""
+               image_size: tuple[int, int], vit_image_size: tuple[int, int]) -> tuple[Pack, PackBudget]:
+    """One sample per row, padded to the largest sample: ``(Pack [B, ...], budget)``."""
     probe = PackBuilder(PackBudget(0, 0, 0, 0, 0, 0, tuple(image_size), tuple(vit_image_size)), special, geometry)
     needs = [probe.need(s) for s in samples]
     budget = PackBudget(und_tokens=max(n.und for n in needs), gen_tokens=max(n.gen for n in needs),
@@ -137,12 +138,12 @@ def exact_pack(samples: Sequence[Sequence], geometry: Geometry, special: Special
     for sample in samples:
         builder.add(sample, rng)
         rows.append(builder.build())
-    return stack_rows(rows), budget
+    return Pack.from_arrays(stack_rows(rows)), budget
 
 
-def generation_layout(batch: dict, budget: PackBudget) -> Layout:
+def generation_layout(batch: Pack, budget: PackBudget) -> Layout:
     """The layout of a generation pack; every row must share it (same instruction and image sizes)."""
-    kind, sample = batch["split_kind"], batch["sample_id"]
+    kind, sample = batch.split_kind, batch.sample_id
     if not (np.all(kind == kind[:1]) and np.all(sample == sample[:1])):
         raise ValueError("generation_layout: rows differ in layout (instruction or image size); batch them apart")
     tu = budget.und_tokens
@@ -181,55 +182,60 @@ def source_latent_tokens(model, images: jax.Array, key: jax.Array | None, sample
     return patchify_latents(latents, model.config.latent_patch_size)
 
 
-def _pack_meta(batch: dict, positions: np.ndarray) -> Meta:
+def _pack_meta(batch: Pack, positions: np.ndarray) -> Meta:
     index = jnp.asarray(positions, jnp.int32)
-    fields = [jnp.take(batch[k], index, axis=1) for k in ("sample_id", "split_id", "split_kind", "rope_id")]
+    fields = [jnp.take(v, index, axis=1) for v in batch.meta().values()]  # sample, split, kind, rope
     return Meta(*fields, jnp.broadcast_to(index, fields[0].shape))
 
 
-def context_embeddings(model, batch: dict, layout: Layout, source_tokens: jax.Array) -> tuple[jax.Array, Meta]:
+def context_embeddings(model, batch: Pack, layout: Layout, source_tokens: jax.Array) -> tuple[jax.Array, Meta]:
     """Embedded context ``[B, Tc, E]`` (und tokens first) and its metadata. Clean latents get t = 0."""
     x_und = jnp.take(model.embed_understanding(batch), jnp.asarray(layout.ctx_und, jnp.int32), axis=1)
     parts = [x_und]
     if layout.ctx_gen:
         gen = jnp.asarray(layout.ctx_gen, jnp.int32)
-        index = jnp.take(batch["latent_index"], gen, axis=1)
+        index = jnp.take(batch.latent_index, gen, axis=1)
         clean = jnp.take_along_axis(source_tokens, index[..., None], axis=1)
-        pos = jnp.take(batch["latent_pos_id"], gen, axis=1)
+        pos = jnp.take(batch.latent_pos_id, gen, axis=1)
         parts.append(model.embed_generation(clean, jnp.zeros(pos.shape, jnp.float32), pos).astype(x_und.dtype))
     positions = np.concatenate([layout.ctx_und, np.asarray(layout.ctx_gen, int) + layout.und_tokens])
     return jnp.concatenate(parts, axis=1), _pack_meta(batch, positions)
 
 
-def query_embeddings(model, batch: dict, layout: Layout, x_t: jax.Array, t: jax.Array) -> tuple[jax.Array, Meta]:
+def query_embeddings(model, batch: Pack, layout: Layout, x_t: jax.Array, t: jax.Array) -> tuple[jax.Array, Meta]:
     """The target split: its markers (understanding expert) then ``x_t [B, Lq, C]`` at time ``t`` (scalar)."""
-    markers = jnp.take(batch["token_ids"], jnp.asarray(layout.q_und, jnp.int32), axis=1)
+    markers = jnp.take(batch.token_ids, jnp.asarray(layout.q_und, jnp.int32), axis=1)
     x_und = model.language_model.embed(markers)
-    pos = jnp.take(batch["latent_pos_id"], jnp.asarray(layout.q_gen, jnp.int32), axis=1)
+    pos = jnp.take(batch.latent_pos_id, jnp.asarray(layout.q_gen, jnp.int32), axis=1)
     x_gen = model.embed_generation(x_t, jnp.broadcast_to(jnp.asarray(t, jnp.float32), pos.shape), pos)
     positions = np.concatenate([layout.q_und, np.asarray(layout.q_gen, int) + layout.und_tokens])
     return jnp.concatenate([x_und, x_gen.astype(x_und.dtype)], axis=1), _pack_meta(batch, positions)
 
 
-def uncached_velocity(model, batch: dict, layout: Layout, x_und_full: jax.Array, source_tokens: jax.Array,
-                      x_t: jax.Array, t: jax.Array) -> jax.Array:
-    """Velocity from one full forward over the whole pack (context + target): ``[B, Lq, C]`` float32."""
-    tu = layout.und_tokens
-    gen_total = batch["latent_pos_id"].shape[1]
-    x_gen = jnp.zeros((x_t.shape[0], gen_total, x_und_full.shape[-1]), x_und_full.dtype)
+def generation_tokens(batch: Pack, layout: Layout, source_tokens: jax.Array, x_t: jax.Array, t: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The model's generation input over the whole pack: ``(tokens [B, Tg, C], times [B, Tg])`` with the clean
+    source latents at ``t = 0`` and ``x_t`` at time ``t`` (scalar) in the target's slots."""
+    shape = (x_t.shape[0], batch.gen_tokens)
+    tokens = jnp.zeros((*shape, x_t.shape[-1]), jnp.float32)
     if layout.ctx_gen:
         gen = jnp.asarray(layout.ctx_gen, jnp.int32)
-        clean = jnp.take_along_axis(source_tokens, jnp.take(batch["latent_index"], gen, axis=1)[..., None], axis=1)
-        pos = jnp.take(batch["latent_pos_id"], gen, axis=1)
-        emb = model.embed_generation(clean, jnp.zeros(pos.shape, jnp.float32), pos)
-        x_gen = x_gen.at[:, gen].set(emb.astype(x_gen.dtype))
+        clean = jnp.take_along_axis(source_tokens, jnp.take(batch.latent_index, gen, axis=1)[..., None], axis=1)
+        tokens = tokens.at[:, gen].set(clean.astype(tokens.dtype))
     q_gen = jnp.asarray(layout.q_gen, jnp.int32)
-    pos = jnp.take(batch["latent_pos_id"], q_gen, axis=1)
-    emb = model.embed_generation(x_t, jnp.broadcast_to(jnp.asarray(t, jnp.float32), pos.shape), pos)
-    x_gen = x_gen.at[:, q_gen].set(emb.astype(x_gen.dtype))
-    meta = {k: batch[k] for k in ("sample_id", "split_id", "split_kind", "rope_id")}
-    hidden = model.language_model(jnp.concatenate([x_und_full, x_gen], axis=1), tu, meta)
-    return model.llm2vae(jnp.take(hidden, q_gen + tu, axis=1)).astype(jnp.float32)
+    tokens = tokens.at[:, q_gen].set(x_t.astype(tokens.dtype))
+    times = jnp.zeros(shape, jnp.float32).at[:, q_gen].set(jnp.asarray(t, jnp.float32))
+    return tokens, times
+
+
+def uncached_velocity(model, batch: Pack, layout: Layout, x_und_full: jax.Array, source_tokens: jax.Array,
+                      x_t: jax.Array, t: jax.Array) -> jax.Array:
+    """Velocity from one full forward over the whole pack (context + target), the model's own forward
+    (``SynerMedGen.__call__``, as in training) with the understanding embeddings ``x_und_full`` computed once:
+    ``[B, Lq, C]`` float32."""
+    tokens, times = generation_tokens(batch, layout, source_tokens, x_t, t)
+    velocity = model(batch, tokens, times, x_und=x_und_full)["velocity"]
+    return jnp.take(velocity, jnp.asarray(layout.q_gen, jnp.int32), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -334,7 +340,7 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 def _vae_sources(batches: dict[str, dict]) -> np.ndarray:
     """``[B, H, W(, C)]`` VAE source images of a batch's context packs (slot 0 holds the source in every pack)."""
-    return batches["cond"]["vae_images"][:, 0]
+    return batches["cond"].vae_images[:, 0]
 
 
 def _place(state: nnx.State, shardings: nnx.State) -> nnx.State:
@@ -441,7 +447,7 @@ class Sampler:
         vae_sources = _vae_sources(batches)
         vae_key = jax.random.fold_in(vae_base, int(indices[0]))  # used only with sample_posterior
         if self.mesh is None:
-            batches = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, batch in batches.items()}
+            batches = jax.tree.map(jnp.asarray, batches)
             return function(self.state, batches, jnp.asarray(vae_sources), noise, vae_key)
         batches, vae_sources, noise = jax.device_put((batches, vae_sources, noise), self._rows)
         return function(self.state, batches, vae_sources, noise, jax.device_put(vae_key, sharding.replicated(

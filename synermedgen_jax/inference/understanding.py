@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from synermedgen_jax.data.packing import Geometry, SpecialTokens, prompt_items
+from synermedgen_jax.data.packing import Geometry, Pack, SpecialTokens, prompt_items
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.inference.kv_cache import Meta, empty_slots, extend, forward_cached, prefill
 from synermedgen_jax.inference.sampler import exact_pack
@@ -55,7 +55,7 @@ def choose_tokens(logits: jax.Array, key: jax.Array, config: DecodeConfig) -> ja
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def decode(model, batch: dict, key: jax.Array, config: DecodeConfig, *, bos: int, eos: int, pad: int,
+def decode(model, batch: Pack, key: jax.Array, config: DecodeConfig, *, bos: int, eos: int, pad: int,
            vocab_limit: int) -> jax.Array:
     """Traceable decoding. ``batch``: an understanding pack (no generation tokens), ``[B, ...]``. Returns token
     ids ``[B, max_new_tokens]`` (after the first ``eos`` of a row: ``pad``). Ids ≥ ``vocab_limit`` (rows of the
@@ -63,7 +63,7 @@ def decode(model, batch: dict, key: jax.Array, config: DecodeConfig, *, bos: int
     lm = model.language_model
     x = model.embed_understanding(batch)
     batch_size, context = x.shape[:2]
-    fields = [batch[k][:, :context] for k in ("sample_id", "split_id", "split_kind", "rope_id")]
+    fields = [v[:, :context] for v in batch.meta().values()]  # sample, split, kind, rope
     meta = Meta(*fields, jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), fields[0].shape))
     cache = empty_slots(prefill(lm, x, context, meta)[1], config.max_new_tokens)
     valid = meta.sample_id >= 0
@@ -115,7 +115,7 @@ class Answerer:
             self._compiled[shapes] = jax.jit(run)
         return self._compiled[shapes]
 
-    def pack(self, prompts: Sequence[tuple]) -> dict:
+    def pack(self, prompts: Sequence[tuple]) -> Pack:
         """Understanding packs, one prompt per row: ``(question ids, images)`` or ``(question ids, images, label
         ids per image)`` (:func:`packing.prompt_items`)."""
         samples = [prompt_items(prompt[0], [resize_image(img, self.vit_image_size) for img in prompt[1]],
@@ -126,8 +126,8 @@ class Answerer:
                      ) -> list[list[int]]:
         """Token ids of each answer up to (not including) ``<|im_end|>``."""
         batch = self.pack(prompts)
-        shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
-        tokens = np.asarray(self._function(shapes)(self.state, {k: jnp.asarray(v) for k, v in batch.items()},
+        shapes = tuple(sorted((k, v.shape) for k, v in batch.arrays().items()))
+        tokens = np.asarray(self._function(shapes)(self.state, jax.tree.map(jnp.asarray, batch),
                                                    jax.random.PRNGKey(seed)))
         answers = []
         for row in tokens:

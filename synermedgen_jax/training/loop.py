@@ -69,7 +69,9 @@ def build(config) -> tuple[Callable[[], nnx.Module], step_lib.Codec, step_lib.Ob
         from synermedgen_jax.modeling.synermedgen import build_model
 
         make_model = functools.partial(build_model, config.model, seed)
-        objective = step_lib.UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
+        from synermedgen_jax.training.objective import UnifiedObjective
+
+        objective = UnifiedObjective(float(config.train.ce_weight), float(config.train.mse_weight))
     return make_model, step_lib.Codec(nnx.eval_shape(make_model), optim.trainable_predicate(config)), objective
 
 

@@ -7,14 +7,13 @@ The train state is a plain pytree (so Orbax, ``jax.jit`` shardings and donation 
      "rng": uint32 [2] (the run's base key; step keys are fold_in(rng, step))}
 
 Names are the dotted nnx paths (``language_model.layers.0.self_attn.q_proj.kernel``). ``Codec`` turns the two
-flat dicts back into a model inside the traced step. An *objective* (``UnifiedObjective`` here,
-``vae_stage.VaeObjective`` for stage 0) supplies the loss; the step adds gradient accumulation, clipping,
-AdamW, the EMA and the non-finite guard.
+flat dicts back into a model inside the traced step. An *objective* (``objective.UnifiedObjective`` for
+Stages I/II, ``vae_stage.VaeObjective`` for stage 0) owns the loss; the step adds gradient accumulation,
+clipping, AdamW, the EMA and the non-finite guard.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -25,7 +24,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from synermedgen_jax.modeling.synermedgen import compute_losses
 from synermedgen_jax.training import optim, sharding
 
 
@@ -68,54 +66,16 @@ class Codec:
 
 
 class Objective(Protocol):
-    """The loss of a stage. ``prepare`` runs once per global batch outside the gradient (frozen encoders,
-    noise draws, per-row extras); ``loss`` runs per micro-batch and returns a loss already normalised by the
-    *global* totals, so summing micro-batch gradients gives exactly the full-batch gradient."""
+    """The loss of a stage. ``prepare`` runs once per global batch outside the gradient and turns the host's
+    ``{name: array}`` batch into everything the loss reads (frozen encoders, noise draws; a pytree whose
+    leaves all lead with the batch axis, which micro-batching splits); ``loss`` runs per micro-batch and
+    returns a loss already normalised by the *global* totals, so summing micro-batch gradients gives exactly
+    the full-batch gradient."""
 
-    def prepare(self, model: nnx.Module, batch: dict, key: jax.Array) -> dict: ...
-    def totals(self, batch: dict) -> dict: ...
-    def loss(self, model: nnx.Module, micro: dict, totals: dict) -> tuple[jax.Array, dict]: ...
+    def prepare(self, model: nnx.Module, batch: dict, key: jax.Array) -> Any: ...
+    def totals(self, inputs: Any) -> dict: ...
+    def loss(self, model: nnx.Module, micro: Any, totals: dict) -> tuple[jax.Array, dict]: ...
     def metrics(self, sums: dict, totals: dict) -> dict: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class UnifiedObjective:
-    """BAGEL's CE + flow-matching MSE on packed batches (Stage I, Stage II, baselines)."""
-
-    ce_weight: float = 1.0
-    mse_weight: float = 1.0
-
-    def prepare(self, model, batch, key):
-        k_vae, k_noise = jax.random.split(key)
-        rows, slots = batch["vae_images"].shape[:2]
-        token_dim = model.config.latent_patch_size ** 2 * model.config.vae.z_channels
-        if slots == 0:
-            clean = jnp.zeros((rows, 0, token_dim), jnp.float32)
-        else:
-            clean = model.latent_tokens(batch["vae_images"], k_vae)
-        noise = jax.random.normal(k_noise, (rows, batch["latent_index"].shape[1], token_dim), jnp.float32)
-        return {"clean_latents": clean, "noise": noise}
-
-    def totals(self, batch):
-        return {"ce": jnp.sum(batch["ce_mask"].astype(jnp.float32)),
-                "mse": jnp.sum(batch["mse_mask"].astype(jnp.float32))}
-
-    def loss(self, model, micro, totals):
-        outputs = model(micro, micro["clean_latents"], micro["noise"])
-        local = compute_losses(outputs, micro, ce_weight=self.ce_weight, mse_weight=self.mse_weight,
-                               flow_impl=model.config.flow_matching_impl)
-        sums = {"ce": local["ce"] * local["ce_tokens"], "mse": local["mse"] * local["mse_tokens"],
-                "correct": local["token_accuracy"] * local["ce_tokens"]}
-        loss = (self.ce_weight * sums["ce"] / jnp.maximum(totals["ce"], 1.0)
-                + self.mse_weight * sums["mse"] / jnp.maximum(totals["mse"], 1.0))
-        return loss, sums
-
-    def metrics(self, sums, totals):
-        ce = sums["ce"] / jnp.maximum(totals["ce"], 1.0)
-        mse = sums["mse"] / jnp.maximum(totals["mse"], 1.0)
-        return {"loss": self.ce_weight * ce + self.mse_weight * mse, "ce": ce, "mse": mse,
-                "token_accuracy": sums["correct"] / jnp.maximum(totals["ce"], 1.0),
-                "ce_tokens": totals["ce"], "mse_tokens": totals["mse"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,8 +153,7 @@ def make_train_step(codec: Codec, tx: optax.GradientTransformation, objective: O
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params, frozen = state["params"], state["frozen"]
         model = codec.model(params, frozen)
-        extras = jax.lax.stop_gradient(objective.prepare(model, batch, key))
-        full = {**batch, **extras}
+        full = jax.lax.stop_gradient(objective.prepare(model, batch, key))
         totals = objective.totals(full)
         if accum == 1:
             (_, sums), grads = grad_fn(params, frozen, full, totals)
@@ -239,34 +198,14 @@ def jit_train_step(step_fn, state_sh: dict, batch_sh: dict, mesh: Mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------
-def answer_exact_match(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Per-sample greedy exact match of the answer under teacher forcing.
-
-    A sample's answer is decoded exactly by greedy decoding iff the argmax is right at each of its CE
-    positions, so this is greedy-decoding answer accuracy without a decode loop.
-    Returns ``(correct, counted)`` sums over the batch (samples with at least one CE token).
-    """
-    ce_mask = batch["ce_mask"] > 0
-    wrong = (jnp.argmax(logits, axis=-1) != batch["ce_label"]) & ce_mask
-    sample = jnp.take_along_axis(batch["sample_id"], batch["ce_index"], axis=1)  # [B, C]
-    slots = logits.shape[1]  # a row holds at most C samples with CE tokens
-    onehot = jax.nn.one_hot(jnp.where(ce_mask, sample, -1), slots, dtype=jnp.float32)  # [B, C, slots]
-    has = jnp.einsum("bc,bcs->bs", ce_mask.astype(jnp.float32), onehot) > 0
-    bad = jnp.einsum("bc,bcs->bs", wrong.astype(jnp.float32), onehot) > 0
-    return jnp.sum(has & ~bad).astype(jnp.float32), jnp.sum(has).astype(jnp.float32)
-
-
-def make_eval_step(codec: Codec, objective: UnifiedObjective, *, use_ema: bool = True):
-    """``(state, batch) -> metrics`` with token accuracy, answer exact-match sums and losses."""
+def make_eval_step(codec: Codec, objective, *, use_ema: bool = True):
+    """``(state, batch) -> metrics`` with token accuracy, answer exact-match sums and losses
+    (``objective.UnifiedObjective.evaluate`` on the whole batch; the velocity MSE by its jnp reference)."""
 
     def step(state: dict, batch: dict) -> dict:
         params = state["ema"] if (use_ema and state["ema"]) else state["params"]
         model = codec.model(params, state["frozen"])
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2**31 - 1)
-        full = {**batch, **objective.prepare(model, batch, key)}
-        outputs = model(full, full["clean_latents"], full["noise"])
-        losses = compute_losses(outputs, full, ce_weight=objective.ce_weight, mse_weight=objective.mse_weight)
-        correct, counted = answer_exact_match(outputs["logits"], full)
-        return {**losses, "answers_correct": correct, "answers": counted}
+        return objective.evaluate(model, objective.prepare(model, batch, key), flow_impl="reference")
 
     return step

@@ -3,7 +3,7 @@ Stage II sample grids.
 
 Eval batches are fixed (read once, the same rows every time) and replicated on every process; the eval step
 runs on the training mesh with the EMA weights when the run keeps an EMA. Understanding accuracy is greedy
-exact match of the answer (step.answer_exact_match): chance is 1/4 for the lettered CTS/TIA questions.
+exact match of the answer (objective.answer_exact_match): chance is 1/4 for the lettered CTS/TIA questions.
 
 Sample grids (``SampleGrids``, Stage II, every ``train.image_every`` steps): a few fixed held-out slices of one
 route are synthesized with inference/sampler.py's ``Sampler`` from the current (EMA) weights and written as a

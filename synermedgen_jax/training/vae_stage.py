@@ -49,7 +49,7 @@ class VaeObjective:
         images = batch["image"]
         f = model.vae.downsample
         shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, model.config.vae.z_channels)
-        return {"eps": jax.random.normal(key, shape, jnp.float32)}
+        return {**batch, "eps": jax.random.normal(key, shape, jnp.float32)}
 
     def totals(self, batch):
         return {"images": jnp.asarray(batch["image"].shape[0], jnp.float32)}
