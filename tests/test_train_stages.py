@@ -165,6 +165,7 @@ def test_stage1_names_modalities_of_a_held_out_subject_above_chance(data, tmp_pa
 
 
 def test_vae_then_stage1_then_stage2(data, tmp_path):
+    from synermedgen_jax.inference.sample_grids import SampleGrids
     from synermedgen_jax.training.loop import read_metrics, train
 
     vae_dir = tmp_path / "vae"
@@ -214,7 +215,7 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
                                                            "init_from": str(s1), "train.lr": 2e-3,
                                                            "train.image_every": 20, "train.image_slices": 2,
                                                            "train.image_sample_steps": 4})
-    assert train(config, s2) == 0
+    assert train(config, s2, sample_grids=SampleGrids) == 0
     _check_sample_grids(s2, data)
     curve = read_metrics(s2)
     assert np.mean([curve[s]["mse"] for s in range(35, 40)]) < 0.9 * np.mean([curve[s]["mse"] for s in range(5)])
@@ -328,10 +329,10 @@ def _check_sample_grids(workdir, data):
     from synermedgen_jax.data.packing import SpecialTokens
     from synermedgen_jax.data.records import RecordReader
     from synermedgen_jax.data.tokenizer import load_tokenizer
+    from synermedgen_jax.inference.sample_grids import SampleGrids
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
     from synermedgen_jax.training.checkpoint import load_model
     from synermedgen_jax.training.logging import image_grid
-    from synermedgen_jax.training.train_eval import SampleGrids
 
     pngs = sorted((workdir / "images").glob("*.png"))
     assert [p.name for p in pngs] == ["step_00000020.png", "step_00000040.png"]

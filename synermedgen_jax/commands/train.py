@@ -115,11 +115,12 @@ def main(args: argparse.Namespace) -> int:
                   f"({jax.process_count()} processes x {jax.local_device_count()} local); check the launcher's "
                   "tasks per node and GPUs per task", file=sys.stderr)
             return 2
+    from synermedgen_jax.inference.sample_grids import SampleGrids
     from synermedgen_jax.training.checkpoint import CheckpointError
     from synermedgen_jax.training.loop import TrainingError, train
 
     try:
-        return train(config, args.workdir, stop_at=args.stop_at)
+        return train(config, args.workdir, stop_at=args.stop_at, sample_grids=SampleGrids)
     except (CheckpointError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

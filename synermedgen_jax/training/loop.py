@@ -28,9 +28,11 @@ from synermedgen_jax.config import to_json
 from synermedgen_jax.training import checkpoint, inputs, optim, sharding
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import RunLogger
-from synermedgen_jax.training.train_eval import Evaluator, SampleGrids
+from synermedgen_jax.training.train_eval import Evaluator
 
 NAN_POLICIES = ("stop", "skip")
+# (config, codec, workdir, logger) -> grids(state, step, mesh): what renders Stage II sample grids.
+SampleGridsFactory = Callable[..., Callable[[dict, int, jax.sharding.Mesh], object]]
 
 
 class TrainingError(RuntimeError):
@@ -165,9 +167,12 @@ def _tokens(batch: dict) -> int:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
-          devices: list | None = None) -> int:
+          devices: list | None = None, sample_grids: SampleGridsFactory | None = None) -> int:
     """Runs (or resumes) a stage. Returns 0 when finished or preempted cleanly. ``devices``: the mesh's
-    devices (default all; a subset lets one process compare layouts)."""
+    devices (default all; a subset lets one process compare layouts). ``sample_grids``: the Stage II sample
+    grid renderer, built as ``sample_grids(config, codec, workdir, logger)`` and called as
+    ``grids(state, step, mesh)`` every ``train.image_every`` steps (commands/train.py passes
+    inference/sample_grids.SampleGrids; None: no grids)."""
     config = resolve_config(config)
     workdir = Path(workdir)
     tcfg = config.train
@@ -215,8 +220,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         train_step = step_lib.jit_train_step(step_lib.make_train_step(codec, tx, objective, tcfg), shardings,
                                              batch_sh, mesh)
         evaluator = Evaluator(config, codec, objective, shardings, mesh, logger) if int(tcfg.eval_every) else None
-        grids = (SampleGrids(config, codec, workdir, logger)
-                 if int(tcfg.image_every) > 0 and config.stage == "stage2_ucg" else None)
+        grids = (sample_grids(config, codec, workdir, logger)
+                 if sample_grids is not None and int(tcfg.image_every) > 0 and config.stage == "stage2_ucg"
+                 else None)
         pending = None  # (step, metrics on device, tokens, t_dispatch)
         local_batch = first
         last_time = time.perf_counter()
