@@ -46,9 +46,10 @@ def stage2_config(impl: str | None, variant: str = "tiny", platform: str | None 
 
 def setup(config, mesh):
     """``(codec, objective, state, shardings, global batch, batch shardings)`` on ``mesh``."""
+    from synermedgen_jax import sharding
     from synermedgen_jax.benchmark.train_bench import synthetic_batch
     from synermedgen_jax.data.packing import PackBudget
-    from synermedgen_jax.training import loop, optim, sharding
+    from synermedgen_jax.training import loop, optim
     from synermedgen_jax.training import step as step_lib
 
     make_model, codec, objective = loop.build(config)
@@ -73,14 +74,14 @@ def loss_and_grads_fn(codec, objective):
 
 
 def make_mesh(shape, devices=None):
-    from synermedgen_jax.training import sharding
+    from synermedgen_jax import sharding
 
     spec = dict(zip(sharding.MESH_AXES, shape))
     return sharding.make_mesh(spec, devices or jax.devices()[: int(np.prod(shape))])
 
 
 def numerics() -> dict:
-    from synermedgen_jax.training import sharding
+    from synermedgen_jax import sharding
 
     jax.config.update("jax_default_matmul_precision", "highest")
     config = stage2_config("pallas_interpret")
@@ -166,8 +167,8 @@ def export_all(platforms=("tpu", "cuda"), meshes=tuple(MESHES)) -> dict:
 
     from jax import export
 
+    from synermedgen_jax import sharding
     from synermedgen_jax.kernels import dispatch
-    from synermedgen_jax.training import sharding
 
     out = {}
     if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
@@ -202,11 +203,12 @@ def lowerable_steps(config, mesh):
     """The jitted sharded train step and sampler call with abstract sharded arguments on ``mesh``."""
     from flax import nnx
 
+    from synermedgen_jax import sharding
     from synermedgen_jax.benchmark.train_bench import synthetic_batch
     from synermedgen_jax.data.packing import PackBudget, SpecialTokens
     from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
     from synermedgen_jax.modeling.synermedgen import build_model
-    from synermedgen_jax.training import loop, optim, sharding
+    from synermedgen_jax.training import loop, optim
     from synermedgen_jax.training import step as step_lib
 
     make_model, codec, objective = loop.build(config)

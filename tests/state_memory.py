@@ -36,8 +36,9 @@ def expected_per_device(abstract: dict, shardings: dict) -> dict[str, int]:
 
 
 def main() -> None:
+    from synermedgen_jax import sharding
     from synermedgen_jax.config import apply_overrides, load_config
-    from synermedgen_jax.training import checkpoint, loop, optim, sharding
+    from synermedgen_jax.training import checkpoint, loop, optim
     from synermedgen_jax.training import step as step_lib
 
     data_dir, imported, workdir = sys.argv[1:4]

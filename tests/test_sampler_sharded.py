@@ -27,7 +27,7 @@ from synermedgen_jax.config import load_config
 from synermedgen_jax.inference import sampler as smp
 from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
-from synermedgen_jax.training import sharding
+from synermedgen_jax import sharding
 
 SPECIAL = SpecialTokens(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
 IMAGE, VIT = (16, 16), (28, 28)
@@ -59,7 +59,7 @@ assert out.shape == (5, 16, 16) and done == [5], (out.shape, done)
 err = float(np.abs(out - ref).max())
 assert err <= 1e-4, f"sharded vs single-device max |diff| {err}"
 
-# The parameters sit where training/sharding.py's rules put them, and some are really split over fsdp.
+# The parameters sit where synermedgen_jax/sharding.py's rules put them, and some are really split over fsdp.
 flat = nnx.to_flat_state(sharded.state)
 split = 0
 for path, variable in flat:

@@ -173,8 +173,9 @@ def abstract_train(config, mesh, rows: int, budget=None) -> AbstractTrain:
     """
     import jax
 
+    from synermedgen_jax import sharding
     from synermedgen_jax.data.packing import PackBudget, PackBuilder, SpecialTokens, empty_row
-    from synermedgen_jax.training import optim, sharding
+    from synermedgen_jax.training import optim
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import build, resolve_config
 

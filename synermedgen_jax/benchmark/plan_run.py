@@ -54,8 +54,8 @@ def _extrapolate(low: float, high: float, k_low: int, k_high: int, target: int) 
 def run_plan(args, mesh_spec: dict[str, int]) -> dict:
     import jax
 
+    from synermedgen_jax import sharding
     from synermedgen_jax.data.packing import PackBudget
-    from synermedgen_jax.training import sharding
 
     config = _load(args)
     target = getattr(args, "target", "") or "gpu"
@@ -201,7 +201,7 @@ def _plan_sampler(args, config, mesh, depths: list[int], full_layers: int) -> di
     """The sampler's batch on the same mesh, at the same decoder depths as the train step (extrapolated alike)."""
     if config.data.stage != "stage2" or not getattr(args, "sampler_steps", 0):
         return "not planned (Stage II configs only; --sampler-steps 0 skips it)"
-    from synermedgen_jax.training import sharding
+    from synermedgen_jax import sharding
 
     slices = args.sampler_slices or sharding.batch_divisor(mesh)
     plans = {}

@@ -91,10 +91,11 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
     import jax
 
+    from synermedgen_jax import sharding
     from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.flops import compiled_flops
-    from synermedgen_jax.training import optim, sharding
+    from synermedgen_jax.training import optim
     from synermedgen_jax.training import step as step_lib
     from synermedgen_jax.training.loop import build, resolve_config
 

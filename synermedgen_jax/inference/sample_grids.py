@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from synermedgen_jax.training import sharding
+from synermedgen_jax import sharding
 from synermedgen_jax.training.logging import image_grid
 
 

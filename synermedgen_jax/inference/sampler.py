@@ -24,7 +24,7 @@ Prefill, the whole ``fori_loop`` and the decode are one jitted function per (bat
 With ``use_cache=False`` every step instead runs the whole pack (context + target) through the model: the
 reference path, and the "without KV cache" row of tools/bench_sampler.py.
 
-On a device mesh (``Sampler(..., mesh=...)``, axes ``('data', 'fsdp', 'tensor')`` from training/sharding.py)
+On a device mesh (``Sampler(..., mesh=...)``, axes ``('data', 'fsdp', 'tensor')`` from synermedgen_jax/sharding.py)
 the slices of a batch are split over ``data × fsdp`` (the batch is padded to a multiple of that product and
 the padding dropped), parameters are placed by the same logical-axis rules as in training
 (``sharding.logical_spec``: ``fsdp`` / ``tensor`` splits where the rules give them, replicated otherwise) and
@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from synermedgen_jax import sharding
 from synermedgen_jax.data.packing import (
     NOISE,
     Geometry,
@@ -64,7 +65,6 @@ from synermedgen_jax.kernels import partition
 from synermedgen_jax.kernels.flow_matching import RENORMS, cfg_euler_step, shift_timesteps, uses_kernel
 from synermedgen_jax.modeling.generation import patchify_latents, unpatchify_latents
 from synermedgen_jax.modeling.layers import active_mesh
-from synermedgen_jax.training import sharding
 
 PASSES = ("cond", "text_uncond", "img_uncond")
 
@@ -330,7 +330,7 @@ def inference_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh | 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedShardings for an nnx state (same tree), from each variable's ``logical_axes`` metadata through
-    training/sharding.py's rule table (no metadata: replicated)."""
+    synermedgen_jax/sharding.py's rule table (no metadata: replicated)."""
     def one(variable: nnx.Variable) -> NamedSharding:
         axes = variable.get_metadata().get("logical_axes")
         return NamedSharding(mesh, sharding.logical_spec(axes, np.shape(variable.get_value()), mesh))

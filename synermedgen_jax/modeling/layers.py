@@ -1,7 +1,7 @@
 """Small building blocks shared by the model parts: parameters with logical axes, Linear, norms, RoPE, sin-cos.
 
 Every trainable parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (e.g. ``("embed", "mlp")``);
-``training/sharding.py`` maps those names onto mesh axes with one rules table, so no mesh name appears here.
+``synermedgen_jax/sharding.py`` maps those names onto mesh axes with one rules table, so no mesh name appears here.
 Frozen tables that BAGEL stores but never trains (the sin-cos position tables) are ``FrozenTable`` variables, so
 optimizers and parameter counts that select ``nnx.Param`` never see them.
 """
@@ -21,7 +21,7 @@ from flax import nnx
 
 
 # The mesh context: the model names activation axes logically; the trainer and the sampler install (while
-# tracing) the mesh and a function that maps those names onto it (training/sharding.py). Without one,
+# tracing) the mesh and a function that maps those names onto it (synermedgen_jax/sharding.py). Without one,
 # constraints are no-ops and the kernels run unpartitioned.
 @dataclasses.dataclass(frozen=True)
 class _MeshContext:

@@ -344,7 +344,7 @@ def _check_shapes(path, stored: dict[str, tuple], targets: dict[str, jax.ShapeDt
 def model_targets(model: nnx.Module, mesh=None) -> dict[str, jax.ShapeDtypeStruct]:
     """``{name: ShapeDtypeStruct}`` of every variable of an (abstract) model, placed by the logical-axis rules
     on ``mesh`` or on this process's first device."""
-    from synermedgen_jax.training import sharding as sharding_lib
+    from synermedgen_jax import sharding as sharding_lib
     from synermedgen_jax.training.step import path_name
 
     single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -24,8 +24,9 @@ from etils.epath import Path  # local paths and gs:// (and other remote) workdir
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from synermedgen_jax import sharding
 from synermedgen_jax.config import to_json
-from synermedgen_jax.training import checkpoint, inputs, optim, sharding
+from synermedgen_jax.training import checkpoint, inputs, optim
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import RunLogger
 from synermedgen_jax.training.train_eval import Evaluator

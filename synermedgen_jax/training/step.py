@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from synermedgen_jax.training import optim, sharding
+from synermedgen_jax import sharding
+from synermedgen_jax.training import optim
 
 
 def path_name(path: tuple) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from synermedgen_jax.training import inputs, sharding
+from synermedgen_jax import sharding
+from synermedgen_jax.training import inputs
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import image_grid
 

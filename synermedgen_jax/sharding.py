@@ -76,7 +76,7 @@ def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int]
     out, used = [], set()
     for name, size in zip(logical_axes, shape):
         if name is not None and name not in LOGICAL_RULES:
-            raise ValueError(f"logical axis {name!r} has no rule in training/sharding.py LOGICAL_RULES")
+            raise ValueError(f"logical axis {name!r} has no rule in synermedgen_jax/sharding.py LOGICAL_RULES")
         axis = LOGICAL_RULES.get(name) if name is not None else None
         axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
         ways = math.prod(mesh.shape[a] for a in axes)
