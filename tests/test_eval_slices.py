@@ -59,7 +59,7 @@ def test_pick_slices_spreads_over_anatomy_and_skips_empty_slices():
         def __getitem__(self, r):
             return reader[remap[r]]
 
-    picked, data = evaluate._pick_slices(Offset(), records, TASK, 4)
+    picked, data = evaluate.pick_slices(Offset(), records, TASK, 4)
     assert len(picked) == 4 and picked == sorted(picked) and [d["id"] + 100 for d in data] == picked
     usable = [r for r in records if fractions[r - 100] >= 0.05]
     assert set(picked) <= set(usable)
@@ -75,9 +75,9 @@ def test_pick_slices_needs_anatomy_in_both_modalities_and_shares_reads():
     t2 = [0.0] * 5 + [0.3] * 5  # target empty in the first half
     reader = FakeReader(t1, t2)
     content = evaluate.ContentIndex(reader)
-    picked, _ = evaluate._pick_slices(reader, list(range(10)), TASK, 2, content)
+    picked, _ = evaluate.pick_slices(reader, list(range(10)), TASK, 2, content)
     assert picked == [6, 8]  # centres of two equal bins over records 5..9
     reads = reader.reads
-    again, _ = evaluate._pick_slices(reader, list(range(10)), get_task("mni152-sim/brain/t2->t1"), 2, content)
+    again, _ = evaluate.pick_slices(reader, list(range(10)), get_task("mni152-sim/brain/t2->t1"), 2, content)
     assert again == picked and reader.reads - reads == 2  # content known: only the picked records are read
-    assert evaluate._pick_slices(FakeReader([0.0] * 6), list(range(6)), TASK, 3) == ([], [])
+    assert evaluate.pick_slices(FakeReader([0.0] * 6), list(range(6)), TASK, 3) == ([], [])

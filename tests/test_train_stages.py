@@ -261,7 +261,7 @@ def _check_vae_ceiling(vae_dir, data):
     from synermedgen_jax.data.records import RecordReader
     from synermedgen_jax.data.routes import get_task
     from synermedgen_jax.evaluation.ceiling import route_ceilings
-    from synermedgen_jax.evaluation.evaluate import _pick_slices, present_tasks
+    from synermedgen_jax.evaluation.evaluate import pick_slices, present_tasks
     from synermedgen_jax.training.checkpoint import load_model
     from synermedgen_jax.training.vae_stage import reconstruct
 
@@ -271,7 +271,7 @@ def _check_vae_ceiling(vae_dir, data):
     assert sorted(rows) == sorted(tasks) and all(r["slices"] == 2 for r in rows.values())
     name = "mni152-sim/brain/t1->t2"
     task = get_task(name)
-    _, picked = _pick_slices(reader, tasks[name], task, 2)
+    _, picked = pick_slices(reader, tasks[name], task, 2)
     _, model = load_model(str(vae_dir))
     want_recon, want_identity = [], []
     for record in picked:

@@ -23,7 +23,7 @@ from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.routes import get_task
 from synermedgen_jax.data.volumes import resize_image
 from synermedgen_jax.evaluation import metrics
-from synermedgen_jax.evaluation.evaluate import ContentIndex, _pick_slices, present_tasks
+from synermedgen_jax.evaluation.evaluate import ContentIndex, pick_slices, present_tasks
 
 LOCAL_MAP_SIZE = 3  # neighbourhood side (latent pixels) of the local map
 LOCAL_MAP_RIDGE = 1e-3
@@ -103,7 +103,7 @@ def route_ceilings(vae_workdir: str, data_dir: str, split: str = "test", max_sli
     out = {}
     for name, records in tasks.items():
         task = get_task(name)
-        picked, data = _pick_slices(reader, records, task, max_slices, content)
+        picked, data = pick_slices(reader, records, task, max_slices, content)
         if not picked:
             continue
         sources = np.stack([np.asarray(r["images"][task.source], np.float32) for r in data])

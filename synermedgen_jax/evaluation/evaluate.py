@@ -105,7 +105,7 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
     content = ContentIndex(reader)
     for name, records in tasks.items():
         task = get_task(name)
-        records, data = _pick_slices(reader, records, task, config.max_slices, content)
+        records, data = pick_slices(reader, records, task, config.max_slices, content)
         if not records:
             continue
         sources = np.stack([np.asarray(r["images"][task.source], np.float32) for r in data])
@@ -161,15 +161,19 @@ class ContentIndex:
         return self._content[record].get(modality, False)
 
 
-def _pick_slices(reader: RecordReader, records: list[int], task: Task, count: int,
-                 content: ContentIndex | None = None) -> tuple[list[int], list[dict]]:
-    """Up to ``count`` slices spread evenly over the route's slices that show anatomy in both source and
-    target: the centres of ``count`` equal bins over them, in record (slice) order (:func:`bin_centres`).
+def pick_slices(reader: RecordReader, records: list[int], task: Task, count: int,
+                content: ContentIndex | None = None) -> tuple[list[int], list[dict]]:
+    """The slices a route is scored on: ``(picked record indices, their records)``.
+
+    Up to ``count`` slices spread evenly over the route's slices (``records``, indices into ``reader``) that
+    show anatomy in both the task's source and target: the centres of ``count`` equal bins over them, in
+    record (slice) order (:func:`bin_centres`). ``content``: a :class:`ContentIndex` shared by the routes of
+    one evaluation (None: a new one). ``evaluate_synthesis`` and evaluation/ceiling.py pick with it, so the
+    model, the identity baseline and the ceilings are scored on the same slices.
 
     Slices without anatomy (e.g. skull-only slices of a skull-stripped MR) are left out first: an identity
-    copy of empty MR is perfect and would flatter the baseline. (The previous rule took ``linspace`` end
-    points over all records and replaced empty ones by the next records in order, which picked the nearly
-    empty edge slices of the brain, where a copy of the source scores almost perfectly on the background.)
+    copy of empty MR is perfect and would flatter the baseline; so are the nearly empty edge slices, where a
+    copy of the source scores almost perfectly on the background (hence bin centres, not end points).
     """
     content = content or ContentIndex(reader)
     usable = [r for r in records if content.has(r, task.source) and content.has(r, task.target)]
