@@ -86,7 +86,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.latent_pos_step = 1.0
     # auto: the Pallas kernels on GPU (Triton) and TPU (Mosaic), the faster jnp path on CPU; resolved once per
     # run by synermedgen_jax/kernels/dispatch.py (the run's config.json says what computed). Explicit values:
-    # kernels/attention.py IMPLS, kernels/flow_matching.py IMPLS (noising, velocity MSE, the CFG + Euler step).
+    # kernels/attention IMPLS, kernels/flow_matching.py IMPLS (noising, velocity MSE, the CFG + Euler step).
     config.attention_impl = "auto"
     config.flow_matching_impl = "auto"
     config.compute_dtype = "float32"

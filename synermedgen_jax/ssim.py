@@ -17,7 +17,7 @@ the boundary mode (scipy's ``'reflect'``) cannot influence the result and the fi
 correlation, ``out[o] = sum_k taps[k] * in[o + k]`` for ``o < L - 2r``. The kernel is separable and
 symmetric, so each pass is 11 shifted slices folded in pairs (6 multiplies, 10 adds per output), which
 XLA:CPU fuses into one vectorised loop per pass. Three choices make that fast on CPU (measured with
-``tools/bench_metrics.py``; ~5-10x the earlier banded-matrix version, see the issue notes):
+``python -m tools.bench_metrics``; ~5-10x a banded-matrix version):
 
 * Four moment planes instead of five. SSIM needs ``mu_x``, ``mu_y``, ``var_x + var_y`` and ``cov_xy``
   only, so ``x^2`` and ``y^2`` are filtered as one plane ``x^2 + y^2``.

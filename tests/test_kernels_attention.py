@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synermedgen_jax.kernels.attention import packed_attention, reference_attention, visibility_mask
-from synermedgen_jax.kernels.block_map import block_map, block_skip_fraction, visible_lists
-from synermedgen_jax.kernels.pallas_attention import BlockSizes, pallas_packed_attention
+from synermedgen_jax.kernels.attention.block_map import block_map, block_skip_fraction, visible_lists
+from synermedgen_jax.kernels.attention.pallas import BlockSizes, pallas_packed_attention
+from synermedgen_jax.kernels.attention.tile_math import CAUSAL, FULL, NOISE
 from synermedgen_jax.kernels.synthetic_packs import (
     GEN,
     UND,
@@ -31,7 +32,6 @@ from synermedgen_jax.kernels.synthetic_packs import (
     stage1_samples,
     stage2_samples,
 )
-from synermedgen_jax.kernels.tile_math import CAUSAL, FULL, NOISE
 
 BATCH, SEQ, HQ, HKV, DIM = 2, 120, 4, 2, 64  # T=120 pads to 128: the padding path runs in every example
 BLOCKS = BlockSizes(32, 32, 32, 32)
@@ -254,7 +254,7 @@ def test_dispatch_impls_agree_and_bad_input_is_named():
 _MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from synermedgen_jax.kernels.attention import packed_attention, reference_attention
-    from synermedgen_jax.kernels.pallas_attention import BlockSizes
+    from synermedgen_jax.kernels.attention.pallas import BlockSizes
     from synermedgen_jax.kernels.synthetic_packs import layout_pack, stage2_samples, stage1_samples
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from synermedgen_jax.kernels.attention import packed_attention, reference_attention
-from synermedgen_jax.kernels.chunked_attention import chunked_attention
+from synermedgen_jax.kernels.attention.chunked import chunked_attention
 from synermedgen_jax.kernels.synthetic_packs import layout_pack, random_samples
 
 

@@ -19,7 +19,7 @@ import pytest
 from jax import export
 
 from synermedgen_jax.kernels import flow_matching
-from synermedgen_jax.kernels.pallas_attention import pallas_packed_attention
+from synermedgen_jax.kernels.attention.pallas import pallas_packed_attention
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 BATCH, SEQ = 1, 512

@@ -5,11 +5,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def test_compiled_flops_match_single_expert_count():
-    import model_flops
+    from synermedgen_jax.benchmark import model_flops
 
     result = model_flops.measure("tiny")
     # Elementwise work (norms, softmax, RoPE) is not in the analytic count, so the ratio sits a little above 1;

@@ -1,6 +1,6 @@
 """The model trains with the fused Pallas kernels (interpret mode on CPU) exactly as with the jnp references.
 
-The batch and the loss/gradient computation are those of ``tools/check_model_kernels.py`` (the check a user runs
+The batch and the loss/gradient computation are those of ``python -m tools.check_model_kernels`` (the check a user runs
 first on a GPU/TPU machine), so this test also keeps that tool working; here the tolerances are the tight ones of
 float32 on CPU.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from tools.check_model_kernels import loss_and_grads, packed_batch
+from synermedgen_jax.benchmark.model_kernel_check import loss_and_grads, packed_batch
 
 
 def test_pallas_interpret_training_matches_reference(tiny_config):
@@ -34,14 +34,14 @@ def test_pallas_interpret_training_matches_reference(tiny_config):
 
 
 def test_gpu_kernel_check_tool_runs_in_interpret_mode(tmp_path):
-    """README's per-kernel GPU check (tools/gpu_kernel_check.py) on CPU in interpret mode (--quick): every
+    """README's per-kernel GPU check (python -m tools.gpu_kernel_check) on CPU in interpret mode (--quick): every
     attention and flow-matching case runs and agrees with its jnp reference within the tool's tolerances."""
     import json
 
-    from tools import gpu_kernel_check
+    from synermedgen_jax.benchmark import kernel_check
 
     out = tmp_path / "rows.json"
-    assert gpu_kernel_check.main(["--interpret", "--quick", "--json", str(out)]) == 0
+    assert kernel_check.main(["--interpret", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {row["kind"] for row in rows} == {"attention", "flow_matching"}
     assert all(row["ok"] for row in rows) and len(rows) >= 10

@@ -248,18 +248,15 @@ def _check_latent_scale(vae_dir):
 
 
 def _check_vae_ceiling(vae_dir, data):
-    """tools/vae_ceiling.py: every route present in the split; one route recomputed with skimage's SSIM from
-    the stage's own posterior-mean reconstruction; a bad path is a one-line error, exit 2."""
-    import sys
-
+    """python -m tools.vae_ceiling (evaluation/ceiling.main): every route present in the split; one route
+    recomputed with skimage's SSIM from the stage's own posterior-mean reconstruction; a bad path is a one-line
+    error, exit 2."""
     import jax.numpy as jnp
     from skimage.metrics import structural_similarity
 
-    sys.path.insert(0, str(h.REPO / "tools"))
-    import vae_ceiling
-
     from synermedgen_jax.data.records import RecordReader
     from synermedgen_jax.data.routes import get_task
+    from synermedgen_jax.evaluation.ceiling import main as vae_ceiling_main
     from synermedgen_jax.evaluation.ceiling import route_ceilings
     from synermedgen_jax.evaluation.evaluate import pick_slices, present_tasks
     from synermedgen_jax.training.checkpoint import load_model
@@ -288,7 +285,7 @@ def _check_vae_ceiling(vae_dir, data):
     train_pairs = sum(task.source in record["images"] and task.target in record["images"]
                       for record in (train[i] for i in range(len(train))))
     assert rows[name]["fit_pairs"] == train_pairs > 0 and -100.0 <= rows[name]["local_map"] <= 100.0
-    assert vae_ceiling.main(["--vae", str(vae_dir / "missing"), "--data", str(data)]) == 2
+    assert vae_ceiling_main(["--vae", str(vae_dir / "missing"), "--data", str(data)]) == 2
 
 
 def test_local_map_recovers_a_quadratic_neighbourhood_function():

@@ -1,22 +1,10 @@
-"""Attention kernel, data pipeline and metrics benchmarks: thin adapters over the project's tools
-(tools/bench_attention.py, tools/bench_metrics.py) and data pipeline, returning JSON-ready dicts."""
+"""Attention kernel, data pipeline and metrics benchmarks for the `bench` command: adapters over
+benchmark/attention.py, benchmark/metrics.py and the data pipeline, returning JSON-ready dicts."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
-
-from synermedgen_jax.benchmark.report import REPO_ROOT
-
-
-def _tool(name: str):
-    """Imports ``tools/<name>.py`` (the tools folder is not a package)."""
-    path = REPO_ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_smg_tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench_attention(seq_lens: list[int], repeats: int) -> dict:
@@ -24,8 +12,8 @@ def bench_attention(seq_lens: list[int], repeats: int) -> dict:
     the block-skip fractions, with the reason the timings are skipped."""
     import jax
 
-    tool = _tool("bench_attention")
-    from synermedgen_jax.kernels.pallas_attention import BlockSizes
+    from synermedgen_jax.benchmark import attention as tool
+    from synermedgen_jax.kernels.attention.pallas import BlockSizes
 
     if jax.default_backend() in ("gpu", "cuda", "tpu"):
         rows = tool.timing_report(seq_lens, repeats, ("pallas", "xla_dense", "reference"))
@@ -39,8 +27,9 @@ def bench_attention(seq_lens: list[int], repeats: int) -> dict:
 
 
 def bench_metrics(n: int, size: int, repeats: int) -> dict:
-    """Images/s of the jitted batched SSIM vs a scikit-image loop (tools/bench_metrics.py); prints the row."""
-    tool = _tool("bench_metrics")
+    """Images/s of the jitted batched SSIM vs a scikit-image loop (benchmark/metrics.py); prints the row."""
+    from synermedgen_jax.benchmark import metrics as tool
+
     row = tool.measure(n, size, repeats)
     tool.print_table([row])
     return {"name": "metrics", **row}
@@ -67,7 +56,9 @@ def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
     for i in range(n):
         reader[(i * 7919) % len(reader)]
     records_s = n / (time.perf_counter() - start)
-    budget = _tool("bench_data")._budget(variant, 64)
+    from synermedgen_jax.benchmark.data import pack_budget
+
+    budget = pack_budget(variant, 64)
     model_config = load_config(f"configs/models.py:{variant}")
     config = PipelineConfig(stage="mixed", rows_per_batch=1, workers=0, augment=True, process_index=0,
                             process_count=1)

@@ -259,7 +259,7 @@ def activation_estimate(model_config, budget, rows_per_device: float) -> dict:
     not at all for Pallas (tiles in on-chip memory)."""
     import numpy as np
 
-    from synermedgen_jax.kernels.chunked_attention import DEFAULT_CHUNK
+    from synermedgen_jax.kernels.attention.chunked import DEFAULT_CHUNK
 
     llm = model_config.llm
     tokens = budget.total_tokens * rows_per_device
@@ -327,14 +327,14 @@ def kernel_working_set(model_config, budget, rows_per_device: float, mesh_sizes:
     themselves live in on-chip memory (shared memory / VMEM), not in the device-memory figure."""
     import numpy as np
 
-    from synermedgen_jax.kernels.pallas_attention import _triton_head_dim, default_block_sizes
+    from synermedgen_jax.kernels.attention.pallas import default_block_sizes, triton_head_dim
 
     backend = "mosaic" if target == "tpu" else "triton"
     b = np.dtype(model_config.compute_dtype).itemsize
     tensor = int(mesh_sizes.get("tensor", 1))
 
     def call(tokens: int, q_heads: int, kv_heads: int, head_dim: int, rows: float) -> dict:
-        lanes = _triton_head_dim(head_dim) if backend == "triton" else head_dim
+        lanes = triton_head_dim(head_dim) if backend == "triton" else head_dim
         sizes = default_block_sizes(backend, lanes, False)
         padded = -(-tokens // sizes.multiple) * sizes.multiple
         if q_heads % tensor == 0 and kv_heads % tensor == 0:

@@ -135,8 +135,8 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     visible = None
     attention_note = f"dense T^2 ({config.model.attention_impl} computes every (query, key) pair)"
     if config.model.attention_impl.startswith("pallas"):
-        from synermedgen_jax.kernels.block_map import block_skip_fraction
-        from synermedgen_jax.kernels.pallas_attention import default_block_sizes
+        from synermedgen_jax.kernels.attention.block_map import block_skip_fraction
+        from synermedgen_jax.kernels.attention.pallas import default_block_sizes
 
         interpret = config.model.attention_impl == "pallas_interpret"
         backend = "mosaic" if jax.default_backend() == "tpu" else "triton"

@@ -16,7 +16,7 @@ Semantics follow BAGEL's ``pack_sequence`` (docs/packing.md):
 
 Layout. Each pack row has an *understanding region* of ``und_tokens`` slots (text, markers, ViT tokens) followed
 by a *generation region* of ``gen_tokens`` slots (VAE latent tokens). Attention visibility depends only on the
-per-token metadata and on token order inside a split (kernels/attention.py), so splitting a sample across the two
+per-token metadata and on token order inside a split (kernels/attention/), so splitting a sample across the two
 regions changes nothing, and each MoT expert runs on a contiguous slice of the sequence: no token is ever
 computed by both experts.
 """

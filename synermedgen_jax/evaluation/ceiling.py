@@ -10,10 +10,13 @@ neighbourhood (values and squares) to the target latent pixel, fitted per route 
 (:func:`fit_local_map`). The simulated modalities are mostly intensity remaps of one anatomy, so this map is a
 yardstick for Stage II: where it beats the copy, a generator that carries the source latent through attention
 can too; where even it does not, the autoencoder (or the data) is the limit, not Stage II.
-``tools/vae_ceiling.py`` prints both; ``quickstart`` reports them.
+``python -m tools.vae_ceiling`` (:func:`main`) prints both; ``quickstart`` reports them.
 """
 
 from __future__ import annotations
+
+import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +150,34 @@ class _TrainingLatents:
         if not both:
             return None
         return np.stack([sources[i] for i in both]), np.stack([targets[i] for i in both])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tools.vae_ceiling --vae WORKDIR --data DIR [--split test] [--max-slices 4]``: prints
+    :func:`route_ceilings` as a table (reconstruction, local map and identity SSIM×100 per route). ``--vae`` takes
+    a stage-0 workdir or any training workdir whose checkpoint holds the VAE (Stage I/II). Returns 2 with a
+    one-line error for a missing or unreadable VAE / data folder."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="stage-0 (or later) training workdir holding the VAE")
+    parser.add_argument("--data", required=True, help="built data folder (build-data --out)")
+    parser.add_argument("--split", default="test", help="record split (test, as eval)")
+    parser.add_argument("--max-slices", type=int, default=4, help="slices per route (4, as quickstart's eval)")
+    args = parser.parse_args(argv)
+    from synermedgen_jax.inference.loading import InferenceError
+    from synermedgen_jax.training.checkpoint import CheckpointError
+
+    try:
+        rows = route_ceilings(args.vae, args.data, args.split, args.max_slices)
+    except (CheckpointError, InferenceError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("| route | slices | reconstruction SSIM×100 | local map SSIM×100 | identity SSIM×100 |\n"
+          "|---|---|---|---|---|")
+    for name, row in rows.items():
+        local = "-" if row.get("local_map") is None else f"{row['local_map']:.2f}"
+        print(f"| {name} | {row['slices']} | {row['reconstruction']:.2f} | {local} | {row['identity']:.2f} |")
+    for key, what in (("reconstruction", "reconstruction"), ("local_map", "local map")):
+        above = sum(row.get(key) is not None and row[key] > row["identity"] for row in rows.values())
+        print(f"{what} above the identity copy on {above} of {len(rows)} routes")
+    return 0

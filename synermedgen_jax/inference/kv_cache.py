@@ -4,13 +4,13 @@ BAGEL's inference (``NaiveCache`` + ``forward_inference``) keeps, per layer, the
 every context token. Our cache is the same idea in static shapes:
 
 * :func:`prefill` runs the context tokens (instruction text, ViT tokens, clean VAE latents — every split that
-  is not a noised target) through all layers, with the packed attention of kernels/attention.py, and keeps
+  is not a noised target) through all layers, with the packed attention of kernels/attention/, and keeps
   ``k, v [L, B, Tc, Hkv, D]`` plus each key's metadata (sample, split, kind, order).
 * :func:`forward_cached` runs new query tokens (the noised target's split: its two marker tokens on the
   understanding expert and its latent tokens on the generation expert; or one decoded text token) through
   the same layers. A query sees the cached keys its own visibility rule allows — every earlier non-noise
   split of its own sample — plus the new tokens themselves (whole split for ``noise``/``full``, up to itself
-  for ``causal``), by the one visibility rule (kernels/tile_math.py) with the keys' metadata.
+  for ``causal``), by the one visibility rule (kernels/attention/tile_math.py) with the keys' metadata.
 
 Both loop over the model's own layers (``MoTDecoderLayer`` of modeling/llm.py, the training code: prefill calls
 it without a cache, the cached forward with a ``LayerCache``) and end with the model's ``final_norm``.

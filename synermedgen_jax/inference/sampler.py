@@ -22,7 +22,7 @@ Per batch of source slices:
 
 Prefill, the whole ``fori_loop`` and the decode are one jitted function per (batch size, context layout).
 With ``use_cache=False`` every step instead runs the whole pack (context + target) through the model: the
-reference path, and the "without KV cache" row of tools/bench_sampler.py.
+reference path, and the "without KV cache" row of benchmark/sampler.py (python -m tools.bench_sampler).
 
 On a device mesh (``Sampler(..., mesh=...)``, axes ``('data', 'fsdp', 'tensor')`` from synermedgen_jax/sharding.py)
 the slices of a batch are split over ``data × fsdp`` (the batch is padded to a multiple of that product and

@@ -2,8 +2,8 @@
 
 ``auto`` (the default of ``model.attention_impl`` and ``model.flow_matching_impl`` in configs/models.py) means:
 
-* GPU: the Pallas kernels, lowered through Triton (kernels/attention_triton.py, flow_matching.py);
-* TPU: the Pallas kernels, lowered through Mosaic (kernels/attention_mosaic.py, flow_matching.py);
+* GPU: the Pallas kernels, lowered through Triton (kernels/attention/triton_kernel.py, flow_matching.py);
+* TPU: the Pallas kernels, lowered through Mosaic (kernels/attention/mosaic_kernel.py, flow_matching.py);
 * CPU (no Pallas compiler): attention ``CPU_ATTENTION`` and flow matching ``"reference"`` (jnp; XLA fuses its
   elementwise code as well as a kernel would). ``CPU_ATTENTION`` is the faster of the jnp reference and
   ``chunked`` on the quickstart's shapes, measured below.
@@ -80,7 +80,7 @@ def pallas_backend(platform: str | None = None) -> str:
 
 def _has_pallas() -> bool:
     try:
-        from synermedgen_jax.kernels import pallas_attention  # noqa: F401, PLC0415
+        from synermedgen_jax.kernels.attention import pallas  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from synermedgen_jax.kernels.tile_math import CAUSAL, FULL, NOISE
+from synermedgen_jax.kernels.attention.tile_math import CAUSAL, FULL, NOISE
 
 UND, GEN = "und", "gen"
 Split = tuple[int, int, str]  # (kind, length, region)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from synermedgen_jax.kernels.tile_math import (
+from synermedgen_jax.kernels.attention.tile_math import (
     NEG,
     dot_nn,
     dot_nt,

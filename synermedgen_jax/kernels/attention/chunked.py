@@ -4,7 +4,7 @@ recomputes each chunk's scores in the backward pass (FlashAttention-2's algorith
 It compiles on every XLA backend, and its temporaries are ``O(T · chunk)`` per head instead of ``O(T²)``: the
 ahead-of-time memory planner uses it to size long-context steps on simulated CPU meshes, where the Pallas
 kernels cannot be compiled, and it is a portable fallback. It computes every key chunk (no block skipping).
-Visibility is the rule of kernels/attention.py, evaluated per chunk from the metadata.
+Visibility is the rule of tile_math.py (the contract: reference.py), evaluated per chunk from the metadata.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from synermedgen_jax.kernels.tile_math import visible_tile
+from synermedgen_jax.kernels.attention.tile_math import visible_tile
 
 DEFAULT_CHUNK = 512
 

@@ -1,4 +1,8 @@
-"""Tile-level math shared by the Triton-style and Mosaic-style attention kernels.
+"""Tile-level math of packed-split attention: BAGEL's visibility rule and the online-softmax steps.
+
+``visible_tile`` is the one statement of the visibility rule (the contract is in reference.py): the dense
+mask of reference.py, the chunks of chunked.py and the Triton / Mosaic kernels evaluate it, and block_map.py
+bounds it per block.
 
 Everything here runs *inside* a kernel on small tiles, so it uses only elementwise jnp ops that both
 Pallas backends lower. Orientation is decided by the caller's shapes: pass query metadata as a column

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from synermedgen_jax.kernels.tile_math import CAUSAL, NOISE
+from synermedgen_jax.kernels.attention.tile_math import CAUSAL, NOISE
 
 # Sentinels for empty min/max reductions; metadata ids are int32 and far from these in practice.
 _BIG = jnp.iinfo(jnp.int32).max

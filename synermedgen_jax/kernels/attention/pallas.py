@@ -4,9 +4,9 @@
 by nothing), builds the block lists from the metadata (``block_map.py``), and calls one of two kernel
 families:
 
-* ``"triton"`` (``attention_triton.py``): GPU. Grid over (batch, head, block); each program loops over its
+* ``"triton"`` (``triton_kernel.py``): GPU. Grid over (batch, head, block); each program loops over its
   list of visible blocks, loop bound read from the list's count.
-* ``"mosaic"`` (``attention_mosaic.py``): TPU. ``PrefetchScalarGridSpec`` with the block lists in SMEM; the
+* ``"mosaic"`` (``mosaic_kernel.py``): TPU. ``PrefetchScalarGridSpec`` with the block lists in SMEM; the
   key-block grid axis is indexed through the list and ``pl.when`` skips steps past the count.
 
 Both run on CPU with ``interpret=True``. The forward saves the log-sum-exp; the backward recomputes the
@@ -23,8 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from synermedgen_jax.kernels import attention_mosaic, attention_triton
-from synermedgen_jax.kernels.block_map import block_map, visible_lists
+from synermedgen_jax.kernels.attention import mosaic_kernel, triton_kernel
+from synermedgen_jax.kernels.attention.block_map import block_map, visible_lists
 
 BACKENDS = ("triton", "mosaic")
 
@@ -64,7 +64,7 @@ def default_block_sizes(backend: str, head_dim: int, interpret: bool) -> BlockSi
         return BlockSizes(32, 32, 32, 32)
     if backend == "triton":
         # 128x64 forward keeps q, the accumulator and one K/V tile in registers/shared memory at D=128. The
-        # backward kernels run best with 4 warps: measured on an H100 (tools/bench_attention.py --sweep, T=8192,
+        # backward kernels run best with 4 warps: measured on an H100 (tools.bench_attention --sweep, T=8192,
         # D=128, bf16), 8 warps there made the backward 2-2.4x slower (forward+backward 1.4-1.9x).
         return BlockSizes(128, 64, 64, 64, num_warps=8 if head_dim >= 128 else 4, num_stages=2, num_warps_bwd=4,
                           num_stages_bwd=2)
@@ -87,7 +87,7 @@ class _Config:
 
 
 def _module(config: _Config):
-    return attention_triton if config.backend == "triton" else attention_mosaic
+    return triton_kernel if config.backend == "triton" else mosaic_kernel
 
 
 def _lists(meta: jax.Array, bq: int, bk: int):
@@ -143,7 +143,7 @@ def pallas_packed_attention(
     backend: str | None = None,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
-    """Fused packed-split attention; same contract as ``attention.packed_attention``. Returns ``[B, T, Hq, D]``.
+    """Fused packed-split attention; same contract as ``kernels.attention.packed_attention``. Returns ``[B, T, Hq, D]``.
 
     ``backend``: ``"triton"`` | ``"mosaic"`` | None (Mosaic on TPU, Triton otherwise; with ``interpret=True``
     either runs on CPU). ``block_sizes``: None for the per-platform defaults.
@@ -155,7 +155,7 @@ def pallas_packed_attention(
     # Triton tiles must have power-of-two sides, and SigLIP's head_dim is 72: zero columns appended to q and k
     # leave every q·k unchanged, those appended to v give output columns that are sliced off (the scale stays
     # that of the true head_dim).
-    lanes = _triton_head_dim(head_dim) if backend == "triton" else head_dim
+    lanes = triton_head_dim(head_dim) if backend == "triton" else head_dim
     sizes = block_sizes or default_block_sizes(backend, lanes, interpret)
     padded = -(-seq_len // sizes.multiple) * sizes.multiple
     pad = padded - seq_len
@@ -172,6 +172,6 @@ def pallas_packed_attention(
     return out[:, :seq_len, :, :head_dim]
 
 
-def _triton_head_dim(head_dim: int) -> int:
+def triton_head_dim(head_dim: int) -> int:
     """The smallest power of two ≥ ``head_dim`` and ≥ 16 (Triton's smallest dot operand side)."""
     return max(16, 1 << (head_dim - 1).bit_length())

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from synermedgen_jax.kernels.tile_math import (
+from synermedgen_jax.kernels.attention.tile_math import (
     NEG,
     dot_nn,
     dot_nt,
