@@ -17,7 +17,7 @@ SPECIAL_IDS = dict(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
 
 
 def sincos_table(dim: int, side: int, base: float = 10000.0, step: float = 1.0) -> np.ndarray:
-    """The 2-D sin-cos table from the reference notes, written independently of our layers.py: row r*side+c,
+    """BAGEL's frozen 2-D sin-cos table (docs/architecture.md), written independently of our layers.py: row r*side+c,
     first half encodes the column, second half the row, each half [sin(p·w_k), cos(p·w_k)],
     w_k=step/base^(k/(D/4)) (BAGEL: base 1e4, step 1)."""
     quarter = dim // 4
