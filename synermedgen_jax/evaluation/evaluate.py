@@ -193,7 +193,9 @@ def write_grid(path: Path, sources: np.ndarray, targets: np.ndarray, preds: np.n
 
 def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConfig) -> dict:
     """``{cts|mi|tia: accuracy dict}`` for the split's instances (first ``max_instances`` of each)."""
+    from synermedgen_jax.data.prompts import mi_answer
     from synermedgen_jax.data.understanding import load_instances, render
+    from synermedgen_jax.data.volumes import MODALITY_NAMES
     from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
 
     path = Path(data_dir) / "instances" / f"{config.split}.npz"
@@ -206,10 +208,13 @@ def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConf
         cols = tables.get(task)
         if cols is not None and len(cols["task"]) > 0:
             rendered_by_task[task] = [render(cols, i) for i in range(min(config.max_instances, len(cols["task"])))]
-    # Room for the longest reference answer and its end token: a shorter cap would cut correct answers off
-    # and count them as unparseable (MI answers name every panel and run to ~30 tokens).
+    # Room for the longest answer the model could give and its end token: a shorter cap would cut answers off
+    # and count them as unparseable. A wrong MI answer can be longer than every reference (four panels named
+    # with the longest modality name), so the cap covers that too.
     longest = max((len(inference.tokenizer.encode(r.answer)) for rows in rendered_by_task.values() for r in rows),
                   default=0)
+    if "mi" in rendered_by_task:
+        longest = max(longest, *(len(inference.tokenizer.encode(mi_answer([name] * 4))) for name in MODALITY_NAMES))
     answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
                         DecodeConfig(max_new_tokens=max(config.max_new_tokens, longest + 2)))
     out = {}
