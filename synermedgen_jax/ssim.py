@@ -31,10 +31,6 @@ XLA:CPU fuses into one vectorised loop per pass. Three choices make that fast on
   planes) cache-sized; whole-batch intermediates are memory-bound. The image axes stay minor: a
   batch-minor ``[H, W, B]`` layout measured 2-4x slower here (the W-pass then strides over B).
 
-``ssim_map`` returns the full map including the border, equal to scikit-image's ``full=True`` output;
-there the border does depend on the boundary mode, so it uses dense band matrices with scipy's
-``'reflect'`` folded into them (only meant for a few images, e.g. error maps in reports).
-
 Masks (body / foreground). ``mask`` is ``[N, H, W]`` (bool or 0/1); nonzero marks pixels that count.
 SSIM with a mask is the mean of the SSIM map over the mask pixels *inside the same 5-pixel crop* (mask
 pixels on the border strip are ignored). An image with no counted pixel yields NaN (0 / 0) rather than an
@@ -53,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["K1", "K2", "SIGMA", "TRUNCATE", "RADIUS", "WIN_SIZE", "gaussian_taps", "ssim", "ssim_map",
-           "check_images", "check_data_range"]
+__all__ = ["K1", "K2", "SIGMA", "TRUNCATE", "RADIUS", "WIN_SIZE", "gaussian_taps", "ssim", "check_images",
+           "check_data_range"]
 
 K1 = 0.01
 K2 = 0.03
@@ -226,45 +222,3 @@ def ssim(pred, target, *, data_range, mask=None) -> jax.Array:
     n, h, w = x.shape
     chunk = max(1, min(n, max(2, _CHUNK_PIXELS // (h * w))))
     return _ssim_impl(x, y, dr, m, chunk=chunk)
-
-
-# --------------------------------------------------------------------------------------------------
-# Full SSIM map (reflect boundary), for error maps and tests
-# --------------------------------------------------------------------------------------------------
-
-
-def _reflect_band(n: int, taps: np.ndarray) -> np.ndarray:
-    """``[n, n]`` matrix ``G`` with ``(G @ x)[o] = sum_k taps[k] * x[reflect(o + k - r)]``.
-
-    scipy.ndimage's 'reflect' mirrors about the edge including the edge sample: (d c b a | a b c d).
-    """
-    r = (taps.shape[0] - 1) // 2
-    g = np.zeros((n, n), np.float64)
-    for o in range(n):
-        for k, t in enumerate(taps):
-            i = o + k - r
-            # Repeat the mirror until inside: only matters for n < r, which the size check forbids.
-            while i < 0 or i >= n:
-                i = -i - 1 if i < 0 else 2 * n - i - 1
-            g[o, i] += t
-    return g
-
-
-@jax.jit
-def _ssim_map_impl(pred, target, data_range, gh, gw) -> jax.Array:
-    planes = jnp.stack([pred, target, pred * pred + target * target, pred * target])
-    mu = jnp.einsum("oh,qnhw,pw->qnop", gh, planes, gw)
-    return _ssim_terms(mu[0], mu[1], mu[2], mu[3], (K1 * data_range) ** 2, (K2 * data_range) ** 2)
-
-
-def ssim_map(pred, target, *, data_range) -> jax.Array:
-    """Full SSIM map ``[N, H, W]`` including the border, equal to scikit-image's ``full=True`` map.
-
-    Uses dense reflect-folded band matrices (``O(H^2 W + H W^2)`` per image): meant for a few images.
-    """
-    x, y, _ = check_images(pred, target, None, min_size=WIN_SIZE)
-    dr = check_data_range(data_range)
-    taps = gaussian_taps()
-    gh = jnp.asarray(_reflect_band(x.shape[1], taps), jnp.float32)
-    gw = jnp.asarray(_reflect_band(x.shape[2], taps), jnp.float32)
-    return _ssim_map_impl(x, y, dr, gh, gw)

@@ -11,9 +11,10 @@ from collections import defaultdict
 import nibabel as nib
 import numpy as np
 import pytest
+from data_helpers import verify_shards
 
 from synermedgen_jax.__main__ import main as cli
-from synermedgen_jax.data.records import RecordReader, load_index, verify_shards
+from synermedgen_jax.data.records import RecordReader, load_index
 from synermedgen_jax.data.volumes import denormalise
 
 Z_LO, Z_HI = 4, 15  # the synthetic body occupies axial slices 4..15: 12 valid slices per good case

@@ -117,7 +117,7 @@ def test_every_good_row_is_kept_and_bad_rows_say_why(release, built):
     for line, reason in expected["bad_lines"].items():
         assert lines_bad[line].startswith(reason), (line, lines_bad[line])
     assert (out / "slice").resolve() == (root / "slice").resolve()
-    from synermedgen_jax.data.records import verify_shards
+    from data_helpers import verify_shards
 
     assert verify_shards(out) == []
 
@@ -326,7 +326,7 @@ def trained(built, tmp_path_factory):
 
 
 def test_stage1_and_stage2_train_from_the_release(trained):
-    from synermedgen_jax.training.loop import read_metrics
+    from train_helpers import read_metrics
 
     s1, s2 = trained
     for workdir, key in ((s1, "ce"), (s2, "mse")):

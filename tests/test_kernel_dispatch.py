@@ -63,7 +63,7 @@ def test_readme_names_the_cpu_path():
 
 def test_tiny_run_records_its_kernels(tmp_path):
     from synermedgen_jax.training.checkpoint import load_model
-    from synermedgen_jax.training.loop import read_metrics, train
+    from synermedgen_jax.training.loop import train
 
     data = h.build_data(tmp_path / "data")
     overrides = {"data.dir": str(data), "train.progress": False, "train.eval_every": 0, "train.steps": 2,
@@ -77,7 +77,7 @@ def test_tiny_run_records_its_kernels(tmp_path):
     assert (saved["attention_impl"], saved["flow_matching_impl"]) == (dispatch.CPU_ATTENTION, "reference")
     assert saved["kernels"] == {"attention_requested": "auto", "flow_matching_requested": "auto",
                                 "platform": "cpu", "summary": summary}
-    rows = read_metrics(tmp_path / "run")
+    rows = h.read_metrics(tmp_path / "run")
     assert rows[0]["kernels"] == summary and "kernels" not in rows[1]
     run_config, model = load_model(str(tmp_path / "run"))  # the inference path resolves the same way
     assert run_config.model.attention_impl == model.config.attention_impl == dispatch.CPU_ATTENTION

@@ -42,7 +42,7 @@ from synermedgen_jax.data.packing import (  # noqa: E402
     stack_rows,
 )
 from synermedgen_jax.modeling.synermedgen import SynerMedGen  # noqa: E402
-from synermedgen_jax.port import bagel  # noqa: E402
+from synermedgen_jax.port import bagel, keys  # noqa: E402
 from synermedgen_jax.port.orbax_io import load_params_checkpoint, save_params_checkpoint  # noqa: E402
 from synermedgen_jax.training.objective import flow_matching_inputs  # noqa: E402
 
@@ -61,8 +61,15 @@ def folder(tmp_path_factory, tiny_config):
 def _imported(path, **options):
     config, params = bagel.load(path, compute_dtype="float32", **options)
     model = SynerMedGen(config, rngs=nnx.Rngs(params=0))
-    nnx.update(model, bagel.to_state(config, params))
+    nnx.update(model, _to_state(config, params))
     return config, params, model
+
+
+def _to_state(config, params) -> nnx.State:
+    """Imported params as an ``nnx.State`` for ``nnx.update(model, state)`` (every parameter must be there)."""
+    flat = bagel.flatten(params)
+    return nnx.from_flat_state([(path, variable.replace(np.asarray(flat[keys.dotted(path)])))
+                                for path, variable in nnx.to_flat_state(keys.abstract_state(config))])
 
 
 def _text_batch(config, ids):
@@ -358,7 +365,7 @@ def test_understanding_only_checkpoint_and_resized_tables(folder, tmp_path):
 def test_params_checkpoint_restores_onto_sharded_target(folder, tmp_path):
     _, path, _ = folder
     config, params = bagel.load(path, compute_dtype="float32")
-    save_params_checkpoint(bagel.to_state(config, params), config, tmp_path / "ck")
+    save_params_checkpoint(_to_state(config, params), config, tmp_path / "ck")
     abstract = nnx.state(nnx.eval_shape(lambda: SynerMedGen(config, rngs=nnx.Rngs(params=0))))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=sharding), abstract)

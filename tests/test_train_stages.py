@@ -166,16 +166,16 @@ def test_stage1_names_modalities_of_a_held_out_subject_above_chance(data, tmp_pa
 
 def test_vae_then_stage1_then_stage2(data, tmp_path):
     from synermedgen_jax.inference.sample_grids import SampleGrids
-    from synermedgen_jax.training.loop import read_metrics, train
+    from synermedgen_jax.training.loop import train
 
     vae_dir = tmp_path / "vae"
     assert train(_config("configs/vae.py:tiny", data, **{"train.steps": 30, "train.rows": 8,
                                                          "train.lr": 3e-3, "train.checkpoint_every": 30,
                                                          "train.eval_every": 30, "train.eval_rows": 8}), vae_dir) == 0
-    curve = read_metrics(vae_dir)
+    curve = h.read_metrics(vae_dir)
     first, last = np.mean([curve[s]["l1"] for s in range(3)]), np.mean([curve[s]["l1"] for s in range(27, 30)])
     assert last < 0.8 * first, (first, last)
-    assert read_metrics(vae_dir, eval_records=True)[30]["images"]["psnr"] > 0
+    assert h.read_metrics(vae_dir, eval_records=True)[30]["images"]["psnr"] > 0
     scale = _check_latent_scale(vae_dir)
     _check_vae_ceiling(vae_dir, data)
 
@@ -191,9 +191,9 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.vae.encoder.conv_in.kernel[...]),
                                   np.asarray(vae_model.vae.encoder.conv_in.kernel[...]))
     assert _saved_vae_constants(s1) == scale  # the fitted scale travels with vae_from
-    curve = read_metrics(s1)
+    curve = h.read_metrics(s1)
     assert np.mean([curve[s]["ce"] for s in range(95, 100)]) < np.mean([curve[s]["ce"] for s in range(5)]) - 0.5
-    held_out = read_metrics(s1, eval_records=True)[100]
+    held_out = h.read_metrics(s1, eval_records=True)[100]
     # Answer tokens on held-out instances (other subject): well above the 1/512 of an untrained vocabulary.
     assert held_out["mi"]["token_accuracy"] > 0.3
     # Generated answers (KV-cached greedy decoding, parsed as `eval` parses them) of held-out prompts are in
@@ -217,7 +217,7 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
                                                            "train.image_sample_steps": 4})
     assert train(config, s2, sample_grids=SampleGrids) == 0
     _check_sample_grids(s2, data)
-    curve = read_metrics(s2)
+    curve = h.read_metrics(s2)
     assert np.mean([curve[s]["mse"] for s in range(35, 40)]) < 0.9 * np.mean([curve[s]["mse"] for s in range(5)])
     assert _saved_vae_constants(s2) == scale
     _, stage2 = load_model(str(s2), ema=False)

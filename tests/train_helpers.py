@@ -3,6 +3,7 @@ cache (identical programs compile once across processes), and an in-process layo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,9 +43,25 @@ def run(cmd: list[str], environment: dict, timeout: float = 240) -> subprocess.C
     return result
 
 
-def losses(workdir: Path) -> dict[int, float]:
-    from synermedgen_jax.training.loop import read_metrics
+def read_metrics(workdir: str | Path, *, eval_records: bool = False) -> dict[int, dict]:
+    """``{step: metrics}`` of the train steps (or, with ``eval_records``, ``{step: {task: metrics}}`` of the
+    evaluations) from the run's ``metrics.jsonl``; a step logged twice after a crash: the last line wins."""
+    out: dict[int, dict] = {}
+    path = Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        step = int(record["step"])
+        if eval_records and "eval" in record:
+            out.setdefault(step, {})[record["eval"].removeprefix("eval/")] = record
+        elif not eval_records and "eval" not in record:
+            out[step] = record
+    return out
 
+
+def losses(workdir: Path) -> dict[int, float]:
     return {step: record["loss"] for step, record in read_metrics(workdir).items() if "eval" not in record}
 
 

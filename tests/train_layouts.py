@@ -23,8 +23,10 @@ def overrides(data_dir: str) -> list[str]:
 
 
 def main() -> None:
+    from train_helpers import read_metrics
+
     from synermedgen_jax.config import apply_overrides, load_config
-    from synermedgen_jax.training.loop import read_metrics, train
+    from synermedgen_jax.training.loop import train
 
     jax.config.update("jax_default_matmul_precision", "highest")
     data_dir, out = sys.argv[1], Path(sys.argv[2])

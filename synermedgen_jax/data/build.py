@@ -84,10 +84,6 @@ class BuildResult:
     skipped: list[dict]
     manifest: dict
 
-    @property
-    def total_records(self) -> int:
-        return sum(self.records.values())
-
 
 def assign_splits(patients: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
     """Patient -> split; a seeded permutation of the sorted unique ids (case-level split, no patient in two).

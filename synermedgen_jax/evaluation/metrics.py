@@ -17,22 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from synermedgen_jax.ssim import (
-    K1,
-    K2,
-    RADIUS,
-    SIGMA,
-    TRUNCATE,
-    WIN_SIZE,
-    check_data_range,
-    check_images,
-    gaussian_taps,
-    ssim,
-    ssim_map,
-)
+from synermedgen_jax.ssim import WIN_SIZE, check_data_range, check_images, ssim
 
-__all__ = ["K1", "K2", "SIGMA", "TRUNCATE", "RADIUS", "WIN_SIZE", "gaussian_taps", "ssim", "ssim_map",
-           "psnr", "mae"]
+__all__ = ["WIN_SIZE", "ssim", "psnr", "mae"]
 
 
 @jax.jit

@@ -43,10 +43,6 @@ class Meta(NamedTuple):
         """Columns ``index [T']`` (static or traced) of every field."""
         return Meta(*(jnp.take(f, index, axis=1) for f in self))
 
-    @staticmethod
-    def concat(parts: list[Meta]) -> Meta:
-        return Meta(*(jnp.concatenate(fields, axis=1) for fields in zip(*parts)))
-
 
 class KVCache(NamedTuple):
     """Keys/values after RoPE, ``[L, B, Tc, Hkv, D]``, and the keys' metadata (rope ids unused)."""

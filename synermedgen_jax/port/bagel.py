@@ -386,19 +386,6 @@ def flatten(params) -> dict[str, object]:
     return out
 
 
-def to_state(config, params) -> nnx.State:
-    """Our params (any form :func:`flatten` takes) as an ``nnx.State`` for ``nnx.update(model, state)``."""
-    flat = flatten(params)
-    state = K.abstract_state(config)
-    leaves = []
-    for path, variable in nnx.to_flat_state(state):
-        name = K.dotted(path)
-        if name not in flat:
-            raise PortError(f"params: {name} is missing")
-        leaves.append((path, variable.replace(np.asarray(flat[name]))))
-    return nnx.from_flat_state(leaves)
-
-
 def load(folder: str | os.PathLike, **options) -> tuple[ml_collections.ConfigDict, dict]:
     """The whole checkpoint in memory: ``(config, params)`` with ``params`` a nested dict of numpy arrays.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import signal
@@ -342,21 +341,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def read_metrics(workdir: str | Path, *, eval_records: bool = False) -> dict[int, dict]:
-    """``{step: metrics}`` of the train steps (or, with ``eval_records``, ``{step: {task: metrics}}`` of the
-    evaluations) from ``metrics.jsonl``; a step logged twice after a crash: the last line wins."""
-    out: dict[int, dict] = {}
-    path = Path(workdir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    for line in lines:
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        step = int(record["step"])
-        if eval_records and "eval" in record:
-            out.setdefault(step, {})[record["eval"].removeprefix("eval/")] = record
-        elif not eval_records and "eval" not in record:
-            out[step] = record
-    return out
