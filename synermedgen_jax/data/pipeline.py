@@ -2,7 +2,7 @@
 
     records (ArrayRecordDataSource, random access)
       -> per task: index range, per-process shard (jax.process_index/count), seeded shuffle, repeat
-      -> mix by ratio (Stage I tasks; Stage II pairs; or both)
+      -> mix by ratio (Stage I tasks; Stage II pairs; or both; or the same-modality edits of gen_pretrain)
       -> random_map: read the referenced records, build the sample (Text / VitImage / VaeImage items),
          paired augmentation (one spatial transform for source and target), CFG dropout for Stage II
       -> [optional worker processes]
@@ -40,12 +40,12 @@ from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
 from synermedgen_jax.data.volumes import MODALITY_NAMES, resize_image
 
-STAGES = ("stage1", "stage2", "mixed", "vqa")
+STAGES = ("stage1", "stage2", "mixed", "vqa", "gen_pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    stage: str = "stage1"  # stage1 (CTS/TIA/MI) | stage2 (pairs) | mixed | vqa (non-aligned control)
+    stage: str = "stage1"  # stage1 (CTS/TIA/MI) | stage2 (pairs) | mixed | vqa (non-aligned control) | gen_pretrain
     split: str = "train"
     seed: int = 0
     task_weights: tuple[tuple[str, float], ...] = tuple(DEFAULT_MIX.items())  # weight 0 = ablate a task
@@ -131,6 +131,8 @@ class SampleMaker:
         cache: dict = {}
         if task == "pairs":
             return self._stage2(int(row), rng, cache)
+        if task == "gen_pretrain":
+            return self._gen_pretrain(int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
         vit_size = tuple(self.budget.vit_image_size)
         images = [resize_image(self._image(rec, modality, cache), vit_size) for rec, modality in rendered.images]
@@ -153,6 +155,26 @@ class SampleMaker:
         items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
                             vae=self.config.cfg_vae)
         return items, f"pairs#{row}"
+
+    def _gen_pretrain(self, row: int, rng: np.random.Generator, cache: dict):
+        """A same-modality edit (data/gen_pretrain.py), laid out as a Stage II sample."""
+        from synermedgen_jax.data import gen_pretrain
+
+        table = self.tables["gen_pretrain"]
+        modality = MODALITY_NAMES[int(table["src"][row])]
+        rec, tgt_rec = int(table["rec"][row]), int(table["tgt_rec"][row])
+        base, neighbour = self._image(rec, modality, cache), self._image(tgt_rec, modality, cache)
+        if self.config.augment:  # before the edit, so a flip or a neighbour stays the edit the text names
+            base, neighbour = paired_augment([base, neighbour], rng, self.config)
+        edit = gen_pretrain.EDITS[int(table["edit"][row])]
+        source, target = gen_pretrain.apply_edit(edit, base, neighbour, rng)
+        prompt = prompts.gen_pretrain_instruction(edit, int(table["template"][row]), modality)
+        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(resize_image(source, vit_size), cfg=True),
+                 VaeImage(resize_image(source, size), cfg=True), VaeImage(resize_image(target, size), noised=True)]
+        items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
+                            vae=self.config.cfg_vae)
+        return items, f"gen_pretrain#{row}"
 
 
 class Tag:
@@ -232,6 +254,8 @@ def _weights(config: PipelineConfig) -> dict[str, float]:
         return {"pairs": 1.0}
     if config.stage == "vqa":
         return {"vqa": 1.0}
+    if config.stage == "gen_pretrain":
+        return {"gen_pretrain": 1.0}
     weights = {t: float(w) for t, w in config.task_weights if w > 0}
     unknown = set(weights) - set(TASKS)
     if unknown:
@@ -253,6 +277,11 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
     data_dir = str(data_dir)
     tables = load_instances(Path(data_dir) / "instances" / f"{config.split}.npz")
     weights = _weights(config)
+    if "gen_pretrain" in weights:  # derived from the slice index: builds need no new table
+        from synermedgen_jax.data.gen_pretrain import edit_table
+        from synermedgen_jax.data.records import load_index
+
+        tables = {**tables, "gen_pretrain": edit_table(load_index(data_dir, config.split))}
     if config.process_index is None or config.process_count is None:
         import jax
 
@@ -261,7 +290,7 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
         index, count = config.process_index, config.process_count
     datasets, mix = [], []
     for k, (task, weight) in enumerate(sorted(weights.items())):
-        n = len(tables[task]["rec" if task == "pairs" else "task"])
+        n = len(tables[task]["rec" if task in ("pairs", "gen_pretrain") else "task"])
         if n == 0:
             raise ValueError(f"{data_dir}: split {config.split} has no {task} instances")
         ds = grain.MapDataset.range(n)[index::count]  # per-process shard of the instance rows

@@ -1,4 +1,5 @@
-"""Prompt templates (CTS, MI, TIA, non-aligned VQA, Stage II instructions) and the TIA description pools.
+"""Prompt templates (CTS, MI, TIA, non-aligned VQA, Stage II and generic pre-training instructions) and the TIA
+description pools.
 
 The paper does not release its prompts or description pools; these are our own. Template ids are stored in
 the instance tables, so changing a template's text changes rendered prompts but never instance identity.
@@ -64,6 +65,27 @@ GEN_TEMPLATES = (
     "Generate the {tgt} image of the same anatomy shown in this {src} image.",
     "Convert {src} to {tgt}.",
 )
+
+# Generic generation pre-training (data/gen_pretrain.py): same-modality edits of one slice, never a cross-modal
+# pair; two phrasings per edit, {mod} is the slice's modality.
+GEN_PRETRAIN_TEMPLATES = {
+    "slice_up": ("Show the next slice above this {mod} slice.",
+                 "Generate the {mod} slice just above this one."),
+    "slice_down": ("Show the next slice below this {mod} slice.",
+                   "Generate the {mod} slice just below this one."),
+    "flip": ("Mirror this {mod} image left to right.", "Flip this {mod} slice horizontally."),
+    "denoise": ("Remove the noise from this {mod} image.", "Denoise this {mod} slice."),
+    "brighten": ("Brighten this {mod} image.", "Make this {mod} slice brighter."),
+    "darken": ("Darken this {mod} image.", "Make this {mod} slice darker."),
+    "contrast": ("Increase the contrast of this {mod} image.", "Stretch the contrast of this {mod} slice."),
+}
+GEN_PRETRAIN_EDITS = tuple(GEN_PRETRAIN_TEMPLATES)
+
+
+def gen_pretrain_instruction(edit: str, template: int, modality: str) -> str:
+    """The instruction of a generic pre-training edit of a ``modality`` slice."""
+    return GEN_PRETRAIN_TEMPLATES[edit][template].format(mod=display_name(modality))
+
 
 # Generic phrasings of an ordered route (src -> tgt); each route also gets its specific phrasings below.
 _GENERIC_DESCRIPTIONS = (
@@ -149,6 +171,8 @@ def corpus() -> list[str]:
         for anatomy in ("brain", "pelvis", "whole-body"):
             texts.append(generation_instruction(0, src, tgt, anatomy))
         texts.extend(description_pool(src, tgt))
+    for modality in MODALITY_NAMES:
+        texts.extend(t.format(mod=display_name(modality)) for ts in GEN_PRETRAIN_TEMPLATES.values() for t in ts)
     for t in MI_TEMPLATES:
         texts.append(t)
     for t in TIA_TEMPLATES:

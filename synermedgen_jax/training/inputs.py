@@ -87,7 +87,9 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
     data = config.data
     budget = PackBudget.from_config(data.pack)
     if task == "pairs":
-        cfg = pipeline_config(data, stage="stage2", split=data.eval_split, rows=rows, seed_offset=7)
+        # Generic pre-training evaluates on its own held-out edits: the run never meets a cross-modal pair.
+        stage = "gen_pretrain" if data.stage == "gen_pretrain" else "stage2"
+        cfg = pipeline_config(data, stage=stage, split=data.eval_split, rows=rows, seed_offset=7)
     elif task == "vqa":
         cfg = pipeline_config(data, stage="vqa", split=data.eval_split, rows=rows, seed_offset=7)
     else:
