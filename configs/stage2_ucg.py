@@ -13,7 +13,6 @@ from configs.train_common import base_config
 def get_config(variant=None):
     config = base_config("stage2_ucg", variant, data_stage="stage2", pack="stage2")
     config.init_moe = True
-    config.model.llm.freeze_und = True  # kept equal to (not train.finetune_und) by the trainer
     if variant != "bagel_7b_mot":
         # BAGEL samples the FLUX posterior, whose spread is negligible. A briefly trained stage-0 VAE is far
         # from that (posterior std ≈ 0.45 against a latent-mean std ≈ 1.7 after 130 steps), so sampling would

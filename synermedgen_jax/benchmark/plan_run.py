@@ -112,7 +112,7 @@ def run_plan(args, mesh_spec: dict[str, int]) -> dict:
         memory = dict(last["memory"])
         per_device, xla_per_device = last["compiled_flops_per_device"], last["xla_flops_per_device"]
         method = f"compiled at the full depth ({full_layers} decoder layers)"
-    analytic = plan_lib.executed_step_flops(config, budget, rows)
+    analytic = plan_lib.executed_step_flops(full.config, budget, rows)  # resolved: freeze_und is the trainer's
     model_flops = plan_lib.analytic_step_flops(config.model, budget, rows)
     compiled_total = per_device * mesh.size
     activations = plan_lib.activation_estimate(config.model, budget, rows / divisor / int(config.train.grad_accum))

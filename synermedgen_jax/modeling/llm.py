@@ -90,27 +90,42 @@ class MoTAttention(nnx.Module):
         self.freeze_und = llm.freeze_und
         self.attention_impl = config.attention_impl
         kw = dict(rngs=rngs, compute_dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype))
-        for suffix in ("", "_moe_gen"):
-            setattr(self, f"q_proj{suffix}", Linear(hidden, llm.num_heads * head_dim, axes=("embed", "heads"), **kw))
-            setattr(self, f"k_proj{suffix}",
-                    Linear(hidden, llm.num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw))
-            setattr(self, f"v_proj{suffix}",
-                    Linear(hidden, llm.num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw))
-            setattr(self, f"o_proj{suffix}",
-                    Linear(llm.num_heads * head_dim, hidden, axes=("heads", "embed"), use_bias=False, **kw))
-            if llm.qk_norm:
-                setattr(self, f"q_norm{suffix}", RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim"))
-                setattr(self, f"k_norm{suffix}", RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim"))
+        q_dim, kv_dim = llm.num_heads * head_dim, llm.num_kv_heads * head_dim
+        q_proj = lambda: Linear(hidden, q_dim, axes=("embed", "heads"), **kw)  # noqa: E731
+        kv_proj = lambda: Linear(hidden, kv_dim, axes=("embed", "kv_heads"), **kw)  # noqa: E731
+        o_proj = lambda: Linear(q_dim, hidden, axes=("heads", "embed"), use_bias=False, **kw)  # noqa: E731
+        qk_norm = lambda: (RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim")  # noqa: E731
+                           if llm.qk_norm else None)
+        # Understanding expert (BAGEL's plain names).
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj(), kv_proj(), kv_proj(), o_proj()
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
+        # Generation expert (``*_moe_gen``).
+        self.q_proj_moe_gen, self.k_proj_moe_gen, self.v_proj_moe_gen = q_proj(), kv_proj(), kv_proj()
+        self.o_proj_moe_gen = o_proj()
+        self.q_norm_moe_gen, self.k_norm_moe_gen = qk_norm(), qk_norm()
 
-    def _project(self, x: jax.Array, suffix: str, frozen: bool):
-        """``x [B, t, E]`` → q ``[B, t, Hq, D]``, k/v ``[B, t, Hkv, D]`` for one expert."""
-        batch, length = x.shape[:2]
-        q = getattr(self, f"q_proj{suffix}")(x).reshape(batch, length, self.num_heads, self.head_dim)
-        k = getattr(self, f"k_proj{suffix}")(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = getattr(self, f"v_proj{suffix}")(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    def expert_pairs(self) -> list[tuple[nnx.Module, nnx.Module]]:
+        """``(understanding, generation)`` twin modules (BAGEL's ``init_moe`` copies the first into the second)."""
+        pairs = [(self.q_proj, self.q_proj_moe_gen), (self.k_proj, self.k_proj_moe_gen),
+                 (self.v_proj, self.v_proj_moe_gen), (self.o_proj, self.o_proj_moe_gen)]
         if self.qk_norm:
-            q = getattr(self, f"q_norm{suffix}")(q)
-            k = getattr(self, f"k_norm{suffix}")(k)
+            pairs += [(self.q_norm, self.q_norm_moe_gen), (self.k_norm, self.k_norm_moe_gen)]
+        return pairs
+
+    def _project(self, x: jax.Array, gen: bool, frozen: bool):
+        """``x [B, t, E]`` → q ``[B, t, Hq, D]``, k/v ``[B, t, Hkv, D]`` for one expert (``gen``: the
+        generation expert)."""
+        batch, length = x.shape[:2]
+        if gen:
+            projs, norms = (self.q_proj_moe_gen, self.k_proj_moe_gen, self.v_proj_moe_gen), (self.q_norm_moe_gen,
+                                                                                            self.k_norm_moe_gen)
+        else:
+            projs, norms = (self.q_proj, self.k_proj, self.v_proj), (self.q_norm, self.k_norm)
+        q = projs[0](x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = projs[1](x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = projs[2](x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = norms[0](q), norms[1](k)
         if frozen:
             q, k, v = _stop(q), _stop(k), _stop(v)
         return q, k, v
@@ -124,8 +139,8 @@ class MoTAttention(nnx.Module):
         ``cache``: None attends within ``x`` (the packed kernel, on the active mesh); else ``x``'s queries see
         the cached keys then their own, by the same visibility rule."""
         freeze = self.freeze_und
-        q, k, v = _per_expert(x, und_tokens, lambda h: self._project(h, "", freeze),
-                              lambda h: self._project(h, "_moe_gen", False))
+        q, k, v = _per_expert(x, und_tokens, lambda h: self._project(h, False, freeze),
+                              lambda h: self._project(h, True, False))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -149,9 +164,15 @@ class MoTDecoderLayer(nnx.Module):
         self.self_attn = MoTAttention(config, rngs=rngs)
         self.mlp = MLP(llm.hidden_size, llm.intermediate_size, **kw)
         self.mlp_moe_gen = MLP(llm.hidden_size, llm.intermediate_size, **kw)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            setattr(self, name, RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
-            setattr(self, f"{name}_moe_gen", RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps))
+        norm = lambda: RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)  # noqa: E731
+        self.input_layernorm, self.input_layernorm_moe_gen = norm(), norm()
+        self.post_attention_layernorm, self.post_attention_layernorm_moe_gen = norm(), norm()
+
+    def expert_pairs(self) -> list[tuple[nnx.Module, nnx.Module]]:
+        """``(understanding, generation)`` twin modules of this layer (attention's included)."""
+        return [(self.input_layernorm, self.input_layernorm_moe_gen),
+                (self.post_attention_layernorm, self.post_attention_layernorm_moe_gen),
+                (self.mlp, self.mlp_moe_gen), *self.self_attn.expert_pairs()]
 
     # The layer's parameters by block (the ``full`` remat recomputes and differentiates the blocks in turn).
     ATTENTION_BLOCK = ("input_layernorm", "input_layernorm_moe_gen", "self_attn")
@@ -223,6 +244,11 @@ class MoTLanguageModel(nnx.Module):
             x = constrain(x, BATCH_LENGTH_EMBED)
             x = _apply_layer(layer, x, und_tokens, meta, rope, self.config.remat)
         return self.final_norm(constrain(x, BATCH_LENGTH_EMBED), und_tokens)
+
+    def expert_pairs(self) -> list[tuple[nnx.Module, nnx.Module]]:
+        """Every ``(understanding, generation)`` twin module pair of the decoder: what BAGEL's ``init_moe``
+        copies (training/loop.apply_init), declared by the modules, not by their names."""
+        return [(self.norm, self.norm_moe_gen), *(pair for layer in self.layers for pair in layer.expert_pairs())]
 
     def final_norm(self, x: jax.Array, und_tokens: int) -> jax.Array:
         """Per-expert final RMSNorm: ``norm`` on the first ``und_tokens`` tokens, ``norm_moe_gen`` on the rest."""

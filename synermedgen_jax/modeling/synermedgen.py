@@ -133,6 +133,21 @@ def build_model(config, seed: int = 0) -> SynerMedGen:
     return SynerMedGen(config, rngs=nnx.Rngs(params=seed))
 
 
+def expert_twin_names(model: SynerMedGen) -> dict[str, str]:
+    """``{generation-expert variable: its understanding twin}`` by dotted nnx path (the train state's names),
+    from the decoder's declared module pairs (``MoTLanguageModel.expert_pairs``); ``model`` may be abstract."""
+    where = {id(node): path for path, node in nnx.iter_graph(model)}
+    name = lambda path: ".".join(str(part) for part in path)  # noqa: E731
+    twins = {}
+    for und, gen in model.language_model.expert_pairs():
+        und_leaves, gen_leaves = nnx.to_flat_state(nnx.state(und)), nnx.to_flat_state(nnx.state(gen))
+        for (und_path, _), (gen_path, _) in zip(und_leaves, gen_leaves, strict=True):
+            if und_path != gen_path:
+                raise ValueError(f"expert twins differ in structure: {und_path} vs {gen_path}")
+            twins[name(where[id(gen)] + gen_path)] = name(where[id(und)] + und_path)
+    return twins
+
+
 def count_params(model: nnx.Module) -> dict[str, int]:
     """Trainable parameter counts per top-level part (frozen sin-cos tables excluded)."""
     counts: dict[str, int] = {}

@@ -40,7 +40,8 @@ class TrainingError(RuntimeError):
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Validated copy with derived fields (Stage II's freeze_und follows train.finetune_und)."""
+    """Validated copy with derived fields. The one place that decides Stage II's ``model.llm.freeze_und``:
+    ``not train.finetune_und`` (configs set only ``finetune_und``)."""
     config = copy.deepcopy(config)
     optim.trainable_groups(config)  # validates config.stage
     if config.train.nan_policy not in NAN_POLICIES:
@@ -110,15 +111,15 @@ def apply_init(config, state: dict, shardings: dict, tx) -> dict:
             logging.getLogger(__name__).warning(
                 "init_moe=True overwrites the generation expert imported from %s with its understanding expert; "
                 "pass --config.init_moe=False to fine-tune the imported generation expert", config.init_from)
+        from synermedgen_jax.modeling.synermedgen import build_model, expert_twin_names
+
+        # The twins are the decoder's declared (understanding, generation) module pairs, by their state names.
+        twins = expert_twin_names(nnx.eval_shape(lambda: build_model(config.model, 0)))
         everything = {**state["frozen"], **state["params"]}
-        copies = {}
-        for name in everything:
-            if "_moe_gen" in name:
-                source = name.replace("_moe_gen", "")
-                if source not in everything:
-                    raise checkpoint.CheckpointError(f"init_moe: {name} has no understanding twin {source}")
-                copies[name] = everything[source]
-        _assign(state, shardings, copies)
+        missing = sorted(name for pair in twins.items() for name in pair if name not in everything)
+        if missing:
+            raise checkpoint.CheckpointError(f"init_moe: expert twins missing from the train state: {missing[:5]}")
+        _assign(state, shardings, {gen: everything[und] for gen, und in twins.items()})
     if config.vae_from:
         targets = {n: t for n, t in _weight_targets(state, shardings).items() if n.startswith("vae.")}
         weights = checkpoint.read_weights(config.vae_from, targets)

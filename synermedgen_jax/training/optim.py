@@ -3,6 +3,11 @@
 Parameters are handled as flat dicts ``{"language_model.layers.0.mlp.up_proj.kernel": array}``. The train step
 differentiates only the *trainable* dict, so frozen parameters have neither gradients nor optimizer state
 (cheaper than optax.masked/set_to_zero over the full tree, which still materialises zero gradients).
+
+Parameter groups are declared once (:data:`GROUPS`, :data:`VISION_TOWER`) as nnx filters: predicates
+``(path, variable) -> bool`` over a variable's path in the model, e.g.
+``("language_model", "layers", 0, "mlp_moe_gen", "up_proj", "kernel")``. The train state's split
+(``step.Codec``) and the optimizer's masks both read them.
 """
 
 from __future__ import annotations
@@ -12,9 +17,30 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-# Which parameters each stage trains. "und" = ViT + connector + the understanding expert with the shared
-# embedding / lm_head; "gen" = the generation expert (``*_moe_gen``) + vae2llm/llm2vae/time embedder.
+
+def _under(*modules: str) -> Callable:
+    """Variables of the model's top-level attributes ``modules``."""
+    return lambda path, _: str(path[0]) in modules
+
+
+def _generation_expert(path, _) -> bool:
+    """The decoder's generation expert: every ``*_moe_gen`` twin module of ``MoTLanguageModel.expert_pairs``
+    (BAGEL's names, which the checkpoints keep)."""
+    return str(path[0]) == "language_model" and any(str(part).endswith("_moe_gen") for part in path[1:])
+
+
+# The parameter groups. "und" = ViT + connector + the understanding expert with the shared embedding /
+# lm_head; "gen" = the generation expert + vae2llm/llm2vae/time embedder; "vae" = the autoencoder.
+GROUPS: dict[str, nnx.filterlib.Filter] = {
+    "vae": _under("vae"),
+    "und": nnx.Any(_under("vit_model", "connector"), nnx.All(_under("language_model"), nnx.Not(_generation_expert))),
+    "gen": nnx.Any(_generation_expert, _under("vae2llm", "llm2vae", "time_embedder")),
+}
+VISION_TOWER: nnx.filterlib.Filter = _under("vit_model")  # its learning rate scales by train.vit_lr_scale
+
+# Which groups each stage trains.
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "vae": ("vae",),
     "stage1_gau": ("und",),
@@ -26,19 +52,6 @@ STAGE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _group(name: str) -> str:
-    top = name.split(".", 1)[0]
-    if top == "vae":
-        return "vae"
-    if top in ("vit_model", "connector"):
-        return "und"
-    if top == "language_model":
-        return "gen" if "_moe_gen" in name else "und"
-    if top in ("vae2llm", "llm2vae", "time_embedder"):
-        return "gen"
-    return "other"
-
-
 def trainable_groups(config) -> tuple[str, ...]:
     if config.stage not in STAGE_GROUPS:
         raise ValueError(f"config.stage: unknown stage {config.stage!r}; expected one of {sorted(STAGE_GROUPS)}")
@@ -48,10 +61,9 @@ def trainable_groups(config) -> tuple[str, ...]:
     return groups
 
 
-def trainable_predicate(config) -> Callable[[str], bool]:
-    """``name -> bool`` for the flat parameter names of ``config.stage``."""
-    groups = set(trainable_groups(config))
-    return lambda name: _group(name) in groups
+def trainable_predicate(config) -> Callable:
+    """The nnx filter (``(path, variable) -> bool``) of the parameters ``config.stage`` trains."""
+    return nnx.filterlib.to_predicate(nnx.Any(*(GROUPS[group] for group in trainable_groups(config))))
 
 
 def learning_rate_schedule(train) -> optax.Schedule:
@@ -88,7 +100,8 @@ def make_optimizer(train) -> optax.GradientTransformation:
 
 
 def _vit_mask(params: dict) -> dict:
-    return {name: name.startswith("vit_model.") for name in params}
+    vision = nnx.filterlib.to_predicate(VISION_TOWER)
+    return {name: vision(tuple(name.split(".")), value) for name, value in params.items()}
 
 
 def ema_decay(train, step: jax.Array) -> jax.Array:

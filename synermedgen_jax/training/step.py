@@ -36,9 +36,13 @@ class Codec:
     """Flat ``{name: array}`` dicts <-> an nnx model of one fixed structure.
 
     Built from an abstract model (``nnx.eval_shape``): it keeps the graph, the variable types and their
-    metadata, never an array."""
+    metadata, never an array. The flat dotted names are the checkpoint keys (the Orbax train state,
+    ``init_from`` / ``vae_from`` reads, the BAGEL port in port/): an ``nnx.State`` tree would nest them and
+    change the keys on disk, so the state stays flat and only this class maps names to variables."""
 
-    def __init__(self, model: nnx.Module, is_trainable: Callable[[str], bool]):
+    def __init__(self, model: nnx.Module, is_trainable: Callable[[tuple, nnx.Variable], bool]):
+        """``is_trainable``: an nnx filter predicate over ``(path, variable)`` (``optim.trainable_predicate``);
+        only ``nnx.Param`` variables can be trainable."""
         self.graphdef, state = nnx.split(model)
         self.templates: dict[str, tuple[tuple, nnx.Variable]] = {}
         self.axes: dict[str, tuple | None] = {}
@@ -48,7 +52,7 @@ class Codec:
             name = path_name(path)
             self.templates[name] = (path, variable)
             self.axes[name] = variable.get_metadata().get("logical_axes")
-            trainable = isinstance(variable, nnx.Param) and is_trainable(name)
+            trainable = isinstance(variable, nnx.Param) and is_trainable(path, variable)
             (self.trainable if trainable else self.frozen).append(name)
         if not self.trainable:
             raise ValueError("the stage trains no parameter of this model (check config.stage)")
