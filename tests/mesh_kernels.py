@@ -234,7 +234,7 @@ def unpartitioned() -> dict:
     before the mesh path existed), so the test shows it can fail."""
     import importlib
 
-    for module in ("modeling.llm", "modeling.vit", "modeling.synermedgen", "inference.sampler"):
+    for module in ("modeling.llm", "modeling.vit", "training.objective", "inference.sampler"):
         importlib.import_module(f"synermedgen_jax.{module}").active_mesh = lambda: None
     return export_all(platforms=("cuda",), meshes=("data2_fsdp4",))
 

@@ -39,6 +39,8 @@ GROUPS: dict[str, nnx.filterlib.Filter] = {
     "gen": nnx.Any(_generation_expert, _under("vae2llm", "llm2vae", "time_embedder")),
 }
 VISION_TOWER: nnx.filterlib.Filter = _under("vit_model")  # its learning rate scales by train.vit_lr_scale
+# Frozen with train.freeze_vit_patch_embedding: a ViT trained from scratch keeps its random patch projection.
+VIT_PATCH_EMBEDDING: nnx.filterlib.Filter = nnx.PathContains("patch_embedding")
 
 # Which groups each stage trains.
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -63,7 +65,10 @@ def trainable_groups(config) -> tuple[str, ...]:
 
 def trainable_predicate(config) -> Callable:
     """The nnx filter (``(path, variable) -> bool``) of the parameters ``config.stage`` trains."""
-    return nnx.filterlib.to_predicate(nnx.Any(*(GROUPS[group] for group in trainable_groups(config))))
+    trained = nnx.Any(*(GROUPS[group] for group in trainable_groups(config)))
+    if config.train.get("freeze_vit_patch_embedding", False):
+        trained = nnx.All(trained, nnx.Not(nnx.All(VISION_TOWER, VIT_PATCH_EMBEDDING)))
+    return nnx.filterlib.to_predicate(trained)
 
 
 def learning_rate_schedule(train) -> optax.Schedule:
@@ -93,7 +98,7 @@ def make_optimizer(train) -> optax.GradientTransformation:
                              eps=float(train.eps), weight_decay=float(train.weight_decay), mask=_decay_mask))
     vit_scale = float(train.vit_lr_scale)
     if vit_scale != 1.0:
-        # The vision tower's learning rate is lr·vit_lr_scale (see configs/train_common.py for why small
+        # The vision tower's learning rate is lr·vit_lr_scale (docs/experiments.md says why small
         # models trained from scratch need it).
         chain.append(optax.masked(optax.scale(vit_scale), _vit_mask))
     return optax.chain(*chain)
