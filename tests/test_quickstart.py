@@ -32,8 +32,8 @@ def test_default_small_run_beats_the_copy_on_most_routes(tmp_path):
     """The quickstart's claim, checked with a fixed seed: the small model at the default budget beats the
     copy-the-source baseline on SSIM on more than half of the 18 routes. The run is the default one, not a
     shortened one: at half the training steps (--budget-minutes 7.5) the model was above the copy on 5 of 18
-    routes. Measured on 2 CPU cores (14.3 min alone): 12 of 18, the 10th-best route 1.4 points above the copy;
-    training and evaluation are deterministic for a fixed seed on this machine (two runs, the same table)."""
+    routes (README's quickstart section gives the current run's count). Training and evaluation are
+    deterministic for a fixed seed on this machine (two runs, the same table)."""
     workdir = tmp_path / "qs_small"
     run = _quickstart(workdir, SMALL_ARGS, timeout=3600)
     assert run.returncode == 0, run.stderr[-3000:]
