@@ -40,7 +40,7 @@ GROUPS: dict[str, nnx.filterlib.Filter] = {
 }
 VISION_TOWER: nnx.filterlib.Filter = _under("vit_model")  # its learning rate scales by train.vit_lr_scale
 # Frozen with train.freeze_vit_patch_embedding: a ViT trained from scratch keeps its random patch projection.
-VIT_PATCH_EMBEDDING: nnx.filterlib.Filter = nnx.PathContains("patch_embedding")
+VIT_PATCH_EMBEDDING: nnx.filterlib.Filter = nnx.All(VISION_TOWER, nnx.PathContains("patch_embedding"))
 
 # Which groups each stage trains.
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -67,7 +67,7 @@ def trainable_predicate(config) -> Callable:
     """The nnx filter (``(path, variable) -> bool``) of the parameters ``config.stage`` trains."""
     trained = nnx.Any(*(GROUPS[group] for group in trainable_groups(config)))
     if config.train.get("freeze_vit_patch_embedding", False):
-        trained = nnx.All(trained, nnx.Not(nnx.All(VISION_TOWER, VIT_PATCH_EMBEDDING)))
+        trained = nnx.All(trained, nnx.Not(VIT_PATCH_EMBEDDING))
     return nnx.filterlib.to_predicate(trained)
 
 
