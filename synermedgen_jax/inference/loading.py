@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from synermedgen_jax.data.geometry import ResizeRule
 from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.data.volumes import NormConfig
 
@@ -22,7 +23,12 @@ class InferenceError(ValueError):
 
 @dataclasses.dataclass
 class Inference:
-    """A model ready for inference. ``image_size``: generated/VAE size (H, W); ``vit_image_size``: ViT size."""
+    """A model ready for inference. ``image_size``: generated/VAE size (H, W); ``vit_image_size``: ViT size.
+
+    ``vae_rule`` / ``vit_rule``: when set (a checkpoint made for the official aspect-preserving geometry, e.g. an
+    imported BAGEL/SynerMedGen), each input's sizes come from the rules (:meth:`sizes_for`), and ``image_size`` /
+    ``vit_image_size`` are those of a square input.
+    """
 
     model: Any
     tokenizer: Any
@@ -32,6 +38,15 @@ class Inference:
     data_dir: str | None = None
     source: str | None = None  # the dataset the run was trained on (manifest "source"), when known
     run_config: Any = None
+    vae_rule: ResizeRule | None = None
+    vit_rule: ResizeRule | None = None
+
+    def sizes_for(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(image_size, vit_image_size)`` for a source slice of ``height × width``: the rules' sizes when the
+        checkpoint has rules, else the fixed sizes it was trained at."""
+        vae = self.vae_rule.size_for(height, width) if self.vae_rule else tuple(self.image_size)
+        vit = self.vit_rule.size_for(height, width) if self.vit_rule else tuple(self.vit_image_size)
+        return vae, vit
 
     @property
     def special(self) -> SpecialTokens:
