@@ -22,7 +22,9 @@ import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir, step directory, what import writes, or a BAGEL / SynerMedGen folder "
+                             "(converted on the fly)")
     parser.add_argument("--image", action="append", default=[], help="PNG or FILE.nii[.gz][:INDEX]; repeatable")
     parser.add_argument("--prompt", required=True, help="the question")
     parser.add_argument("--label", action="append", default=[],
@@ -32,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data folder)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.json or Qwen2-format folder (default: the checkpoint's own: an import's "
+                             "tokenizer/, the BAGEL "
+                             "folder's, or the run's data folder); refused when its ids differ from the weights'")
 
 
 def load_image(spec: str, modality: str | None = None) -> np.ndarray:

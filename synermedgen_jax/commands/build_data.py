@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-lesion-probability", type=float, default=0.8,
                         help="mni152-sim: chance a subject has a BraTS-like lesion (0.8)")
     parser.add_argument("--vocab-size", type=int, default=512, help="embedded tokenizer vocabulary (512)")
+    parser.add_argument("--tokenizer", metavar="FILE_OR_FOLDER",
+                        help="the weights' tokenizer instead of the embedded BPE: a tokenizer.json or a Qwen2-format "
+                             "folder (a BAGEL-7B-MoT / Qwen2.5 download: tokenizer.json, or vocab.json + merges.txt "
+                             "+ tokenizer_config.json); BAGEL's special tokens are added as BAGEL adds them. Needed "
+                             "to fine-tune imported weights (train refuses a build whose ids differ)")
     parser.add_argument("--contact-sheet", metavar="PNG", help="write a PNG of the first case, all modalities")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from synermedgen_jax.commands.build_synermed import add_release_arguments
@@ -99,8 +104,8 @@ def main(args: argparse.Namespace) -> int:
         resample=args.resample, neighbour_k=args.neighbour_k, instances_per_pair=args.instances_per_pair,
         mix=tuple(args.mix), records_per_shard=args.records_per_shard, subjects=args.subjects,
         sim_voxel_mm=args.sim_voxel_mm, sim_lesion_probability=args.sim_lesion_probability,
-        vocab_size=args.vocab_size, contact_sheet=args.contact_sheet, overwrite=args.overwrite,
-        progress=not args.no_progress)
+        vocab_size=args.vocab_size, tokenizer=args.tokenizer, contact_sheet=args.contact_sheet,
+        overwrite=args.overwrite, progress=not args.no_progress)
     try:
         result = build(config)
     except DataError as err:

@@ -5,11 +5,13 @@
   python -m synermedgen_jax build-data --source synermed --root SynerMed/ --out data/synermed \
       --process-index $I --process-count $N --workers 32
 
-Reads SynerMed.parquet by row group (pyarrow) and SynerMed.jsonl by line, checks every row (images decoded,
-slice files present, <image> markers matching the images, a gpt turn present) and writes the good ones to
-records/edit-*.array_record and records/conv-*.array_record; bad ones go to skipped.jsonl with their row or
-line number and the reason. A rerun resumes: finished units (row groups, JSONL chunks) are kept. Writes
-manifest.json (counts per route), tokenizer.json and a link slice -> the release's slice/ folder (conversation
+Reads SynerMed.parquet by row group (pyarrow) and SynerMed.jsonl by line, checks every row as the official
+loaders read it (images decoded, truncated PNGs as with Pillow's LOAD_TRUNCATED_IMAGES; slice files present;
+"combined" rows with one instruction for the whole chain kept; <image> markers beyond the images dropped; a
+gpt turn present) and writes the good ones to records/edit-*.array_record and records/conv-*.array_record; bad
+ones go to skipped.jsonl with their row or line number and the reason. A rerun resumes: finished units (row
+groups, JSONL chunks) are kept. Writes manifest.json (counts per route, skipped rows per reason, rows kept
+leniently as the official loaders do), tokenizer.json and a link slice -> the release's slice/ folder (conversation
 images are read through it at training time; re-point it if the release moves). Exit status: 0 when built
 (or this process's share is done), 1 when no good row remains, 2 for unusable input.
 """
@@ -27,8 +29,6 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-count", type=int, default=1, help="hosts sharing the build (1)")
     group.add_argument("--jsonl-chunk-mb", type=float, default=64.0, help="JSONL work unit size in MiB (64)")
     group.add_argument("--batch-rows", type=int, default=64, help="Parquet rows decoded at a time per worker (64)")
-    group.add_argument("--tokenizer", help="use this tokenizer.json (e.g. Qwen2.5's) instead of training the "
-                                           "embedded BPE")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -18,7 +18,12 @@ Writes to --out (default: <checkpoint>/eval): results.md, results.csv, results.j
 
 scores PNG pairs instead (ours or the official script's outputs; no checkpoint): SSIM×100 / PSNR / MAE per
 route of <key>.png against DIR/<key>.png (or each entry's 'target' / 'gt' under --image-root); writes
-scores.md, scores.csv and scores.json to --out (default: --predictions).
+scores.md, scores.csv and scores.json to --out (default: --predictions). A prediction is never stretched: one of
+the target's shape is scored as is; one that is the target scaled uniformly (±1 px; an uncropped official output)
+is resized back; one that is the target's bounding box scaled uniformly (±1 px per edge; an official output
+cropped with getbbox()) is shrunk and placed centred on the box on a zero canvas; any other is skipped, its reason
+recorded
+(scores.json 'skipped', 'counts') and counted in the summary (evaluation/png_pairs.py states the rule).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--workdir", help="training workdir (its latest checkpoint)")
-    source.add_argument("--checkpoint", help="training workdir or step directory")
+    source.add_argument("--checkpoint", help="training workdir, step directory, what import "
+                        "writes, or a BAGEL / SynerMedGen PyTorch folder")
     parser.add_argument("--data", help="built data folder (build-data --out)")
     parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
     parser.add_argument("--split", default="test", help="record split (test)")
@@ -49,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer.json (default: --data's)")
     parser.add_argument("--no-progress", action="store_true")
     group = parser.add_argument_group("PNG pairs (the official metadata convention; no checkpoint needed)")
-    group.add_argument("--metadata", help="{key: {id, prompt}} JSON: score <key>.png predictions per route")
+    group.add_argument("--metadata", help="{key: {id, prompt}} JSON: score <key>.png predictions per route; a "
+                                           "prediction of another shape is aligned only when it is the target "
+                                           "(±1 px) or the target's bounding box (±1 px per edge) scaled uniformly, "
+                                           "else skipped and counted (never stretched)")
     group.add_argument("--predictions", help="folder of <key>.png outputs (synthesize --output-dir or the official "
                                               "script's)")
     group.add_argument("--targets", help="folder of <key>.png targets (default: each entry's 'target' / 'gt' "
@@ -130,6 +139,9 @@ def _png_pairs(args: argparse.Namespace) -> int:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     print(markdown(report))
+    if report["skipped"]:  # said on stderr too: these keys are absent from every mean
+        print(f"warning: {len(report['skipped'])} prediction(s) skipped: their shape cannot be aligned with the "
+              f"target (see scores.json 'skipped')", file=sys.stderr)
     out = Path(args.out) if args.out else Path(args.predictions)
     write_report(report, out)
     print(f"scores written to {out}/scores.{{md,csv,json}}")

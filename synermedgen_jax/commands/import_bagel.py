@@ -10,7 +10,10 @@ Missing, unexpected and mis-shaped keys are all reported by name (exit status 2)
 _moe_gen key gets its generation expert copied from the understanding expert, as BAGEL's init_moe does.
 
 Writes OUT/config.json (model config), OUT/params/ (Orbax; see synermedgen_jax/port/orbax_io.py), OUT/port.json
-(source dtypes and the original JSON configs, used by export) and OUT/tokenizer/.
+(source dtypes, the original JSON configs used by export, and the tokenizer the weights expect: vocabulary size,
+special-token ids with BAGEL's added tokens, a fingerprint of the vocabulary) and OUT/tokenizer/ (the folder's
+tokenizer files). synthesize / ask / eval read OUT directly; train --config.init_from=OUT and build-data
+--tokenizer BAGEL_DIR refuse a tokenizer whose ids differ from the recorded one.
 """
 
 from __future__ import annotations
@@ -51,10 +54,24 @@ def main(args: argparse.Namespace) -> int:
     except (PortError, SafetensorsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    tokenizer = _weights_tokenizer(args.bagel, int(plan.config.llm.vocab_size))
+    if isinstance(tokenizer, str):
+        print(f"error: {tokenizer}", file=sys.stderr)
+        plan.close()
+        return 2
     for note in plan.notes:
         print(f"note: {note}")
+    if tokenizer is None:
+        print(f"note: {args.bagel} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): pass "
+              "--tokenizer to build-data, synthesize and ask")
+    else:
+        ids = tokenizer["special_ids"]
+        print(f"note: tokenizer: {tokenizer['vocab_size']} tokens for {plan.config.llm.vocab_size} embedding rows; "
+              f"<|im_start|> {ids['bos']}, <|im_end|> {ids['eos']}, <|vision_start|> {ids['vision_start']}, "
+              f"<|vision_end|> {ids['vision_end']}")
     info = {"source": str(args.bagel.resolve()), "source_dtypes": plan.source_dtypes, "notes": plan.notes,
-            "llm_config": plan.llm_json, "vit_config": plan.vit_json}
+            "llm_config": plan.llm_json, "vit_config": plan.vit_json, "tokenizer": tokenizer,
+            "vocab_rows": int(plan.config.llm.vocab_size)}
     try:
         total = write_params_checkpoint(args.out, plan.config, iter_params(plan),
                                         chunk_bytes=int(args.chunk_mb * 2**20), port_info=info,
@@ -67,3 +84,19 @@ def main(args: argparse.Namespace) -> int:
     print(f"imported {len(plan.rules)} tensors ({total / 2**20:.1f} MB) from {args.bagel} into {args.out} "
           f"in {time.time() - start:.1f}s")
     return 0
+
+
+def _weights_tokenizer(folder: Path, vocab_rows: int) -> dict | str | None:
+    """The ``describe()`` of the folder's tokenizer (BAGEL's tokens added as BAGEL adds them), None when the folder
+    has none, or a one-line problem (an unreadable tokenizer, more tokens than embedding rows)."""
+    from synermedgen_jax.data.tokenizer import load_tokenizer, tokenizer_mismatch
+
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        return None
+    try:
+        described = load_tokenizer(folder).describe()
+    except (ValueError, OSError) as err:
+        return str(err).splitlines()[0]
+    described["source"] = str(folder.resolve())
+    problem = tokenizer_mismatch(described, None, vocab_rows)
+    return f"{folder}: {problem}" if problem else described

@@ -13,8 +13,9 @@ The same --seed gives the same volume whatever --batch-size. Modalities: ct, cbc
   python -m synermedgen_jax synthesize --checkpoint runs/stage2 --metadata metadata.json --image-root DIR \
       --output-dir OUT
 
-follows the official inference convention instead: {key: {"id": path under DIR, "prompt": text}} -> OUT/<key>.png,
-keys with an existing output skipped (inference/metadata.py).
+follows the official inference convention instead: {key: {"id": path under DIR, "prompt": text}} -> OUT/<key>.png
+(RGB at the generated size cropped to its bounding box, or --output-style ours: grey at the source's size), keys
+with an existing output skipped, --split-count/--split-index over the keys in file order (inference/metadata.py).
 
 Exit status 2 with a one-line error for bad input (unknown modality or route, a 2-D/4-D or non-NIfTI file,
 --output equal to --input or existing without --force, a checkpoint of another config); nothing is written.
@@ -36,7 +37,9 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir, step directory, what import writes, or a BAGEL / SynerMedGen folder "
+                             "(converted on the fly)")
     parser.add_argument("--input", help="source volume (.nii or .nii.gz)")
     parser.add_argument("--source-modality", help="modality of --input")
     parser.add_argument("--target-modality", help="modality to synthesize")
@@ -59,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-window", type=_window, metavar="LO,HI",
                         help="native-unit window of the output (default: CT -1024,3071 HU or the build's; "
                              "PET 0,SUVmax; MR 0,1000)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data folder)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.json or Qwen2-format folder (default: the checkpoint's own: an import's "
+                             "tokenizer/, the BAGEL "
+                             "folder's, or the run's data folder); refused when its ids differ from the weights'")
     parser.add_argument("--force", action="store_true", help="overwrite --output (even when it is --input)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

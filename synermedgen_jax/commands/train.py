@@ -71,6 +71,7 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
     for key in ("init_from", "vae_from"):
         if config.get(key) and not epath.Path(str(config[key])).exists():
             raise ConfigError(f"--config.{key}={config[key]}: does not exist")
+    _check_tokenizer(config, data)
     if "://" in str(workdir):  # remote storage (gs://…): Orbax and the logger create it through etils.epath
         return
     path = Path(workdir)
@@ -81,6 +82,32 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--workdir {workdir}: cannot create it ({err.strerror or err})") from None
+
+
+def _check_tokenizer(config, data) -> None:
+    """The build's token ids must fit the model's embedding and, with ``init_from``, be the ids the weights were
+    trained with (an import records its tokenizer; a run's is its data's): else one ConfigError line."""
+    import json
+
+    from synermedgen_jax.config import ConfigError
+    from synermedgen_jax.data.tokenizer import tokenizer_mismatch
+
+    found = json.loads((data / "manifest.json").read_text()).get("tokenizer") or {}
+    expected, origin = None, ""
+    if config.get("init_from") and "://" not in str(config.init_from):
+        from synermedgen_jax.inference.loading import checkpoint_tokenizer
+        from synermedgen_jax.training.checkpoint import CheckpointError, is_params_checkpoint, read_config
+
+        try:
+            run = None if is_params_checkpoint(config.init_from) else read_config(config.init_from)
+            _, expected = checkpoint_tokenizer(config.init_from, run)
+        except (CheckpointError, OSError, ValueError):
+            expected = None  # an unreadable init checkpoint is reported by the loop, with its own message
+        origin = f" (--config.init_from={config.init_from})"
+    problem = tokenizer_mismatch(found, expected, int(config.model.llm.vocab_size))
+    if problem:
+        raise ConfigError(f"--config.data.dir={data}: tokenizer.json: {problem}{origin}; rebuild the data with "
+                          "build-data --tokenizer <the weights' tokenizer folder>")
 
 
 def _init_distributed(args: argparse.Namespace) -> None:

@@ -65,6 +65,7 @@ class BuildConfig:
     sim_voxel_mm: float = 2.0  # mni152-sim
     sim_lesion_probability: float = 0.8  # mni152-sim
     vocab_size: int = 512
+    tokenizer: str | None = None  # a tokenizer.json or Qwen2-format folder (a BAGEL download) instead of the BPE
     contact_sheet: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -246,15 +247,16 @@ def build(config: BuildConfig) -> BuildResult:
     if root is not None and config.source != "mni152-sim" and not root.is_dir():
         raise DataError(f"--root {root}: not a folder")
     out = Path(config.out)
+    tokenizer = load_build_tokenizer(config.tokenizer, config.vocab_size)  # before any slice: a bad path fails fast
     stage = _prepare_out(out, config.overwrite)
     try:
-        return _build_into(stage, out, config, source, root, started)
+        return _build_into(stage, out, config, source, root, started, tokenizer)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, started: float) -> BuildResult:
+def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, started: float, tokenizer) -> BuildResult:
     """The build proper, written into ``stage`` and swapped into ``out`` when at least one record is valid."""
     from tqdm import tqdm
 
@@ -309,7 +311,7 @@ def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, start
             where = f"the previous build in {out} is unchanged"
         raise DataError(f"{out}: no valid record remains ({len(skipped)} cases skipped{first}); {where}")
     manifest_counts = _write_indices_and_instances(stage, index, config)
-    tokenizer = _write_tokenizer(stage, config)
+    tokenizer.save(stage / "tokenizer.json")
     write_text(stage / "skipped.jsonl", skipped_text)
     manifest = {
         "schema": SCHEMA_VERSION,
@@ -322,8 +324,7 @@ def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, start
         "counts": {"cases": {s: len(index[s]["cases"]) for s in SPLITS}, "records": counts,
                    **manifest_counts, "skipped_cases": len(skipped)},
         "shards": shards,
-        "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size,
-                      "special_ids": tokenizer.special_ids},
+        "tokenizer": {"file": "tokenizer.json", **tokenizer.describe()},
         "slice_orientation": "axial; row 0 anterior, column 0 subject left (RAS+ canonical)",
     }
     write_json(stage / "manifest.json", manifest)
@@ -367,12 +368,17 @@ def _write_indices_and_instances(out: Path, index: dict, config: BuildConfig) ->
             "instances": by_task, "datasets": sorted({d for c in by_dataset.values() for d in c})}
 
 
-def _write_tokenizer(out: Path, config: BuildConfig):
-    from synermedgen_jax.data.tokenizer import build_default_tokenizer
+def load_build_tokenizer(path: str | None, vocab_size: int):
+    """``--tokenizer`` (a tokenizer.json, or a Qwen2-format folder such as a BAGEL download, with BAGEL's tokens
+    added: data/tokenizer.py) or, without it, the embedded BPE of ``vocab_size`` tokens; one-line DataError."""
+    from synermedgen_jax.data.tokenizer import build_default_tokenizer, load_tokenizer
 
-    tokenizer = build_default_tokenizer(config.vocab_size)
-    tokenizer.save(out / "tokenizer.json")
-    return tokenizer
+    if not path:
+        return build_default_tokenizer(vocab_size)
+    try:
+        return load_tokenizer(path)
+    except (ValueError, OSError) as err:
+        raise DataError(f"--tokenizer {path}: {str(err).splitlines()[0]}") from None
 
 
 def summary_lines(result: BuildResult) -> list[str]:

@@ -14,8 +14,13 @@ the tokenizer) marks the unit done. Memory is bounded by one batch of rows per w
 * Multi-host: ``--process-index I --process-count N`` builds units ``I::N`` only (each process reads only its
   share of the release); whichever process finds every part present writes the manifest (idempotent).
 
+Rows are kept or skipped as the official loaders train them or not (data/synermed.py): combined rows (an
+optional ``combined_instruction`` column, or one instruction for three or more images) and truncated PNGs are
+kept, and so are conversations whose ``<image>`` markers outnumber their images; the manifest counts those
+(``kept_as_official``) and every skipped row by its reason's code (``skipped_by_reason``).
+
 Finishing writes ``manifest.json`` (shards per kind in unit order: record ``i`` of a kind is in their
-concatenation; counts per route; the sha256 of every shard), ``skipped.jsonl`` (file, row or line, reason),
+concatenation; counts per route; the sha256 of every shard), ``skipped.jsonl`` (file, row or line, reason, code),
 ``tokenizer.json`` (the embedded BPE trained on the prompt corpus plus sampled release texts, or
 ``--tokenizer``'s copy) and ``slice`` (a symbolic link to the release's ``slice/``, read by conversations).
 """
@@ -35,7 +40,8 @@ from synermedgen_jax.data import synermed
 from synermedgen_jax.data.records import SCHEMA_VERSION, SHARD_SUFFIX, encode_record, sha256_file, write_json
 from synermedgen_jax.data.volumes import DataError
 
-PLAN_VERSION = 1
+COMBINED = "combined_instruction"  # the optional Parquet column of combined rows (edit_dataset_new.py)
+PLAN_VERSION = 2  # 2: combined rows, lenient decodes, reason codes in the parts
 TEXTS_PER_UNIT = 64
 
 
@@ -124,7 +130,8 @@ def make_plan(root: Path, config: SynerMedBuildConfig) -> dict:
         except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a damaged footer
             raise DataError(f"{parquet}: not a readable Parquet file ({err})") from None
         names = set(handle.schema_arrow.names)
-        missing = {"image_list", "instruction_list"} - names
+        # The official edit loader reads instruction_list, or a combined_instruction column in its place.
+        missing = {"image_list"} - names | ({"instruction_list"} - names if COMBINED not in names else set())
         if missing:
             raise DataError(f"{parquet}: missing column(s) {sorted(missing)} (has {sorted(names)})")
         first = 0
@@ -145,26 +152,31 @@ def make_plan(root: Path, config: SynerMedBuildConfig) -> dict:
 
 
 class _SliceChecker:
-    """``path -> None | reason`` for images under slice/, memoised (conversations reuse slices)."""
+    """``path -> None | (reason code, message)`` for images under slice/, memoised (conversations reuse slices);
+    ``lenient(path)``: whether that slice decoded only with the official loaders' Pillow settings."""
 
     def __init__(self, root: Path, limit: int = 200_000):
         self.root, self.limit, self.seen = root / synermed.SLICE_DIR, limit, {}
 
-    def __call__(self, path: str) -> str | None:
+    def __call__(self, path: str) -> tuple[str, str] | None:
         if path not in self.seen:
             if len(self.seen) >= self.limit:
                 self.seen.clear()
             file = self.root / path
+            lenient = False
             if not file.is_file():
-                reason = f"missing slice file: slice/{path}"
+                reason = ("missing slice file", f"slice/{path}")
             else:
                 try:
-                    synermed.open_image(file.read_bytes())
+                    lenient = synermed.decode_image(file.read_bytes())[1]
                     reason = None
                 except DataError as err:
-                    reason = f"corrupt slice file: slice/{path}: {err}"
-            self.seen[path] = reason
-        return self.seen[path]
+                    reason = ("corrupt slice file", f"slice/{path}: {err}")
+            self.seen[path] = (reason, lenient)
+        return self.seen[path][0]
+
+    def lenient(self, path: str) -> bool:
+        return path in self.seen and self.seen[path][1]
 
 
 class _UnitWriter:
@@ -196,14 +208,26 @@ def _sample_texts(texts: list[str], new: list[str]) -> None:
             texts.append(t[:300])
 
 
+def _skip(summary: dict, where: dict, err: DataError) -> None:
+    """One skipped row or line, with its reason and the reason's code (what the summary counts)."""
+    code = err.code if isinstance(err, synermed.RowError) else _reason_code(str(err))
+    summary["skipped"].append({**where, "reason": str(err), "code": code})
+
+
+def _reason_code(reason: str) -> str:
+    """The code of a reason written without one (parts of an older build): its text before any detail."""
+    return reason.split(":")[0].split(" (")[0]
+
+
 def _edit_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict, batch_rows: int) -> None:
     import pyarrow.parquet as pq
 
     name = synermed.PARQUET_NAME
     row = unit["first_row"]
     try:
-        batches = iter(pq.ParquetFile(root / name).iter_batches(
-            batch_size=batch_rows, row_groups=[unit["row_group"]], columns=["image_list", "instruction_list"]))
+        handle = pq.ParquetFile(root / name)
+        columns = [c for c in ("image_list", "instruction_list", COMBINED) if c in handle.schema_arrow.names]
+        batches = iter(handle.iter_batches(batch_size=batch_rows, row_groups=[unit["row_group"]], columns=columns))
     except Exception as err:  # pyarrow: ArrowInvalid / OSError
         batches, failure = iter(()), err
     else:
@@ -216,28 +240,36 @@ def _edit_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict, batch
         except Exception as err:  # a damaged row group: the rows not yet read are skipped with the reason
             failure = err
             break
-        images, instructions = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        column = {c: batch.column(c).to_pylist() for c in batch.schema.names}
+        absent = [None] * batch.num_rows
+        images, instructions = column["image_list"], column.get("instruction_list", absent)
+        combined = column.get(COMBINED, absent)
         for k in range(batch.num_rows):
             summary["rows"] += 1
             try:
-                blobs = synermed.check_edit_row(images[k], instructions[k])
+                good = synermed.check_edit_row(images[k], instructions[k], combined[k])
             except DataError as err:
-                summary["skipped"].append({"file": name, "row": row, "reason": str(err)})
+                _skip(summary, {"file": name, "row": row}, err)
                 row += 1
                 continue
-            steps = instructions[k]
-            mods = synermed.chain_modalities(steps)
-            writer.write({"schema": SCHEMA_VERSION, "format": "synermed-edit", "row": row, "images": blobs,
-                          "instructions": steps, "modalities": mods})
+            mods, step_routes = synermed.edit_routes(len(good.images), good.instructions, good.combined)
+            record = {"schema": SCHEMA_VERSION, "format": "synermed-edit", "row": row, "images": good.images,
+                      "instructions": good.instructions, "modalities": mods}
+            if good.combined is not None:
+                record["combined"] = good.combined
+            writer.write(record)
             summary["edit_rows_by_route"][synermed.route_name(mods[0], mods[-1])] += 1
-            for a, b in zip(mods[:-1], mods[1:]):
-                summary["edit_steps_by_route"][synermed.route_name(a, b)] += 1
-            _sample_texts(summary["texts"], [p for phr in steps for p in phr[:1]])
+            summary["edit_steps_by_route"].update(step_routes)
+            summary["kept"].update(good.kept)
+            texts = good.combined[:1] if good.combined is not None else [p for phr in good.instructions
+                                                                         for p in phr[:1]]
+            _sample_texts(summary["texts"], texts)
             row += 1
     if failure is not None:
         end = unit["first_row"] + unit["rows"]
         reason = f"unreadable Parquet row group {unit['row_group']}: {type(failure).__name__}: {str(failure)[:200]}"
-        summary["skipped"].extend({"file": name, "row": r, "reason": reason} for r in range(row, end))
+        summary["skipped"].extend({"file": name, "row": r, "reason": reason, "code": "unreadable Parquet row group"}
+                                  for r in range(row, end))
         summary["rows"] += end - row
 
 
@@ -261,11 +293,12 @@ def _conv_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict) -> No
                 try:
                     obj = json.loads(raw)
                 except ValueError as err:
-                    raise DataError(f"not JSON: {str(err)[:100]}") from None
-                images, turns = synermed.check_conversation(obj, check)
+                    raise synermed.RowError("not JSON", str(err)[:100]) from None
+                images, turns, kept = synermed.check_conversation(obj, check)
             except DataError as err:
-                summary["skipped"].append({"file": name, "line": line_no, "reason": str(err)})
+                _skip(summary, {"file": name, "line": line_no}, err)
                 continue
+            summary["kept"].update(kept + ([synermed.KEPT_TRUNCATED] if any(map(check.lenient, images)) else []))
             mods = [synermed.modality_from_path(p) for p in images]
             writer.write({"schema": SCHEMA_VERSION, "format": "synermed-conv", "line": line_no, "images": images,
                           "turns": turns, "modalities": mods})
@@ -280,7 +313,7 @@ def run_unit(root: str, out: str, unit: dict, batch_rows: int = 64) -> dict:
     started = time.time()
     summary = {"id": unit["id"], "kind": unit["kind"], "rows": 0, "skipped": [], "texts": [],
                "edit_rows_by_route": Counter(), "edit_steps_by_route": Counter(),
-               "conversation_images_by_modality": Counter()}
+               "conversation_images_by_modality": Counter(), "kept": Counter()}
     writer = _UnitWriter(out_p, unit["id"])
     try:
         if unit["kind"] == synermed.EDIT:
@@ -294,7 +327,7 @@ def run_unit(root: str, out: str, unit: dict, batch_rows: int = 64) -> dict:
             os.unlink(writer.tmp)
         raise
     summary.update(shard=shard, records=shard["records"] if shard else 0, seconds=round(time.time() - started, 3))
-    for key in ("edit_rows_by_route", "edit_steps_by_route", "conversation_images_by_modality"):
+    for key in ("edit_rows_by_route", "edit_steps_by_route", "conversation_images_by_modality", "kept"):
         summary[key] = dict(sorted(summary[key].items()))
     write_json(out_p / "parts" / f"{unit['id']}.json", summary, indent=None)
     return summary
@@ -345,8 +378,8 @@ def build_release(config: SynerMedBuildConfig) -> SynerMedBuildResult:
     if config.process_count < 1 or not 0 <= config.process_index < config.process_count:
         raise DataError(f"--process-index {config.process_index} must be in [0, --process-count "
                         f"{config.process_count})")
-    if config.tokenizer and not Path(config.tokenizer).is_file():
-        raise DataError(f"--tokenizer {config.tokenizer}: no such file")
+    if config.tokenizer and not Path(config.tokenizer).exists():
+        raise DataError(f"--tokenizer {config.tokenizer}: no such file or folder")
     plan = _prepare(out, root, config)
     units = plan["units"]
     mine = units[config.process_index::config.process_count]
@@ -392,7 +425,7 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
 
     shards = {k: [] for k in synermed.KINDS}
     counts = {"rows": Counter(), "records": Counter(), "edit_rows_by_route": Counter(),
-              "edit_steps_by_route": Counter(), "conversation_images_by_modality": Counter()}
+              "edit_steps_by_route": Counter(), "conversation_images_by_modality": Counter(), "kept": Counter()}
     skipped: list[dict] = []
     texts: list[str] = []
     seconds = 0.0
@@ -404,6 +437,7 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
         counts["records"][unit["kind"]] += part["records"]
         for key in ("edit_rows_by_route", "edit_steps_by_route", "conversation_images_by_modality"):
             counts[key].update(part[key])
+        counts["kept"].update(part.get("kept", {}))
         skipped.extend(part["skipped"])
         texts.extend(part["texts"])
         seconds += part["seconds"]
@@ -419,7 +453,7 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
-    by_reason = Counter(s["reason"].split(":")[0].split(" (")[0] for s in skipped)
+    by_reason = Counter(s.get("code") or _reason_code(s["reason"]) for s in skipped)
     manifest = {
         "schema": SCHEMA_VERSION,
         "source": synermed.SOURCE_NAME,
@@ -431,11 +465,12 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
         "splits": ["train"],
         "counts": {"rows": dict(counts["rows"]), "records": {k: counts["records"][k] for k in synermed.KINDS},
                    "skipped_rows": len(skipped), "skipped_by_reason": dict(sorted(by_reason.items())),
+                   # Rows and lines kept that a strict reader would drop, read as the official loaders read them.
+                   "kept_as_official": dict(sorted(counts["kept"].items())),
                    **{k: dict(sorted(counts[k].items())) for k in ("edit_rows_by_route", "edit_steps_by_route",
                                                                    "conversation_images_by_modality")}},
         "shards": shards,
-        "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size,
-                      "special_ids": tokenizer.special_ids},
+        "tokenizer": {"file": "tokenizer.json", **tokenizer.describe()},
         "slice_link": synermed.SLICE_DIR if link.exists() else None,
     }
     write_json(out / "manifest.json", manifest)
@@ -466,5 +501,7 @@ def summary_lines(result: SynerMedBuildResult) -> list[str]:
              f"{f'; resumed {result.units_resumed} finished units' if result.units_resumed else ''}"]
     lines += [f"edit steps {route}: {n}" for route, n in c["edit_steps_by_route"].items()]
     lines += [f"skipped: {n} x {reason}" for reason, n in c["skipped_by_reason"].items()]
+    lines += [f"kept as the official loaders read them: {n} x {what}"
+              for what, n in c.get("kept_as_official", {}).items()]
     return lines
 

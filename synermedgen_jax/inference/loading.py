@@ -1,8 +1,18 @@
 """What the inference commands need from a checkpoint: model, tokenizer, image sizes, normalisation rules.
 
-``load_for_inference(path)`` wraps ``training.checkpoint.load_model`` and turns every way it can fail into
-one :class:`InferenceError` line naming the path and the problem (the commands print it and exit 2).
-Tests build an :class:`Inference` in memory from a model and a tokenizer instead.
+``load_for_inference(path)`` reads any of three things and turns every way it can fail into one
+:class:`InferenceError` line naming the path and the problem (the commands print it and exit 2):
+
+* a training workdir or step directory (``training.checkpoint.load_model``);
+* what ``import`` writes (``config.json`` + ``params/``): its tokenizer is ``DIR/tokenizer/``, its image sizes the
+  official inference rules (``data/geometry.inference_rules``);
+* a BAGEL / SynerMedGen PyTorch folder itself (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``, ...):
+  converted on the fly tensor by tensor (``port/bagel.py``), each array placed straight onto its sharding; nothing
+  is written to disk.
+
+A tokenizer whose ids do not fit the weights (more tokens than embedding rows, or another vocabulary than the one
+the weights were trained with, when that is recorded) is refused in one line. Tests build an :class:`Inference`
+in memory from a model and a tokenizer instead.
 """
 
 from __future__ import annotations
@@ -72,41 +82,126 @@ def norm_from_manifest(manifest: dict) -> NormConfig:
                       float(config.get("pet_suv_max", default.pet_suv_max)))
 
 
+def is_bagel_folder(path: str | Path) -> bool:
+    """A BAGEL / SynerMedGen PyTorch folder (safetensors + ``llm_config.json``), as downloaded."""
+    from synermedgen_jax.port.bagel import EMA_NAMES
+
+    path = Path(path)
+    return (path / "llm_config.json").is_file() and any((path / name).is_file() or any(path.glob(
+        name.replace(".safetensors", "-*.safetensors"))) for name in EMA_NAMES)
+
+
+def _load_bagel_folder(path: Path, mesh):
+    """``(run config, model)`` straight from a PyTorch folder: each converted tensor goes onto its sharding."""
+    import jax
+    from flax import nnx
+
+    from synermedgen_jax.kernels.dispatch import resolve_kernels
+    from synermedgen_jax.modeling.synermedgen import build_model
+    from synermedgen_jax.port.bagel import iter_params, plan_import
+    from synermedgen_jax.training.checkpoint import imported_run_config, model_targets
+
+    plan = plan_import(path)
+    try:
+        run_config = imported_run_config(plan.config)
+        run_config.model = resolve_kernels(run_config.model, mesh_shape=None if mesh is None else dict(mesh.shape))
+        model = nnx.eval_shape(lambda: build_model(run_config.model, seed=0))
+        targets = model_targets(model, mesh)
+        weights = {}
+        for name, value in iter_params(plan):
+            target = targets[name]
+            value = value.astype(target.dtype, copy=False)
+            weights[name] = jax.make_array_from_callback(target.shape, target.sharding, lambda index, v=value: v[index])
+    finally:
+        plan.close()
+    state = nnx.state(model)
+    for p, variable in nnx.to_flat_state(state):
+        variable.set_value(weights[".".join(str(part) for part in p)])
+    nnx.update(model, state)
+    return run_config, model
+
+
+def checkpoint_tokenizer(path: str | Path, run_config=None) -> tuple[Path | None, dict | None]:
+    """``(tokenizer path, expected description)`` of a checkpoint: where its tokenizer is, and the ``describe()``
+    of the tokenizer its weights were trained with (None when not recorded)."""
+    path = Path(path)
+    if is_bagel_folder(path):
+        return path, None  # described by loading it: it is the weights' own tokenizer
+    if (path / "port.json").is_file():  # what import writes
+        try:
+            info = json.loads((path / "port.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        folder = path / "tokenizer"
+        has_files = folder.is_dir() and any(folder.iterdir())
+        return (folder if has_files else None), (info.get("tokenizer") or None)
+    data_dir = str(run_config.data.dir) if run_config is not None and "data" in run_config and \
+        run_config.data.get("dir") else None
+    if not data_dir:
+        return None, None
+    manifest = _data_manifest(data_dir)
+    return Path(data_dir) / "tokenizer.json", (manifest.get("tokenizer") or None)
+
+
 def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, ema: bool = True,
                        mesh=None) -> Inference:
-    """Model (EMA weights when kept), tokenizer (``--tokenizer`` or the run's ``data.dir``) and sizes.
-    ``mesh``: each weight is read straight onto its place on the sampler's mesh (no whole copy on one device)."""
+    """Model (EMA weights when kept), tokenizer (``--tokenizer``, the import's ``tokenizer/``, the BAGEL folder's
+    or the run's ``data.dir``) and sizes. ``mesh``: each weight is read straight onto its place on the sampler's
+    mesh (no whole copy on one device)."""
     path = Path(path)
     if not path.exists():
         raise InferenceError(f"{path}: checkpoint not found")
     try:
-        from synermedgen_jax.training.checkpoint import load_model
+        from synermedgen_jax.port.bagel import PortError
+        from synermedgen_jax.port.safetensors_stream import SafetensorsError
+        from synermedgen_jax.training.checkpoint import IMPORTED_STAGE, load_model
     except ImportError as err:
         raise InferenceError(f"{path}: checkpoints cannot be read here ({err})") from None
     try:
-        run_config, model = load_model(str(path), ema=ema, mesh=mesh)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        if is_bagel_folder(path):
+            run_config, model = _load_bagel_folder(path, mesh)
+        else:
+            run_config, model = load_model(str(path), ema=ema, mesh=mesh)
+    except (ValueError, KeyError, FileNotFoundError, OSError, PortError, SafetensorsError) as err:
         # CheckpointError (a ValueError) names mismatching parameters for a checkpoint of another config.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InferenceError(f"{path}: cannot load checkpoint: {message}") from None
     if getattr(run_config, "stage", None) == "vae":
         raise InferenceError(f"{path}: a stage-0 (VAE only) checkpoint cannot synthesize or answer")
-    data_dir = str(run_config.data.dir) if "data" in run_config and run_config.data.get("dir") else None
-    tok_path = Path(tokenizer) if tokenizer else (Path(data_dir) / "tokenizer.json" if data_dir else None)
+    own_tokenizer, expected = checkpoint_tokenizer(path, run_config)
+    if tokenizer and not Path(tokenizer).exists():
+        raise InferenceError(f"--tokenizer {tokenizer}: no such file or folder")
+    tok_path = Path(tokenizer) if tokenizer else own_tokenizer
     if tok_path is None or not tok_path.exists():
-        raise InferenceError(f"{path}: no tokenizer (the run's data.dir {data_dir!r} has no tokenizer.json); "
-                             "pass --tokenizer FILE")
-    from synermedgen_jax.data.tokenizer import load_tokenizer
+        where = "the import has no tokenizer/ folder" if run_config.stage == IMPORTED_STAGE else \
+            f"the run's data.dir {run_config.data.get('dir')!r} has no tokenizer.json"
+        raise InferenceError(f"{path}: no tokenizer ({where}); pass --tokenizer FILE_OR_FOLDER")
+    from synermedgen_jax.data.tokenizer import load_tokenizer, tokenizer_mismatch
 
     try:
         tok = load_tokenizer(tok_path)
     except (ValueError, OSError) as err:
         raise InferenceError(f"{tok_path}: {err}") from None
-    if tok.vocab_size > model.config.llm.vocab_size:
-        raise InferenceError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
-                             f"{model.config.llm.vocab_size}: a tokenizer of another run")
+    problem = tokenizer_mismatch(tok.describe(), expected, int(model.config.llm.vocab_size))
+    if problem:
+        raise InferenceError(f"{tok_path}: {problem}")
+    data_dir = str(run_config.data.dir) if "data" in run_config and run_config.data.get("dir") else None
     pack = run_config.data.pack
     manifest = _data_manifest(data_dir)
+    vae_rule, vit_rule = _rules(run_config)
     return Inference(model=model, tokenizer=tok, image_size=tuple(pack.image_size),
                      vit_image_size=tuple(pack.vit_image_size), norm=norm_from_manifest(manifest),
-                     data_dir=data_dir, source=manifest.get("source"), run_config=run_config)
+                     data_dir=data_dir, source=manifest.get("source"), run_config=run_config,
+                     vae_rule=vae_rule, vit_rule=vit_rule)
+
+
+def _rules(run_config) -> tuple[ResizeRule | None, ResizeRule | None]:
+    """The image rules of a checkpoint: the official inference rules for an import; a run's own when its config
+    has them (``data.pack.*_resize``), else None (fixed sizes)."""
+    from synermedgen_jax.data import geometry
+    from synermedgen_jax.training.checkpoint import IMPORTED_STAGE
+
+    if run_config.stage == IMPORTED_STAGE:
+        return geometry.inference_rules(run_config.model)
+    rules = geometry.ImageRules.from_pack(run_config.data.pack)
+    return rules.vae, rules.vit or rules.vlm_vit

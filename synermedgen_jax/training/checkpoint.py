@@ -357,8 +357,25 @@ def model_targets(model: nnx.Module, mesh=None) -> dict[str, jax.ShapeDtypeStruc
     return targets
 
 
+IMPORTED_STAGE = "imported"  # the run config's stage of a parameter checkpoint (no training run behind it)
+
+
+def imported_run_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run config for a parameter checkpoint (``import``'s output), which holds a model config only: no data
+    folder, seed 0, and square slot sizes from the official inference rules fitted to the model's position
+    tables (``inference/loading.py`` applies the rules themselves per input)."""
+    from synermedgen_jax.data.geometry import inference_rules
+
+    vae_rule, vit_rule = inference_rules(model_config)
+    return ml_collections.ConfigDict({
+        "stage": IMPORTED_STAGE, "model": model_config, "train": {"seed": 0},
+        "data": {"dir": "", "pack": {"image_size": vae_rule.size_for(1, 1), "vit_image_size": vit_rule.size_for(1, 1)}},
+    })
+
+
 def load_model(path: str, *, ema: bool = True, mesh=None) -> tuple[ml_collections.ConfigDict, Any]:
-    """``(run config, SynerMedGen)`` from a workdir (latest checkpoint) or a step directory.
+    """``(run config, SynerMedGen)`` from a workdir (latest checkpoint), a step directory or what ``import``
+    writes (its run config is then :func:`imported_run_config`).
 
     The model is built abstractly and every weight is read straight onto its sharding (``mesh``: the logical
     rules' placement; default this process's first device), so no host copy of the whole model is made. With
@@ -368,7 +385,7 @@ def load_model(path: str, *, ema: bool = True, mesh=None) -> tuple[ml_collection
     from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.synermedgen import build_model
 
-    config = read_config(path)
+    config = imported_run_config(read_model_config(path)) if is_params_checkpoint(path) else read_config(path)
     # The run's kernel request ("auto") resolved for this machine, as train did for the machine that trained it.
     config.model = resolve_kernels(config.model, mesh_shape=None if mesh is None else dict(mesh.shape))
     make_model = lambda: build_model(config.model, seed=int(config.train.seed))  # noqa: E731
