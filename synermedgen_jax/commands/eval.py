@@ -22,8 +22,7 @@ scores.md, scores.csv and scores.json to --out (default: --predictions). A predi
 the target's shape is scored as is; one that is the target scaled uniformly (±1 px; an uncropped official output)
 is resized back; one that is the target's bounding box scaled uniformly (±1 px per edge; an official output
 cropped with getbbox()) is shrunk and placed centred on the box on a zero canvas; any other is skipped, its reason
-recorded
-(scores.json 'skipped', 'counts') and counted in the summary (evaluation/png_pairs.py states the rule).
+recorded (scores.json 'skipped', 'counts') and counted in the summary (evaluation/png_pairs.py states the rule).
 """
 
 from __future__ import annotations
