@@ -126,7 +126,11 @@ def checkpoint_tokenizer(path: str | Path, run_config=None) -> tuple[Path | None
     of the tokenizer its weights were trained with (None when not recorded)."""
     path = Path(path)
     if is_bagel_folder(path):
-        return path, None  # described by loading it: it is the weights' own tokenizer
+        if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
+            return None, None
+        from synermedgen_jax.data.tokenizer import load_tokenizer
+
+        return path, load_tokenizer(path).describe()  # the weights' own tokenizer is the record
     if (path / "port.json").is_file():  # what import writes
         try:
             info = json.loads((path / "port.json").read_text())
