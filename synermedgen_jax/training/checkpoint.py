@@ -34,11 +34,13 @@ class CheckpointError(ValueError):
 
 
 class _QuietReadOnly(logging.Filter):
-    """Orbax warns "Given directory is read only" (and about its save interval) on every read-only manager:
-    that is how loads open a run, not a problem, so those lines are dropped."""
+    """Orbax warns "Given directory is read only" (and about its save interval) on every read-only manager, and
+    "Metadata file does not exist" on every read of a parameter checkpoint (``partial.save`` writes none): that
+    is how loads open a checkpoint, not a problem, so those lines are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Given directory is read only", "CheckpointManagerOptions.read_only"))
+        return not str(record.msg).startswith(("Given directory is read only", "CheckpointManagerOptions.read_only",
+                                               "Metadata file does not exist"))
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
