@@ -200,9 +200,8 @@ def test_two_processes_build_and_read_disjoint_shares(release, built, tmp_path):
 
 
 def _png_pixels(blob: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"), np.float32)[..., 0] / 127.5 - 1.0
+    # synermed.open_image: a truncated PNG decodes as in the official loaders (LOAD_TRUNCATED_IMAGES)
+    return np.asarray(synermed.open_image(blob).convert("RGB"), np.float32)[..., 0] / 127.5 - 1.0
 
 
 def test_edit_plans_follow_the_official_hop_rule():
@@ -256,7 +255,8 @@ def test_samples_carry_the_right_images_order_and_loss(built):
     for index, record in enumerate(edits):
         for seed in range(6):
             items, tag = maker(("edit", index), np.random.default_rng(seed))
-            plan = synermed.edit_plan(len(record["images"]), record["instructions"], np.random.default_rng(seed))
+            plan = synermed.edit_plan(len(record["images"]), record["instructions"], np.random.default_rng(seed),
+                                      combined=record.get("combined"))
             assert tag == f"edit#{index}"
             k = 0
             for what, value in plan:
@@ -287,7 +287,7 @@ def test_samples_carry_the_right_images_order_and_loss(built):
     for index, record in enumerate(convs):
         items, _ = maker(("conv", index), np.random.default_rng(0))
         images = [x for x in items if isinstance(x, VitImage)]
-        assert len(images) == len(record["images"])
+        assert len(images) == synermed.image_slots(record["turns"], len(record["images"]))
         for image, path in zip(images, record["images"]):
             expected = resize_image(_png_pixels((out / "slice" / path).read_bytes()), vit)
             np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
@@ -300,6 +300,231 @@ def test_samples_carry_the_right_images_order_and_loss(built):
         # Order: the first item of the first human turn; images where the markers were.
         first = record["turns"][0]["value"]
         assert isinstance(items[0], VitImage if first.lstrip().startswith("<image>") else Text)
+
+
+# ------------------------------------------------------------ rows the official loaders train leniently
+
+
+def _which_image(pixels: np.ndarray, blobs: list[bytes]) -> int:
+    """Which blob an item's pixels were made from (nearest after resizing each to the item's shape)."""
+    from synermedgen_jax.data.volumes import resize_image
+
+    candidates = [synermed.image_array(b) for b in blobs]
+    return int(np.argmin([np.abs(resize_image(c, pixels.shape[:2]) - pixels).mean() for c in candidates]))
+
+
+def _maker(out, stage: str = "stage2"):
+    from synermedgen_jax.config import load_config
+    from synermedgen_jax.data.packing import PackBudget
+    from synermedgen_jax.data.pipeline import PipelineConfig
+
+    config = load_config(f"configs/{'stage2_ucg' if stage == 'stage2' else 'stage1_gau'}.py:synermed_tiny")
+    return synermed.SampleMaker(str(out), PackBudget.from_config(config.data.pack),
+                                PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
+
+
+def test_combined_rows_are_kept_with_the_official_sequence(release, built):
+    """SynerMedGen's edit_dataset_new.py parse_row: a combined_instruction value (a string, a list of phrasings or a
+    list of such lists: the first one) or one instruction for 3+ images -> images 0..N-2 as conditioning (VAE, ViT),
+    one phrasing, image N-1 as the target."""
+    from synermedgen_jax.data.packing import Text, VaeImage, VitImage
+    from synermedgen_jax.data.tokenizer import load_tokenizer
+
+    assert synermed.combined_phrasings(3, [["a", "b"]]) == ["a", "b"]  # form 1
+    assert synermed.combined_phrasings(2, [["a"]]) is None  # one step, two images: the ordinary chain
+    assert synermed.combined_phrasings(3, [["a"], ["b"]]) is None
+    assert synermed.combined_phrasings(3, [["a"], ["b"]], "c") == ["c"]  # form 2 wins over a chain
+    assert synermed.combined_phrasings(2, [["a"]], ["c", "d"]) == ["c", "d"]
+    assert synermed.combined_phrasings(3, [["a"], ["b"]], [["c", "d"], ["e"]]) == ["c", "d"]
+    assert synermed.combined_phrasings(3, [["a"], ["b"]], []) is None  # an empty value: the row's own steps
+    with pytest.raises(synermed.RowError, match="empty instruction list: the combined instruction"):
+        synermed.check_edit_row([b"x"] * 3, [["a"], ["b"]], " ")
+    for seed in range(20):  # the plan: every image but the last is context, one phrasing, the last the target
+        plan = synermed.edit_plan(4, [["unused"]], np.random.default_rng(seed), combined=["p", "q"])
+        assert plan[:3] == [("cond", 0), ("cond", 1), ("cond", 2)] and plan[4] == ("target", 3)
+        assert plan[3][0] == "text" and plan[3][1] in ("p", "q")
+
+    root, expected = release
+    out, result = built
+    assert len(expected["combined_rows"]) == 2
+    assert result.manifest["counts"]["kept_as_official"][synermed.KEPT_COMBINED] == 2
+    records = {r["row"]: (i, r) for i, r in enumerate(_records(out, "edit"))}
+    tok = load_tokenizer(out / "tokenizer.json")
+    maker = _maker(out)
+    drawn = set()
+    for row, phrasings in expected["combined_rows"].items():
+        index, record = records[row]
+        assert record["combined"] == phrasings and record["modalities"] == expected["edit_rows"][row]
+        n = len(record["images"])
+        for seed in range(4):
+            items, _ = maker(("edit", index), np.random.default_rng(seed))
+            kinds = [(type(x).__name__, getattr(x, "noised", False), x.cfg) for x in items]
+            assert kinds == [("VaeImage", False, True), ("VitImage", False, True)] * (n - 1) + [
+                ("Text", False, True), ("VaeImage", True, False)]
+            for k in range(n - 1):
+                assert _which_image(items[2 * k].pixels, record["images"]) == k
+                assert _which_image(items[2 * k + 1].pixels, record["images"]) == k
+            assert _which_image(items[-1].pixels, record["images"]) == n - 1
+            text = items[-2]
+            assert isinstance(text, Text) and not text.loss and tok.decode(text.token_ids) in phrasings
+            drawn.add(tok.decode(text.token_ids))
+            assert isinstance(items[0], VaeImage) and isinstance(items[1], VitImage)
+    assert len(drawn) == 3  # both phrasings of form 1 are drawn, and form 2's one
+
+
+def test_truncated_png_is_kept_as_pillow_decodes_it_with_load_truncated_images(release, built):
+    from PIL import Image, ImageFile
+
+    from synermedgen_jax.data.volumes import DataError
+
+    root, expected = release
+    out, result = built
+    [row] = expected["truncated_rows"]
+    index, record = next((i, r) for i, r in enumerate(_records(out, "edit")) if r["row"] == row)
+    blob = record["images"][1]
+    with pytest.raises(OSError, match="truncated"):  # Pillow's default: the strict reader drops the row
+        Image.open(io.BytesIO(blob)).load()
+    image, lenient = synermed.decode_image(blob)
+    assert lenient and ImageFile.LOAD_TRUNCATED_IMAGES is False  # the setting did not outlive the decode
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # what the official loaders set for the whole process
+    try:
+        reference = Image.open(io.BytesIO(blob))
+        reference.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    ours = np.asarray(image)
+    assert np.array_equal(ours, np.asarray(reference)) and image.mode == reference.mode
+    assert (ours[-1] == 0).all() and ours[0].any()  # the part past the data is black; the rest decoded
+    expected_pixels = np.asarray(reference.convert("L"), np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(synermed.image_array(blob), expected_pixels)
+    assert not synermed.decode_image(record["images"][0])[1]  # a whole PNG decodes strictly
+    with pytest.raises(DataError, match="truncated"):  # scoring predictions stays strict
+        synermed.grey_array(blob)
+    assert result.manifest["counts"]["kept_as_official"][synermed.KEPT_TRUNCATED] == 1
+    items, _ = _maker(out)(("edit", index), np.random.default_rng(0))  # trains like any row
+    assert items
+
+
+def _change_format_reference(turns: list[dict], n_images: int) -> list:
+    """The official change_format's elements as (kind, text, loss), read off its code independently of
+    conversation_plan: per human turn, marker j becomes an image only while j < n_images."""
+    out = []
+    for turn in turns:
+        if turn["from"] == "gpt":
+            out.append(("text", turn["value"], True))
+        elif "<image>" not in turn["value"]:
+            out.append(("text", turn["value"], False))
+        else:
+            parts = turn["value"].split("<image>")
+            for j, part in enumerate(parts):
+                if part.strip() != "":
+                    out.append(("text", part.strip(), False))
+                if j != len(parts) - 1 and j < n_images:
+                    out.append(("image",))
+    return out
+
+
+def test_extra_image_markers_are_dropped_as_the_official_loader_reads_them(release, built):
+    from synermedgen_jax.data.packing import Text, VitImage
+    from synermedgen_jax.data.tokenizer import load_tokenizer
+
+    cases = [
+        ([{"from": "human", "value": "<image> Compare <image> with the atlas."}, {"from": "gpt", "value": "T1."}], 1),
+        ([{"from": "human", "value": "A<image>B<image><image>C"}, {"from": "gpt", "value": "x <image> y"},
+          {"from": "human", "value": "  no marker  "}, {"from": "gpt", "value": "z"}], 2),
+        ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"},
+          {"from": "human", "value": "<image> more"}, {"from": "gpt", "value": "b"}], 3),
+        ([{"from": "human", "value": "<image> one"}, {"from": "gpt", "value": "a"}], 2),  # an image left unused
+    ]
+    for turns, n in cases:
+        plan = synermed.conversation_plan(turns, n)
+        assert [("image",) if p[0] == "image" else p for p in plan] == _change_format_reference(turns, n)
+        images = [p[1] for p in plan if p[0] == "image"]
+        assert images == list(range(len(images))) == list(range(synermed.image_slots(turns, n)))
+        got_images, got_turns, kept = synermed.check_conversation({"image": [f"t1/{k}.png" for k in range(n)],
+                                                                   "conversations": turns}, lambda p: None)
+        assert len(got_images) == n and got_turns == turns
+    assert synermed.check_conversation({"image": ["a.png"], "conversations": cases[0][0]}, lambda p: None)[2] == [
+        synermed.KEPT_EXTRA_MARKERS]
+    # Each human turn may take all the images: 2 + 1 > 2 asks for a third image the line lacks (the official
+    # loader fails while packing it), so the line is skipped.
+    with pytest.raises(synermed.RowError, match="<image> count mismatch: .* place 3 images"):
+        synermed.check_conversation({"image": ["a.png", "b.png"], "conversations": cases[2][0]}, lambda p: None)
+
+    root, expected = release
+    out, result = built
+    kept = result.manifest["counts"]["kept_as_official"]
+    assert kept[synermed.KEPT_EXTRA_MARKERS] == 1 and kept[synermed.KEPT_UNUSED_IMAGES] == 1
+    tok = load_tokenizer(out / "tokenizer.json")
+    maker = _maker(out, "stage1")
+    convs = {r["line"]: (i, r) for i, r in enumerate(_records(out, "conv"))}
+    for line in expected["lenient_lines"]:
+        index, record = convs[line]
+        items, _ = maker(("conv", index), np.random.default_rng(0))
+        reference = _change_format_reference(record["turns"], len(record["images"]))
+        assert len(items) == len(reference)
+        for item, ref in zip(items, reference):
+            if ref[0] == "image":
+                assert isinstance(item, VitImage) and _which_image(item.pixels, [
+                    (out / "slice" / p).read_bytes() for p in record["images"]]) == 0
+            else:
+                assert isinstance(item, Text) and tok.decode(item.token_ids) == ref[1] and item.loss == ref[2]
+        assert sum(isinstance(x, VitImage) for x in items) == 1
+
+
+def test_build_summary_counts_every_remaining_skip_reason(release, built):
+    from collections import Counter
+
+    from synermedgen_jax.data.synermed_build import summary_lines
+
+    _, expected = release
+    out, result = built
+    want = Counter(list(expected["bad_rows"].values()) + list(expected["bad_lines"].values()))
+    counts = result.manifest["counts"]
+    assert counts["skipped_by_reason"] == dict(want) and counts["skipped_rows"] == sum(want.values())
+    assert counts["kept_as_official"] == expected["kept_as_official"]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert all(s["reason"].startswith(s["code"]) for s in skipped)
+    printed = summary_lines(result)
+    for code, n in want.items():
+        assert f"skipped: {n} x {code}" in printed
+    for what, n in expected["kept_as_official"].items():
+        assert f"kept as the official loaders read them: {n} x {what}" in printed
+    # Every reason the validation can give has a fixed code (the row, image, turn or path is in the message).
+    png = synermed_sim_png()
+    edit_cases = {
+        "no images": ([], [["a"]]), "row with one image": ([png], []),
+        "empty instruction list": ([png, png], [[" "]]),
+        "instruction count mismatch": ([png] * 4, [["a"], ["b"]]),
+        "corrupt image blob": ([png, b"\x89PNG\r\n\x1a\n not a picture"], [["a"]]),
+    }
+    for code, (images, steps) in edit_cases.items():
+        with pytest.raises(synermed.RowError) as err:
+            synermed.check_edit_row(images, steps)
+        assert err.value.code == code and str(err.value).startswith(code)
+    conv_cases = {
+        "not a JSON object": [1], "no conversations list": {"conversations": []},
+        "bad turn": {"conversations": [{"from": "bot", "value": "x"}]},
+        "no gpt turn": {"conversations": [{"from": "human", "value": "x"}]},
+        "bad image field": {"image": [3], "conversations": [{"from": "gpt", "value": "x"}]},
+        "image path outside slice/": {"image": "../x.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+        "<image> count mismatch": {"image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"},
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}]},
+        "missing slice file": {"image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+    }
+    for code, obj in conv_cases.items():
+        with pytest.raises(synermed.RowError) as err:
+            synermed.check_conversation(obj, lambda p: ("missing slice file", f"slice/{p}"))
+        assert err.value.code == code and str(err.value).startswith(code)
+
+
+def synermed_sim_png() -> bytes:
+    from synermedgen_jax.data.synermed_sim import png_bytes
+
+    return png_bytes(np.arange(64, dtype=np.uint8).reshape(8, 8))
 
 
 # ------------------------------------------------------------------------------------ training, inference

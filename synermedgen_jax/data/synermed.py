@@ -21,9 +21,16 @@ this module turns those records into training samples with the official loaders'
   image is the noised target with the loss. As in the official loader, a concatenated hop that ends on the
   chain's last image is shortened by one step (``SynerMedConfig.shorten_concat_at_end``). Instructions and
   conditioning images may be dropped for classifier-free guidance; images go through RGB conversion.
+* Combined rows (Stage II), as SynerMedGen's ``edit_dataset_new.py``: a ``combined_instruction`` value, or an
+  ``instruction_list`` with one step for three or more images, is one instruction for the whole row: every
+  image but the last is conditioning (VAE, then ViT), then the instruction, then the last image as the target.
 * Conversations (Stage I), as BAGEL's ``SftJSONLIterableDataset.change_format``: human turns are split at the
   ``<image>`` markers (text without loss, each marker the next image as ViT tokens), gpt turns are text with
-  the loss. (The build already dropped conversations without a gpt turn.)
+  the loss. Markers beyond the images are dropped, as the official loader does (``conversation_plan``).
+  (The build already dropped conversations without a gpt turn.)
+
+Images decode as in the official loaders, which set ``ImageFile.LOAD_TRUNCATED_IMAGES``: a truncated PNG is
+kept, its missing part black (``decode_image``; the setting is scoped to that one decode here).
 
 Record payloads are msgpack (data/records.py, no pickle): edits keep the Parquet's original PNG bytes;
 conversations keep the image paths relative to ``slice/`` and read them through the build's ``slice`` link.
@@ -31,10 +38,12 @@ conversations keep the image paths relative to ``slice/`` and read them through 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,9 +148,31 @@ def route_name(src: str | None, tgt: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------- images
 
+# Pillow's module-level settings that the official loaders (SynerMedGen's edit_dataset_new.py, BAGEL's and
+# SynerMedGen's vlm_dataset.py) set at import for the whole process. Here they are set only around a retry of one
+# decode (see decode_image), so the rest of the process keeps Pillow's strict defaults.
+_OFFICIAL_PIL = {"LOAD_TRUNCATED_IMAGES": True, "MAX_TEXT_CHUNK": 1024 * 2 ** 20}
+_OFFICIAL_PIL_LOCK = threading.Lock()
 
-def open_image(blob: bytes):
-    """A fully decoded PIL image (raises ``DataError`` for anything Pillow cannot decode)."""
+
+@contextlib.contextmanager
+def official_pillow_settings():
+    """``ImageFile.LOAD_TRUNCATED_IMAGES = True`` and ``PngImagePlugin.MAX_TEXT_CHUNK`` = 1 GiB while the block
+    runs, restored after. A lock keeps two threads from interleaving set and restore; a thread decoding outside
+    this block at the same moment does see the lenient settings (Pillow reads module globals)."""
+    from PIL import ImageFile, PngImagePlugin
+
+    with _OFFICIAL_PIL_LOCK:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES, PngImagePlugin.MAX_TEXT_CHUNK
+        ImageFile.LOAD_TRUNCATED_IMAGES = _OFFICIAL_PIL["LOAD_TRUNCATED_IMAGES"]
+        PngImagePlugin.MAX_TEXT_CHUNK = _OFFICIAL_PIL["MAX_TEXT_CHUNK"]
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES, PngImagePlugin.MAX_TEXT_CHUNK = saved
+
+
+def _decode(blob: bytes):
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -151,6 +182,27 @@ def open_image(blob: bytes):
         message = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)[:120]
         raise DataError(f"undecodable image ({type(err).__name__}: {message})") from None
     return image
+
+
+def decode_image(blob: bytes, official: bool = True):
+    """``(image, lenient)``: a fully decoded PIL image, and whether it needed the official loaders' Pillow settings.
+
+    A strict decode is tried first; when it fails and ``official`` is set, the decode is retried under
+    ``official_pillow_settings()``: a truncated PNG then decodes as in the official loaders, the part past the
+    end of the data left at 0 (black). Where the strict decode succeeds the lenient one gives the same pixels, so
+    the result is always what the official loaders train on. Raises ``DataError`` when neither decodes."""
+    try:
+        return _decode(blob), False
+    except DataError:
+        if not official:
+            raise
+    with official_pillow_settings():
+        return _decode(blob), True
+
+
+def open_image(blob: bytes, official: bool = True):
+    """A fully decoded PIL image (``decode_image``; raises ``DataError`` for anything Pillow cannot decode)."""
+    return decode_image(blob, official)[0]
 
 
 def to_rgb(image):
@@ -181,75 +233,162 @@ def image_array(blob: bytes, channels: int = 3) -> np.ndarray:
 
 
 def grey_array(blob: bytes) -> np.ndarray:
-    """PNG bytes -> ``[H, W]`` float32 grey in [-1, 1] (the luminance after RGB conversion)."""
-    return np.asarray(to_rgb(open_image(blob)).convert("L"), np.float32) / 127.5 - 1.0
+    """PNG bytes -> ``[H, W]`` float32 grey in [-1, 1] (the luminance after RGB conversion). Strict: used to
+    score predictions, where a truncated PNG is an error, not a training input."""
+    return np.asarray(to_rgb(open_image(blob, official=False)).convert("L"), np.float32) / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------------------------------- row validation
 
 
-def check_edit_row(image_list, instruction_list) -> list[bytes]:
-    """The row's image blobs when it is a usable edit chain; raises ``DataError`` with the reason otherwise."""
+class RowError(DataError):
+    """Why the build skips a release row or line: ``code`` is the reason's stable name (the summary counts rows by
+    it), the message says which image, step, turn or path and what is wrong."""
+
+    def __init__(self, code: str, detail: str | None = None):
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+
+
+# Kept rows that the official loaders read leniently, counted in the build summary (``kept_as_official``).
+KEPT_COMBINED = "combined row (one instruction for the whole chain)"
+KEPT_TRUNCATED = "truncated image decoded with its missing part black"
+KEPT_EXTRA_MARKERS = "<image> markers beyond the images dropped"
+KEPT_UNUSED_IMAGES = "images beyond the <image> markers unused"
+KEPT_GPT_MARKERS = "<image> in a gpt turn kept as text"
+
+
+def _official_phrasings(value) -> list | None:
+    """The phrasings the official ``parse_row._choose_one_text`` draws one from: a string -> ``[it]``; a list of
+    strings -> the list; a list whose first item is a list -> that first list only; None, an empty list or
+    anything else -> None (no combined instruction)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value:
+        first = value[0]
+        if isinstance(first, (list, tuple)):
+            return list(first) or None
+        return list(value)
+    return None
+
+
+def combined_phrasings(n_images: int, instruction_list, combined_instruction=None) -> list | None:
+    """The phrasings of a "combined" row, or None for an edit chain (SynerMedGen's ``edit_dataset_new.py``
+    ``UnifiedEditIterableDataset.parse_row``): a ``combined_instruction`` value wins; otherwise an
+    ``instruction_list`` with one step for three or more images. (One step for two images is an ordinary chain:
+    the official combined path builds the same sequence for it.)"""
+    phrasings = _official_phrasings(combined_instruction)
+    if phrasings is None and n_images > 2 and isinstance(instruction_list, (list, tuple)) \
+            and len(instruction_list) == 1:
+        phrasings = _official_phrasings(instruction_list[0])
+    return phrasings
+
+
+@dataclasses.dataclass
+class EditRow:
+    """A usable Parquet row: the original PNG bytes, the instruction list as stored (``[]`` when the column is
+    absent), the combined row's phrasings (None for a chain) and what was kept leniently (``KEPT_*``)."""
+
+    images: list[bytes]
+    instructions: list
+    combined: list[str] | None
+    kept: list[str]
+
+
+def check_edit_row(image_list, instruction_list, combined_instruction=None) -> EditRow:
+    """The row as an ``EditRow`` when the official loader trains it; raises ``RowError`` with the reason otherwise."""
     if image_list is None or len(image_list) == 0:
-        raise DataError("no images")
+        raise RowError("no images")
     if len(image_list) == 1:
-        raise DataError("row with one image (an edit needs at least two)")
-    if instruction_list is None or len(instruction_list) == 0:
-        raise DataError("empty instruction list")
-    if len(instruction_list) != len(image_list) - 1:
-        raise DataError(f"instruction count mismatch: {len(instruction_list)} steps for {len(image_list)} images "
-                        f"(expected {len(image_list) - 1})")
-    for step, phrasings in enumerate(instruction_list):
-        if isinstance(phrasings, str) or not phrasings or not all(isinstance(p, str) and p.strip()
-                                                                  for p in phrasings):
-            raise DataError(f"empty instruction list: step {step} (image {step} -> {step + 1})")
-    blobs = []
+        raise RowError("row with one image", "an edit needs at least two")
+    combined = combined_phrasings(len(image_list), instruction_list, combined_instruction)
+    if combined is not None:
+        if not all(isinstance(p, str) and p.strip() for p in combined):
+            raise RowError("empty instruction list", f"the combined instruction has a blank or non-text phrasing "
+                                                     f"({len(combined)} phrasings)")
+    else:
+        if instruction_list is None or len(instruction_list) == 0:
+            raise RowError("empty instruction list")
+        if len(instruction_list) != len(image_list) - 1:
+            raise RowError("instruction count mismatch", f"{len(instruction_list)} steps for {len(image_list)} "
+                                                         f"images (expected {len(image_list) - 1}, or 1 for a "
+                                                         "combined row)")
+        for step, phrasings in enumerate(instruction_list):
+            if isinstance(phrasings, str) or not phrasings or not all(isinstance(p, str) and p.strip()
+                                                                      for p in phrasings):
+                raise RowError("empty instruction list", f"step {step} (image {step} -> {step + 1})")
+    blobs, lenient = [], False
     for k, blob in enumerate(image_list):
         if not isinstance(blob, (bytes, bytearray)):
-            raise DataError(f"corrupt image blob: image {k} is not bytes ({type(blob).__name__})")
+            raise RowError("corrupt image blob", f"image {k} is not bytes ({type(blob).__name__})")
         try:
-            open_image(bytes(blob))
+            lenient |= decode_image(bytes(blob))[1]
         except DataError as err:
-            raise DataError(f"corrupt image blob: image {k}: {err}") from None
+            raise RowError("corrupt image blob", f"image {k}: {err}") from None
         blobs.append(bytes(blob))
-    return blobs
+    kept = ([KEPT_COMBINED] if combined is not None else []) + ([KEPT_TRUNCATED] if lenient else [])
+    return EditRow(blobs, list(instruction_list or []), combined, kept)
 
 
-def check_conversation(obj, slice_ok) -> tuple[list[str], list[dict]]:
-    """``(image paths, turns)`` of a usable conversation; raises ``DataError`` with the reason otherwise.
+def edit_routes(n_images: int, instruction_list, combined: Sequence[str] | None) -> tuple[list, list[str]]:
+    """``(modality of each image, route of each supervised step)``. A combined row has one step, from its
+    instruction's source to its target; its other context images' modalities are unknown (None)."""
+    if combined is None:
+        mods = chain_modalities(instruction_list)
+        return mods, [route_name(a, b) for a, b in zip(mods[:-1], mods[1:])]
+    src, tgt = step_route(combined) or (None, None)
+    return [src] + [None] * (n_images - 2) + [tgt], [route_name(src, tgt)]
 
-    ``slice_ok(path) -> None | reason``: checks one image file under ``slice/``.
+
+def image_slots(turns: Sequence[dict], n_images: int) -> int:
+    """How many ViT images the official ``change_format`` places: in each human turn the ``<image>`` markers up
+    to ``n_images`` (it compares the marker's index *within the turn* with the image count); gpt turns none."""
+    return sum(min(t["value"].count(IMAGE_MARKER), n_images) for t in turns if t["from"] == "human")
+
+
+def check_conversation(obj, slice_ok) -> tuple[list[str], list[dict], list[str]]:
+    """``(image paths, turns, kept)`` of a conversation the official VLM loader trains (``kept``: ``KEPT_*``
+    leniencies); raises ``RowError`` with the reason otherwise.
+
+    ``slice_ok(path) -> None | (code, message)``: checks one image file under ``slice/``. Every listed image is
+    checked, placed or not: the official loader opens them all.
     """
     if not isinstance(obj, dict):
-        raise DataError(f"not a JSON object ({type(obj).__name__})")
+        raise RowError("not a JSON object", type(obj).__name__)
     turns = obj.get("conversations")
     if not isinstance(turns, list) or not turns:
-        raise DataError("no conversations list")
+        raise RowError("no conversations list")
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(
                 turn.get("value"), str):
-            raise DataError(f"turn {k}: expected {{'from': 'human'|'gpt', 'value': text}}")
+            raise RowError("bad turn", f"turn {k}: expected {{'from': 'human'|'gpt', 'value': text}}")
     if not any(t["from"] == "gpt" for t in turns):
-        raise DataError("no gpt turn (nothing to learn)")
+        raise RowError("no gpt turn", "nothing to learn")
     images = obj.get("image", [])
     if images is None:
         images = []
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise DataError("image: expected a path or a list of paths")
+        raise RowError("bad image field", "expected a path or a list of paths")
     markers = sum(t["value"].count(IMAGE_MARKER) for t in turns if t["from"] == "human")
-    stray = sum(t["value"].count(IMAGE_MARKER) for t in turns if t["from"] == "gpt")
-    if markers != len(images) or stray:
-        where = f" ({stray} in gpt turns)" if stray else ""
-        raise DataError(f"<image> count mismatch: {markers + stray} markers{where} for {len(images)} images")
+    slots = image_slots(turns, len(images))
+    if slots > len(images):
+        # Two human turns with markers each take up to all the images: the official loader then asks for more
+        # images than it has (IndexError while packing) and cannot train the line.
+        raise RowError("<image> count mismatch", f"the human turns' {markers} markers place {slots} images (each "
+                                                 f"turn up to {len(images)}, as the official change_format) but "
+                                                 f"the line has {len(images)}")
     for path in images:
         if Path(path).is_absolute() or ".." in Path(path).parts:
-            raise DataError(f"image path {path!r} must be relative to slice/")
+            raise RowError("image path outside slice/", f"{path!r} must be relative to slice/")
         problem = slice_ok(path)
         if problem:
-            raise DataError(problem)
-    return images, [{"from": t["from"], "value": t["value"]} for t in turns]
+            raise RowError(*problem)
+    kept = [KEPT_EXTRA_MARKERS] if markers > slots else []
+    kept += [KEPT_UNUSED_IMAGES] if slots < len(images) else []
+    kept += [KEPT_GPT_MARKERS] if any(IMAGE_MARKER in t["value"] for t in turns if t["from"] == "gpt") else []
+    return images, [{"from": t["from"], "value": t["value"]} for t in turns], kept
 
 
 # ----------------------------------------------------------------------------------------------- samples
@@ -267,15 +406,20 @@ OFFICIAL = SynerMedConfig()
 
 
 def edit_plan(n_images: int, instruction_list: Sequence[Sequence[str]], rng: np.random.Generator,
-              config: SynerMedConfig = OFFICIAL) -> list[tuple]:
+              config: SynerMedConfig = OFFICIAL, combined: Sequence[str] | None = None) -> list[tuple]:
     """The official hop rule as a plan: ``("cond", i)``, ``("text", str)``, ``("mid", i)``, ``("target", i)``.
 
     Same draws, in the same order, as BAGEL's ``UnifiedEditIterableDataset.parse_row`` (``random.choice`` →
-    ``rng.integers``)."""
+    ``rng.integers``). A combined row (``combined``: its phrasings, see ``combined_phrasings``) follows
+    SynerMedGen's ``edit_dataset_new.py`` instead: every image but the last is conditioning (VAE, then ViT), then
+    one phrasing drawn, then the last image as the target."""
+    if combined is not None:
+        plan: list[tuple] = [("cond", i) for i in range(n_images - 1)]
+        return plan + [("text", combined[int(rng.integers(len(combined)))]), ("target", n_images - 1)]
     start = int(rng.integers(n_images - 1))
     max_end = min(start + 3, n_images)
     end = int(rng.integers(start + 1, max_end))
-    plan: list[tuple] = [("cond", start)]
+    plan = [("cond", start)]
     if end - start > 1 and rng.random() < config.concat_probability:
         if config.shorten_concat_at_end and end == n_images - 1:
             end -= 1
@@ -291,20 +435,29 @@ def edit_plan(n_images: int, instruction_list: Sequence[Sequence[str]], rng: np.
 
 
 def conversation_plan(turns: Sequence[dict], n_images: int) -> list[tuple]:
-    """BAGEL's ``change_format``: ``("text", str, loss)`` and ``("image", k)`` in sequence order."""
+    """BAGEL's ``SftJSONLIterableDataset.change_format``: ``("text", str, loss)`` and ``("image", k)`` in sequence
+    order. A human turn without ``<image>`` is one text as written; one with markers is split at them, each
+    non-blank piece stripped, and the j-th marker *of that turn* becomes the next image only while j < the
+    image count (later markers are dropped, their text pieces stay separate texts). A gpt turn is one text with
+    the loss, any ``<image>`` in it left as text. Images are taken in order; ``check_conversation`` rejects lines
+    whose markers would ask for more images than there are."""
     plan: list[tuple] = []
     k = 0
     for turn in turns:
-        if turn["from"] == "human":
+        if turn["from"] != "human":
+            plan.append(("text", turn["value"], True))
+        elif IMAGE_MARKER not in turn["value"]:
+            plan.append(("text", turn["value"], False))
+        else:
             pieces = turn["value"].split(IMAGE_MARKER)
             for j, piece in enumerate(pieces):
                 if piece.strip():
                     plan.append(("text", piece.strip(), False))
-                if j != len(pieces) - 1 and k < n_images:
+                if j != len(pieces) - 1 and j < n_images:
+                    if k >= n_images:
+                        raise RowError("<image> count mismatch", f"the markers place more than {n_images} images")
                     plan.append(("image", k))
                     k += 1
-        else:
-            plan.append(("text", turn["value"], True))
     return plan
 
 
@@ -405,7 +558,8 @@ class SampleMaker:
             return decoded[i]
 
         items: list = []
-        for step in edit_plan(len(record["images"]), record["instructions"], rng, self.config):
+        for step in edit_plan(len(record["images"]), record["instructions"], rng, self.config,
+                              record.get("combined")):
             what, value = step
             if what == "cond":
                 items += [VaeImage(resize_image(image(value), size), cfg=True),
@@ -433,7 +587,9 @@ class SampleMaker:
                 pixels = image_array(self.slice_bytes(record["images"][step[1]]), channels)
                 items.append(VitImage(resize_image(pixels, vit_size)))
             else:
-                items.append(Text(self.tokenizer.encode(step[1]), loss=step[2]))
+                ids = self.tokenizer.encode(step[1])
+                if ids:  # the official VLM loader drops a text that tokenizes to nothing
+                    items.append(Text(ids, loss=step[2]))
         return items
 
     def __call__(self, element: tuple[str, int], rng: np.random.Generator):
