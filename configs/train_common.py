@@ -5,7 +5,8 @@ Layout (other commands rely on these names)::
     config.stage        "vae" | "stage1_gau" | "stage2_ucg" | "baseline_vqa" | "ablate_no_{cts,mi,tia}"
     config.model        configs/models.py:<variant>
     config.data.dir     built data folder (python -m synermedgen_jax build-data ...)
-    config.data.pack    PackBudget fields (data/packing.py)
+    config.data.pack    PackBudget fields (data/packing.py); bagel_7b_mot adds the official resize rules
+                        {vae,vit,vlm_vit}_resize and slice_size (data/geometry.py, docs/packing.md)
     config.data.*       Grain pipeline fields (data/pipeline.py PipelineConfig) + shards, eval_split
     config.train.*      optimisation, checkpointing, logging
     config.mesh         data / fsdp / tensor sizes (-1 fills the remaining devices)
@@ -22,6 +23,38 @@ from configs import models
 
 DEFAULT_MIX = (("cts", 0.468), ("tia", 0.381), ("mi", 0.150))
 SYNERMED_PREFIX = "synermed_"
+
+# The official image geometry (data/geometry.py): BAGEL's data/configs/example.yaml, unified_edit
+# image_transform_args (VAE) and vit_image_transform_args (ViT of edits), vlm_sft image_transform_args (ViT of
+# understanding samples); max_pixels is data/transforms.py ImageTransform's default (14·14·9·1024) where the
+# yaml gives none. The tiny/small configs keep fixed squares (their position tables are 8-16 patches a side).
+OFFICIAL_RESIZE = dict(
+    vae_resize=dict(min_side=512, max_side=1024, stride=16, max_pixels=1_806_336),
+    vit_resize=dict(min_side=224, max_side=518, stride=14, max_pixels=1_806_336),
+    vlm_vit_resize=dict(min_side=378, max_side=980, stride=14, max_pixels=2_007_040),
+)
+# The slice shape the slots are sized for in the config (build-data's default slice_size); training re-derives
+# them from the build's real slices (training/inputs.pack_budget) and config.json records what it used.
+SLICE_SIZE = (256, 256)
+
+
+def official_geometry(pack: dict, data_stage: str, slice_size: tuple[int, int] = SLICE_SIZE) -> dict:
+    """``pack`` plus the official rules, with ``image_size`` / ``vit_image_size`` the slots of ``slice_size``
+    slices (a 256² slice: VAE 512² = 1,024 latent tokens; ViT 252² = 324 patches for edits, 378² = 729 for
+    understanding). plan/bench read these sizes."""
+    from synermedgen_jax.data.geometry import ImageRules
+
+    pack = {**pack, **{k: dict(v) for k, v in OFFICIAL_RESIZE.items()}, "slice_size": tuple(slice_size)}
+    pack["image_size"], pack["vit_image_size"] = ImageRules.from_pack(pack).slots(
+        slice_size, data_stage, pack.get("image_size", (0, 0)), pack.get("vit_image_size", (0, 0)))
+    return pack
+
+
+def pack_config(pack: dict, data_stage: str, official: bool) -> ml_collections.ConfigDict:
+    """``config.data.pack``: the budget with the official geometry, or with fixed squares (rules None)."""
+    if official:
+        return ml_collections.ConfigDict(official_geometry(pack, data_stage))
+    return ml_collections.ConfigDict({**pack, **{key: None for key in OFFICIAL_RESIZE}})
 
 # Per-row pack budgets by model variant: (stage I, stage II).
 _PACKS = {
@@ -42,13 +75,16 @@ _PACKS = {
         stage2=dict(und_tokens=56, gen_tokens=128, vit_patches=16, vit_images=1, vae_images=2, ce_tokens=4,
                     image_size=(64, 64), vit_image_size=(56, 56)),
     ),
+    # Official geometry (slots: official_geometry). Stage I: a CTS instance is 5 ViT images of 729 patches
+    # (~3,800 und tokens with its text), so a row holds two; Stage II: a pair is 2 × 1,024 latent tokens + a
+    # 324-patch ViT image (~400 und tokens), so a row holds four, 10,240 tokens in all (BAGEL's fine-tuning
+    # expected_num_tokens, TRAIN.md).
     "bagel_7b_mot": dict(
-        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=4096, vit_images=32, vae_images=0, ce_tokens=512,
-                    image_size=(256, 256), vit_image_size=(224, 224)),
-        stage2=dict(und_tokens=2048, gen_tokens=4096, vit_patches=1024, vit_images=8, vae_images=16,
-                    ce_tokens=64, image_size=(256, 256), vit_image_size=(224, 224)),
+        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7290, vit_images=20, vae_images=0, ce_tokens=512),
+        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=2048, vit_images=8, vae_images=8, ce_tokens=64),
     ),
 }
+OFFICIAL_GEOMETRY = ("bagel_7b_mot",)  # variants that use OFFICIAL_RESIZE
 
 
 def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) -> ml_collections.ConfigDict:
@@ -81,7 +117,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     data.workers = 0
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
     data.source = "auto"  # auto: from the build's manifest | records | synermed (configs/synermed.py)
-    data.pack = ml_collections.ConfigDict(_PACKS[variant][pack])
+    data.pack = pack_config(_PACKS[variant][pack], data_stage, variant in OFFICIAL_GEOMETRY)
 
     train = config.train = ml_collections.ConfigDict()
     train.steps = 200 if variant == "tiny" else (2000 if variant == "small" else 100_000)

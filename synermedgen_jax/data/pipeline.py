@@ -16,6 +16,7 @@ Every step is a deterministic function of (seed, element index), so iterator sta
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 from skimage.transform import AffineTransform, warp
 
 from synermedgen_jax.data import prompts
+from synermedgen_jax.data.geometry import ImageRules, PackImages
 from synermedgen_jax.data.packing import (
     PackBudget,
     PackBuilder,
@@ -38,7 +40,7 @@ from synermedgen_jax.data.packing import (
 )
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.understanding import DEFAULT_MIX, TASKS, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES, resize_image
+from synermedgen_jax.data.volumes import MODALITY_NAMES, DataError
 
 STAGES = ("stage1", "stage2", "mixed", "vqa", "gen_pretrain")
 
@@ -65,6 +67,7 @@ class PipelineConfig:
     process_count: int | None = None
     workers: int = 0  # grain worker processes for sample building; 0 = in-process (best on 2 cores)
     source: str = "auto"  # auto (from the build's manifest) | records | synermed (data/synermed.py)
+    resize: ImageRules = ImageRules()  # the official aspect-preserving geometry (data/geometry.py); None: squares
 
 
 def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
@@ -95,6 +98,7 @@ class SampleMaker:
                  budget: PackBudget, config: PipelineConfig):
         self.data_dir, self.split, self.tables = data_dir, split, tables
         self.tokenizer_path, self.budget, self.config = tokenizer_path, budget, config
+        self.images = PackImages.for_budget(budget, config.resize)
         self._reader = None
         self._tokenizer = None
 
@@ -134,8 +138,9 @@ class SampleMaker:
         if task == "gen_pretrain":
             return self._gen_pretrain(int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
-        vit_size = tuple(self.budget.vit_image_size)
-        images = [resize_image(self._image(rec, modality, cache), vit_size) for rec, modality in rendered.images]
+        count = len(rendered.images)
+        images = [self.images.vlm_vit(self._image(rec, modality, cache), images=count)
+                  for rec, modality in rendered.images]
         items: list = prompt_items(self.tokenizer.encode(rendered.question), images,
                                    [self.tokenizer.encode(label) for label in rendered.labels])
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
@@ -149,9 +154,9 @@ class SampleMaker:
         if self.config.augment:
             source, target = paired_augment([source, target], rng, self.config)
         prompt = prompts.generation_instruction(int(pairs["template"][row]), src, tgt, cache[rec]["anatomy"])
-        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
-        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(resize_image(source, vit_size), cfg=True),
-                 VaeImage(resize_image(source, size), cfg=True), VaeImage(resize_image(target, size), noised=True)]
+        vae, vit = self.images.vae, self.images.vit
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(vit(source), cfg=True),
+                 VaeImage(vae(source), cfg=True), VaeImage(vae(target), noised=True)]
         items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
                             vae=self.config.cfg_vae)
         return items, f"pairs#{row}"
@@ -169,9 +174,9 @@ class SampleMaker:
         edit = gen_pretrain.EDITS[int(table["edit"][row])]
         source, target = gen_pretrain.apply_edit(edit, base, neighbour, rng)
         prompt = prompts.gen_pretrain_instruction(edit, int(table["template"][row]), modality)
-        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
-        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(resize_image(source, vit_size), cfg=True),
-                 VaeImage(resize_image(source, size), cfg=True), VaeImage(resize_image(target, size), noised=True)]
+        vae, vit = self.images.vae, self.images.vit
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(vit(source), cfg=True),
+                 VaeImage(vae(source), cfg=True), VaeImage(vae(target), noised=True)]
         items = cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit,
                             vae=self.config.cfg_vae)
         return items, f"gen_pretrain#{row}"
@@ -311,6 +316,35 @@ def sample_dataset(data_dir: str | Path, budget: PackBudget, config: PipelineCon
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
     return it
+
+
+def slice_shape(data_dir: str | Path, source: str = "auto") -> tuple[int, int]:
+    """``(H, W)`` of the build's slices, which the official geometry sizes the pack slots from: the first
+    record's first image (a records build: its train split; a SynerMed build: its first edit image, else its
+    first conversation image). Raises ``DataError`` (one line) when it cannot be read."""
+    from synermedgen_jax.data import synermed
+
+    try:
+        if synermed.use_release(data_dir, source):
+            from PIL import Image
+
+            counts = synermed.record_counts(data_dir)
+            if counts.get(synermed.EDIT):
+                blob = RecordReader(str(data_dir), synermed.EDIT)[0]["images"][0]
+            elif counts.get(synermed.CONV):
+                path = RecordReader(str(data_dir), synermed.CONV)[0]["images"][0]
+                blob = (Path(data_dir) / synermed.SLICE_DIR / path).read_bytes()
+            else:
+                raise DataError("no records")
+            width, height = Image.open(io.BytesIO(blob)).size
+            return int(height), int(width)
+        record = RecordReader(str(data_dir), "train")[0]
+        first = next(iter(record["images"].values()))
+        return tuple(int(n) for n in np.shape(first)[:2])
+    except (OSError, KeyError, IndexError, ValueError, StopIteration, TypeError) as err:
+        raise DataError(f"{data_dir}: cannot read the slice shape the official image geometry sizes the pack "
+                        f"slots from ({type(err).__name__}: {str(err)[:100]}); build the data first or set "
+                        "config.data.pack.{vae,vit,vlm_vit}_resize=None") from None
 
 
 def packed_dataset(data_dir: str | Path, budget: PackBudget, model_config: Any, config: PipelineConfig =

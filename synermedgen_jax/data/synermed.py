@@ -544,11 +544,19 @@ class SampleMaker:
     def slice_bytes(self, path: str) -> bytes:
         return (Path(self.data_dir) / SLICE_DIR / path).read_bytes()
 
+    def _pack_images(self):
+        """The resize into the pack's slots (data/geometry.PackImages), made once per maker."""
+        if getattr(self, "_images", None) is None:
+            from synermedgen_jax.data.geometry import PackImages
+
+            self._images = PackImages.for_budget(self.budget, getattr(self.pipeline, "resize", None))
+        return self._images
+
     def edit_items(self, record: dict, rng: np.random.Generator) -> list:
         from synermedgen_jax.data.packing import Text, VaeImage, VitImage, cfg_dropout
-        from synermedgen_jax.data.volumes import resize_image
 
-        size, vit_size = tuple(self.budget.image_size), tuple(self.budget.vit_image_size)
+        resize = self._pack_images()  # the run's geometry (data/geometry.py)
+        vae, vit = resize.vae, resize.vit
         channels = self._channels()
         decoded: dict[int, np.ndarray] = {}
 
@@ -562,30 +570,27 @@ class SampleMaker:
                               record.get("combined")):
             what, value = step
             if what == "cond":
-                items += [VaeImage(resize_image(image(value), size), cfg=True),
-                          VitImage(resize_image(image(value), vit_size), cfg=True)]
+                items += [VaeImage(vae(image(value)), cfg=True), VitImage(vit(image(value)), cfg=True)]
             elif what == "text":
                 items.append(Text(self.tokenizer.encode(value), cfg=True))
             elif what == "mid":
-                items += [VaeImage(resize_image(image(value), size), noised=True),
-                          VaeImage(resize_image(image(value), size), cfg=True),
-                          VitImage(resize_image(image(value), vit_size), cfg=True)]
+                items += [VaeImage(vae(image(value)), noised=True), VaeImage(vae(image(value)), cfg=True),
+                          VitImage(vit(image(value)), cfg=True)]
             else:
-                items.append(VaeImage(resize_image(image(value), size), noised=True))
+                items.append(VaeImage(vae(image(value)), noised=True))
         p = self.pipeline
         return cfg_dropout(items, rng, text=p.cfg_text, vit=p.cfg_vit, vae=p.cfg_vae)
 
     def conversation_items(self, record: dict) -> list:
         from synermedgen_jax.data.packing import Text, VitImage
-        from synermedgen_jax.data.volumes import resize_image
 
-        vit_size = tuple(self.budget.vit_image_size)
+        vit = self._pack_images().vlm_vit  # BAGEL's VLM rule, max_pixels shared by the conversation's images
         channels = self._channels()
         items: list = []
         for step in conversation_plan(record["turns"], len(record["images"])):
             if step[0] == "image":
                 pixels = image_array(self.slice_bytes(record["images"][step[1]]), channels)
-                items.append(VitImage(resize_image(pixels, vit_size)))
+                items.append(VitImage(vit(pixels, images=len(record["images"]))))
             else:
                 ids = self.tokenizer.encode(step[1])
                 if ids:  # the official VLM loader drops a text that tokenizes to nothing

@@ -16,8 +16,11 @@ import grain
 import jax
 import numpy as np
 
-from synermedgen_jax.data.packing import PackBudget
-from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+from synermedgen_jax.data import synermed
+from synermedgen_jax.data.geometry import ImageRules
+from synermedgen_jax.data.packing import Geometry, PackBudget
+from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, slice_shape
+from synermedgen_jax.data.understanding import COLUMNS_2D
 
 
 def shard_layout(data, rows: int) -> tuple[int, list[int], int]:
@@ -39,7 +42,59 @@ def pipeline_config(data, *, stage: str | None = None, split: str | None = None,
                           task_weights=weights, stage2_weight=float(data.stage2_weight), cfg_text=float(data.cfg_text),
                           cfg_vit=float(data.cfg_vit), cfg_vae=float(data.cfg_vae), augment=bool(data.augment),
                           rows_per_batch=rows, repeat=repeat, process_index=shard, process_count=shards,
-                          workers=int(data.workers), source=str(data.get("source", "auto")))
+                          workers=int(data.workers), source=str(data.get("source", "auto")),
+                          resize=ImageRules.from_pack(data.pack))
+
+
+def pack_budget(config) -> PackBudget:
+    """The run's static :class:`PackBudget`.
+
+    Without resize rules (tiny/small) it is ``config.data.pack`` as written. With the official geometry
+    (``data.pack.{vae,vit,vlm_vit}_resize``, data/geometry.py) the slots are the rules applied to the build's
+    slice shape (read from the data, ``data.pipeline.slice_shape``): ``image_size``, ``vit_image_size`` and
+    ``slice_size`` are written back into ``config.data.pack`` when they differ from the config's (so the run's
+    config.json names the slots it trained with), and a budget that cannot hold one smallest sample of the
+    stage at those slots is an error (one line naming the field)."""
+    pack = config.data.pack
+    rules = ImageRules.from_pack(pack)
+    if not rules.any:
+        return PackBudget.from_config(pack)
+    geometry = Geometry.from_model_config(config.model)
+    rules.check_model(geometry.latent_stride, geometry.max_latent_size, geometry.vit_patch, geometry.vit_max_side)
+    shape = slice_shape(config.data.dir, str(config.data.get("source", "auto")))
+    stage = str(config.data.stage)
+    image_size, vit_image_size = rules.slots(shape, stage, tuple(pack.image_size), tuple(pack.vit_image_size))
+    if (image_size, vit_image_size) != (tuple(pack.image_size), tuple(pack.vit_image_size)):
+        import logging
+
+        logging.getLogger(__name__).info(
+            "data.pack: slots %s (VAE) / %s (ViT) from the build's %dx%d slices under the resize rules (config "
+            "had %s / %s)", image_size, vit_image_size, *shape, tuple(pack.image_size), tuple(pack.vit_image_size))
+        pack.image_size, pack.vit_image_size = image_size, vit_image_size
+        if "slice_size" in pack:
+            pack.slice_size = tuple(shape)
+    budget = PackBudget.from_config(pack)
+    # A CTS instance of a records build shows up to 5 images; a release conversation is checked for one.
+    release = synermed.use_release(config.data.dir, str(config.data.get("source", "auto")))
+    check_capacity(budget, geometry, stage, und_images=1 if release else COLUMNS_2D["img_rec"])
+    return budget
+
+
+def check_capacity(budget: PackBudget, geometry: Geometry, stage: str, und_images: int = 1) -> None:
+    """Raises (one line) when an empty row cannot hold the stage's whole samples at the slot sizes: an edit
+    (source + target VAE images, one ViT image), an understanding sample of ``und_images`` ViT images."""
+    stride = geometry.latent_stride
+    latents = (budget.image_size[0] // stride) * (budget.image_size[1] // stride)
+    patches = (budget.vit_image_size[0] // geometry.vit_patch) * (budget.vit_image_size[1] // geometry.vit_patch)
+    images = und_images if stage in ("stage1", "mixed", "vqa") else 1
+    needs = [("vit_patches", budget.vit_patches, images * patches), ("vit_images", budget.vit_images, images),
+             ("und_tokens", budget.und_tokens, images * (patches + 2))]
+    if stage in ("stage2", "mixed", "gen_pretrain"):
+        needs += [("gen_tokens", budget.gen_tokens, 2 * latents), ("vae_images", budget.vae_images, 2)]
+    for field, have, need in needs:
+        if have < need:
+            raise ValueError(f"config.data.pack.{field}={have} cannot hold one {stage} sample at the "
+                             f"{budget.image_size} VAE / {budget.vit_image_size} ViT slots (needs {need})")
 
 
 class ShardedBatches:
@@ -76,7 +131,7 @@ def train_batches(config) -> ShardedBatches:
     shards, mine, per = shard_layout(config.data, int(config.train.rows))
     if config.stage == "vae":
         return ShardedBatches({s: iter(image_dataset(config, shard=s, shards=shards, rows=per)) for s in mine})
-    budget = PackBudget.from_config(config.data.pack)
+    budget = pack_budget(config)
     return ShardedBatches({s: iter(packed_dataset(config.data.dir, budget, config.model, pipeline_config(
         config.data, shard=s, shards=shards, rows=per))) for s in mine})
 
@@ -85,7 +140,7 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
     """One deterministic batch of ``rows`` rows of held-out data for ``task`` (cts/tia/mi/vqa or pairs),
     read whole by every process (eval batches are replicated)."""
     data = config.data
-    budget = PackBudget.from_config(data.pack)
+    budget = pack_budget(config)
     if task == "pairs":
         # Generic pre-training evaluates on its own held-out edits: the run never meets a cross-modal pair.
         stage = "gen_pretrain" if data.stage == "gen_pretrain" else "stage2"
