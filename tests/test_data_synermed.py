@@ -581,7 +581,8 @@ def test_synthesize_metadata_writes_one_png_per_key_and_skips_existing(release, 
     meta_path.write_text(json.dumps(metadata))
     preds = tmp_path / "preds"
     argv = ["synthesize", "--checkpoint", str(s2), "--metadata", str(meta_path), "--image-root", str(root / "slice"),
-            "--output-dir", str(preds), "--steps", "3", "--batch-size", "2", "--no-progress"]
+            "--output-dir", str(preds), "--steps", "3", "--batch-size", "2", "--no-progress",
+            "--output-style", "ours"]  # grey at the source's size (the default is the official RGB crop)
     assert cli(argv) == 0
     written = {str(p.relative_to(preds))[:-4] for p in preds.rglob("*.png")}
     assert written == set(metadata)
