@@ -94,8 +94,10 @@ def main(args: argparse.Namespace) -> int:
                                          "none or one per --image")
         images = [load_image(spec, args.modality) for spec in args.image]
         inference = loading.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-        answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
-                            config)
+        # A checkpoint with the official geometry sees the images aspect-preserved (the first image's sizes).
+        image_size, vit_image_size = inference.sizes_for(*np.shape(images[0])[:2]) if images else (
+            inference.image_size, inference.vit_image_size)
+        answerer = Answerer(inference.model, inference.tokenizer, image_size, vit_image_size, config)
         answer = answerer.answer([(args.prompt, images, tuple(args.label))], seed=args.seed)[0]
     except ValueError as err:  # InferenceError and DecodeConfig's checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)

@@ -193,19 +193,23 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     pack = run_config.data.pack
     manifest = _data_manifest(data_dir)
     vae_rule, vit_rule = _rules(run_config)
-    return Inference(model=model, tokenizer=tok, image_size=tuple(pack.image_size),
-                     vit_image_size=tuple(pack.vit_image_size), norm=norm_from_manifest(manifest),
+    # With rules, the fixed sizes are those of a square slice up to 512 px (every NIfTI slice and build slice).
+    image_size = vae_rule.size_for(1, 1) if vae_rule else tuple(pack.image_size)
+    vit_image_size = vit_rule.size_for(1, 1) if vit_rule else tuple(pack.vit_image_size)
+    return Inference(model=model, tokenizer=tok, image_size=image_size,
+                     vit_image_size=vit_image_size, norm=norm_from_manifest(manifest),
                      data_dir=data_dir, source=manifest.get("source"), run_config=run_config,
                      vae_rule=vae_rule, vit_rule=vit_rule)
 
 
 def _rules(run_config) -> tuple[ResizeRule | None, ResizeRule | None]:
-    """The image rules of a checkpoint: the official inference rules for an import; a run's own when its config
-    has them (``data.pack.*_resize``), else None (fixed sizes)."""
+    """The image rules of a checkpoint at inference: the official inference rules (VAE 512–1024 px, ViT 378–980 px,
+    fitted to the model's tables) for an import and for a run trained with the official geometry (its config has
+    ``data.pack.*_resize``: the 7B and ``synermed_*`` configs), as the official inference script resizes; None
+    (fixed sizes) for a run trained on fixed squares."""
     from synermedgen_jax.data import geometry
     from synermedgen_jax.training.checkpoint import IMPORTED_STAGE
 
-    if run_config.stage == IMPORTED_STAGE:
+    if run_config.stage == IMPORTED_STAGE or geometry.ImageRules.from_pack(run_config.data.pack).any:
         return geometry.inference_rules(run_config.model)
-    rules = geometry.ImageRules.from_pack(run_config.data.pack)
-    return rules.vae, rules.vit or rules.vlm_vit
+    return None, None
