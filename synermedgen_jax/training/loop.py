@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import signal
@@ -93,33 +94,42 @@ def _assign(state: dict, shardings: dict, weights: dict) -> None:
                 state[section][name] = jax.device_put(weights[name], shardings[section][name], may_alias=False)
 
 
-def apply_init(config, state: dict, shardings: dict, tx) -> dict:
+def apply_init(config, state: dict, shardings: dict, tx, *, log: Callable[[str], None] | None = None) -> dict:
     """init_from (all weights by name), init_moe (und → gen expert), vae_from (vae.* weights), on a sharded
-    state: every weight is read straight onto its sharding, so each process reads only its shards."""
+    state: every weight is read straight onto its sharding, so each process reads only its shards.
+
+    init_moe follows BAGEL's order (``copy_init_moe``, then the checkpoint load overrides): the understanding
+    expert is copied only into the generation-expert weights ``init_from`` does not hold (a plain Qwen2, or no
+    init_from at all); a generation expert the init checkpoint holds (an import, a training workdir of any stage)
+    is kept bit for bit. ``log``: where the one line saying which happened goes (default: this module's logger).
+    """
     if not (config.init_from or config.init_moe or config.vae_from):
         return state
+    log = log or logging.getLogger(__name__).info
+    twins = _expert_twins(config, state) if config.init_moe else {}
+    held: set[str] = set()  # names init_from supplied
     if config.init_from:
         targets = _weight_targets(state, shardings)
         weights = checkpoint.read_weights(config.init_from, targets)
-        missing = sorted(set(targets) - set(weights))
+        # Generation-expert twins the checkpoint lacks are what init_moe fills; anything else missing is an error.
+        missing = sorted(set(targets) - set(weights) - set(twins))
         if missing:
             raise checkpoint.CheckpointError(f"init_from {config.init_from}: {len(missing)} parameters missing, "
                                              f"e.g. {missing[:5]}")
         _assign(state, shardings, weights)
+        held = set(weights)
     if config.init_moe:
-        if config.init_from and checkpoint.is_params_checkpoint(config.init_from):
-            logging.getLogger(__name__).warning(
-                "init_moe=True overwrites the generation expert imported from %s with its understanding expert; "
-                "pass --config.init_moe=False to fine-tune the imported generation expert", config.init_from)
-        from synermedgen_jax.modeling.synermedgen import build_model, expert_twin_names
-
-        # The twins are the decoder's declared (understanding, generation) module pairs, by their state names.
-        twins = expert_twin_names(nnx.eval_shape(lambda: build_model(config.model, 0)))
-        everything = {**state["frozen"], **state["params"]}
-        missing = sorted(name for pair in twins.items() for name in pair if name not in everything)
-        if missing:
-            raise checkpoint.CheckpointError(f"init_moe: expert twins missing from the train state: {missing[:5]}")
-        _assign(state, shardings, {gen: everything[und] for gen, und in twins.items()})
+        everything = {**state["frozen"], **state["params"]}  # after init_from: its understanding expert
+        copies = {gen: everything[und] for gen, und in twins.items() if gen not in held}
+        _assign(state, shardings, copies)
+        kept = len(twins) - len(copies)
+        if not copies:
+            log(f"init_moe: kept the generation expert of {config.init_from} ({kept} weights); nothing copied"
+                + _import_copied_note(config.init_from))
+        else:
+            source = f"{config.init_from}'s" if config.init_from else "the initial"
+            log(f"init_moe: copied {len(copies)} generation-expert weights from {source} understanding expert"
+                + (f"; kept {kept} the checkpoint holds" if kept else ""))
     if config.vae_from:
         targets = {n: t for n, t in _weight_targets(state, shardings).items() if n.startswith("vae.")}
         weights = checkpoint.read_weights(config.vae_from, targets)
@@ -131,6 +141,33 @@ def apply_init(config, state: dict, shardings: dict, tx) -> dict:
     if state["ema"]:
         state["ema"] = {n: jax.device_put(v, shardings["ema"][n], may_alias=False) for n, v in state["params"].items()}
     return state
+
+
+def _import_copied_note(path: str) -> str:
+    """An imported plain-Qwen2 checkpoint already holds a copied generation expert (``import`` copies it when
+    the folder has no ``_moe_gen`` key; port.json's notes say so): the log line names that, not a trained one."""
+    notes = Path(path) / "port.json"
+    if not (checkpoint.is_params_checkpoint(path) and notes.is_file()):
+        return ""
+    try:
+        said = json.loads(notes.read_text()).get("notes", [])
+    except ValueError:
+        return ""
+    copied = any("copied from the understanding expert" in str(note) for note in said)
+    return " (import copied it from the understanding expert: the BAGEL folder had no _moe_gen key)" if copied else ""
+
+
+def _expert_twins(config, state: dict) -> dict[str, str]:
+    """``{generation-expert weight: its understanding twin}`` by state name, from the decoder's declared module
+    pairs; both of each pair must be in the train state."""
+    from synermedgen_jax.modeling.synermedgen import build_model, expert_twin_names
+
+    twins = expert_twin_names(nnx.eval_shape(lambda: build_model(config.model, 0)))
+    everything = {*state["frozen"], *state["params"]}
+    absent = sorted(name for pair in twins.items() for name in pair if name not in everything)
+    if absent:
+        raise checkpoint.CheckpointError(f"init_moe: expert twins missing from the train state: {absent[:5]}")
+    return twins
 
 
 class _Preemption:
@@ -203,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                 logger.message(f"resumed from {workdir}/{latest}")
         else:
             state = step_lib.create_state(codec, make_model, tx, tcfg, shardings)
-            state = apply_init(config, state, shardings, tx)
+            state = apply_init(config, state, shardings, tx, log=logger.message if logger else None)
             if jax.process_index() == 0:
                 workdir.mkdir(parents=True, exist_ok=True)
                 _atomic_write(workdir / "config.json", to_json(config))
