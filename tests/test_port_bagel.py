@@ -288,13 +288,89 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, tiny_config):
                 "--chunk-mb", "0.2"]) == 0
     assert cli(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "back"),
                 "--chunk-mb", "0.2"]) == 0
-    for name in ("ema.safetensors", "ae.safetensors"):
-        original, back = _st_bits(src / name), _st_bits(tmp_path / "back" / name)
+    # One set of weights: model.safetensors (the official restart's file) holds the same tensors as ema.safetensors.
+    for name, back_name in (("ema.safetensors", "ema.safetensors"), ("ema.safetensors", "model.safetensors"),
+                            ("ae.safetensors", "ae.safetensors")):
+        original, back = _st_bits(src / name), _st_bits(tmp_path / "back" / back_name)
         assert sorted(original) == sorted(back)
         differing = [k for k in original if original[k] != back[k]]
-        assert not differing, f"{name}: {differing[:5]}"
+        assert not differing, f"{back_name}: {differing[:5]}"
     for name in ("llm_config.json", "vit_config.json", "tokenizer_config.json"):
         assert json.loads((src / name).read_text()) == json.loads((tmp_path / "back" / name).read_text()), name
+
+
+def _training_checkpoint(workdir, *, ema: bool):
+    """A tiny Stage II training checkpoint (its own non-FLUX tiny VAE) whose EMA differs from its parameters."""
+    from synermedgen_jax import sharding
+    from synermedgen_jax.config import apply_overrides, load_config
+    from synermedgen_jax.training import checkpoint, loop, optim
+    from synermedgen_jax.training import step as step_lib
+
+    config = loop.resolve_config(apply_overrides(load_config("configs/stage2_ucg.py:tiny"), [
+        "--config.mesh.fsdp=1", f"--config.train.ema={0.999 if ema else 0.0}"]))
+    make_model, codec, _ = loop.build(config)
+    tx = optim.make_optimizer(config.train)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    _, shardings = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
+    state = step_lib.create_state(codec, make_model, tx, config.train, shardings)
+    state["ema"] = {n: v * 0.5 + 0.125 for n, v in state["ema"].items()}  # an EMA that is not the parameters
+    mngr = checkpoint.manager(workdir, config.train)
+    checkpoint.save(mngr, 2, state, None, config, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    params = {n: np.asarray(v) for section in ("params", "frozen") for n, v in state[section].items()}
+    return config, params, {**params, **{n: np.asarray(v) for n, v in state["ema"].items()}}
+
+
+def _reimported(folder, tmp_path, only: str):
+    """Our import of ``only`` (model.safetensors or ema.safetensors) of an exported folder, by dotted name."""
+    single = tmp_path / f"only_{only}"
+    shutil.copytree(folder, single)
+    for name in ("model.safetensors", "ema.safetensors"):
+        if name != only:
+            (single / name).unlink()
+    assert cli(["import", "--bagel", str(single), "--out", str(tmp_path / f"ck_{only}"), "--dtype", "f32"]) == 0
+    _, params = load_params_checkpoint(tmp_path / f"ck_{only}")
+    return {name: np.asarray(value) for name, value in bagel.flatten(params).items()}
+
+
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "no_ema"])
+def test_export_of_a_training_checkpoint_writes_model_and_ema(tmp_path, capsys, ema):
+    """model.safetensors holds the trained parameters (the official restart reads it), ema.safetensors their EMA
+    (the same bytes when the run kept none); a tiny VAE is written with one warning naming its non-FLUX fields."""
+    config, params, averaged = _training_checkpoint(tmp_path / "run", ema=ema)
+    capsys.readouterr()
+    assert cli(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "bagel"),
+                "--dtype", "f32"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "not FLUX-shaped" in line]
+    assert len(warnings) == 1, err
+    for field in ("ch ", "ch_mult", "z_channels", "in_channels", "load_ae"):
+        assert field in warnings[0], warnings[0]
+    out = tmp_path / "bagel"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["ae.safetensors", "ema.safetensors",
+                                                                   "model.safetensors"]
+    model = _reimported(out, tmp_path, "model.safetensors")
+    assert sorted(model) == sorted(params)
+    assert not [n for n in params if not np.array_equal(model[n], params[n])]
+    if ema:
+        stored = _reimported(out, tmp_path, "ema.safetensors")
+        assert not [n for n in averaged if not np.array_equal(stored[n], averaged[n])]
+        assert [n for n in params if not np.array_equal(stored[n], params[n])]  # the EMA is not the parameters
+    else:
+        assert _st_bits(out / "ema.safetensors") == _st_bits(out / "model.safetensors")
+
+
+def test_flux_shape_check_names_the_differing_fields(tiny_config):
+    """The official load_ae builds FLUX's autoencoder whatever the file holds: the 7B config's VAE is that one;
+    a tiny one differs in the fields named."""
+    from synermedgen_jax.config import load_config
+
+    assert bagel.flux_ae_differences(load_config("configs/models.py:bagel_7b_mot")) == []
+    named = " ".join(bagel.flux_ae_differences(tiny_config))
+    for field in ("in_channels 1 (FLUX 3)", "ch 8 (FLUX 128)", "ch_mult [1, 2] (FLUX [1, 2, 4, 4])",
+                  "z_channels 4 (FLUX 16)", "num_res_blocks 1 (FLUX 2)", "norm_groups 4 (FLUX 32)"):
+        assert field in named, named
 
 
 def _rewrite(src, dst, change):

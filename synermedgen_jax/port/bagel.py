@@ -2,7 +2,8 @@
 
 Public API:
   ``load(dir) -> (config, params)``        the whole checkpoint in memory (``params``: nested dict, string keys)
-  ``save(config, params, dir, dtype=…)``   writes the BAGEL folder, one tensor at a time
+  ``save(config, params, dir, dtype=…, ema=…)``  writes the BAGEL folder (model/ema/ae.safetensors), one tensor
+                                           at a time
   ``plan_import(dir)`` / ``iter_params(plan)``  the streaming pieces the ``import`` command uses
 
 A BAGEL folder holds ``ema.safetensors`` (or ``model.safetensors``, or shards with a ``.index.json``),
@@ -471,32 +472,60 @@ def commit_folder(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ae_dtype: str = "f32",
+# The autoencoder the official ``load_ae`` (modeling/autoencoder.py) builds, whatever ae.safetensors holds: FLUX's.
+# Its GroupNorms are hard-coded to 32 groups; out_ch is in_channels in our model. scale/shift are its latent map.
+FLUX_AE = {"in_channels": 3, "ch": 128, "ch_mult": (1, 2, 4, 4), "num_res_blocks": 2, "z_channels": 16,
+           "norm_groups": 32, "scale_factor": 0.3611, "shift_factor": 0.1159}
+
+
+def flux_ae_differences(config) -> list[str]:
+    """The VAE config fields that differ from what the official ``load_ae`` hard-codes, as ``"field ours (FLUX
+    theirs)"``; empty for a FLUX-shaped autoencoder (the official code can load its ae.safetensors)."""
+    out = []
+    for field, flux in FLUX_AE.items():
+        ours = config.vae[field]
+        if (tuple(ours) if isinstance(flux, tuple) else ours) != flux:
+            out.append(f"{field} {list(ours) if isinstance(flux, tuple) else ours} "
+                       f"(FLUX {list(flux) if isinstance(flux, tuple) else flux})")
+    return out
+
+
+def export_order(config) -> list[str]:
+    """Our parameter names in the order :func:`save` asks for them (ae.safetensors first, then the ema-file
+    tensors), so a caller streaming from disk can read them in the same order."""
+    rules = K.build_table(config)
+    return [r.ours for r in rules if r.file == "ae"] + [r.ours for r in rules if r.file == "ema"]
+
+
+def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ema=None, ae_dtype: str = "f32",
          llm_json: dict | None = None, vit_json: dict | None = None,
          tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Writes a BAGEL folder (``ema.safetensors``, ``ae.safetensors``, the two JSON configs, tokenizer files).
+    """Writes a BAGEL folder: ``model.safetensors`` (``params``), ``ema.safetensors`` (``ema``), ``ae.safetensors``
+    (the VAE of ``params``), the two JSON configs, tokenizer files.
 
-    ``params``: nested dict, ``nnx.State`` or flat ``{dotted path: value}``; a value may be a zero-argument
-    callable, called once when its tensor is written, so a caller can stream from disk. ``dtype`` applies to
-    ``ema.safetensors``, ``ae_dtype`` to ``ae.safetensors``. ``llm_json``/``vit_json``: original files whose
-    extra fields are kept. Written into a temporary folder that is renamed onto ``folder`` at the end.
+    BAGEL's inference reads ema.safetensors; its training restart reads model.safetensors unless told to start
+    from the EMA (``finetune_from_ema``), so a folder holds both. ``params``/``ema``: nested dict, ``nnx.State``
+    or flat ``{dotted path: value}``; a value may be a zero-argument callable, called once when its tensor is
+    written (in :func:`export_order`), so a caller can stream from disk. ``ema=None``: the same tensors as
+    ``params`` (model.safetensors is copied, not converted twice); ``ema``'s VAE, if any, is not used. ``dtype``
+    applies to model.safetensors and ema.safetensors, ``ae_dtype`` to ae.safetensors. ``llm_json``/``vit_json``:
+    original files whose extra fields are kept. Written into a temporary folder renamed onto ``folder`` at the end.
     """
-    flat = flatten(params)
     rules = K.build_table(config)
-    names = {rule.ours for rule in rules}
-    missing = [rule.ours for rule in rules if rule.ours not in flat]
-    unexpected = sorted(set(flat) - names)
-    if missing or unexpected:
-        raise PortError("params do not match the model config: "
-                        + (f"{len(missing)} missing: {', '.join(missing)}; " if missing else "")
-                        + (f"{len(unexpected)} unexpected: {', '.join(unexpected)}" if unexpected else ""))
+    flat = _checked(rules, flatten(params), "params")
+    ema_flat = None if ema is None else _checked([r for r in rules if r.file == "ema"], flatten(ema), "ema")
     out = Path(folder)
     tmp = atomic_folder(out)
     try:
-        for kind, file_dtype, filename, metadata in (
-                ("ema", dtype_name(dtype), "ema.safetensors", {"format": "pt"}),
-                ("ae", dtype_name(ae_dtype), "ae.safetensors", {"format": "pt", AE_META_KEY: _vae_metadata(config)})):
-            specs = [TensorSpec(rule.bagel, file_dtype, rule.bagel_shape, _producer(flat[rule.ours], rule))
+        for kind, file_dtype, filename, values, metadata in (
+                ("ae", dtype_name(ae_dtype), "ae.safetensors", flat,
+                 {"format": "pt", AE_META_KEY: _vae_metadata(config)}),
+                ("ema", dtype_name(dtype), "model.safetensors", flat, {"format": "pt"}),
+                ("ema", dtype_name(dtype), "ema.safetensors", ema_flat, {"format": "pt"})):
+            if values is None:  # the EMA is the parameters: the same bytes
+                shutil.copyfile(tmp / "model.safetensors", tmp / filename)
+                continue
+            specs = [TensorSpec(rule.bagel, file_dtype, rule.bagel_shape, _producer(values[rule.ours], rule))
                      for rule in rules if rule.file == kind]
             write_streaming(tmp / filename, specs, metadata)
         _write_json(tmp / "llm_config.json", llm_config_json(config, llm_json))
@@ -507,6 +536,19 @@ def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ae_d
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _checked(rules: list[K.KeyRule], flat: dict[str, object], what: str) -> dict[str, object]:
+    """``flat`` when it holds exactly the rules' names (extra VAE names tolerated in an EMA set, which holds
+    the frozen VAE too); else one PortError naming every difference."""
+    names = {rule.ours for rule in rules}
+    missing = [rule.ours for rule in rules if rule.ours not in flat]
+    unexpected = sorted(n for n in set(flat) - names if what == "params" or not n.startswith("vae."))
+    if missing or unexpected:
+        raise PortError(f"{what} do not match the model config: "
+                        + (f"{len(missing)} missing: {', '.join(missing)}; " if missing else "")
+                        + (f"{len(unexpected)} unexpected: {', '.join(unexpected)}" if unexpected else ""))
+    return flat
 
 
 def _producer(value, rule: K.KeyRule) -> Callable[[], np.ndarray]:
