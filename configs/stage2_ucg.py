@@ -1,7 +1,8 @@
 """Stage II, UCG: flow matching on the paired data; the generation expert, vae2llm, llm2vae and the time
 embedder are trained. The understanding side is frozen with BAGEL's freeze_und detaches
 (``train.finetune_und=False``, default) or fine-tuned (``True``). Starts from a Stage I checkpoint
-(``init_from``) and copies the understanding expert into the generation expert (``init_moe``).
+(``init_from``); ``init_moe`` fills the generation-expert weights the checkpoint lacks from its understanding
+expert (a generation expert it holds, BAGEL's or an import's, is kept).
 
     python -m synermedgen_jax train --config configs/stage2_ucg.py:tiny --workdir runs/s2 \
         --config.data.dir=DIR --config.init_from=runs/s1

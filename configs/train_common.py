@@ -11,7 +11,10 @@ Layout (other commands rely on these names)::
     config.train.*      optimisation, checkpointing, logging
     config.mesh         data / fsdp / tensor sizes (-1 fills the remaining devices)
     config.init_from    checkpoint dir (workdir or step dir) whose weights start this run ("" = random)
-    config.init_moe     copy the understanding expert into the generation expert after init_from (BAGEL)
+    config.init_moe     fill the generation-expert weights init_from lacks from the understanding expert (BAGEL's
+                        copy_init_moe, then the load: a generation expert the checkpoint holds is kept)
+    config.init_moe_overwrite  copy the understanding expert over the generation expert even when init_from holds
+                        one (the from-scratch pipeline: Stage II's expert starts as Stage I's trained one)
     config.vae_from     a stage-0 VAE workdir whose ``vae.*`` weights replace the model's ("" = keep)
 """
 
@@ -102,6 +105,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     config.model = models.get_config(variant)
     config.init_from = ""
     config.init_moe = False
+    config.init_moe_overwrite = False  # quickstart/ablate set it: from scratch, Stage I's gen expert is untrained
     config.vae_from = ""
 
     data = config.data = ml_collections.ConfigDict()

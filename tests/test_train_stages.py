@@ -215,7 +215,8 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
 
     s2 = tmp_path / "s2"
     config = _config("configs/stage2_ucg.py:tiny", data, **{"train.steps": 40, "train.checkpoint_every": 40,
-                                                           "init_from": str(s1), "train.lr": 2e-3,
+                                                           "init_from": str(s1), "init_moe_overwrite": True,
+                                                           "train.lr": 2e-3,
                                                            "train.image_every": 20, "train.image_slices": 2,
                                                            "train.image_sample_steps": 4})
     assert train(config, s2, sample_grids=SampleGrids) == 0
@@ -224,7 +225,8 @@ def test_vae_then_stage1_then_stage2(data, tmp_path):
     assert np.mean([curve[s]["mse"] for s in range(35, 40)]) < 0.9 * np.mean([curve[s]["mse"] for s in range(5)])
     assert _saved_vae_constants(s2) == scale
     _, stage2 = load_model(str(s2), ema=False)
-    # init_moe copied the understanding expert; frozen und weights equal Stage I's.
+    # The quickstart's chain (init_moe_overwrite: Stage I's trained understanding expert seeds the generation
+    # expert); frozen und weights equal Stage I's.
     np.testing.assert_array_equal(np.asarray(stage2.connector.fc1.kernel[...]),
                                   np.asarray(load_model(str(s1), ema=False)[1].connector.fc1.kernel[...]))
 

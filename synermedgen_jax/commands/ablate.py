@@ -209,7 +209,8 @@ def main(args: argparse.Namespace) -> int:
             if stage1_config:
                 train(f"{arm}/seed{seed}/stage1", stage1_config, run / "stage1", args.stage1_steps, args.rows, seed,
                       vae)
-                stage2_more += [f"--config.init_from={run / 'stage1'}", "--config.init_moe=True"]
+                stage2_more += [f"--config.init_from={run / 'stage1'}", "--config.init_moe=True",
+                                "--config.init_moe_overwrite=True"]
             train(f"{arm}/seed{seed}/stage2", STAGE2_CONFIG, run / "stage2", args.stage2_steps, args.stage2_rows,
                   seed, stage2_more)
             evaluate(f"{arm}/seed{seed}/eval", run / "stage2", run / "eval", seed, args.eval_instances)

@@ -93,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
         if name in ("stage1", "stage2"):
             overrides.append(f"--config.vae_from={previous['vae']}")
         if name == "stage2":
-            overrides += [f"--config.init_from={previous['stage1']}", "--config.init_moe=True"]
+            overrides += [f"--config.init_from={previous['stage1']}", "--config.init_moe=True",
+                          "--config.init_moe_overwrite=True"]
         run_dir = workdir / name
         state.run(name, ["train", "--config", config, "--workdir", str(run_dir), *overrides], steps=steps)
         previous[name] = str(run_dir)

@@ -120,7 +120,8 @@ def apply_init(config, state: dict, shardings: dict, tx, *, log: Callable[[str],
         held = set(weights)
     if config.init_moe:
         everything = {**state["frozen"], **state["params"]}  # after init_from: its understanding expert
-        copies = {gen: everything[und] for gen, und in twins.items() if gen not in held}
+        overwrite = bool(config.get("init_moe_overwrite", False))
+        copies = {gen: everything[und] for gen, und in twins.items() if overwrite or gen not in held}
         _assign(state, shardings, copies)
         kept = len(twins) - len(copies)
         if not copies:
@@ -129,6 +130,7 @@ def apply_init(config, state: dict, shardings: dict, tx, *, log: Callable[[str],
         else:
             source = f"{config.init_from}'s" if config.init_from else "the initial"
             log(f"init_moe: copied {len(copies)} generation-expert weights from {source} understanding expert"
+                + (" (init_moe_overwrite: over the checkpoint's own)" if overwrite and held else "")
                 + (f"; kept {kept} the checkpoint holds" if kept else ""))
     if config.vae_from:
         targets = {n: t for n, t in _weight_targets(state, shardings).items() if n.startswith("vae.")}
