@@ -536,3 +536,57 @@ def empty_row(builder: PackBuilder) -> dict[str, np.ndarray]:
     if not builder.empty:
         raise ValueError("empty_row: the builder holds samples; build() them first")
     return builder.build()
+
+
+REAL_COUNT_KEYS = ("und_tokens", "gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens", "samples",
+                   "mse_tokens")
+
+
+def real_counts(arrays: Mapping[str, Any], geometry: Geometry | PackBuilder | int | Any) -> dict[str, np.ndarray]:
+    """Per-row *real* (non-padding) counts of each region of packs, read off the pack arrays alone.
+
+    ``arrays``: a pack row (:meth:`PackBuilder.build`, no batch axis) or a batch (:func:`stack_rows`, a
+    :class:`Pack` too): ``token_ids [..., Tu]``, ``sample_id [..., Tu+Tg]``, ``vit_image_id [..., P]``,
+    ``ce_mask [..., C]``, ``vae_images [..., S, H, W, ch]``, ``latent_index [..., Tg]``, ``mse_mask [..., Tg]``
+    (numpy or jax arrays). ``geometry``: a :class:`Geometry`, a :class:`PackBuilder`, a model config, or the
+    latent stride in pixels (VAE downsample × latent patch; 16 for BAGEL), needed to know which VAE slot a
+    ``latent_index`` points into (``slot · L + token``, ``L = (H/stride)·(W/stride)``).
+
+    Returns ``{key: int64 array of shape [...]}`` (``[]`` for one row, ``[B]`` for a batch) for
+    :data:`REAL_COUNT_KEYS`: ``und_tokens`` / ``gen_tokens`` (``sample_id >= 0`` per region), ``vit_patches``
+    (``vit_image_id >= 0``), ``vit_images`` (distinct ids: they are numbered 0…n−1 in a row), ``vae_images``
+    (slots some real generation token's ``latent_index`` points into: a slot holds an image iff its latents
+    enter the sequence), ``ce_tokens`` (``ce_mask > 0``), ``samples`` (``max(sample_id) + 1``: samples are
+    numbered 0…n−1 in a row) and ``mse_tokens`` (``mse_mask > 0``: the noised latents).
+    Slot counts are the arrays' trailing sizes (``Tu``, ``Tg``, ``P``, ``C``, ``S``), so ``real / slots`` is the
+    fill. The one definition of "real" the packing report and per-step logging share.
+    """
+    if isinstance(geometry, PackBuilder):
+        stride = geometry.geometry.latent_stride
+    elif isinstance(geometry, Geometry):
+        stride = geometry.latent_stride
+    elif isinstance(geometry, (int, np.integer)):
+        stride = int(geometry)
+    else:
+        stride = Geometry.from_model_config(geometry).latent_stride
+    get = {key: np.asarray(arrays[key]) for key in
+           ("token_ids", "sample_id", "vit_image_id", "ce_mask", "vae_images", "latent_index", "mse_mask")}
+    und = get["token_ids"].shape[-1]
+    sample_id = get["sample_id"]
+    real = sample_id >= 0
+    slots, height, width = get["vae_images"].shape[-4:-1]
+    per_slot = (height // stride) * (width // stride)
+    gen_real = real[..., und:]
+    # Which slot each real generation token reads; padding tokens (latent_index 0) are sent to slot S (dropped).
+    slot_of = np.where(gen_real, get["latent_index"] // max(per_slot, 1), slots)
+    one_hot = slot_of[..., None] == np.arange(slots)  # [..., Tg, S]
+    return {
+        "und_tokens": real[..., :und].sum(-1).astype(np.int64),
+        "gen_tokens": gen_real.sum(-1).astype(np.int64),
+        "vit_patches": (get["vit_image_id"] >= 0).sum(-1).astype(np.int64),
+        "vit_images": (get["vit_image_id"].max(-1, initial=-1) + 1).astype(np.int64),
+        "vae_images": one_hot.any(-2).sum(-1).astype(np.int64),
+        "ce_tokens": (get["ce_mask"] > 0).sum(-1).astype(np.int64),
+        "samples": (sample_id.max(-1, initial=-1) + 1).astype(np.int64),
+        "mse_tokens": (get["mse_mask"] > 0).sum(-1).astype(np.int64),
+    }
