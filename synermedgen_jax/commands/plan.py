@@ -30,6 +30,16 @@ The plan always runs on the CPU backend (simulated devices); it re-executes itse
 was already initialised with another device count. XLA:CPU computes bf16 dots in f32 and keeps f32 copies of
 bf16 operands (and gathers FSDP weights in f32); the plan counts those copies live at the peak and prints an
 accelerator-equivalent figure (per device minus the copies) beside the CPU one.
+
+--data DIR: the packing report instead (benchmark/packing.py, docs/packing.md). Builds the run's batches from the
+built folder DIR exactly as training does (the config and its --config.KEY=VALUE overrides, as train takes them),
+reads --rows-sampled rows and prints per region (und / gen tokens, ViT patches / images, VAE images, CE slots)
+slots, mean real count and fill, samples per row and the share of the step's FLOPs spent on padding (the VAE
+encoder counted per VAE slot, empty ones included); then the budget split of --tokens und+gen tokens per row
+(default: the config's) that minimises that share under the same next-fit packer, replayed offline on the
+recorded samples, as --config.data.pack.* overrides. No device or compilation is involved.
+  python -m synermedgen_jax plan --data /tmp/data --config configs/stage2_ucg.py:small --rows-sampled 200 \\
+      --config.train.rows=8 --json packing.json
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ import argparse
 import os
 import subprocess
 import sys
+
+from synermedgen_jax.commands._runner import accept_config_overrides
 
 _GUARD = "SMG_PLAN_CHILD"
 
@@ -68,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices-per-host", type=int, default=0,
                         help="devices per host process for the host-memory figures (default: 8 for gpu, 4 for tpu)")
     parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
+    parser.add_argument("--data", metavar="DIR", default="",
+                        help="packing report of the run's real batches over this built data folder (see above)")
+    parser.add_argument("--rows-sampled", type=int, default=200,
+                        help="pack rows the packing report reads (--data; default 200)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (--data)")
+    parser.epilog = (parser.epilog or "") + ("\n--config.KEY=VALUE   override any config key (repeatable), as in "
+                                             "train (with --data)")
+    accept_config_overrides(parser)
 
 
 def _error(message: str) -> int:
@@ -105,9 +125,34 @@ def _restore_env(previous: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
+def _packing_report(args: argparse.Namespace) -> int:
+    """``plan --data``: the packing report of the config's real batches (benchmark/packing.py)."""
+    from synermedgen_jax.benchmark.packing import PackingReportError, format_report, run_report
+    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    try:
+        config = apply_overrides(load_config(args.config), overrides)
+        result = run_report(config, args.data, args.rows_sampled, args.tokens, progress=not args.no_progress)
+    except (ConfigError, PackingReportError) as err:
+        return _error(str(err))
+    print(format_report(result))
+    if args.json:
+        from synermedgen_jax.benchmark.report import write_json
+
+        write_json(args.json, {"command": "plan --data", "config": args.config, "overrides": overrides,
+                               "data": args.data, **result})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.benchmark.report import BenchError
 
+    if args.data:
+        return _packing_report(args)
+    if getattr(args, "overrides", None):
+        return _error(f"{args.overrides[0]}: --config.KEY=VALUE overrides are read with --data only")
     try:
         from synermedgen_jax.benchmark.plan import parse_mesh, resolve_mesh
 

@@ -1,0 +1,395 @@
+"""Packing report: how full the packs of a run really are, what the padding costs, and a budget that pads less.
+
+``python -m synermedgen_jax plan --data DIR --config FILE.py[:variant] [--config.KEY=VALUE ...]``
+(commands/plan.py). Three steps:
+
+1. **Measure** (:func:`measure`): build the run's batches exactly as training does
+   (``training/inputs.train_batches``: the config's budget from ``pack_budget``, its pipeline, CFG dropout,
+   augmentation, the next-fit packer of ``data/pipeline._PackIterator``) and read ``N`` rows. Per row the real
+   counts come from :func:`data.packing.real_counts`; each row is also cut back into its samples
+   (:func:`sample_sizes`), in order, so the packer's input is recorded too.
+2. **Cost** (:class:`RowFlops`): the FLOPs a step executes for one row (``benchmark/plan.executed_step_flops``:
+   modeling/flops.py's executed count + the frozen VAE encoder's forward per VAE *slot*, empty slots included)
+   at the budget's shapes vs the same formula at the row's real counts. The padding share is
+   ``1 − Σ real / Σ slots`` over the rows.
+3. **Suggest** (:func:`suggest`): replay the recorded samples offline through the same next-fit packer
+   (:func:`simulate`) for each candidate split of the row length: a grid over the und/gen split and the ViT
+   patch budget; ViT images, VAE slots and CE slots are then sized to the most a row reached (a smaller cap
+   would only split rows, a larger one is pure padding). The candidate with the lowest simulated padding
+   share wins; the config's own budget is one of the candidates, so the suggestion never pads more than it on
+   these samples. A first-fit over a 32-sample look-ahead is simulated as well, to show what a better packer
+   would give (labelled as a simulation: the pipeline packs next-fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from synermedgen_jax.data.packing import Geometry, PackBudget, real_counts
+
+# Per-sample / per-row capacities a sample takes, in PackBudget field order (``PackBuilder.need``).
+SIZE_KEYS: tuple[str, ...] = ("und_tokens", "gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens")
+LOOKAHEAD = 32
+
+
+class PackingReportError(ValueError):
+    """Bad input to the packing report (one line, exit 2)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+def sample_sizes(arrays: Mapping[str, np.ndarray], geometry: Geometry | int) -> np.ndarray:
+    """Capacities each packed sample takes, read back from pack arrays, in row then in-row order.
+
+    ``arrays``: a batch ``{field: [B, ...]}`` (``stack_rows``). Returns ``[n_samples, 6]`` int64 in
+    :data:`SIZE_KEYS` order: und / gen tokens (``sample_id == k`` per region), ViT patches and images (a patch
+    belongs to the sample of the und slot its ``vit_dest`` points at), VAE images (distinct slots its latent
+    tokens read), CE slots (``ce_mask`` > 0 at positions ``ce_index`` of the sample). The sum over a row's
+    samples equals :func:`real_counts` of the row.
+    """
+    stride = geometry.latent_stride if isinstance(geometry, Geometry) else int(geometry)
+    sample_id = np.asarray(arrays["sample_id"])
+    und = np.asarray(arrays["token_ids"]).shape[-1]
+    slots, height, width = np.asarray(arrays["vae_images"]).shape[-4:-1]
+    per_slot = max((height // stride) * (width // stride), 1)
+    out = []
+    for row in range(sample_id.shape[0]):
+        sid = sample_id[row]
+        count = int(sid.max(initial=-1)) + 1
+        if count == 0:
+            continue
+        sizes = np.zeros((count, len(SIZE_KEYS)), np.int64)
+        und_ids, gen_ids = sid[:und], sid[und:]
+        sizes[:, 0] = np.bincount(und_ids[und_ids >= 0], minlength=count)
+        sizes[:, 1] = np.bincount(gen_ids[gen_ids >= 0], minlength=count)
+        image_id = np.asarray(arrays["vit_image_id"][row])
+        real_patch = image_id >= 0
+        owner = sid[np.asarray(arrays["vit_dest"][row])[real_patch]]
+        sizes[:, 2] = np.bincount(owner, minlength=count)
+        for k in range(count):
+            sizes[k, 3] = len(np.unique(image_id[real_patch][owner == k]))
+        gen_real = gen_ids >= 0
+        slot_of = np.asarray(arrays["latent_index"][row])[gen_real] // per_slot
+        for k in range(count):
+            sizes[k, 4] = len(np.unique(slot_of[gen_ids[gen_real] == k]))
+        ce = np.asarray(arrays["ce_mask"][row]) > 0
+        sizes[:, 5] = np.bincount(sid[np.asarray(arrays["ce_index"][row])[ce]], minlength=count)
+        out.append(sizes)
+    return np.concatenate(out) if out else np.zeros((0, len(SIZE_KEYS)), np.int64)
+
+
+def simulate(sizes: np.ndarray, caps: Sequence[float], lookahead: int = 0, drop_last: bool = True
+             ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Packs ``sizes [n, 6]`` (:data:`SIZE_KEYS`) into rows of capacities ``caps`` (6 numbers, ``inf`` = no cap).
+
+    ``lookahead`` 0: next-fit in order, the pipeline's packer (a sample that does not fit closes the row and
+    opens the next). ``lookahead`` k > 0: a row takes, in order, every sample among the next k pending ones that
+    still fits, then closes (a first-fit look-ahead; a simulation only). Returns ``(rows [R, 6], samples [R])``
+    (per-row totals and sample counts), dropping the last, still open row when ``drop_last`` (the pipeline's
+    stream never ends there); ``None`` when one sample alone exceeds the caps.
+    """
+    caps = [float(c) for c in caps]
+    items = [tuple(int(v) for v in s) for s in np.asarray(sizes)]
+    if any(any(v > c for v, c in zip(item, caps)) for item in items):
+        return None
+    rows: list[list[int]] = []
+    counts: list[int] = []
+    if lookahead <= 0:
+        used, n = [0] * len(caps), 0
+        for item in items:
+            if n and any(u + v > c for u, v, c in zip(used, item, caps)):
+                rows.append(used)
+                counts.append(n)
+                used, n = [0] * len(caps), 0
+            used = [u + v for u, v in zip(used, item)]
+            n += 1
+        if n:
+            rows.append(used)
+            counts.append(n)
+    else:
+        pending = list(items)
+        while pending:
+            used, n, taken = [0] * len(caps), 0, []
+            for index, item in enumerate(pending[:lookahead]):
+                if all(u + v <= c for u, v, c in zip(used, item, caps)):
+                    used = [u + v for u, v in zip(used, item)]
+                    n += 1
+                    taken.append(index)
+            for index in reversed(taken):
+                pending.pop(index)
+            rows.append(used)
+            counts.append(n)
+    if drop_last and len(rows) > 1:
+        rows, counts = rows[:-1], counts[:-1]
+    return np.asarray(rows, np.int64).reshape(-1, len(caps)), np.asarray(counts, np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------------
+class RowFlops:
+    """FLOPs one train step executes per pack row, at given region sizes (``benchmark/plan.executed_step_flops``:
+    the trained groups' forward/backward, remat and flash recomputation, lm_head at CE slots, ViT + connector,
+    generation head, and the frozen VAE encoder per VAE slot: it encodes every slot, empty ones included)."""
+
+    def __init__(self, config: Any, budget: PackBudget):
+        self.config, self.budget = config, budget
+        self._memo: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def parts(self, und: int, gen: int, vit: int, vae: int, ce: int) -> dict[str, float]:
+        """``{part: FLOPs}`` of one row holding these counts (tokens / patches / VAE images / CE slots)."""
+        key = (int(und), int(gen), int(vit), int(vae), int(ce))
+        if key not in self._memo:
+            from synermedgen_jax.benchmark.plan import executed_step_flops
+
+            shapes = types.SimpleNamespace(und_tokens=key[0], gen_tokens=key[1], vit_patches=key[2],
+                                           vae_images=key[3], ce_tokens=key[4], image_size=self.budget.image_size)
+            self._memo[key] = executed_step_flops(self.config, shapes, 1)["parts"]
+        return self._memo[key]
+
+    def total(self, und: int, gen: int, vit: int, vae: int, ce: int) -> float:
+        return float(sum(self.parts(und, gen, vit, vae, ce).values()))
+
+    def of_budget(self, budget: Mapping[str, int] | PackBudget) -> float:
+        b = _as_dict(budget)
+        return self.total(b["und_tokens"], b["gen_tokens"], b["vit_patches"], b["vae_images"], b["ce_tokens"])
+
+    def padding_share(self, budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> float:
+        """``1 − Σ_rows FLOPs(real counts) / (R · FLOPs(budget))`` for ``rows [R, 6]`` (:data:`SIZE_KEYS`)."""
+        if len(rows) == 0:
+            return float("nan")
+        real = sum(self.total(r[0], r[1], r[2], r[4], r[5]) for r in rows)
+        return 1.0 - real / (len(rows) * self.of_budget(budget))
+
+
+def _as_dict(budget: Mapping[str, int] | PackBudget) -> dict[str, int]:
+    if isinstance(budget, PackBudget):
+        return {key: int(getattr(budget, key)) for key in SIZE_KEYS}
+    return {key: int(budget[key]) for key in SIZE_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Measurement:
+    """``rows [R, 6]`` real counts per row and ``samples [R]`` (from :func:`real_counts`), ``sizes [n, 6]``
+    per packed sample in packing order (:func:`sample_sizes`), all in :data:`SIZE_KEYS` order."""
+
+    rows: np.ndarray
+    samples: np.ndarray
+    sizes: np.ndarray
+
+
+def measure(batches: Iterable[Mapping[str, np.ndarray]], geometry: Geometry, rows: int,
+            progress: bool = True) -> Measurement:
+    """Reads ``rows`` pack rows from ``batches`` (the training stream) with a tqdm bar."""
+    from tqdm import tqdm
+
+    counts: list[dict[str, np.ndarray]] = []
+    sizes: list[np.ndarray] = []
+    seen = 0
+    with tqdm(total=rows, desc="pack rows", unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            take = min(rows - seen, int(np.asarray(batch["sample_id"]).shape[0]))
+            part = {key: np.asarray(value)[:take] for key, value in batch.items()}
+            counts.append(real_counts(part, geometry))
+            sizes.append(sample_sizes(part, geometry))
+            seen += take
+            bar.update(take)
+            if seen >= rows:
+                break
+    table = {key: np.concatenate([c[key] for c in counts]) for key in counts[0]}
+    return Measurement(rows=np.stack([table[key] for key in SIZE_KEYS], axis=1), samples=table["samples"],
+                       sizes=np.concatenate(sizes))
+
+
+def region_table(budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> list[dict[str, Any]]:
+    """``[{region, slots, mean_real, fill}]`` for :data:`SIZE_KEYS` (fill = mean real / slots; None: no slots)."""
+    b = _as_dict(budget)
+    out = []
+    for i, key in enumerate(SIZE_KEYS):
+        mean = float(rows[:, i].mean()) if len(rows) else float("nan")
+        out.append({"region": key, "slots": b[key], "mean_real": mean, "fill": mean / b[key] if b[key] else None})
+    return out
+
+
+def flop_parts(flops: RowFlops, budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> dict[str, dict]:
+    """Per FLOP part: ``{slots, real, padding_share}`` summed over ``rows`` (what each part spends on padding)."""
+    b = _as_dict(budget)
+    slot_parts = flops.parts(b["und_tokens"], b["gen_tokens"], b["vit_patches"], b["vae_images"], b["ce_tokens"])
+    out = {}
+    for name, value in slot_parts.items():
+        real = sum(flops.parts(r[0], r[1], r[2], r[4], r[5]).get(name, 0.0) for r in rows)
+        total = value * len(rows)
+        out[name] = {"slots": total, "real": real, "padding_share": (1.0 - real / total) if total else None}
+    return out
+
+
+def _grid(low: int, high: int, step: int) -> list[int]:
+    """``low``, the multiples of ``step`` in (low, high], and ``high``: candidate sizes of one region."""
+    if high < low:
+        return []
+    values = {low, high, *range(math.ceil(low / step) * step, high + 1, step)}
+    return sorted(v for v in values if low <= v <= high)
+
+
+def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int) -> dict[str, Any]:
+    """The budget of ``tokens`` und+gen tokens per row that minimises the simulated padding FLOP share of
+    next-fit packing ``sizes [n, 6]``.
+
+    Grid: the und/gen split (gen = tokens − und; und from the largest sample's und need up to what leaves the
+    largest sample's gen need, in steps of ``tokens/32``; a stage without generation samples keeps gen 0, and a
+    ViT patch budget from the largest sample's patches up to und, in steps of ``und/32``. For each, the rows are
+    simulated with ViT images, VAE slots and CE slots uncapped, then those are set to the most any row used
+    (CE at least 1).
+    The config's own budget (at the same row length) is a candidate too, so the result is never worse.
+    """
+    if len(sizes) == 0:
+        raise PackingReportError("no samples were packed: nothing to suggest from")
+    need = sizes.max(axis=0)
+    inf = float("inf")
+    candidates: list[dict[str, int]] = []
+    if tokens == budget.und_tokens + budget.gen_tokens:
+        candidates.append(_as_dict(budget))
+    step = max(1, tokens // 32)
+    und_values = [tokens] if need[1] == 0 else _grid(int(need[0]), tokens - int(need[1]), step)
+    for und in und_values:
+        vit_values = [0] if need[2] == 0 else _grid(int(need[2]), und, max(1, und // 32))
+        for vit in vit_values:
+            sim = simulate(sizes, (und, tokens - und, vit, inf, inf, inf))
+            if sim is None:
+                continue
+            rows, _ = sim
+            reach = rows.max(axis=0) if len(rows) else need
+            candidates.append({"und_tokens": und, "gen_tokens": tokens - und, "vit_patches": vit,
+                               "vit_images": int(max(reach[3], need[3])), "vae_images": int(max(reach[4], need[4])),
+                               # >= 1: a zero-size CE array is a shape training never ran with; one slot costs
+                               # one lm_head row.
+                               "ce_tokens": int(max(reach[5], need[5], 1))})
+    if not candidates:
+        raise PackingReportError(f"--tokens {tokens}: no split of {tokens} tokens holds the largest sample "
+                                 f"(und {need[0]} + gen {need[1]} tokens)")
+    best, best_share, best_sim = None, inf, None
+    for candidate in candidates:
+        sim = simulate(sizes, [candidate[key] for key in SIZE_KEYS])
+        if sim is None:
+            continue
+        share = flops.padding_share(candidate, sim[0])
+        if share < best_share - 1e-12:
+            best, best_share, best_sim = candidate, share, sim
+    assert best is not None and best_sim is not None
+    return {"budget": best, "padding_flop_share": best_share, "rows": best_sim[0], "samples": best_sim[1],
+            "candidates": len(candidates)}
+
+
+def overrides(budget: Mapping[str, int]) -> list[str]:
+    """``--config.data.pack.KEY=VALUE`` lines of a budget (what ``train`` accepts)."""
+    return [f"--config.data.pack.{key}={int(budget[key])}" for key in SIZE_KEYS]
+
+
+# ------------------------------------------------------------------------------------------------------------
+def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: int = 0) -> dict[str, Any]:
+    """All figures of the report (JSON-ready apart from numpy scalars, which ``report.write_json`` handles)."""
+    flops = RowFlops(config, budget)
+    rows, sizes = measurement.rows, measurement.sizes
+    tokens = tokens or budget.und_tokens + budget.gen_tokens
+    measured_share = flops.padding_share(budget, rows)
+    # The recorded samples replayed through next-fit at the config's budget must give back the measured rows:
+    # that is what makes the offline simulation of other budgets a faithful stand-in for the pipeline.
+    replay = simulate(sizes, [getattr(budget, key) for key in SIZE_KEYS], drop_last=False)
+    replay_matches = replay is not None and np.array_equal(replay[0][: len(rows)], rows)
+    config_sim = simulate(sizes, [getattr(budget, key) for key in SIZE_KEYS])
+    best = suggest(sizes, budget, flops, tokens)
+    out: dict[str, Any] = {
+        "rows_sampled": int(len(rows)),
+        "samples_seen": int(len(sizes)),
+        "budget": _as_dict(budget),
+        "image_size": list(budget.image_size),
+        "regions": region_table(budget, rows),
+        "samples_per_row": float(measurement.samples.mean()),
+        "padding_flop_share": measured_share,
+        "flops_per_row_at_slots": flops.of_budget(budget),
+        "flop_parts": flop_parts(flops, budget, rows),
+        "flops_counted_as": "benchmark/plan.executed_step_flops (modeling/flops.py executed count + frozen VAE "
+                            "encoder forward per VAE slot), at the budget's shapes vs at each row's real counts",
+        "replay_matches_pipeline": bool(replay_matches),
+        "largest_sample": {key: int(v) for key, v in zip(SIZE_KEYS, sizes.max(axis=0))},
+        "row_tokens": int(tokens),
+        "config_simulated": {"padding_flop_share": flops.padding_share(budget, config_sim[0]) if config_sim else None,
+                             "samples_per_row": float(config_sim[1].mean()) if config_sim else None},
+        "suggested": {"budget": best["budget"], "padding_flop_share": best["padding_flop_share"],
+                      "regions": region_table(best["budget"], best["rows"]),
+                      "samples_per_row": float(best["samples"].mean()), "overrides": overrides(best["budget"]),
+                      "candidates": best["candidates"], "packer": "next-fit (simulated on the recorded samples)"},
+    }
+    looked = {}
+    for name, b in (("config", _as_dict(budget)), ("suggested", best["budget"])):
+        sim = simulate(sizes, [b[key] for key in SIZE_KEYS], lookahead=LOOKAHEAD)
+        looked[name] = None if sim is None else {"padding_flop_share": flops.padding_share(b, sim[0]),
+                                                 "samples_per_row": float(sim[1].mean())}
+    out["lookahead_simulation"] = {"packer": f"first-fit over a {LOOKAHEAD}-sample look-ahead (simulation only; "
+                                             "the pipeline packs next-fit)", **looked}
+    return out
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """The console text: measured table, FLOP padding, the suggested budget as overrides."""
+    from synermedgen_jax.benchmark.report import table
+
+    cols = [("region", "region"), ("slots", "slots"), ("mean_real", "mean real"), ("fill", "fill")]
+    lines = [f"measured on {result['rows_sampled']} rows of the training pipeline ({result['samples_seen']} samples):",
+             table(result["regions"], cols),
+             f"  samples / row: {result['samples_per_row']:.2f}",
+             f"  padding FLOP share: {result['padding_flop_share']:.1%} "
+             f"(of {result['flops_per_row_at_slots']:.4g} FLOPs per row at the budget's shapes)"]
+    parts = ", ".join(f"{name} {p['padding_share']:.0%}" for name, p in result["flop_parts"].items()
+                      if p["padding_share"] is not None)
+    lines.append(f"  padding share by part: {parts}")
+    lines.append(f"  next-fit replay of the recorded samples reproduces the rows: {result['replay_matches_pipeline']}")
+    sim = result["config_simulated"]
+    suggested = result["suggested"]
+    lines += ["", f"suggested budget for {result['row_tokens']} und+gen tokens per row "
+                  f"(grid of {suggested['candidates']} budgets, next-fit simulated on the same samples):",
+              table(suggested["regions"], cols),
+              f"  samples / row: {suggested['samples_per_row']:.2f}; padding FLOP share "
+              f"{suggested['padding_flop_share']:.1%} (config's budget, same simulation: "
+              f"{sim['padding_flop_share']:.1%})",
+              "  " + " ".join(suggested["overrides"])]
+    look = result["lookahead_simulation"]
+    shares = ", ".join(f"{name} {v['padding_flop_share']:.1%} ({v['samples_per_row']:.2f} samples/row)"
+                       for name, v in look.items() if isinstance(v, dict))
+    lines.append(f"  {look['packer']}: {shares}")
+    return "\n".join(lines)
+
+
+def run_report(config: Any, data: str, rows: int, tokens: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Measures ``rows`` rows of ``config``'s training stream over the build ``data`` and reports.
+
+    Raises :class:`PackingReportError` (one line) for a folder that is not a build or a stage without packs.
+    """
+    from pathlib import Path
+
+    from synermedgen_jax.training.inputs import pack_budget, train_batches
+
+    folder = Path(data)
+    if not (folder / "manifest.json").is_file() or not (folder / "records").is_dir():
+        what = "does not exist" if not folder.exists() else "is not a built data folder (no manifest.json/records)"
+        raise PackingReportError(f"--data {data}: {what}; build it with build-data")
+    if "stage" not in config or "data" not in config:
+        raise PackingReportError("the packing report needs a run config (configs/stage1_gau.py, stage2_ucg.py, ...)")
+    if config.stage == "vae":
+        raise PackingReportError(f"stage {config.stage!r} trains on single images: it has no packs to report")
+    if rows < 1:
+        raise PackingReportError(f"--rows-sampled must be >= 1, got {rows}")
+    if tokens < 0:
+        raise PackingReportError(f"--tokens must be >= 0, got {tokens}")
+    config.data.dir = str(folder)
+    try:
+        budget = pack_budget(config)
+        measurement = measure(train_batches(config), Geometry.from_model_config(config.model), rows, progress)
+    except (OSError, ValueError, KeyError) as err:
+        raise PackingReportError(f"--data {data}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                                 ) from None
+    return report(config, measurement, budget, tokens)
