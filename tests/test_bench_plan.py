@@ -106,6 +106,20 @@ def test_bench_train_tiny_and_compare(tmp_path, capsys):
                                          / (1e12 * train["devices"]))
     assert 0.8 < train["compiled_flops_per_step"] / train["analytic_flops_per_step"] < 1.25
     assert train["memory"]["bytes_in_use"] > 0
+    # Per slot vs per real token (issue 29): padding is no work, so the real figures are never above the slot ones.
+    fill = train["real_fraction"]["tokens"]
+    assert fill == pytest.approx(train["tokens_per_step"] / train["slot_tokens_per_step"]) and 0 < fill < 1
+    assert all(0 <= v <= 1 for v in train["real_fraction"].values())
+    assert train["tokens_per_s_real"] == train["tokens_per_s"] <= train["tokens_per_s_slots"]
+    assert train["mfu_slots"] == train["mfu"]
+    assert train["analytic_flops_per_step_real"] < train["analytic_flops_per_step"]  # fill < 1
+    assert train["mfu_real"] == pytest.approx(train["analytic_flops_per_step_real"] / train["step_time_s"] / 1e12)
+    assert train["mfu_real"] < train["mfu_slots"]
+    assert train["analytic_flops_parts_real"]["decoder_attention"] < train["analytic_flops_parts"]["decoder_attention"]
+    printed = capsys.readouterr().out
+    assert "real fraction of the slots: tokens" in printed
+    mfu_line = next(row for row in printed.splitlines() if row.startswith("MFU "))
+    assert [float(x) for x in mfu_line.split()[1:]] == pytest.approx([train["mfu_slots"], train["mfu_real"]], rel=1e-3)
 
     b = tmp_path / "b.json"
     slower = json.loads(a.read_text())
@@ -116,6 +130,57 @@ def test_bench_train_tiny_and_compare(tmp_path, capsys):
     printed = capsys.readouterr().out
     line = next(row for row in printed.splitlines() if row.startswith("train.step_time_s "))
     assert line.split()[-1] == "2"
+
+    # A result written before the per-real fields existed still compares; what it lacks shows as "–".
+    old = json.loads(a.read_text())
+    for key in [k for k in old["train"] if k.endswith("_real") or k in ("real_fraction", "mfu_slots")]:
+        del old["train"][key]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert cli(["bench", "--compare", str(tmp_path / "old.json"), str(a)]) == 0
+    printed = capsys.readouterr().out
+    line = next(row for row in printed.splitlines() if row.startswith("train.mfu_real "))
+    assert line.split()[1] == "–" and line.split()[-1] == "–"
+    assert next(row for row in printed.splitlines() if row.startswith("train.mfu ")).split()[-1] == "1"
+
+
+@pytest.mark.parametrize("variant", ["configs/stage1_gau.py:tiny", "configs/stage2_ucg.py:tiny"])
+def test_real_counts_of_bench_packs(variant):
+    """The bench's real-token accounting on its synthetic packs: visible pairs match the dense visibility mask,
+    the real FLOPs are the slot formula at the real counts (all below the slot figure, attention included)."""
+    import numpy as np
+
+    from synermedgen_jax.benchmark import train_bench
+    from synermedgen_jax.benchmark.plan import analytic_step_flops
+    from synermedgen_jax.config import load_config
+    from synermedgen_jax.data.packing import PackBudget, real_counts
+    from synermedgen_jax.kernels.attention import visibility_mask
+    from synermedgen_jax.training.loop import real_fractions
+
+    config = load_config(variant)
+    budget = PackBudget.from_config(config.data.pack)
+    batch, counts = train_bench.synthetic_batch(config, budget, 2)
+    batch["sample_id"][1, :] = -1  # an all-padding row counts nothing
+    dense = np.asarray(visibility_mask(batch["sample_id"], batch["split_id"], batch["split_kind"])).sum((1, 2))
+    assert train_bench.visible_pairs(batch["sample_id"], batch["split_id"], batch["split_kind"]).tolist() \
+        == dense.tolist() and dense[0] > 0 and dense[1] == 0
+    for visible_blocks in (False, True):
+        real = train_bench.real_step_flops(config.model, budget, batch, visible_blocks)
+        slots = analytic_step_flops(config.model, budget, 2, None)
+        assert 0 < real["total"] < slots["total"]
+        assert all(real["parts"][k] <= slots["parts"][k] for k in slots["parts"])
+    # Row 0 alone: the slot formula evaluated at its real counts (dense attention over its real tokens).
+    one = {k: v[:1] for k, v in batch.items()}
+    row = {k: int(v[0]) for k, v in real_counts(one, config.model).items()}
+    at_counts = analytic_step_flops(config.model, PackBudget(
+        row["und_tokens"], row["gen_tokens"], row["vit_patches"], row["vit_images"], row["vae_images"],
+        row["ce_tokens"], budget.image_size, budget.vit_image_size), 1, None)
+    assert train_bench.real_step_flops(config.model, budget, one, False)["total"] == pytest.approx(at_counts["total"])
+    # The per-step fractions the training loop logs, from the same counter.
+    fractions = real_fractions(batch, config.model)
+    assert fractions["real_frac/und"] == pytest.approx(
+        real_counts(batch, config.model)["und_tokens"].sum() / (2 * budget.und_tokens))
+    assert ("real_frac/gen" in fractions) == (budget.gen_tokens > 0)
+    assert all(0 <= v <= 1 for v in fractions.values())
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):

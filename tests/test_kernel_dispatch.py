@@ -79,6 +79,22 @@ def test_tiny_run_records_its_kernels(tmp_path):
                                 "platform": "cpu", "summary": summary}
     rows = h.read_metrics(tmp_path / "run")
     assert rows[0]["kernels"] == summary and "kernels" not in rows[1]
+    # Each step's real-token fractions (issue 29) are those of the batch it trained on: recomputed here with
+    # data/packing.real_counts from the same stream (same seed), per region over the step's rows.
+    from synermedgen_jax.data.packing import real_counts
+    from synermedgen_jax.training.inputs import train_batches
+
+    batches = train_batches(config)
+    for step in (0, 1):
+        batch = next(batches)
+        counts = real_counts(batch, config.model)
+        expected = {"und": counts["und_tokens"].sum() / batch["token_ids"].size,
+                    "vit": counts["vit_patches"].sum() / batch["vit_image_id"].size,
+                    "ce": counts["ce_tokens"].sum() / batch["ce_mask"].size,
+                    "tokens": (batch["sample_id"] >= 0).mean()}
+        logged = {k.removeprefix("real_frac/"): v for k, v in rows[step].items() if k.startswith("real_frac/")}
+        assert logged == pytest.approx(expected), step  # Stage I: no gen / VAE slots, so no such keys
+        assert all(0 < v <= 1 for v in logged.values())
     run_config, model = load_model(str(tmp_path / "run"))  # the inference path resolves the same way
     assert run_config.model.attention_impl == model.config.attention_impl == dispatch.CPU_ATTENTION
 

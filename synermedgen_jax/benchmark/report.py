@@ -131,24 +131,35 @@ def load_result(path: str | Path) -> dict:
     return data
 
 
-def compare(a: Mapping, b: Mapping, *, skip: Iterable[str] = ("environment.",)) -> list[dict]:
-    """Rows ``{name, a, b, ratio}`` (ratio = b / a) for the numeric fields both results share."""
+MISSING = "–"  # a field one of two compared results lacks (a file written before the field existed)
+
+
+def compare(a: Mapping, b: Mapping, *, skip: Iterable[str] = ("environment.",),
+            one_sided: bool = False) -> list[dict]:
+    """Rows ``{name, a, b, ratio}`` (ratio = b / a) for the numeric fields both results share; with
+    ``one_sided`` also the fields only one holds, the other side and the ratio ``None`` (A's order, then B's)."""
     flat_a, flat_b = flatten_numbers(a), flatten_numbers(b)
     rows = []
-    for key in flat_a:
-        if key not in flat_b or any(key.startswith(s) for s in skip):
+    for key in [*flat_a, *(k for k in flat_b if k not in flat_a)]:
+        if any(key.startswith(s) for s in skip) or (not one_sided and not (key in flat_a and key in flat_b)):
             continue
-        va, vb = flat_a[key], flat_b[key]
-        ratio = vb / va if va else (1.0 if vb == va else math.inf)
+        va, vb = flat_a.get(key), flat_b.get(key)
+        if va is None or vb is None:
+            ratio = None
+        else:
+            ratio = vb / va if va else (1.0 if vb == va else math.inf)
         rows.append({"name": key, "a": va, "b": vb, "ratio": ratio})
     return rows
 
 
 def compare_text(path_a: str, path_b: str) -> str:
     a, b = load_result(path_a), load_result(path_b)
-    rows = compare(a, b)
-    if not rows:
+    # Fields only one file holds (e.g. mfu_real against a file written before it existed) are listed with
+    # MISSING on the other side, so an old result still compares and shows what it lacks.
+    rows = compare(a, b, one_sided=True)
+    if not any(row["ratio"] is not None for row in rows):
         raise BenchError(f"--compare: {path_a} and {path_b} share no numeric fields")
+    rows = [{k: MISSING if v is None else v for k, v in row.items()} for row in rows]
     env_a, env_b = a.get("environment", {}), b.get("environment", {})
     head = [f"A: {path_a}  ({env_a.get('device_kind', '?')} x{env_a.get('device_count', '?')}, "
             f"commit {str(env_a.get('git_commit', '?'))[:12]}, config {a.get('config_hash', '?')})",

@@ -2,12 +2,15 @@
 
 Packs are filled by the real packer (data/packing.py) with synthetic samples shaped like the stage's data
 (Stage II: prompt + ViT source + clean VAE source + noised VAE target; Stage I: question + ViT image + answer),
-random pixels and token ids, so the step does exactly the work of a real batch of that budget; throughput
-counts only non-padding tokens.
+random pixels and token ids, so the step does exactly the work of a real batch of that budget. The step costs
+what its slots cost, real or padding, so throughput and MFU are reported both per slot (every slot of the pack
+counted as work, the model-FLOPs convention of modeling/flops.py) and per real token (the same formula evaluated
+at each row's real counts, data/packing.real_counts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -59,6 +62,82 @@ def synthetic_batch(config, budget, rows: int, seed: int = 0) -> tuple[dict, dic
     tokens = int(np.sum(batch["sample_id"] >= 0))
     return batch, {"samples": samples, "images": images, "tokens": tokens,
                    "slot_tokens": rows * budget.total_tokens}
+
+
+def visible_pairs(sample_id: np.ndarray, split_id: np.ndarray, split_kind: np.ndarray) -> np.ndarray:
+    """Per-row count of the (query, key) pairs the visibility rule lets attend (docs/packing.md), ``[B]``.
+
+    Counted from the splits, never a dense ``T×T`` mask (a 7B row has 10k tokens): a query of split k sees its
+    own split (a causal split its lower triangle, ``n(n+1)/2`` pairs; a full / noise split all ``n²``) and every
+    earlier non-noise split of its sample. Padding sees and is seen by nothing, so only real pairs count.
+    """
+    from synermedgen_jax.data.packing import CAUSAL, NOISE
+
+    out = np.zeros(sample_id.shape[0], np.int64)
+    for row in range(sample_id.shape[0]):
+        real = sample_id[row] >= 0
+        if not real.any():
+            continue
+        keys = np.stack([sample_id[row][real], split_id[row][real]], axis=1)
+        # (sample, split) sorted lexicographically: each sample's splits in order, contiguously
+        splits, first, sizes = np.unique(keys, axis=0, return_index=True, return_counts=True)
+        sizes = sizes.astype(np.int64)
+        kinds = split_kind[row][real][first]
+        own = np.where(kinds == CAUSAL, sizes * (sizes + 1) // 2, sizes * sizes)
+        context = np.where(kinds == NOISE, 0, sizes)
+        before = np.cumsum(context) - context  # non-noise tokens of all earlier (sample, split) entries
+        _, sample_start = np.unique(splits[:, 0], return_index=True)
+        group = np.searchsorted(sample_start, np.arange(len(splits)), side="right") - 1
+        earlier = before - before[sample_start][group]  # ... of earlier splits of the same sample only
+        out[row] = int(np.sum(own + sizes * earlier))
+    return out
+
+
+def real_step_flops(model_config, budget, batch: dict, visible_blocks: bool) -> dict:
+    """Model FLOPs of the *real* contents of ``batch``: :func:`~synermedgen_jax.benchmark.plan.analytic_step_flops`
+    (modeling/flops.step_flops + the frozen VAE encoder) evaluated per row at that row's real counts (und / gen
+    tokens, ViT patches, CE slots, VAE images) instead of the slot counts, summed over rows. Not slots × fill:
+    attention (decoder and ViT) is quadratic in the counts.
+
+    Attention follows the slot figure's convention: dense over the row's real tokens when the model's attention
+    computes every pair (``visible_blocks`` False), else the exact number of visible real (query, key) pairs
+    (:func:`visible_pairs`), which the slot figure's visible key blocks bound from above.
+    """
+    from synermedgen_jax.benchmark.plan import analytic_step_flops
+    from synermedgen_jax.data.packing import real_counts
+
+    counts = real_counts(batch, model_config)
+    pairs = visible_pairs(batch["sample_id"], batch["split_id"], batch["split_kind"]) if visible_blocks else None
+    parts: dict[str, float] = {}
+    for row in range(batch["sample_id"].shape[0]):
+        real = dataclasses.replace(
+            budget, und_tokens=int(counts["und_tokens"][row]), gen_tokens=int(counts["gen_tokens"][row]),
+            vit_patches=int(counts["vit_patches"][row]), vit_images=int(counts["vit_images"][row]),
+            vae_images=int(counts["vae_images"][row]), ce_tokens=int(counts["ce_tokens"][row]))
+        tokens = real.und_tokens + real.gen_tokens
+        fraction = None if pairs is None else (float(pairs[row]) / tokens**2 if tokens else 0.0)
+        for name, value in analytic_step_flops(model_config, real, 1, fraction)["parts"].items():
+            parts[name] = parts.get(name, 0.0) + float(value)
+    attention = ("over the visible real (query, key) pairs" if visible_blocks
+                 else "dense over each row's real tokens")
+    return {"total": sum(parts.values()), "parts": parts,
+            "counted_as": f"the slot formula at each row's real counts; attention {attention}"}
+
+
+def real_fractions(batch: dict, budget, model_config) -> dict[str, float]:
+    """``{region: real / slots}`` over all rows of ``batch`` (data/packing.real_counts); regions without slots
+    in ``budget`` are left out."""
+    from synermedgen_jax.data.packing import real_counts
+
+    counts = real_counts(batch, model_config)
+    rows = batch["sample_id"].shape[0]
+    slots = {"tokens": budget.total_tokens, "und": budget.und_tokens, "gen": budget.gen_tokens,
+             "vit": budget.vit_patches, "vit_images": budget.vit_images, "vae": budget.vae_images,
+             "ce": budget.ce_tokens}
+    real = {"tokens": counts["und_tokens"] + counts["gen_tokens"], "und": counts["und_tokens"],
+            "gen": counts["gen_tokens"], "vit": counts["vit_patches"], "vit_images": counts["vit_images"],
+            "vae": counts["vae_images"], "ce": counts["ce_tokens"]}
+    return {name: float(np.sum(real[name])) / (n * rows) for name, n in slots.items() if n}
 
 
 def memory_in_use() -> dict:
@@ -146,24 +225,35 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
         attention_note = (f"visible key blocks only: block_skip_fraction {visible:.3f} of "
                           f"{sizes.block_q}x{sizes.block_k} blocks (Pallas kernel)")
     analytic = analytic_step_flops(config.model, budget, rows, visible)
+    real = real_step_flops(config.model, budget, local, visible_blocks=visible is not None)
     devices = mesh.size
     kind = jax.devices()[0].device_kind
     peak, peak_source = peaks.peak_flops(kind, peak_tflops)
     achieved = analytic["total"] / step_s
+    achieved_real = real["total"] / step_s
     return {
         "name": "train", "config_stage": config.stage, "rows": rows, "devices": devices, "mesh": dict(mesh.shape),
         "kernels": config.model.kernels.summary,
         "steps": steps, "warmup": warmup, "compile_s": compile_s, "step_times_s": times,
         "step_time_s": step_s, "tokens_per_step": counts["tokens"], "slot_tokens_per_step": counts["slot_tokens"],
         "images_per_step": counts["images"], "samples_per_step": counts["samples"],
+        "real_fraction": real_fractions(local, budget, config.model),
+        # tokens_per_s (and per device) count real tokens, as before; the _slots / _real pair names both sides.
         "tokens_per_s": counts["tokens"] / step_s, "tokens_per_s_per_device": counts["tokens"] / step_s / devices,
+        "tokens_per_s_slots": counts["slot_tokens"] / step_s, "tokens_per_s_real": counts["tokens"] / step_s,
         "images_per_s": counts["images"] / step_s, "images_per_s_per_device": counts["images"] / step_s / devices,
         "analytic_flops_per_step": analytic["total"], "analytic_flops_parts": analytic["parts"],
         "flops_counted_as": analytic["counted_as"] + "; " + attention_note,
         "compiled_flops_per_step": compiled_flops(compiled) * devices,
+        "analytic_flops_per_step_real": real["total"], "analytic_flops_parts_real": real["parts"],
+        "flops_real_counted_as": real["counted_as"],
         "achieved_tflops_per_device": achieved / devices / 1e12,
+        "achieved_tflops_per_device_real": achieved_real / devices / 1e12,
         "peak_tflops_per_device": None if peak is None else peak / 1e12, "peak_source": peak_source,
+        # mfu: every slot counted as work (as before, = mfu_slots); mfu_real: the real tokens' FLOPs only
         "mfu": None if peak is None else achieved / (peak * devices),
+        "mfu_slots": None if peak is None else achieved / (peak * devices),
+        "mfu_real": None if peak is None else achieved_real / (peak * devices),
         "memory": memory_in_use(),
     }
 

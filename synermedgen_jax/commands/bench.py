@@ -5,7 +5,9 @@
                     images/s per device and in total (non-padding tokens), analytic FLOPs per step (MoT with
                     its real token routing; attention dense, or over the visible key blocks when the model
                     uses the Pallas kernel), compiled FLOPs, MFU against the peak table (H100/H200/A100/TPU
-                    v4/v5e/v5p/v6e bf16 dense) or --peak-tflops, memory in use
+                    v4/v5e/v5p/v6e bf16 dense) or --peak-tflops, memory in use; tokens/s and MFU both per slot
+                    (padding counted as work) and per real token (FLOPs of each row's real counts), and the
+                    packs' real fraction per region
   --what sample     slices/s and ms/slice of the CFG flow-matching sampler (50 steps, 3 passes), KV cache on/off
   --what attention  pallas vs xla_dense vs reference, fwd and fwd+bwd, ms and TFLOP/s (GPU/TPU; on CPU only
                     the block-skip fractions, and the output says why)
@@ -71,19 +73,28 @@ def _print_train(r: dict) -> None:
 
     print(f"train step: {r['rows']} rows on {r['devices']} device(s) {r['mesh']}, median of {r['steps']} steps "
           f"after {r['warmup']} warm-up (compile {r['compile_s']:.1f} s)")
+    # Per slot: every pack slot counted as work, padding included (what the step costs); per real: only the
+    # packs' real contents (what the step achieved). Side by side so a half-padding pack cannot pass for work.
+    devices = r["devices"]
     rows = [{"k": "step time (s)", "v": r["step_time_s"]},
-            {"k": "tokens / step (non-padding)", "v": r["tokens_per_step"]},
-            {"k": "tokens/s total", "v": r["tokens_per_s"]},
-            {"k": "tokens/s per device", "v": r["tokens_per_s_per_device"]},
+            {"k": "tokens / step", "v": r["slot_tokens_per_step"], "r": r["tokens_per_step"]},
+            {"k": "tokens/s total", "v": r["tokens_per_s_slots"], "r": r["tokens_per_s_real"]},
+            {"k": "tokens/s per device", "v": r["tokens_per_s_slots"] / devices, "r": r["tokens_per_s_per_device"]},
             {"k": "images/s total", "v": r["images_per_s"]},
             {"k": "images/s per device", "v": r["images_per_s_per_device"]},
-            {"k": "analytic FLOPs / step", "v": r["analytic_flops_per_step"]},
+            {"k": "analytic FLOPs / step", "v": r["analytic_flops_per_step"], "r": r["analytic_flops_per_step_real"]},
             {"k": "compiled FLOPs / step (XLA)", "v": r["compiled_flops_per_step"]},
-            {"k": "achieved TFLOP/s per device", "v": r["achieved_tflops_per_device"]},
-            {"k": "MFU", "v": r["mfu"]},
+            {"k": "achieved TFLOP/s per device", "v": r["achieved_tflops_per_device"],
+             "r": r["achieved_tflops_per_device_real"]},
+            {"k": "MFU", "v": r["mfu_slots"], "r": r["mfu_real"]},
             {"k": f"memory ({r['memory']['source']})", "v": gib(r["memory"]["bytes_in_use"])}]
-    print(table(rows, [("k", "train"), ("v", "value")]))
+    for row in rows:  # single figures (not per slot / per real) leave the real column empty
+        row.setdefault("r", "")
+    print(table(rows, [("k", "train"), ("v", "slots"), ("r", "real")]))
+    fractions = ", ".join(f"{name} {value:.3f}" for name, value in r["real_fraction"].items())
+    print(f"  real fraction of the slots: {fractions}")
     print(f"  FLOPs counted as: {r['flops_counted_as']}")
+    print(f"  real FLOPs: {r['flops_real_counted_as']}")
     print(f"  peak: {r['peak_source']}")
 
 

@@ -2,6 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per step (``{"step": s, "loss": ..., ...}``), floats written exactly
 (``repr``) so tests can compare curves bitwise; after a crash a step may appear twice (the last one wins).
+Packed stages' rows carry ``real_frac/{tokens,und,gen,vit,vae,ce}``: the real (non-padding) fraction of the
+step's slots per region (training/loop.real_fractions), since a step costs what its slots cost, padding included.
 """
 
 from __future__ import annotations
@@ -90,8 +92,11 @@ class RunLogger:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def step(self, step: int, values: dict, tokens: int, seconds: float) -> None:
-        values = dict(values)
+    def step(self, step: int, values: dict, tokens: int, seconds: float,
+             real_frac: dict[str, float] | None = None) -> None:
+        """One train step's row. ``real_frac``: ``{"real_frac/<region>": real / slots}`` of the step's packs
+        (training/loop.real_fractions), written beside the device metrics (TensorBoard: ``train/real_frac/…``)."""
+        values = {**values, **(real_frac or {})}
         values["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
         values["step_time_s"] = seconds
         peak = float(self.config.train.peak_flops)

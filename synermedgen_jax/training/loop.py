@@ -206,6 +206,31 @@ def _tokens(batch: dict) -> int:
     return int(np.prod(batch["image"].shape[:3]))
 
 
+# metrics.jsonl / TensorBoard name -> (data/packing.real_counts key, the pack array whose axis holds its slots, axis)
+REAL_FRACTIONS = {"und": ("und_tokens", "token_ids", -1), "gen": ("gen_tokens", "latent_index", -1),
+                  "vit": ("vit_patches", "vit_image_id", -1), "vae": ("vae_images", "vae_images", -4),
+                  "ce": ("ce_tokens", "ce_mask", -1)}
+
+
+def real_fractions(batch: dict, model_config) -> dict[str, float]:
+    """``{"real_frac/<region>": real / slots}`` of a host-side (numpy) pack batch: every slot costs the step the
+    same whether it holds data or padding, so these say how much of the step's work was real. ``tokens`` is the
+    whole sequence (und + gen); a region with no slots in this budget (Stage I's gen / VAE) has no entry. Empty
+    for stage-0 image batches, which carry no padding."""
+    if "sample_id" not in batch:
+        return {}
+    from synermedgen_jax.data.packing import real_counts
+
+    counts = real_counts(batch, model_config)
+    rows = batch["sample_id"].shape[0]
+    out = {"real_frac/tokens": float(np.sum(batch["sample_id"] >= 0)) / batch["sample_id"].size}
+    for name, (key, array, axis) in REAL_FRACTIONS.items():
+        slots = batch[array].shape[axis] * rows
+        if slots:
+            out[f"real_frac/{name}"] = float(np.sum(counts[key])) / slots
+    return out
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
           devices: list | None = None, sample_grids: SampleGridsFactory | None = None) -> int:
     """Runs (or resumes) a stage. Returns 0 when finished or preempted cleanly. ``devices``: the mesh's
@@ -263,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         grids = (sample_grids(config, codec, workdir, logger)
                  if sample_grids is not None and int(tcfg.image_every) > 0 and config.stage == "stage2_ucg"
                  else None)
-        pending = None  # (step, metrics on device, tokens, t_dispatch)
+        pending = None  # (step, metrics on device, tokens, real fractions of the local rows)
         local_batch = first
         last_time = time.perf_counter()
         compiled = False
@@ -281,6 +306,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                 local_batch = next(batches)
             global_batch = sharding.global_batch(local_batch, mesh)
             tokens = _tokens(local_batch) * jax.process_count()
+            # Read off this process's rows on the host, before placement: no device time, no collective. With
+            # several processes this is the fraction of this process's rows only (what process 0 logs): the loop
+            # does no host reduction (tokens above scales the local count too), and every process packs its own
+            # shards with the same budget and packer, so its fill is a fair sample of the step's.
+            fractions = real_fractions(local_batch, config.model)
             local_batch = None
             if not compiled:
                 if logger:
@@ -291,7 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
             state, metrics = train_step(state, global_batch)
             if pending is not None:
                 last_time = _finish_pending(pending, logger, tcfg, last_time)
-            pending = (current, metrics, tokens)
+            pending = (current, metrics, tokens, fractions)
             done = current + 1
             if done % int(tcfg.checkpoint_every) == 0 or done == total:
                 last_time = _finish_pending(pending, logger, tcfg, last_time)
@@ -362,7 +392,7 @@ def _finish_pending(pending, logger, tcfg, last_time: float) -> float:
     """Fetches a dispatched step's metrics, applies the non-finite guard and logs. Returns the fetch time."""
     if pending is None:
         return last_time
-    step, metrics, tokens = pending
+    step, metrics, tokens, fractions = pending
     values = {key: float(value) for key, value in jax.device_get(metrics).items()}
     now = time.perf_counter()
     if not values.pop("finite", 1.0) or not all(math.isfinite(v) for v in values.values()):
@@ -373,7 +403,7 @@ def _finish_pending(pending, logger, tcfg, last_time: float) -> float:
         if logger:
             logger.message(f"step {step}: non-finite values ({bad}); update skipped")
     if logger:
-        logger.step(step, values, tokens, now - last_time)
+        logger.step(step, values, tokens, now - last_time, real_frac=fractions)
     return now
 
 
