@@ -81,6 +81,11 @@ def step_phrasings(src: str, tgt: str, k: int) -> list[str]:
     return [t.format(src=DISPLAY[src], tgt=DISPLAY[tgt]) for t in STEP_TEMPLATES[: 1 + k % len(STEP_TEMPLATES)]]
 
 
+def _shift_rows(rows: dict[int, object], at: int) -> dict[int, object]:
+    """``{row: value}`` after a row is inserted at ``at``: rows from ``at`` on move down by one."""
+    return {(k + 1 if k >= at else k): v for k, v in rows.items()}
+
+
 def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0, seed: int = 0,
                   image_size: int | None = None, slices_per_subject: int | None = 6, row_group_size: int = 4,
                   repeat: int = 1, bad: bool = True, conversations: bool = True, noise: float = 0.0,
@@ -142,9 +147,8 @@ def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0,
             image_lists.insert(at, images)
             instruction_lists.insert(at, instructions)
             combined_col.insert(at, combined)
-            expect_edit = {(k + 1 if k >= at else k): v for k, v in expect_edit.items()}
-            combined_rows = {(k + 1 if k >= at else k): v for k, v in combined_rows.items()}
-            truncated_rows = [k + 1 if k >= at else k for k in truncated_rows]
+            expect_edit, combined_rows = _shift_rows(expect_edit, at), _shift_rows(combined_rows, at)
+            truncated_rows = list(_shift_rows(dict.fromkeys(truncated_rows), at))
             expect_edit[at] = mods
             route = f"{mods[0]}->{mods[-1]}"
             steps[route] = steps.get(route, 0) + 1
@@ -166,10 +170,9 @@ def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0,
             image_lists.insert(at, images)
             instruction_lists.insert(at, instructions)
             combined_col.insert(at, None)
-            expect_edit = {(k + 1 if k >= at else k): v for k, v in expect_edit.items()}
-            combined_rows = {(k + 1 if k >= at else k): v for k, v in combined_rows.items()}
-            truncated_rows = [k + 1 if k >= at else k for k in truncated_rows]
-            bad_rows = {(k + 1 if k >= at else k): v for k, v in bad_rows.items()}
+            expect_edit, combined_rows = _shift_rows(expect_edit, at), _shift_rows(combined_rows, at)
+            truncated_rows = list(_shift_rows(dict.fromkeys(truncated_rows), at))
+            bad_rows = _shift_rows(bad_rows, at)
             bad_rows[at] = reason
     columns = {"image_list": pa.array(image_lists, pa.list_(pa.binary())),
                "instruction_list": pa.array(instruction_lists, pa.list_(pa.list_(pa.string())))}
