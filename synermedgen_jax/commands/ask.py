@@ -20,19 +20,33 @@ from pathlib import Path
 
 import numpy as np
 
+from synermedgen_jax.commands._args import (
+    MAX_IMAGE_PIXELS,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    bounded_text,
+    float_range,
+    int_range,
+    non_negative_float,
+)
+
+MAX_IMAGES = 64  # images per question (training's questions hold at most 5)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="training workdir, step directory, what import writes, or a BAGEL / SynerMedGen folder "
                              "(converted on the fly)")
     parser.add_argument("--image", action="append", default=[], help="PNG or FILE.nii[.gz][:INDEX]; repeatable")
-    parser.add_argument("--prompt", required=True, help="the question")
-    parser.add_argument("--label", action="append", default=[],
+    parser.add_argument("--prompt", required=True, type=bounded_text(MAX_PROMPT_CHARS),
+                        help=f"the question (at most {MAX_PROMPT_CHARS} characters)")
+    parser.add_argument("--label", action="append", default=[], type=bounded_text(256),
                         help="text before the matching --image (e.g. A:); none or one per image")
     parser.add_argument("--modality", help="modality of the NIfTI images (normalisation rule)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int_range(1, MAX_NEW_TOKENS), default=32,
+                        help=f"answer length limit, 1..{MAX_NEW_TOKENS} (32)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float_range(0.0, 1.0, low_open=True), default=1.0,
+                        help="nucleus mass in (0, 1] (1.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer",
                         help="tokenizer.json or Qwen2-format folder (default: the checkpoint's own: an import's "
@@ -54,8 +68,15 @@ def load_image(spec: str, modality: str | None = None) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            grey = np.asarray(Image.open(path).convert("L"), np.float32)
-        except (UnidentifiedImageError, OSError) as err:
+            with Image.open(path) as picture:  # reads the header only: the size is known before any decoding
+                width, height = picture.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InferenceError(f"--image {spec}: {width}x{height} pixels is more than the "
+                                         f"{MAX_IMAGE_PIXELS} accepted; downscale it first")
+                grey = np.asarray(picture.convert("L"), np.float32)
+        except Image.DecompressionBombError as err:  # PIL refuses before we see the size (over 2x its limit)
+            raise InferenceError(f"--image {spec}: too many pixels ({str(err).split('(')[0].strip()})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise InferenceError(f"--image {spec}: not a readable image ({err})") from None
         return grey / 127.5 - 1.0
     from synermedgen_jax.data.volumes import DataError, load_volume, norm_params, normalise
@@ -88,6 +109,8 @@ def main(args: argparse.Namespace) -> int:
                                              f"{', '.join(valid_modalities())}")
         if not args.prompt.strip():
             raise loading.InferenceError("--prompt: empty; give the question to answer")
+        if len(args.image) > MAX_IMAGES:
+            raise loading.InferenceError(f"--image: {len(args.image)} images; at most {MAX_IMAGES} per question")
         config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
         if args.label and len(args.label) != len(args.image):
             raise loading.InferenceError(f"--label: {len(args.label)} labels for {len(args.image)} images; give "

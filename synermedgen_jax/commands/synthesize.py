@@ -17,8 +17,10 @@ follows the official inference convention instead: {key: {"id": path under DIR, 
 (RGB at the generated size cropped to its bounding box, or --output-style ours: grey at the source's size), keys
 with an existing output skipped, --split-count/--split-index over the keys in file order (inference/metadata.py).
 
-Exit status 2 with a one-line error for bad input (unknown modality or route, a 2-D/4-D or non-NIfTI file,
---output equal to --input or existing without --force, a checkpoint of another config); nothing is written.
+Exit status 2 with a one-line error for bad input (unknown modality or route, a 2-D/4-D or non-NIfTI file, a
+zero voxel spacing, a --mask off the input's grid or with no voxel inside, an input with no foreground, a
+non-finite or inverted --target-window, --output equal to --input or existing without --force, a checkpoint of
+another config); nothing is written.
 """
 
 from __future__ import annotations
@@ -27,13 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}") from None
-    return lo, hi
+from synermedgen_jax.commands._args import int_range, non_negative_float, positive_float, positive_int, window
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,17 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metadata_arguments(parser)
     parser.add_argument("--mask", help="body mask volume (same grid): synthesize inside it, background outside")
     parser.add_argument("--task", help="registry task whose instruction to use, e.g. synthrad2023/brain/cbct->ct")
-    parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50; steps-1 Euler steps)")
-    parser.add_argument("--shift", type=float, default=3.0, help="timestep shift (3.0)")
-    parser.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (4.0)")
-    parser.add_argument("--cfg-img", type=float, default=1.5, help="image guidance scale (1.5)")
+    parser.add_argument("--steps", type=int_range(2, 1000), default=50,
+                        help="flow-matching timesteps, 2..1000 (50; steps-1 Euler steps)")
+    parser.add_argument("--shift", type=positive_float, default=3.0, help="timestep shift (3.0)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=4.0, help="text guidance scale (4.0)")
+    parser.add_argument("--cfg-img", type=non_negative_float, default=1.5, help="image guidance scale (1.5)")
     parser.add_argument("--renorm", choices=("text_channel", "channel", "global"), default="text_channel")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (8)")
-    parser.add_argument("--devices", type=int, default=1,
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (8)")
+    parser.add_argument("--devices", type=positive_int, default=1,
                         help="split each batch's slices over this many local devices (1; the batch size is rounded "
                              "up to a multiple)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    parser.add_argument("--target-window", type=_window, metavar="LO,HI",
+    parser.add_argument("--target-window", type=window(), metavar="LO,HI",
                         help="native-unit window of the output (default: CT -1024,3071 HU or the build's; "
                              "PET 0,SUVmax; MR 0,1000)")
     parser.add_argument("--tokenizer",
@@ -73,6 +70,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _check_volumes(args: argparse.Namespace, image, mask) -> None:
+    """Before the checkpoint is loaded: usable affines (no zero spacing), a mask on the input's grid with at least
+    one voxel inside, or without a mask an input with some foreground (either would otherwise write an
+    all-background volume with exit 0: refused instead, exit 2)."""
+    import numpy as np
+
+    from synermedgen_jax.data.volumes import DataError, check_affine
+    from synermedgen_jax.inference.loading import InferenceError
+
+    try:
+        check_affine(args.input, image.affine)
+        if mask is not None:
+            check_affine(args.mask, mask.affine)
+    except DataError as err:
+        raise InferenceError(str(err)) from None
+    if mask is None:
+        from synermedgen_jax.data.volumes import modality_foreground
+
+        if not modality_foreground(args.source_modality, np.asarray(image.dataobj, np.float32)).any():
+            raise InferenceError(f"--input {args.input}: no foreground voxel by the {args.source_modality} rule (an "
+                                 "empty or constant volume); nothing would be synthesized")
+        return
+    if tuple(mask.shape[:3]) != tuple(image.shape[:3]) or not np.allclose(mask.affine, image.affine, atol=1e-3):
+        raise InferenceError(f"--mask {args.mask}: shape {tuple(mask.shape)} / affine do not match the input "
+                             f"{tuple(image.shape)}")
+    if not np.any(np.asarray(mask.dataobj) > 0.5):
+        raise InferenceError(f"--mask {args.mask}: no voxel is inside the mask (all values <= 0.5); nothing would "
+                             "be synthesized")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -109,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
             raise InferenceError(f"--output {output} exists; pass --force to overwrite it")
         image = read_nifti(args.input)
         mask = read_nifti(args.mask) if args.mask else None
+        _check_volumes(args, image, mask)
         mesh = inference_mesh(args.devices)
         inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh)
         if inference.source:  # prefer the phrasing of the dataset the run was trained on

@@ -122,6 +122,21 @@ def check_nifti_header(path: str | Path, img, *, max_dim: int = MAX_DIM, max_vox
     return shape
 
 
+def check_affine(path: str | Path, affine: np.ndarray) -> None:
+    """The voxel-to-mm affine must be usable: finite, each axis a plausible spacing (0 < mm <= 100) and the three
+    axes independent (else nibabel's reorientation fails deep inside with an OrientationError); DataError naming
+    the file."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: header affine is not a finite 4x4 matrix")
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(spacing <= 1e-6) or np.any(spacing > 100):
+        raise DataError(f"{path}: header affine gives voxel spacing {np.round(spacing, 6).tolist()} mm; each axis "
+                        "must be > 0 and <= 100 mm (a zero spacing collapses an axis)")
+    if abs(np.linalg.det(affine[:3, :3] / spacing)) < 1e-3:
+        raise DataError(f"{path}: header affine has dependent axes (its voxel axes do not span 3-D space)")
+
+
 def load_volume(path: str | Path, *, max_dim: int = MAX_DIM, max_voxels: int = MAX_VOXELS) -> Volume:
     """Reads a NIfTI file into canonical orientation with checks; raises DataError naming the file."""
     path = Path(path)
@@ -135,6 +150,7 @@ def load_volume(path: str | Path, *, max_dim: int = MAX_DIM, max_voxels: int = M
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or np.any(zooms > 100):
         raise DataError(f"{path}: header voxel spacing {zooms.tolist()} mm is not plausible")
+    check_affine(path, img.affine)
     try:
         img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine, img.header)
         img = nib.as_closest_canonical(img)
