@@ -26,14 +26,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands._args import (
+    float_range,
+    fraction,
+    int_range,
+    non_negative_float,
+    one_line_errors,
+    positive_float,
+    positive_int,
+    window,
+)
 from synermedgen_jax.data.records import SPLITS
-
-
-def _pair(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}")
-    return float(parts[0]), float(parts[1])
 
 
 def _mix(text: str) -> tuple[tuple[str, float], ...]:
@@ -42,7 +45,15 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
         name, _, value = item.partition("=")
         if name not in ("cts", "tia", "mi") or not value:
             raise argparse.ArgumentTypeError(f"expected cts=W,tia=W,mi=W, got {text!r}")
-        out.append((name, float(value)))
+        try:
+            weight = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected cts=W,tia=W,mi=W, got {text!r}") from None
+        if not 0.0 <= weight < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name}={value}: weights must be finite and >= 0")
+        out.append((name, weight))
+    if sum(w for _, w in out) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one weight must be > 0")
     return tuple(out)
 
 
@@ -54,29 +65,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", help="dataset folder (not needed for mni152-sim)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
-    parser.add_argument("--slice-size", type=int, default=256, help="square slice side in pixels (256)")
+    parser.add_argument("--slice-size", type=int_range(8, 4096), default=256, help="square slice side in pixels (256)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="image storage")
-    parser.add_argument("--min-foreground", type=float, default=0.05,
+    parser.add_argument("--min-foreground", type=fraction, default=0.05,
                         help="skip slices whose foreground covers less than this fraction (0.05)")
     parser.add_argument("--seed", type=int, default=0, help="splits, simulation and instances (0)")
-    parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
-                        help="patient-level split fractions (0.8 0.1 0.1)")
-    parser.add_argument("--ct-window", type=_pair, default=(-1024.0, 3071.0), help="HU window LO,HI")
-    parser.add_argument("--mr-percentiles", type=_pair, default=(0.5, 99.5), help="MR percentiles LO,HI")
-    parser.add_argument("--pet-suv-max", type=float, default=15.0, help="PET SUV clip (15)")
+    parser.add_argument("--split", type=fraction, nargs=3, default=(0.8, 0.1, 0.1),
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="patient-level split fractions summing to 1 (0.8 0.1 0.1)")
+    parser.add_argument("--ct-window", type=window(), default=(-1024.0, 3071.0), help="HU window LO,HI")
+    parser.add_argument("--mr-percentiles", type=window(0.0, 100.0), default=(0.5, 99.5), help="MR percentiles LO,HI")
+    parser.add_argument("--pet-suv-max", type=positive_float, default=15.0, help="PET SUV clip (15)")
     parser.add_argument("--resample", action="store_true",
                         help="resample misaligned modalities onto the first one instead of skipping the case")
-    parser.add_argument("--neighbour-k", type=int, default=3, help="CTS distractors: slices within +-K (3)")
-    parser.add_argument("--instances-per-pair", type=float, default=2.3,
+    parser.add_argument("--neighbour-k", type=positive_int, default=3, help="CTS distractors: slices within +-K (3)")
+    parser.add_argument("--instances-per-pair", type=non_negative_float, default=2.3,
                         help="understanding instances per paired sample (2.3, the released ratio)")
     parser.add_argument("--mix", type=_mix, default=(("cts", 0.468), ("tia", 0.381), ("mi", 0.150)),
                         help="task weights, e.g. cts=0.468,tia=0.381,mi=0.15")
-    parser.add_argument("--records-per-shard", type=int, default=1000)
-    parser.add_argument("--subjects", type=int, default=8, help="mni152-sim: number of subjects (8)")
-    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="mni152-sim: voxel size in mm (2)")
-    parser.add_argument("--sim-lesion-probability", type=float, default=0.8,
+    parser.add_argument("--records-per-shard", type=positive_int, default=1000)
+    parser.add_argument("--subjects", type=positive_int, default=8, help="mni152-sim: number of subjects (8)")
+    parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=2.0,
+                        help="mni152-sim: voxel size in mm, 0.5..20 (2)")
+    parser.add_argument("--sim-lesion-probability", type=fraction, default=0.8,
                         help="mni152-sim: chance a subject has a BraTS-like lesion (0.8)")
-    parser.add_argument("--vocab-size", type=int, default=512, help="embedded tokenizer vocabulary (512)")
+    parser.add_argument("--vocab-size", type=int_range(1, 1_000_000), default=512,
+                        help="embedded tokenizer vocabulary (512)")
     parser.add_argument("--tokenizer", metavar="FILE_OR_FOLDER",
                         help="the weights' tokenizer instead of the embedded BPE: a tokenizer.json or a Qwen2-format "
                              "folder (a BAGEL-7B-MoT / Qwen2.5 download: tokenizer.json, or vocab.json + merges.txt "
@@ -87,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from synermedgen_jax.commands.build_synermed import add_release_arguments
 
     add_release_arguments(parser)
+    one_line_errors(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -115,8 +130,8 @@ def main(args: argparse.Namespace) -> int:
         print(line)
     print(f"wrote {result.out}/manifest.json")
     cases = result.manifest["counts"]["cases"]
-    for split, fraction in zip(SPLITS, args.split, strict=True):
-        if fraction > 0 and not result.records[split]:
+    for split, share in zip(SPLITS, args.split, strict=True):
+        if share > 0 and not result.records[split]:
             print(f"warning: the {split} split is empty ({sum(cases.values())} patients for fractions "
                   f"{' '.join(str(f) for f in args.split)}): "
                   + ("training has no data" if split == "train" else

@@ -21,22 +21,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands._args import int_range, non_negative_int, positive_float, positive_int
+
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source synermed (the release folder)")
-    group.add_argument("--workers", type=int, default=1, help="worker processes over row groups / chunks (1)")
-    group.add_argument("--process-index", type=int, default=0, help="this host's index for a multi-host build (0)")
-    group.add_argument("--process-count", type=int, default=1, help="hosts sharing the build (1)")
-    group.add_argument("--jsonl-chunk-mb", type=float, default=64.0, help="JSONL work unit size in MiB (64)")
-    group.add_argument("--batch-rows", type=int, default=64, help="Parquet rows decoded at a time per worker (64)")
+    group.add_argument("--workers", type=int_range(1, 4096), default=1,
+                       help="worker processes over row groups / chunks (1)")
+    group.add_argument("--process-index", type=non_negative_int, default=0,
+                       help="this host's index for a multi-host build (0)")
+    group.add_argument("--process-count", type=positive_int, default=1, help="hosts sharing the build (1)")
+    group.add_argument("--jsonl-chunk-mb", type=positive_float, default=64.0, help="JSONL work unit size in MiB (64)")
+    group.add_argument("--batch-rows", type=positive_int, default=64,
+                       help="Parquet rows decoded at a time per worker (64)")
 
 
 def main(args: argparse.Namespace) -> int:
     from synermedgen_jax.data.synermed_build import SynerMedBuildConfig, build_release, summary_lines
     from synermedgen_jax.data.volumes import DataError
 
-    if args.workers < 1 or args.batch_rows < 1 or args.jsonl_chunk_mb <= 0:
+    if args.workers < 1 or args.batch_rows < 1 or not args.jsonl_chunk_mb > 0:
         print("error: --workers and --batch-rows must be >= 1 and --jsonl-chunk-mb > 0", file=sys.stderr)
+        return 2
+    if not 0 <= args.process_index < args.process_count:
+        print(f"error: --process-index {args.process_index}: must be below --process-count {args.process_count}",
+              file=sys.stderr)
         return 2
     config = SynerMedBuildConfig(root=args.root, out=args.out, workers=args.workers,
                                  process_index=args.process_index, process_count=args.process_count,

@@ -78,6 +78,59 @@ class BuildConfig:
                 "sim_lesion_probability": self.sim_lesion_probability}
 
 
+def validate_build_config(config: BuildConfig) -> None:
+    """Every value of the build, checked before any file is touched: one DataError naming the option as
+    build-data spells it (the CLI's argument types check most of them already; this covers the API and the
+    relations between values, such as split fractions summing to 1)."""
+    def number(option: str, value, low=None, high=None, *, integer=False, low_open=False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise DataError(f"{option} {value!r}: expected {'an integer' if integer else 'a number'}")
+        if not np.isfinite(value):
+            raise DataError(f"{option} {value}: must be finite")
+        if low is not None and (value <= low if low_open else value < low):
+            raise DataError(f"{option} {value}: must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise DataError(f"{option} {value}: must be <= {high}")
+
+    number("--slice-size", config.slice_size, 8, 4096, integer=True)
+    number("--records-per-shard", config.records_per_shard, 1, integer=True)
+    number("--subjects", config.subjects, 1, integer=True)
+    number("--neighbour-k", config.neighbour_k, 1, integer=True)
+    number("--vocab-size", config.vocab_size, 1, integer=True)
+    number("--min-foreground", config.min_foreground, 0.0, 1.0)
+    number("--instances-per-pair", config.instances_per_pair, 0.0)
+    number("--pet-suv-max", config.pet_suv_max, 0.0, low_open=True)
+    number("--sim-voxel-mm", config.sim_voxel_mm, 0.5, 20.0)
+    number("--sim-lesion-probability", config.sim_lesion_probability, 0.0, 1.0)
+    if config.dtype not in ("float16", "float32"):
+        raise DataError(f"--dtype {config.dtype!r}: expected float16 or float32")
+    fractions = tuple(config.split_fractions)
+    if len(fractions) != 3:
+        raise DataError(f"--split {fractions}: expected three fractions TRAIN VAL TEST")
+    for value in fractions:
+        number("--split", value, 0.0, 1.0)
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"--split {' '.join(f'{f:g}' for f in fractions)}: the fractions must sum to 1 (they sum "
+                        f"to {sum(fractions):g})")
+    for option, (lo, hi), bounds in (("--ct-window", config.ct_window, None),
+                                     ("--mr-percentiles", config.mr_percentiles, (0.0, 100.0))):
+        number(option, lo)
+        number(option, hi)
+        if not lo < hi:
+            raise DataError(f"{option} {lo:g},{hi:g}: LO must be below HI")
+        if bounds and (lo < bounds[0] or hi > bounds[1]):
+            raise DataError(f"{option} {lo:g},{hi:g}: must lie within {bounds[0]:g}..{bounds[1]:g}")
+    mix = tuple(config.mix)
+    if not mix or any(name not in understanding.TASKS for name, _ in mix):
+        raise DataError(f"--mix {mix}: expected weights of {', '.join(understanding.TASKS)}")
+    for name, weight in mix:
+        number(f"--mix {name}", weight, 0.0)
+    if sum(w for _, w in mix) <= 0:
+        raise DataError(f"--mix {mix}: at least one weight must be > 0")
+    if config.contact_sheet and not str(config.contact_sheet).lower().endswith(".png"):
+        raise DataError(f"--contact-sheet {config.contact_sheet}: must end in .png")
+
+
 @dataclasses.dataclass
 class BuildResult:
     out: Path
@@ -240,6 +293,7 @@ def _swap_in(stage: Path, out: Path) -> None:
 def build(config: BuildConfig) -> BuildResult:
     """Runs the whole build (see module doc)."""
     started = time.time()
+    validate_build_config(config)
     source = get_source(config.source)
     root = Path(config.root) if config.root else None
     if root is None and config.source != "mni152-sim":
@@ -374,7 +428,10 @@ def load_build_tokenizer(path: str | None, vocab_size: int):
     from synermedgen_jax.data.tokenizer import build_default_tokenizer, load_tokenizer
 
     if not path:
-        return build_default_tokenizer(vocab_size)
+        try:
+            return build_default_tokenizer(vocab_size)
+        except ValueError as err:  # a vocabulary too small for the byte alphabet and the special tokens
+            raise DataError(f"--vocab-size {vocab_size}: {str(err).splitlines()[0]}") from None
     try:
         return load_tokenizer(path)
     except (ValueError, OSError) as err:
