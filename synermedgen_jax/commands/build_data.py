@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
     parser.add_argument("--slice-size", type=int_range(8, 4096), default=256, help="square slice side in pixels (256)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="image storage")
-    parser.add_argument("--min-foreground", type=fraction, default=0.05,
+    parser.add_argument("--min-foreground", type=non_negative_float, default=0.05,
                         help="skip slices whose foreground covers less than this fraction (0.05)")
     parser.add_argument("--seed", type=int, default=0, help="splits, simulation and instances (0)")
     parser.add_argument("--split", type=fraction, nargs=3, default=(0.8, 0.1, 0.1),

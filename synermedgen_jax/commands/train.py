@@ -20,32 +20,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and config.json go here")
-    parser.add_argument("--stop-at", type=int, default=None,
+    parser.add_argument("--stop-at", type=non_negative_int, default=None,
                         help="save and exit cleanly when reaching this step (as if preempted)")
     parser.add_argument("--distributed", choices=("off", "auto"), default="off",
                         help="auto: jax.distributed.initialize() from the TPU/SLURM environment")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (explicit multi-process)")
-    parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
-    parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
-    parser.add_argument("--expect-devices", type=int, default=0,
+    parser.add_argument("--num-processes", type=positive_int, help="number of processes (with --coordinator)")
+    parser.add_argument("--process-id", type=non_negative_int, help="this process's index (with --coordinator)")
+    parser.add_argument("--expect-devices", type=non_negative_int, default=0,
                         help="fail at start unless the job sees exactly this many devices in all (0: no check); "
                              "launchers pass the hardware they reserved, so a mis-detected cluster cannot fill "
                              "a -1 mesh axis with a fraction of it")
     parser.epilog = "--config.KEY=VALUE   override any config key (repeatable)"
     accept_config_overrides(parser)
+    one_line_errors(parser)
 
 
 def validate(config, workdir: str, stop_at: int | None) -> None:
     """Every check that needs no model or data loading, before any of it (ConfigError naming the field)."""
-    from pathlib import Path
-
     from etils import epath
 
     from synermedgen_jax.config import ConfigError
@@ -58,7 +59,7 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
     for key in ("eval_every", "image_every", "log_every"):
         if key in train and int(train[key]) < 0:
             raise ConfigError(f"--config.train.{key}={train[key]}: must be >= 0")
-    if stop_at is not None and stop_at < 0:
+    if stop_at is not None and stop_at < 0:  # the API path; the CLI's argument type refuses it already
         raise ConfigError(f"--stop-at {stop_at}: must be >= 0")
     try:
         resolve_config(config)
@@ -72,9 +73,16 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         if config.get(key) and not epath.Path(str(config[key])).exists():
             raise ConfigError(f"--config.{key}={config[key]}: does not exist")
     _check_tokenizer(config, data)
+    from synermedgen_jax.data.records import ShardError, check_shards
+
+    try:  # a damaged shard is named now, not as a Riegeli traceback at the step that reads it
+        check_shards(data)
+    except ShardError as err:
+        raise ConfigError(f"--config.data.dir={data}: {err}") from None
     if "://" in str(workdir):  # remote storage (gs://…): Orbax and the logger create it through etils.epath
         return
     path = Path(workdir)
+    _check_not_inside_a_run(workdir, path)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ConfigError(f"--workdir {workdir}: {blocker} is a file, not a folder")
@@ -82,6 +90,29 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--workdir {workdir}: cannot create it ({err.strerror or err})") from None
+
+
+def _check_not_inside_a_run(workdir: str, path: Path) -> None:
+    """--workdir must be a run folder, not one of a run's step folders (``run/200``) or a folder inside one: a
+    fresh run would start there, inside the other run's checkpoint (ConfigError naming the run to pass)."""
+    from synermedgen_jax.config import ConfigError
+
+    def is_step(folder: Path) -> bool:
+        return folder.name.isdigit() and any((folder / item).exists() for item in ("state", "_CHECKPOINT_METADATA"))
+
+    resolved = path.resolve()
+    for folder in (resolved, *resolved.parents):
+        if is_step(folder):
+            raise ConfigError(f"--workdir {workdir}: is inside the checkpoint step folder {folder} of the run "
+                              f"{folder.parent}; pass --workdir {folder.parent} to resume that run, or a new folder")
+        if folder.name.startswith("damaged-") and folder.name[len("damaged-"):].isdigit():
+            raise ConfigError(f"--workdir {workdir}: is the set-aside damaged checkpoint {folder}; pass a run folder")
+    if (path / "manifest.json").is_file() and (path / "records").is_dir():
+        raise ConfigError(f"--workdir {workdir}: is a built data folder; pass it as --config.data.dir and give the "
+                          "run its own --workdir")
+    if (path / "params").is_dir() and (path / "config.json").is_file():
+        raise ConfigError(f"--workdir {workdir}: is a parameter checkpoint (what import writes); pass it as "
+                          "--config.init_from and give the run its own --workdir")
 
 
 def _check_tokenizer(config, data) -> None:

@@ -97,7 +97,7 @@ def validate_build_config(config: BuildConfig) -> None:
     number("--subjects", config.subjects, 1, integer=True)
     number("--neighbour-k", config.neighbour_k, 1, integer=True)
     number("--vocab-size", config.vocab_size, 1, integer=True)
-    number("--min-foreground", config.min_foreground, 0.0, 1.0)
+    number("--min-foreground", config.min_foreground, 0.0)  # above 1 skips every slice: "no valid record"
     number("--instances-per-pair", config.instances_per_pair, 0.0)
     number("--pet-suv-max", config.pet_suv_max, 0.0, low_open=True)
     number("--sim-voxel-mm", config.sim_voxel_mm, 0.5, 20.0)

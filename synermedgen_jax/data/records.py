@@ -216,6 +216,70 @@ class RecordReader:
         return self.source[int(index)]
 
 
+class ShardError(ValueError):
+    """A record shard that the data pipeline would fail on; the message names the file and the problem."""
+
+
+# Up to this many shard bytes in all, check_shards compares every shard's sha256 with the manifest (a full read,
+# ~1-2 s per GB); above it, each shard is opened and its first and last records decoded (its footer, index and
+# two chunks), which catches truncation and most damage without reading a large build at every start.
+HASH_LIMIT_BYTES = 4 * 2**30
+
+
+def check_shards(data_dir: str | Path, *, hash_limit_bytes: int = HASH_LIMIT_BYTES) -> int:
+    """Checks every shard ``manifest.json`` lists, at the start of a run rather than at the step that would read
+    the damaged record: present, its record count as recorded, and its content (sha256 against the manifest when
+    the build is small enough, else its first and last records decoded). Returns the shards checked; raises
+    :class:`ShardError` naming the first bad file. A folder without a manifest is left to its reader."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return 0
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        shards = [dict(s) for group in (manifest.get("shards") or {}).values() for s in group]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ShardError(f"{manifest_path}: unreadable ({err})") from None
+    paths = []
+    for shard in shards:
+        path = data_dir / str(shard.get("file", ""))
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in {manifest_path.name} but missing; rebuild the data with build-data")
+        paths.append(path)
+    full = sum(p.stat().st_size for p in paths) <= hash_limit_bytes
+    for shard, path in zip(shards, paths, strict=True):
+        if full and shard.get("sha256"):
+            if sha256_file(path) != shard["sha256"]:
+                raise ShardError(f"{path}: corrupted (its sha256 differs from {manifest_path.name}); rebuild the data "
+                                 "with build-data --overwrite")
+            continue
+        _check_shard_ends(path, shard.get("records"))
+    return len(paths)
+
+
+def _check_shard_ends(path: Path, expected: int | None) -> None:
+    """Opens one shard and decodes its first and last records (ShardError naming it on any failure)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(str(path))
+    except Exception as err:  # noqa: BLE001 (the C++ reader raises RuntimeError/ValueError for damage)
+        raise ShardError(f"{path}: unreadable record shard ({str(err).splitlines()[0][:160]})") from None
+    try:
+        count = reader.num_records()
+        if expected is not None and count != int(expected):
+            raise ShardError(f"{path}: holds {count} records, the manifest says {expected}; rebuild the data")
+        for payload in reader.read(sorted({0, count - 1})) if count else ():
+            decode_record(payload)
+    except ShardError:
+        raise
+    except Exception as err:  # noqa: BLE001 (Riegeli hash mismatches are RuntimeErrors; msgpack has many types)
+        raise ShardError(f"{path}: corrupted record shard ({str(err).splitlines()[0][:160]})") from None
+    finally:
+        with contextlib.suppress(Exception):  # closing a damaged reader re-raises its damage: reported above
+            reader.close()
+
+
 def load_index(data_dir: str | Path, split: str) -> dict:
     """The per-split slice index written by the builder: columnar lists, one entry per record."""
     path = Path(data_dir) / "records" / f"{split}.index.json"
