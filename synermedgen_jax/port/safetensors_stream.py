@@ -46,6 +46,9 @@ def dtype_name(dtype: np.dtype | str) -> str:
     raise ValueError(f"dtype {dtype} has no safetensors name")
 
 
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -53,6 +56,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     nbytes: int
+
+    @property
+    def is_float(self) -> bool:
+        """Model weights are floating point; an integer or bool tensor under a weight's name is not one."""
+        return self.dtype in FLOAT_DTYPES
 
 
 class SafetensorsReader:
@@ -100,7 +108,17 @@ class SafetensorsReader:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) has byte range "
                                        f"[{begin}, {end}) that does not fit its shape or the file (truncated?)")
             tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, expected)
+        self._check_disjoint(tensors)
         return metadata, tensors
+
+    def _check_disjoint(self, tensors: dict[str, TensorInfo]) -> None:
+        """Two tensors may not share bytes: the format lays buffers out one after another, and an overlap means
+        a corrupt or crafted header whose tensors would alias each other's values."""
+        spans = sorted((info.begin, info.begin + info.nbytes, name) for name, info in tensors.items() if info.nbytes)
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise SafetensorsError(f"{self.path}: tensors {name!r} and {other!r} have overlapping byte ranges "
+                                       f"(corrupt header)")
 
     def keys(self) -> list[str]:
         return list(self.tensors)
