@@ -293,6 +293,10 @@ def _resolve(rules: list[K.KeyRule], files: _Files, allow_missing: Sequence[str]
     copied = initialised = 0
     for rule in rules:
         stored = files.shape(rule.bagel)
+        if stored is not None and not files.info(rule.bagel).is_float:  # e.g. an int tensor as the token embedding
+            info = files.info(rule.bagel)
+            raise PortError(f"{files.where[rule.bagel][0].path}: tensor {rule.bagel!r} is stored as {info.dtype}; a "
+                            "model weight must be floating point (F32, F16, BF16 or F64)")
         kind_ok = stored is None or files.where[rule.bagel][1] == rule.file
         if stored is not None and stored == rule.bagel_shape and kind_ok:
             sources[rule.ours] = Source("read", rule.bagel)
