@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 # The exit-status convention of every command (shown at the end of each --help).
-EXIT_CODES = ("exit status: 0 done; 2 a one-line error (bad argument, config, input file, data or checkpoint), "
-              "found before any work where it can be, with nothing valid overwritten; 1 an unexpected failure "
-              "(a traceback)")
+EXIT_CODES = ("exit status: 0 done; 2 a one-line error (bad argument, config, input file, data or checkpoint, an "
+              "unwritable output, an output another run is writing), found before any work where it can be, with "
+              "nothing valid overwritten; 1 a failure during the work, one line naming it (a failed write names "
+              "the path and the errno; --debug or SYNERMEDGEN_DEBUG=1 adds the traceback)")
 
 
 def cli(argv: list[str]) -> int:
