@@ -122,6 +122,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
     data.source = "auto"  # auto: from the build's manifest | records | synermed (configs/synermed.py)
     data.pack = pack_config(_PACKS[variant][pack], data_stage, variant in OFFICIAL_GEOMETRY)
+    data.lookahead = 32  # packer window in samples: first-fit over the next 32 (data/packing.fill_row); 1 = next-fit
 
     train = config.train = ml_collections.ConfigDict()
     train.steps = 200 if variant == "tiny" else (2000 if variant == "small" else 100_000)

@@ -3,27 +3,28 @@
 ``python -m synermedgen_jax plan --data DIR --config FILE.py[:variant] [--config.KEY=VALUE ...]``
 (commands/plan.py). Three steps:
 
-1. **Measure** (:func:`measure`): build the run's batches exactly as training does
-   (``training/inputs.train_batches``: the config's budget from ``pack_budget``, its pipeline, CFG dropout,
-   augmentation, the next-fit packer of ``data/pipeline._PackIterator``) and read ``N`` rows. Per row the real
-   counts come from :func:`data.packing.real_counts`; each row is also cut back into its samples
-   (:func:`sample_sizes`), in order, so the packer's input is recorded too.
+1. **Measure** (:func:`measure`): build data shard 0 of the run's stream exactly as training does (the config's
+   budget from ``training/inputs.pack_budget``, its pipeline, CFG dropout, augmentation, the look-ahead packer
+   of ``data/pipeline._PackIterator``) and read ``N`` rows; per row the real counts come from
+   :func:`data.packing.real_counts`. The same stream's samples before packing are read too, in arrival order
+   (:meth:`PackBuilder.need` of each): the packer's input.
 2. **Cost** (:class:`RowFlops`): the FLOPs a step executes for one row (``benchmark/plan.executed_step_flops``:
    modeling/flops.py's executed count + the frozen VAE encoder's forward per VAE *slot*, empty slots included)
    at the budget's shapes vs the same formula at the row's real counts. The padding share is
    ``1 − Σ real / Σ slots`` over the rows.
-3. **Suggest** (:func:`suggest`): replay the recorded samples offline through the same next-fit packer
-   (:func:`simulate`) for each candidate split of the row length: a grid over the und/gen split and the ViT
-   patch budget; ViT images, VAE slots and CE slots are then sized to the most a row reached (a smaller cap
-   would only split rows, a larger one is pure padding). The candidate with the lowest simulated padding
-   share wins; the config's own budget is one of the candidates, so the suggestion never pads more than it on
-   these samples. A first-fit over a 32-sample look-ahead is simulated as well, to show what a better packer
-   would give (labelled as a simulation: the pipeline packs next-fit).
+3. **Suggest** (:func:`suggest`): replay the arrivals offline through the pipeline's packing rule
+   (:func:`simulate`, :func:`data.packing.fill_row`; the replay at the config's budget must reproduce the
+   measured rows) for each candidate split of the row length: a grid over the und/gen split and the ViT patch
+   budget; ViT images, VAE slots and CE slots are then sized to the most a row reached (a smaller cap would
+   only split rows, a larger one is pure padding). The candidate with the lowest simulated padding share wins;
+   the config's own budget is one of the candidates, so the suggestion never pads more than it on these
+   samples. Next-fit (look-ahead 1) is simulated at the config's budget as well, for comparison.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,11 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from synermedgen_jax.data.packing import Geometry, PackBudget, real_counts
+from synermedgen_jax.data.packing import (
+    LOOKAHEAD,
+    PackBudget,
+    PackBuilder,
+    SpecialTokens,
+    fill_row,
+    real_counts,
+)
 
 # Per-sample / per-row capacities a sample takes, in PackBudget field order (``PackBuilder.need``).
 SIZE_KEYS: tuple[str, ...] = ("und_tokens", "gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens")
-LOOKAHEAD = 32
 
 
 class PackingReportError(ValueError):
@@ -43,87 +50,45 @@ class PackingReportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------------
-def sample_sizes(arrays: Mapping[str, np.ndarray], geometry: Geometry | int) -> np.ndarray:
-    """Capacities each packed sample takes, read back from pack arrays, in row then in-row order.
-
-    ``arrays``: a batch ``{field: [B, ...]}`` (``stack_rows``). Returns ``[n_samples, 6]`` int64 in
-    :data:`SIZE_KEYS` order: und / gen tokens (``sample_id == k`` per region), ViT patches and images (a patch
-    belongs to the sample of the und slot its ``vit_dest`` points at), VAE images (distinct slots its latent
-    tokens read), CE slots (``ce_mask`` > 0 at positions ``ce_index`` of the sample). The sum over a row's
-    samples equals :func:`real_counts` of the row.
-    """
-    stride = geometry.latent_stride if isinstance(geometry, Geometry) else int(geometry)
-    sample_id = np.asarray(arrays["sample_id"])
-    und = np.asarray(arrays["token_ids"]).shape[-1]
-    slots, height, width = np.asarray(arrays["vae_images"]).shape[-4:-1]
-    per_slot = max((height // stride) * (width // stride), 1)
-    out = []
-    for row in range(sample_id.shape[0]):
-        sid = sample_id[row]
-        count = int(sid.max(initial=-1)) + 1
-        if count == 0:
-            continue
-        sizes = np.zeros((count, len(SIZE_KEYS)), np.int64)
-        und_ids, gen_ids = sid[:und], sid[und:]
-        sizes[:, 0] = np.bincount(und_ids[und_ids >= 0], minlength=count)
-        sizes[:, 1] = np.bincount(gen_ids[gen_ids >= 0], minlength=count)
-        image_id = np.asarray(arrays["vit_image_id"][row])
-        real_patch = image_id >= 0
-        owner = sid[np.asarray(arrays["vit_dest"][row])[real_patch]]
-        sizes[:, 2] = np.bincount(owner, minlength=count)
-        for k in range(count):
-            sizes[k, 3] = len(np.unique(image_id[real_patch][owner == k]))
-        gen_real = gen_ids >= 0
-        slot_of = np.asarray(arrays["latent_index"][row])[gen_real] // per_slot
-        for k in range(count):
-            sizes[k, 4] = len(np.unique(slot_of[gen_ids[gen_real] == k]))
-        ce = np.asarray(arrays["ce_mask"][row]) > 0
-        sizes[:, 5] = np.bincount(sid[np.asarray(arrays["ce_index"][row])[ce]], minlength=count)
-        out.append(sizes)
-    return np.concatenate(out) if out else np.zeros((0, len(SIZE_KEYS)), np.int64)
-
-
-def simulate(sizes: np.ndarray, caps: Sequence[float], lookahead: int = 0, drop_last: bool = True
+def simulate(sizes: np.ndarray, caps: Sequence[float], lookahead: int = 1, drop_last: bool = True
              ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Packs ``sizes [n, 6]`` (:data:`SIZE_KEYS`) into rows of capacities ``caps`` (6 numbers, ``inf`` = no cap).
+    """Packs ``sizes [n, 6]`` (:data:`SIZE_KEYS`) into rows of capacities ``caps`` (6 numbers, ``inf`` = no cap)
+    with the pipeline's rule, :func:`data.packing.fill_row` over a ``lookahead``-sample window (1: next-fit).
 
-    ``lookahead`` 0: next-fit in order, the pipeline's packer (a sample that does not fit closes the row and
-    opens the next). ``lookahead`` k > 0: a row takes, in order, every sample among the next k pending ones that
-    still fits, then closes (a first-fit look-ahead; a simulation only). Returns ``(rows [R, 6], samples [R])``
-    (per-row totals and sample counts), dropping the last, still open row when ``drop_last`` (the pipeline's
-    stream never ends there); ``None`` when one sample alone exceeds the caps.
+    Returns ``(rows [R, 6], samples [R])`` (per-row totals and sample counts), dropping the last row when
+    ``drop_last`` (the pipeline's repeating stream would have added to it); ``None`` when one sample alone
+    exceeds the caps.
     """
     caps = [float(c) for c in caps]
-    items = [tuple(int(v) for v in s) for s in np.asarray(sizes)]
-    if any(any(v > c for v, c in zip(item, caps)) for item in items):
+    items = [tuple(int(v) for v in size) for size in np.asarray(sizes, np.int64).reshape(-1, len(caps))]
+    if any(v > c for item in items for v, c in zip(item, caps)):
         return None
+    stream = iter(items)
+    window: list[tuple[int, ...]] = []
     rows: list[list[int]] = []
     counts: list[int] = []
-    if lookahead <= 0:
-        used, n = [0] * len(caps), 0
-        for item in items:
-            if n and any(u + v > c for u, v, c in zip(used, item, caps)):
-                rows.append(used)
-                counts.append(n)
-                used, n = [0] * len(caps), 0
-            used = [u + v for u, v in zip(used, item)]
-            n += 1
-        if n:
-            rows.append(used)
-            counts.append(n)
-    else:
-        pending = list(items)
-        while pending:
-            used, n, taken = [0] * len(caps), 0, []
-            for index, item in enumerate(pending[:lookahead]):
-                if all(u + v <= c for u, v, c in zip(used, item, caps)):
-                    used = [u + v for u, v in zip(used, item)]
-                    n += 1
-                    taken.append(index)
-            for index in reversed(taken):
-                pending.pop(index)
-            rows.append(used)
-            counts.append(n)
+    used = [0] * len(caps)  # the open row's totals (plain lists: the budget grid runs this thousands of times)
+
+    def refill() -> bool:
+        item = next(stream, None)
+        if item is None:
+            return False
+        window.append(item)
+        return True
+
+    def fits(item: tuple[int, ...]) -> bool:
+        return all(u + v <= c for u, v, c in zip(used, item, caps))
+
+    def take(item: tuple[int, ...]) -> None:
+        used[:] = [u + v for u, v in zip(used, item)]
+
+    while True:
+        used[:] = [0] * len(caps)
+        taken = fill_row(window, refill, fits, take, lookahead)
+        if taken == 0:
+            break
+        rows.append(list(used))
+        counts.append(taken)
     if drop_last and len(rows) > 1:
         rows, counts = rows[:-1], counts[:-1]
     return np.asarray(rows, np.int64).reshape(-1, len(caps)), np.asarray(counts, np.int64)
@@ -174,35 +139,43 @@ def _as_dict(budget: Mapping[str, int] | PackBudget) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Measurement:
-    """``rows [R, 6]`` real counts per row and ``samples [R]`` (from :func:`real_counts`), ``sizes [n, 6]``
-    per packed sample in packing order (:func:`sample_sizes`), all in :data:`SIZE_KEYS` order."""
+    """``rows [R, 6]`` real counts per row and ``samples [R]`` (from :func:`real_counts`) of the pipeline's rows,
+    ``sizes [n, 6]`` per sample in *arrival* order (what the packer was given: :meth:`PackBuilder.need` of each
+    sample of the same stream), all in :data:`SIZE_KEYS` order."""
 
     rows: np.ndarray
     samples: np.ndarray
     sizes: np.ndarray
 
 
-def measure(batches: Iterable[Mapping[str, np.ndarray]], geometry: Geometry, rows: int,
-            progress: bool = True) -> Measurement:
-    """Reads ``rows`` pack rows from ``batches`` (the training stream) with a tqdm bar."""
+def need_vector(builder: PackBuilder, items: Any) -> np.ndarray:
+    """``[6]`` capacities one sample takes (:meth:`PackBuilder.need`) in :data:`SIZE_KEYS` order."""
+    need = builder.need(items)
+    return np.asarray([need.und, need.gen, need.vit_patches, need.vit_images, need.vae_images, need.ce], np.int64)
+
+
+def measure(batches: Iterable[Mapping[str, np.ndarray]], arrivals: Iterable[tuple[Any, str]], builder: PackBuilder,
+            rows: int, lookahead: int, progress: bool = True) -> Measurement:
+    """Reads ``rows`` pack rows from ``batches`` (the training stream) with a tqdm bar, then the same stream's
+    samples before packing (``arrivals``: ``(items, tag)``) until they cover those rows plus the look-ahead."""
     from tqdm import tqdm
 
     counts: list[dict[str, np.ndarray]] = []
-    sizes: list[np.ndarray] = []
     seen = 0
     with tqdm(total=rows, desc="pack rows", unit="row", disable=not progress, dynamic_ncols=True) as bar:
         for batch in batches:
             take = min(rows - seen, int(np.asarray(batch["sample_id"]).shape[0]))
-            part = {key: np.asarray(value)[:take] for key, value in batch.items()}
-            counts.append(real_counts(part, geometry))
-            sizes.append(sample_sizes(part, geometry))
+            counts.append(real_counts({key: np.asarray(value)[:take] for key, value in batch.items()},
+                                      builder.geometry))
             seen += take
             bar.update(take)
             if seen >= rows:
                 break
     table = {key: np.concatenate([c[key] for c in counts]) for key in counts[0]}
+    wanted = int(table["samples"].sum()) + lookahead
+    sizes = [need_vector(builder, items) for items, _ in itertools.islice(arrivals, wanted)]
     return Measurement(rows=np.stack([table[key] for key in SIZE_KEYS], axis=1), samples=table["samples"],
-                       sizes=np.concatenate(sizes))
+                       sizes=np.stack(sizes) if sizes else np.zeros((0, len(SIZE_KEYS)), np.int64))
 
 
 def region_table(budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> list[dict[str, Any]]:
@@ -235,9 +208,10 @@ def _grid(low: int, high: int, step: int) -> list[int]:
     return sorted(v for v in values if low <= v <= high)
 
 
-def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int) -> dict[str, Any]:
+def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int, lookahead: int = LOOKAHEAD
+            ) -> dict[str, Any]:
     """The budget of ``tokens`` und+gen tokens per row that minimises the simulated padding FLOP share of
-    next-fit packing ``sizes [n, 6]``.
+    packing ``sizes [n, 6]`` (arrival order) with the pipeline's packer (``lookahead``-sample window).
 
     Grid: the und/gen split (gen = tokens − und; und from the largest sample's und need up to what leaves the
     largest sample's gen need, in steps of ``tokens/32``; a stage without generation samples keeps gen 0, and a
@@ -258,7 +232,7 @@ def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int)
     for und in und_values:
         vit_values = [0] if need[2] == 0 else _grid(int(need[2]), und, max(1, und // 32))
         for vit in vit_values:
-            sim = simulate(sizes, (und, tokens - und, vit, inf, inf, inf))
+            sim = simulate(sizes, (und, tokens - und, vit, inf, inf, inf), lookahead)
             if sim is None:
                 continue
             rows, _ = sim
@@ -273,7 +247,7 @@ def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int)
                                  f"(und {need[0]} + gen {need[1]} tokens)")
     best, best_share, best_sim = None, inf, None
     for candidate in candidates:
-        sim = simulate(sizes, [candidate[key] for key in SIZE_KEYS])
+        sim = simulate(sizes, [candidate[key] for key in SIZE_KEYS], lookahead)
         if sim is None:
             continue
         share = flops.padding_share(candidate, sim[0])
@@ -290,48 +264,49 @@ def overrides(budget: Mapping[str, int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: int = 0) -> dict[str, Any]:
-    """All figures of the report (JSON-ready apart from numpy scalars, which ``report.write_json`` handles)."""
+def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: int = 0,
+           lookahead: int = LOOKAHEAD) -> dict[str, Any]:
+    """All figures of the report (JSON-ready apart from numpy scalars, which ``report.write_json`` handles).
+    ``lookahead``: the pipeline's packer window (``config.data.lookahead``)."""
     flops = RowFlops(config, budget)
     rows, sizes = measurement.rows, measurement.sizes
     tokens = tokens or budget.und_tokens + budget.gen_tokens
-    measured_share = flops.padding_share(budget, rows)
-    # The recorded samples replayed through next-fit at the config's budget must give back the measured rows:
-    # that is what makes the offline simulation of other budgets a faithful stand-in for the pipeline.
-    replay = simulate(sizes, [getattr(budget, key) for key in SIZE_KEYS], drop_last=False)
+    caps = [getattr(budget, key) for key in SIZE_KEYS]
+    # The recorded arrivals replayed through the pipeline's packer at the config's budget must give back the
+    # measured rows: that is what makes the offline simulation of other budgets a faithful stand-in for it.
+    replay = simulate(sizes, caps, lookahead, drop_last=False)
     replay_matches = replay is not None and np.array_equal(replay[0][: len(rows)], rows)
-    config_sim = simulate(sizes, [getattr(budget, key) for key in SIZE_KEYS])
-    best = suggest(sizes, budget, flops, tokens)
-    out: dict[str, Any] = {
+    packers = {}
+    for name, window in (("next_fit", 1), ("lookahead", lookahead)):
+        sim = simulate(sizes, caps, window)
+        # On all the arrivals (the suggestion's basis), so the three shares below compare like with like.
+        packers[name] = None if sim is None else {
+            "lookahead": window, "padding_flop_share": flops.padding_share(budget, sim[0]),
+            "samples_per_row": float(sim[1].mean())}
+    best = suggest(sizes, budget, flops, tokens, lookahead)
+    return {
         "rows_sampled": int(len(rows)),
         "samples_seen": int(len(sizes)),
+        "lookahead": int(lookahead),
         "budget": _as_dict(budget),
         "image_size": list(budget.image_size),
         "regions": region_table(budget, rows),
         "samples_per_row": float(measurement.samples.mean()),
-        "padding_flop_share": measured_share,
+        "padding_flop_share": flops.padding_share(budget, rows),
         "flops_per_row_at_slots": flops.of_budget(budget),
         "flop_parts": flop_parts(flops, budget, rows),
         "flops_counted_as": "benchmark/plan.executed_step_flops (modeling/flops.py executed count + frozen VAE "
                             "encoder forward per VAE slot), at the budget's shapes vs at each row's real counts",
         "replay_matches_pipeline": bool(replay_matches),
+        "packers_simulated": packers,
         "largest_sample": {key: int(v) for key, v in zip(SIZE_KEYS, sizes.max(axis=0))},
         "row_tokens": int(tokens),
-        "config_simulated": {"padding_flop_share": flops.padding_share(budget, config_sim[0]) if config_sim else None,
-                             "samples_per_row": float(config_sim[1].mean()) if config_sim else None},
         "suggested": {"budget": best["budget"], "padding_flop_share": best["padding_flop_share"],
                       "regions": region_table(best["budget"], best["rows"]),
                       "samples_per_row": float(best["samples"].mean()), "overrides": overrides(best["budget"]),
-                      "candidates": best["candidates"], "packer": "next-fit (simulated on the recorded samples)"},
+                      "candidates": best["candidates"],
+                      "packer": f"the pipeline's (look-ahead {lookahead}), simulated on the recorded arrivals"},
     }
-    looked = {}
-    for name, b in (("config", _as_dict(budget)), ("suggested", best["budget"])):
-        sim = simulate(sizes, [b[key] for key in SIZE_KEYS], lookahead=LOOKAHEAD)
-        looked[name] = None if sim is None else {"padding_flop_share": flops.padding_share(b, sim[0]),
-                                                 "samples_per_row": float(sim[1].mean())}
-    out["lookahead_simulation"] = {"packer": f"first-fit over a {LOOKAHEAD}-sample look-ahead (simulation only; "
-                                             "the pipeline packs next-fit)", **looked}
-    return out
 
 
 def format_report(result: Mapping[str, Any]) -> str:
@@ -347,20 +322,19 @@ def format_report(result: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{name} {p['padding_share']:.0%}" for name, p in result["flop_parts"].items()
                       if p["padding_share"] is not None)
     lines.append(f"  padding share by part: {parts}")
-    lines.append(f"  next-fit replay of the recorded samples reproduces the rows: {result['replay_matches_pipeline']}")
-    sim = result["config_simulated"]
+    lines.append(f"  replay of the recorded arrivals (look-ahead {result['lookahead']}) reproduces the rows: "
+                 f"{result['replay_matches_pipeline']}")
+    packers = ", ".join(f"look-ahead {v['lookahead']}{' (next-fit)' if v['lookahead'] == 1 else ''} "
+                        f"{v['padding_flop_share']:.1%} ({v['samples_per_row']:.2f} samples/row)"
+                        for v in result["packers_simulated"].values() if v)
+    lines.append(f"  packers at this budget, simulated on the same arrivals: {packers}")
     suggested = result["suggested"]
     lines += ["", f"suggested budget for {result['row_tokens']} und+gen tokens per row "
-                  f"(grid of {suggested['candidates']} budgets, next-fit simulated on the same samples):",
+                  f"(grid of {suggested['candidates']} budgets, {suggested['packer']}):",
               table(suggested["regions"], cols),
               f"  samples / row: {suggested['samples_per_row']:.2f}; padding FLOP share "
-              f"{suggested['padding_flop_share']:.1%} (config's budget, same simulation: "
-              f"{sim['padding_flop_share']:.1%})",
+              f"{suggested['padding_flop_share']:.1%}",
               "  " + " ".join(suggested["overrides"])]
-    look = result["lookahead_simulation"]
-    shares = ", ".join(f"{name} {v['padding_flop_share']:.1%} ({v['samples_per_row']:.2f} samples/row)"
-                       for name, v in look.items() if isinstance(v, dict))
-    lines.append(f"  {look['packer']}: {shares}")
     return "\n".join(lines)
 
 
@@ -371,7 +345,9 @@ def run_report(config: Any, data: str, rows: int, tokens: int = 0, progress: boo
     """
     from pathlib import Path
 
-    from synermedgen_jax.training.inputs import pack_budget, train_batches
+    from synermedgen_jax.data.pipeline import packed_dataset, sample_dataset
+    from synermedgen_jax.data.tokenizer import load_tokenizer
+    from synermedgen_jax.training.inputs import pack_budget, pipeline_config, shard_layout
 
     folder = Path(data)
     if not (folder / "manifest.json").is_file() or not (folder / "records").is_dir():
@@ -388,8 +364,15 @@ def run_report(config: Any, data: str, rows: int, tokens: int = 0, progress: boo
     config.data.dir = str(folder)
     try:
         budget = pack_budget(config)
-        measurement = measure(train_batches(config), Geometry.from_model_config(config.model), rows, progress)
+        # Data shard 0 of the run's global batch: its packed rows, and its samples before packing.
+        shards, _, per_shard = shard_layout(config.data, int(config.train.rows))
+        stream = pipeline_config(config.data, shard=0, shards=shards, rows=per_shard)
+        special = SpecialTokens.from_tokenizer(load_tokenizer(folder / "tokenizer.json"))
+        builder = PackBuilder(budget, special, config.model)
+        measurement = measure(packed_dataset(folder, budget, config.model, stream, special),
+                              sample_dataset(folder, budget, stream, geometry=config.model), builder, rows,
+                              stream.lookahead, progress)
     except (OSError, ValueError, KeyError) as err:
         raise PackingReportError(f"--data {data}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
                                  ) from None
-    return report(config, measurement, budget, tokens)
+    return report(config, measurement, budget, tokens, stream.lookahead)

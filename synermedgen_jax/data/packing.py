@@ -24,7 +24,7 @@ computed by both experts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -513,17 +513,59 @@ class PackBuilder:
         return row
 
 
-def pack_samples(samples: Sequence[Sequence[Item]], builder: PackBuilder,
-                 rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    """Greedy first-fit in order: a new row starts when the next sample does not fit."""
-    rows = []
-    for sample in samples:
-        if not builder.fits(sample) and not builder.empty:
-            rows.append(builder.build())
-        builder.add(sample, rng)
-    if not builder.empty:
+LOOKAHEAD = 32  # default look-ahead window of the packer (samples); 1 is next-fit
+
+
+def fill_row(window: list, refill: Callable[[], bool], fits: Callable[[Any], bool], take: Callable[[Any], None],
+             lookahead: int) -> int:
+    """One row of look-ahead first-fit packing, the one rule the pipeline and the packing report share.
+
+    ``window`` holds the pending samples in arrival order. Scanning it front to back, every sample that
+    ``fits`` the row is ``take``-n (and leaves the window), the rest stay in order; after each sample taken
+    ``refill()`` appends the next arrival until ``lookahead`` are pending (it returns False when the stream
+    has ended). The row is done when a scan reaches the end of a full window (or of the stream).
+
+    Wait bound: an empty row always takes the window's oldest sample (one that does not fit an empty row is a
+    :class:`PackOverflowError` for the caller), so every row moves each pending sample at least one place
+    forward, and a sample is packed at the latest ``lookahead`` rows after the row that was filling when it
+    arrived. With ``lookahead`` 1 this is next-fit (a row closes at the first sample that does not fit).
+    Returns the number of samples taken.
+    """
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    taken, index = 0, 0
+    while True:
+        while len(window) < lookahead and refill():
+            pass
+        if index >= len(window):
+            return taken
+        if fits(window[index]):
+            take(window.pop(index))
+            taken += 1
+        else:
+            index += 1
+
+
+def pack_samples(samples: Sequence[Sequence[Item]], builder: PackBuilder, rng: np.random.Generator,
+                 lookahead: int = 1) -> list[dict[str, np.ndarray]]:
+    """Packs ``samples`` into rows with :func:`fill_row` (``lookahead`` 1: next-fit in order, the default here;
+    the Grain pipeline uses :data:`LOOKAHEAD`). Raises :class:`PackOverflowError` for a sample no row holds."""
+    stream, window, rows = iter(samples), [], []
+
+    def refill() -> bool:
+        sample = next(stream, None)
+        if sample is None:
+            return False
+        window.append(sample)
+        return True
+
+    while True:
+        fill_row(window, refill, builder.fits, lambda sample: builder.add(sample, rng), lookahead)
+        if builder.empty:
+            if window:
+                raise PackOverflowError(f"sample needs {builder.need(window[0])} but the budget is {builder.budget}")
+            return rows
         rows.append(builder.build())
-    return rows
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

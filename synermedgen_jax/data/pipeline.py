@@ -6,7 +6,7 @@
       -> random_map: read the referenced records, build the sample (Text / VitImage / VaeImage items),
          paired augmentation (one spatial transform for source and target), CFG dropout for Stage II
       -> [optional worker processes]
-      -> greedy packing into the static PackBudget (PackIterDataset)
+      -> look-ahead first-fit packing into the static PackBudget (PackIterDataset, data/packing.fill_row)
       -> batch of ``rows_per_batch`` rows per process (leading axis; shard it over local devices).
 
 Every step is a deterministic function of (seed, element index), so iterator state is just indices:
@@ -28,6 +28,7 @@ from skimage.transform import AffineTransform, warp
 from synermedgen_jax.data import prompts
 from synermedgen_jax.data.geometry import ImageRules, PackImages
 from synermedgen_jax.data.packing import (
+    LOOKAHEAD,
     PackBudget,
     PackBuilder,
     PackOverflowError,
@@ -36,6 +37,7 @@ from synermedgen_jax.data.packing import (
     VaeImage,
     VitImage,
     cfg_dropout,
+    fill_row,
     prompt_items,
 )
 from synermedgen_jax.data.records import RecordReader
@@ -68,6 +70,7 @@ class PipelineConfig:
     workers: int = 0  # grain worker processes for sample building; 0 = in-process (best on 2 cores)
     source: str = "auto"  # auto (from the build's manifest) | records | synermed (data/synermed.py)
     resize: ImageRules = ImageRules()  # the official aspect-preserving geometry (data/geometry.py); None: squares
+    lookahead: int = LOOKAHEAD  # packer window in samples (data/packing.fill_row); 1 = next-fit
 
 
 def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
@@ -192,64 +195,107 @@ class Tag:
         return self.task, int(i)
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A sample in the packer's window: its arrival number, the parent's state before it was read, the sample."""
+
+    index: int
+    parent_state: Any
+    items: list
+    tag: str
+
+
 class _PackIterator(grain.DatasetIterator):
+    """Look-ahead first-fit packing (``data.packing.fill_row``) of the parent's ``(items, tag)`` samples.
+
+    State is indices only: the parent's state before the oldest pending sample, that sample's arrival number
+    and the arrival numbers of the later samples already packed (taken out of order). A restore re-reads the
+    parent from there and skips those, which rebuilds the window exactly (samples are a deterministic function
+    of their element index), so the rows after a restore are the rows the uninterrupted run would have made.
+    """
+
     def __init__(self, parent: grain.DatasetIterator, budget: PackBudget, special: SpecialTokens,
-                 geometry: Any, seed: int):
+                 geometry: Any, seed: int, lookahead: int):
         super().__init__(parent)
+        if lookahead < 1:
+            raise ValueError(f"data.lookahead must be >= 1 (1 = next-fit), got {lookahead}")
         self._builder = PackBuilder(budget, special, geometry)
-        self._seed = seed
+        self._seed, self._lookahead = seed, lookahead
         self._rows = 0
-        self._pending = None
-        self._pending_state = None
+        self._window: list[_Pending] = []
+        self._arrivals = 0  # samples read from the parent so far
+        self._packed_ahead: set[int] = set()  # arrival numbers packed while an older sample still waits
+        self._skip: set[int] = set()  # after a restore: arrivals to drop on re-reading (already packed)
+        self._ended = False
+
+    def _refill(self) -> bool:
+        while not self._ended:
+            state = self._parent.get_state()
+            try:
+                items, tag = next(self._parent)
+            except StopIteration:
+                self._ended = True
+                return False
+            index, self._arrivals = self._arrivals, self._arrivals + 1
+            if index in self._skip:
+                self._skip.discard(index)
+                continue
+            self._window.append(_Pending(index, state, items, tag))
+            return True
+        return False
 
     def __next__(self) -> dict[str, np.ndarray]:
         builder = self._builder
         rng = np.random.default_rng([self._seed, self._rows, 31])  # timestep draws of this row
-        while True:
-            if self._pending is None:
-                state = self._parent.get_state()
-                try:
-                    self._pending = next(self._parent)
-                except StopIteration:
-                    if builder.empty:
-                        raise
-                    break
-                self._pending_state = state
-            items, tag = self._pending
-            if builder.fits(items):
-                builder.add(items, rng)
-                self._pending = None
-                continue
-            if builder.empty:
-                raise PackOverflowError(f"sample {tag} needs {builder.need(items)}, more than an empty pack "
-                                        f"holds ({builder.budget}); enlarge the pack budget")
-            break
+
+        def take(pending: _Pending) -> None:
+            builder.add(pending.items, rng)
+            self._packed_ahead.add(pending.index)
+
+        fill_row(self._window, self._refill, lambda pending: builder.fits(pending.items), take, self._lookahead)
+        if builder.empty:
+            if not self._window:
+                raise StopIteration
+            pending = self._window[0]
+            raise PackOverflowError(f"sample {pending.tag} needs {builder.need(pending.items)}, more than an empty "
+                                    f"pack holds ({builder.budget}); enlarge the pack budget")
+        oldest = self._window[0].index if self._window else self._arrivals
+        self._packed_ahead = {index for index in self._packed_ahead if index > oldest}
         self._rows += 1
         return builder.build()
 
     def get_state(self) -> dict:
-        # A sample fetched but not yet packed is re-read after a restore: report the state before it.
-        parent = self._pending_state if self._pending is not None else self._parent.get_state()
-        return {"parent": parent, "rows": self._rows}
+        if self._window:
+            parent, base = self._window[0].parent_state, self._window[0].index
+        else:
+            parent, base = self._parent.get_state(), self._arrivals
+        return {"parent": parent, "rows": self._rows, "arrival": base,
+                "packed_ahead": sorted(int(index) for index in self._packed_ahead | self._skip if index > base)}
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._rows = int(state["rows"])
-        self._pending = None
-        self._pending_state = None
+        # States written before the look-ahead packer (next-fit) carry neither key: nothing was packed ahead.
+        self._arrivals = int(state.get("arrival", 0))
+        self._skip = {int(index) for index in state.get("packed_ahead", ())}
+        self._packed_ahead = set()
+        self._window = []
+        self._ended = False
         self._builder.reset()
 
 
 class PackIterDataset(grain.IterDataset):
-    """Greedy in-order packing of ``(items, tag)`` samples into fixed-shape rows (``data.packing``)."""
+    """Look-ahead first-fit packing of ``(items, tag)`` samples into fixed-shape rows (``data.packing``)."""
 
     def __init__(self, parent: grain.IterDataset, budget: PackBudget, special: SpecialTokens, geometry: Any,
-                 seed: int = 0):
+                 seed: int = 0, lookahead: int = LOOKAHEAD):
         super().__init__(parent)
         self._budget, self._special, self._geometry, self._seed = budget, special, geometry, seed
+        self._lookahead = lookahead
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._budget, self._special, self._geometry, self._seed)
+        return _PackIterator(self._parent.__iter__(), self._budget, self._special, self._geometry, self._seed,
+                             self._lookahead)
 
 
 def _weights(config: PipelineConfig) -> dict[str, float]:
@@ -355,5 +401,5 @@ def packed_dataset(data_dir: str | Path, budget: PackBudget, model_config: Any, 
 
         special = SpecialTokens.from_tokenizer(load_tokenizer(Path(data_dir) / "tokenizer.json"))
     samples = sample_dataset(data_dir, budget, config, geometry=model_config)
-    rows = PackIterDataset(samples, budget, special, model_config, seed=config.seed)
+    rows = PackIterDataset(samples, budget, special, model_config, seed=config.seed, lookahead=config.lookahead)
     return rows.batch(config.rows_per_batch, drop_remainder=True)

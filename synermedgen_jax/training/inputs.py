@@ -18,7 +18,7 @@ import numpy as np
 
 from synermedgen_jax.data import synermed
 from synermedgen_jax.data.geometry import ImageRules
-from synermedgen_jax.data.packing import Geometry, PackBudget
+from synermedgen_jax.data.packing import LOOKAHEAD, Geometry, PackBudget
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, slice_shape
 from synermedgen_jax.data.understanding import COLUMNS_2D
 
@@ -43,7 +43,7 @@ def pipeline_config(data, *, stage: str | None = None, split: str | None = None,
                           cfg_vit=float(data.cfg_vit), cfg_vae=float(data.cfg_vae), augment=bool(data.augment),
                           rows_per_batch=rows, repeat=repeat, process_index=shard, process_count=shards,
                           workers=int(data.workers), source=str(data.get("source", "auto")),
-                          resize=ImageRules.from_pack(data.pack))
+                          resize=ImageRules.from_pack(data.pack), lookahead=int(data.get("lookahead", LOOKAHEAD)))
 
 
 def pack_budget(config) -> PackBudget:
