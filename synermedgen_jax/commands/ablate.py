@@ -34,6 +34,14 @@ import sys
 import time
 from pathlib import Path
 
+from synermedgen_jax.commands._args import (
+    float_range,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    one_line_errors,
+    positive_int,
+)
 from synermedgen_jax.commands._runner import StageState, accept_config_overrides, train_overrides, write_atomic
 
 ARMS = {
@@ -66,31 +74,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(ZERO_SHOT_ARMS)})")
     parser.add_argument("--variant", default="small", help="model variant of every stage (default small)")
     parser.add_argument("--data", help="a built data folder (default: build mni152-sim into WORKDIR/data)")
-    parser.add_argument("--data-seed", type=int, default=0,
+    parser.add_argument("--data-seed", type=non_negative_int, default=0,
                         help="seed of the data build and the shared stage-0 VAE (default 0)")
-    parser.add_argument("--subjects", type=int, default=8, help="mni152-sim subjects when building (default 8)")
-    parser.add_argument("--slice-size", type=int, default=64, help="slice side when building (default 64)")
-    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="mni152-sim grid in mm when building (2)")
-    parser.add_argument("--vae-steps", type=int, default=300, help="stage-0 VAE steps, once for all runs (300)")
-    parser.add_argument("--stage1-steps", type=int, default=150, help="Stage I steps of every arm (150)")
-    parser.add_argument("--stage2-steps", type=int, default=400, help="Stage II steps of every arm (400)")
-    parser.add_argument("--gen-pretrain-steps", type=int, default=400,
+    parser.add_argument("--subjects", type=positive_int, default=8,
+                        help="mni152-sim subjects when building (default 8)")
+    parser.add_argument("--slice-size", type=int_range(8, 4096), default=64,
+                        help="slice side when building (default 64)")
+    parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=2.0,
+                        help="mni152-sim grid in mm when building (2)")
+    parser.add_argument("--vae-steps", type=positive_int, default=300,
+                        help="stage-0 VAE steps, once for all runs (300)")
+    parser.add_argument("--stage1-steps", type=positive_int, default=150, help="Stage I steps of every arm (150)")
+    parser.add_argument("--stage2-steps", type=positive_int, default=400, help="Stage II steps of every arm (400)")
+    parser.add_argument("--gen-pretrain-steps", type=positive_int, default=400,
                         help="generic generation pre-training steps, once per seed (400; zero-shot only)")
-    parser.add_argument("--rows", type=int, default=4, help="pack rows per step of the VAE and Stage I (default 4)")
-    parser.add_argument("--stage2-rows", type=int, default=16,
+    parser.add_argument("--rows", type=positive_int, default=4,
+                        help="pack rows per step of the VAE and Stage I (default 4)")
+    parser.add_argument("--stage2-rows", type=positive_int, default=16,
                         help="pack rows per Stage II / generic pre-training step (default 16: small's Stage II rows "
                              "hold one sample each)")
     parser.add_argument("--eval-split", default="test", help="record split every arm is evaluated on (test)")
     parser.add_argument("--eval-tasks", default="",
                         help="comma-separated eval task or dataset names (default: every route of the split)")
-    parser.add_argument("--eval-slices", type=int, default=8, help="slices per route in each evaluation (8)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="flow-matching steps at evaluation (20)")
-    parser.add_argument("--cfg-text", type=float, default=None,
+    parser.add_argument("--eval-slices", type=positive_int, default=8, help="slices per route in each evaluation (8)")
+    parser.add_argument("--sample-steps", type=int_range(2, 1000), default=20,
+                        help="flow-matching steps at evaluation (20)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=None,
                         help="text guidance scale at evaluation (default: quickstart's)")
-    parser.add_argument("--eval-instances", type=int, default=32,
+    parser.add_argument("--eval-instances", type=non_negative_int, default=32,
                         help="understanding instances per task (CTS / MI / TIA) in each arm's evaluation (32)")
     parser.epilog = "--config.KEY=VALUE   extra override for every training stage (repeatable)"
     accept_config_overrides(parser)
+    one_line_errors(parser)
 
 
 def _csv(text: str) -> list[str]:

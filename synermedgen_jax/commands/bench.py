@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_float, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
 
 WHATS = ("train", "sample", "attention", "data", "metrics")
@@ -36,17 +37,20 @@ WHATS = ("train", "sample", "attention", "data", "metrics")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/stage2_ucg.py:tiny", help="run config FILE.py[:variant]")
     parser.add_argument("--what", default="train", help=f"comma-separated subset of {','.join(WHATS)}")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps / repeats (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
-    parser.add_argument("--rows", type=int, default=0, help="global pack rows per step (default config.train.rows)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s for the MFU")
-    parser.add_argument("--slices", type=int, default=2, help="slices per sampler batch (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps / repeats (default 10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+                        help="untimed steps after compilation (default 2)")
+    parser.add_argument("--rows", type=non_negative_int, default=0,
+                        help="global pack rows per step (default config.train.rows)")
+    parser.add_argument("--peak-tflops", type=positive_float, default=None, help="per-device peak TFLOP/s for the MFU")
+    parser.add_argument("--slices", type=positive_int, default=2, help="slices per sampler batch (default 2)")
     parser.add_argument("--seq-lens", default="4096,8192,16384", help="attention sequence lengths")
     parser.add_argument("--data", default="/tmp/smg_bench_data", help="built data folder for --what data")
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B/A ratios and exit")
     parser.epilog = (parser.epilog or "") + "\n--config.KEY=VALUE   override any config key (repeatable), as in train"
     accept_config_overrides(parser)
+    one_line_errors(parser)
 
 
 def _error(message: str) -> int:

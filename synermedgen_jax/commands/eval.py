@@ -31,6 +31,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from synermedgen_jax.commands._args import (
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    one_line_errors,
+    positive_int,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
@@ -40,13 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="built data folder (build-data --out)")
     parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
     parser.add_argument("--split", default="test", help="record split (test)")
-    parser.add_argument("--steps", type=int, default=50, help="flow-matching timesteps (50)")
-    parser.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (4.0, BAGEL's)")
-    parser.add_argument("--cfg-img", type=float, default=1.5, help="image guidance scale (1.5, BAGEL's)")
-    parser.add_argument("--max-slices", type=int, default=16, help="slices per route (16)")
-    parser.add_argument("--max-instances", type=int, default=32, help="instances per understanding task (32; 0: skip)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--devices", type=int, default=1,
+    parser.add_argument("--steps", type=int_range(2, 1000), default=50, help="flow-matching timesteps (50)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=4.0, help="text guidance scale (4.0, BAGEL's)")
+    parser.add_argument("--cfg-img", type=non_negative_float, default=1.5, help="image guidance scale (1.5, BAGEL's)")
+    parser.add_argument("--max-slices", type=positive_int, default=16, help="slices per route (16)")
+    parser.add_argument("--max-instances", type=non_negative_int, default=32,
+                        help="instances per understanding task (32; 0: skip)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--devices", type=positive_int, default=1,
                         help="split each sampler batch over this many local devices (1; the batch is rounded up to "
                              "a multiple)")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--targets", help="folder of <key>.png targets (default: each entry's 'target' / 'gt' "
                                           "under --image-root)")
     group.add_argument("--image-root", help="folder the entries' paths are relative to")
+    one_line_errors(parser)
 
 
 def _warn_if_untrained_on(inference, data: Path) -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 
+from synermedgen_jax.commands._args import one_line_errors
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/models.py:tiny",
                         help="model config FILE.py[:variant] (default: configs/models.py:tiny)")
     parser.add_argument("--shapes", action="store_true", help="also list every parameter's shape and axes")
+    one_line_errors(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -29,6 +32,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if "llm" not in config:  # a run config holds the model under .model
+        if "model" not in config or "llm" not in config.model:
+            print(f"error: {args.config}: not a model or run config (no llm or model.llm section)", file=sys.stderr)
+            return 2
         config = config.model
     model = nnx.eval_shape(lambda: SynerMedGen(config, rngs=nnx.Rngs(params=0)))
     counts = count_params(model)

@@ -49,6 +49,7 @@ import os
 import subprocess
 import sys
 
+from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_float, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
 
 _GUARD = "SMG_PLAN_CHILD"
@@ -58,11 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/stage2_ucg.py:tiny", help="run config FILE.py[:variant]")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
                         help="mesh sizes AXIS=SIZE for data, fsdp, tensor (one may be -1 = the rest)")
-    parser.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
-    parser.add_argument("--rows", type=int, default=0,
+    parser.add_argument("--devices", type=positive_int, default=8, help="simulated devices (default 8)")
+    parser.add_argument("--rows", type=non_negative_int, default=0,
                         help="global pack rows per step (default: config.train.rows)")
-    parser.add_argument("--tokens", type=int, default=0, help="rescale the pack budget to N tokens per row")
-    parser.add_argument("--layers", type=int, default=0,
+    parser.add_argument("--tokens", type=non_negative_int, default=0,
+                        help="rescale the pack budget to N tokens per row")
+    parser.add_argument("--layers", type=non_negative_int, default=0,
                         help="compile K decoder layers (and 1) and extrapolate linearly to the full depth")
     parser.add_argument("--attention", default="",
                         help="override model.attention_impl (reference, xla_dense, chunked, pallas_interpret); "
@@ -71,23 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="gpu", choices=("gpu", "tpu"),
                         help="platform the plan is for (default gpu): the config's kernels are resolved for it and "
                              "each Pallas kernel is compiled as its CPU stand-in")
-    parser.add_argument("--device-memory-gb", type=float, default=80.0,
+    parser.add_argument("--device-memory-gb", type=positive_float, default=80.0,
                         help="device memory the plan must fit (GB = 1e9 bytes, default 80)")
-    parser.add_argument("--sampler-steps", type=int, default=50,
+    parser.add_argument("--sampler-steps", type=non_negative_int, default=50,
                         help="also plan one sampler batch with this many steps (Stage II configs; 0 skips it)")
-    parser.add_argument("--sampler-slices", type=int, default=0,
+    parser.add_argument("--sampler-slices", type=non_negative_int, default=0,
                         help="slices per sampler batch (default: one per data x fsdp shard)")
-    parser.add_argument("--devices-per-host", type=int, default=0,
+    parser.add_argument("--devices-per-host", type=non_negative_int, default=0,
                         help="devices per host process for the host-memory figures (default: 8 for gpu, 4 for tpu)")
     parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
     parser.add_argument("--data", metavar="DIR", default="",
                         help="packing report of the run's real batches over this built data folder (see above)")
-    parser.add_argument("--rows-sampled", type=int, default=200,
+    parser.add_argument("--rows-sampled", type=positive_int, default=200,
                         help="pack rows the packing report reads (--data; default 200)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (--data)")
     parser.epilog = (parser.epilog or "") + ("\n--config.KEY=VALUE   override any config key (repeatable), as in "
                                              "train (with --data)")
     accept_config_overrides(parser)
+    one_line_errors(parser)
 
 
 def _error(message: str) -> int:

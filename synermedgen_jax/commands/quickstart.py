@@ -22,6 +22,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from synermedgen_jax.commands._args import (
+    float_range,
+    int_range,
+    non_negative_float,
+    one_line_errors,
+    positive_float,
+    positive_int,
+)
 from synermedgen_jax.commands._runner import StageState, train_overrides, write_atomic
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
@@ -43,18 +51,21 @@ STAGE_OVERRIDES = {"stage2": ["--config.train.schedule=cosine", "--config.train.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/quickstart", help="everything is written here (resumable)")
-    parser.add_argument("--budget-minutes", type=float, default=BASE_MINUTES,
+    parser.add_argument("--budget-minutes", type=positive_float, default=BASE_MINUTES,
                         help="scales the training steps of every stage (default 15: about 15 minutes on 2 cores)")
-    parser.add_argument("--subjects", type=int, default=8, help="simulated subjects (default 8)")
-    parser.add_argument("--eval-slices", type=int, default=4, help="slices evaluated per route (default 4)")
-    parser.add_argument("--sample-steps", type=int, default=12, help="flow-matching steps at evaluation (default 12)")
-    parser.add_argument("--cfg-text", type=float, default=CFG_TEXT,
+    parser.add_argument("--subjects", type=positive_int, default=8, help="simulated subjects (default 8)")
+    parser.add_argument("--eval-slices", type=positive_int, default=4, help="slices evaluated per route (default 4)")
+    parser.add_argument("--sample-steps", type=int_range(2, 1000), default=12,
+                        help="flow-matching steps at evaluation (default 12)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=CFG_TEXT,
                         help=f"text guidance scale of eval and synthesis (default {CFG_TEXT}; BAGEL's is 4)")
     parser.add_argument("--variant", default="small", choices=("small", "tiny"),
                         help="model variant (small; tiny is for smoke tests)")
-    parser.add_argument("--slice-size", type=int, default=64, help="slice side in pixels (default 64)")
-    parser.add_argument("--sim-voxel-mm", type=float, default=2.0, help="simulation grid in mm (default 2)")
+    parser.add_argument("--slice-size", type=int_range(8, 4096), default=64, help="slice side in pixels (default 64)")
+    parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=2.0,
+                        help="simulation grid in mm (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    one_line_errors(parser)
 
 
 def _argument_error(args: argparse.Namespace) -> str | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands._args import non_negative_int, positive_int
+
 
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("official metadata convention (instead of --input ... --output)")
@@ -29,12 +31,12 @@ def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
                        help="official (default): as the official script writes, RGB (grey replicated) at the "
                             "generated size, cropped to its bounding box as PIL's getbbox(); ours: 8-bit grey "
                             "resized back to the source image's size")
-    group.add_argument("--split-count", type=int, default=None, metavar="N",
+    group.add_argument("--split-count", type=positive_int, default=None, metavar="N",
                        help="split the keys, in metadata.json's insertion order, into N contiguous chunks of "
                             "ceil(keys/N) (the official script's split: contiguous, not strided) and run one "
                             "(default 1; on several JAX processes each process then takes its contiguous share "
                             "of the chunk, so the default is chunk process_index of process_count)")
-    group.add_argument("--split-index", type=int, default=None, metavar="I",
+    group.add_argument("--split-index", type=non_negative_int, default=None, metavar="I",
                        help="the zero-based chunk to run, 0 <= I < N (default 0)")
 
 
