@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from synermedgen_jax.commands._args import one_line_errors, positive_float
 from synermedgen_jax.port import keys as K
 from synermedgen_jax.port.bagel import PortError, export_order, flux_ae_differences, save
 from synermedgen_jax.port.safetensors_stream import SafetensorsError
@@ -40,11 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ae-dtype", choices=("auto", "bf16", "f32"), default="auto", help="ae.safetensors dtype")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="folder with tokenizer files to copy (default: CHECKPOINT/tokenizer if present)")
-    parser.add_argument("--chunk-mb", type=float, default=256.0,
+    parser.add_argument("--chunk-mb", type=positive_float, default=256.0,
                         help="parameter checkpoints: MB of params read from Orbax at a time")
     parser.add_argument("--ema", action="store_true",
                         help="no effect, kept for old command lines: a training checkpoint's EMA always goes to "
                              "ema.safetensors and its trained parameters to model.safetensors")
+    one_line_errors(parser)
 
 
 def _warn_if_not_flux(config) -> None:

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from synermedgen_jax.commands._args import one_line_errors, positive_float, positive_int
 from synermedgen_jax.port.bagel import PortError, iter_params, plan_import
 from synermedgen_jax.port.safetensors_stream import SafetensorsError
 
@@ -38,10 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype written into config.json (default bf16, BAGEL's)")
     parser.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
                         help="fnmatch pattern (BAGEL key or our path) of keys that may be absent; repeatable")
-    parser.add_argument("--max-latent-size", type=int, default=None,
+    parser.add_argument("--max-latent-size", type=positive_int, default=None,
                         help="latent grid side for latent_pos_embed (default: from the stored table); a different "
                              "value rebuilds the sin-cos table")
-    parser.add_argument("--chunk-mb", type=float, default=256.0, help="MB of converted params per Orbax write")
+    parser.add_argument("--chunk-mb", type=positive_float, default=256.0, help="MB of converted params per Orbax write")
+    one_line_errors(parser)
 
 
 def main(args: argparse.Namespace) -> int:
