@@ -51,7 +51,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: get_config({variant or ''}) failed: {_one_line(err)}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config returned a {type(config).__name__}, not an ml_collections.ConfigDict")
-    validate_config(config, where=str(path))
+    try:
+        validate_config(config)
+    except ConfigError as err:  # a value the file itself sets: name the file too
+        raise ConfigError(f"{path}{':' + variant if variant else ''}: {err}") from None
     return config
 
 
@@ -179,13 +182,13 @@ def validate_model(model, prefix: str = "model.") -> None:
         raise ConfigError(f"--config.{prefix}remat={remat!r}: expected none, full or dots")
 
 
-def validate_config(config: ml_collections.ConfigDict, where: str = "") -> None:
+def validate_config(config: ml_collections.ConfigDict) -> None:
     """Every value check that needs nothing but the config: finiteness, ranges and divisibility of the model
     (a model config or a run config's ``model``), ``train``, ``data`` and ``mesh`` sections. Raises one
-    ConfigError line naming the key; ``where`` (the file) is prefixed to non-finite-value errors."""
+    ConfigError line naming the key as ``--config.KEY=VALUE``."""
     bad = _non_finite(config)
     if bad:
-        raise ConfigError(f"{bad}: must be finite" + (f" ({where})" if where else ""))
+        raise ConfigError(f"{bad}: must be finite")
     if _get(config, "llm") is not _MISSING:
         validate_model(config, prefix="")
     elif isinstance(_get(config, "model"), ml_collections.ConfigDict):
