@@ -5,19 +5,25 @@ A workdir holds ``<step>/`` folders written by an Orbax ``CheckpointManager`` (a
   data      the input iterator state, one JSON file per process (Grain's checkpoint handler)
   config    the full run config as JSON (never pickle)
   manifest  ``{section: {name: [shape, dtype]}}`` of params/frozen/ema, checked before any restore so an
-            incompatible checkpoint fails with the mismatching names and shapes
+            incompatible checkpoint fails with the mismatching names and shapes; and ``fingerprint``:
+            ``{leaf path: uint32}`` of every array of the state (:func:`fingerprints`), compared after a restore
+            so flipped bytes in the array data (which zstd and OCDBT do not checksum) are found, not trained on
 Orbax writes a step into a temporary folder and renames it when every item is complete, so a save killed
 half-way leaves no ``<step>/`` folder and is never restored (``cleanup_tmp_directories`` removes it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 from typing import Any
 
 import grain.checkpoint as grain_ckpt
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -31,6 +37,14 @@ SECTIONS = ("params", "frozen", "ema")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (missing, incomplete or incompatible)."""
+
+
+class CheckpointContentError(CheckpointError):
+    """A step whose arrays differ from the fingerprints saved with them (readers fall back past it)."""
+
+    def __init__(self, message: str, workdir: Path, step: int):
+        super().__init__(message)
+        self.workdir, self.step = workdir, step
 
 
 class _QuietReadOnly(logging.Filter):
@@ -88,11 +102,115 @@ def check_compatible(saved: dict, expected: dict, *, what: str, sections=SECTION
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter: Any, config, *, force: bool = False
          ) -> bool:
+    """Saves ``state`` (with its fingerprints in the manifest), the iterator and the config as ``step``. A
+    failed write (a full disk, a read-only file system) raises an OSError naming the step folder and the errno;
+    Orbax writes into a temporary folder, so the steps already saved stay as they were."""
+    manifest = {**manifest_of(state), "fingerprint": fingerprints(state)}
     args = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(json.loads(to_json(config))),
-            "manifest": ocp.args.JsonSave(manifest_of(state))}
+            "manifest": ocp.args.JsonSave(manifest)}
     if data_iter is not None:
         args["data"] = grain_ckpt.CheckpointSave(data_iter)
-    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    with _naming_write_errors(mngr, step):
+        return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def wait_until_finished(mngr: ocp.CheckpointManager) -> None:
+    """Waits for an async save; its failed write raises an OSError naming the workdir and the errno."""
+    with _naming_write_errors(mngr, None):
+        mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _naming_write_errors(mngr: ocp.CheckpointManager, step: int | None):
+    """Re-raises an OSError of a save that has no path (Orbax and TensorStore drop it) with the step folder, and
+    a TensorStore error that wraps one (``... [OS error 28: No space left on device]``) as that OSError."""
+    where = str(mngr.directory) + ("" if step is None else f"/{step}")
+    try:
+        yield
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), where) from err
+    except Exception as err:
+        number = _wrapped_errno(err)
+        if number is None:
+            raise
+        raise OSError(number, os.strerror(number), where) from err
+
+
+def _wrapped_errno(err: BaseException) -> int | None:
+    """The errno of the OS error a TensorStore/Orbax exception reports in its text (``OS error 28``,
+    ``[Errno 28]``, ``No space left on device``), else None."""
+    import re
+
+    text = str(err)
+    match = re.search(r"(?:OS error|Errno)[^0-9]{0,3}(\d+)", text)
+    if match:
+        return int(match.group(1))
+    for number in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+        if os.strerror(number) in text:
+            return number
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Content fingerprints: one uint32 per array, from its bits, computed on device (no host copy of the state).
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant: odd, so every element's weight below is odd
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """``uint32 []``: sum over elements of ``bits(x[i]) * (i * GOLDEN | 1)`` modulo 2**32, for an array of any
+    shape and dtype. Each weight is odd, so any change of one element changes the sum; a change of several
+    cancels with probability ~2**-32. Integer arithmetic modulo 2**32 is associative, so the value does not
+    depend on the sharding or the order of the reduction. The flat index is built from per-axis iotas (no
+    reshape, which would move a sharded array)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = x.dtype.itemsize
+    if width > 4:  # 64-bit values (with x64): their two 32-bit halves, a trailing axis of 2
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width])
+        bits = bits.astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    weight = (index * jnp.uint32(_GOLDEN)) | jnp.uint32(1)
+    return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list) -> list:
+    return [_leaf_fingerprint(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict[str, int]:
+    """``{jax.tree_util.keystr(path): uint32}`` of every array leaf of ``tree`` (one jitted pass on the arrays'
+    own devices; a scalar per leaf comes back)."""
+    flat = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "dtype")]
+    if not flat:
+        return {}
+    values = jax.device_get(_fingerprint_leaves([jnp.asarray(leaf) for _, leaf in flat]))
+    return {name: int(value) for (name, _), value in zip(flat, values, strict=True)}
+
+
+def content_problem(restored: Any, saved_manifest: dict, *, prefix: str = "") -> str | None:
+    """Which restored arrays differ from the fingerprints saved with them (None: all equal, or a checkpoint
+    saved before fingerprints existed). ``prefix``: the key path of ``restored`` inside the saved state."""
+    expected = saved_manifest.get("fingerprint") or {}
+    if not expected:
+        return None
+    got = fingerprints(restored)
+    bad = [name for name, value in got.items() if prefix + name in expected and expected[prefix + name] != value]
+    if not bad:
+        return None
+    return (f"{len(bad)} restored array(s) differ from the checksums saved with them (flipped bytes in the array "
+            f"data), e.g. {', '.join(prefix + n for n in bad[:3])}")
 
 
 def _abstract(tree: Any) -> Any:
@@ -111,6 +229,70 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter: Any
     if data_iter is not None:
         args["data"] = grain_ckpt.CheckpointRestore(data_iter)
     return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+
+
+def restore_newest(mngr: ocp.CheckpointManager, target: dict, data_iter: Any, *, log=None
+                   ) -> tuple[int, dict, list[tuple[int, str]]]:
+    """``(step, state, [(newer damaged step, problem), ...])``: the newest step of ``mngr``'s workdir that passes
+    :func:`step_problem`, restores without error and whose arrays equal their saved fingerprints. Each damaged
+    step is reported through ``log`` (default stderr) naming the step and what failed, and the next older one
+    is tried (the iterator is restored again from it). A config mismatch is not damage: a CheckpointError at
+    once. None restorable: a CheckpointError naming every step."""
+    import sys
+
+    workdir = Path(mngr.directory)
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    damaged: list[tuple[int, str]] = []
+    for step in _steps(workdir):
+        problem = step_problem(workdir, step)
+        state = None
+        if problem is None:
+            state, problem = _try_restore(mngr, step, target, data_iter)
+        if problem is None:
+            if damaged:
+                log(f"warning: using checkpoint step {step} of {workdir} (newer step(s) "
+                    f"{', '.join(str(s) for s, _ in damaged)} damaged)")
+            return step, state, damaged
+        damaged.append((step, problem))
+        log(f"warning: checkpoint step {step} of {workdir} is damaged: {problem}")
+    raise CheckpointError(f"{workdir}: no readable checkpoint; "
+                          + "; ".join(f"step {s}: {p}" for s, p in damaged))
+
+
+def _try_restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter: Any
+                 ) -> tuple[dict | None, str | None]:
+    """``(state, None)`` or ``(None, what failed)`` for one step (see :func:`restore_newest`)."""
+    folder = Path(mngr.directory) / str(step)
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+        failure = None
+    except Exception as err:  # noqa: BLE001 (whatever the reader raises, the step cannot be used)
+        saved, failure = None, f"{folder / 'manifest'}: unreadable ({type(err).__name__}: {_first_line(err)})"
+    if not _everywhere(failure is None):
+        return None, failure or "another process could not read this step's manifest"
+    check_compatible(saved, manifest_of(target), what=f"checkpoint {folder}")
+    abstract = _abstract(target)
+    args = {"state": ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+        abstract))}
+    if data_iter is not None:
+        args["data"] = grain_ckpt.CheckpointRestore(data_iter)
+    try:
+        state, failure = mngr.restore(step, args=ocp.args.Composite(**args))["state"], None
+    except Exception as err:  # noqa: BLE001 (TensorStore, zstd, Grain and Orbax errors alike)
+        state, failure = None, f"{folder}: restore failed ({type(err).__name__}: {_first_line(err)})"
+    if not _everywhere(failure is None):  # every process takes the same step (fingerprints are collectives)
+        return None, failure or "another process could not restore this step"
+    problem = content_problem(state, saved)
+    return (None, f"{folder}/state: {problem}") if problem else (state, None)
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a host all-gather when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.bool_))))
 
 
 def resolve(path: str | Path, *, log=None) -> tuple[Path, int]:
@@ -132,6 +314,11 @@ def resolve(path: str | Path, *, log=None) -> tuple[Path, int]:
     steps = _steps(path)
     if not steps:
         raise CheckpointError(f"{path} holds no complete checkpoint")
+    steps = [s for s in steps if (str(path), s) not in _BAD_CONTENT]
+    if not steps:
+        raise CheckpointError(f"{path}: no readable checkpoint; the arrays of step(s) "
+                              f"{', '.join(str(s) for w, s in sorted(_BAD_CONTENT) if w == str(path))} differ "
+                              "from the checksums saved with them")
     step, _ = newest_readable_step(path, steps, log=log)
     return path, step
 
@@ -141,6 +328,7 @@ def resolve(path: str | Path, *, log=None) -> tuple[Path, int]:
 # its OCDBT b-tree references, so a truncated or missing file is found before a restore and named.
 _JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "manifest/metadata", "config/metadata")
 _REPORTED: set[tuple[str, int]] = set()
+_BAD_CONTENT: set[tuple[str, int]] = set()  # (workdir, step) whose restored arrays failed their fingerprints
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -211,6 +399,9 @@ def step_problem(workdir: str | Path, step: int) -> str | None:
     for item in ("state", "manifest", "config"):
         if not (folder / item).is_dir():
             return f"{folder / item}/: missing"
+    problem = _data_files_problem(folder)
+    if problem:
+        return problem
     files = [folder / name for name in _JSON_FILES] + sorted((folder / "data").glob("*.json"))
     for file in files:
         try:
@@ -222,6 +413,31 @@ def step_problem(workdir: str | Path, step: int) -> str | None:
     if not (folder / "state" / "manifest.ocdbt").is_file():
         return f"{folder / 'state' / 'manifest.ocdbt'}: missing"
     return _ocdbt_problem(folder / "state")
+
+
+def _data_files_problem(folder: Path) -> str | None:
+    """The data-iterator item (one ``process_<i>-of-<n>.json`` per process, Grain's handler): present when the
+    step's metadata lists it, with every process's file."""
+    import re
+
+    try:
+        items = json.loads((folder / "_CHECKPOINT_METADATA").read_text()).get("item_handlers") or {}
+    except (OSError, ValueError):
+        items = {}  # reported by the JSON check that follows
+    data = folder / "data"
+    if "data" not in items and not data.is_dir():
+        return None  # saved without an iterator
+    if not data.is_dir():
+        return f"{data}/: missing (the data-iterator state)"
+    names = [p.name for p in data.iterdir()]
+    counts = {int(m.group(2)) for m in (re.fullmatch(r"process_(\d+)-of-(\d+)\.json", n) for n in names) if m}
+    if not counts:
+        return f"{data}/process_<i>-of-<n>.json: missing (the data-iterator state)"
+    count = max(counts)
+    for index in range(count):
+        if f"process_{index}-of-{count}.json" not in names:
+            return f"{data / f'process_{index}-of-{count}.json'}: missing (the data-iterator state)"
+    return None
 
 
 def newest_readable_step(workdir: str | Path, steps: list[int] | None = None, *, log=None
@@ -333,6 +549,14 @@ def read_weights(path: str | Path, targets: dict[str, jax.ShapeDtypeStruct], *, 
             where[section][name] = target
     _check_shapes(path, {n: manifest[s][n][0] for s in SECTIONS for n in where[s]}, targets)
     restored = _restore_sections(path, where, SECTIONS)
+    # Arrays read in their saved dtype are compared with the fingerprints saved with them (a cast one cannot be).
+    same = {section: {name: value for name, value in restored[section].items()
+                      if str(value.dtype) == manifest[section][name][1]} for section in SECTIONS}
+    problem = content_problem(same, manifest)
+    if problem:
+        workdir, step = resolve(path)
+        raise CheckpointContentError(f"checkpoint step {step} of {workdir} is damaged: {workdir / str(step)}/state: "
+                                     f"{problem}", workdir, step)
     return {name: value for section in SECTIONS for name, value in restored[section].items()}
 
 
@@ -383,7 +607,23 @@ def load_model(path: str, *, ema: bool = True, mesh=None) -> tuple[ml_collection
     rules' placement; default this process's first device), so no host copy of the whole model is made. With
     ``ema=True`` the EMA of the trained parameters replaces them when the run kept one. Stage-0 (VAE)
     checkpoints return a model whose ``vae`` holds the trained autoencoder and whose other parts are random.
+    A workdir step whose arrays differ from their saved fingerprints is named in a warning and the next older
+    step is read; a named step directory that does is a CheckpointError.
     """
+    while True:
+        try:
+            return _load_model(path, ema=ema, mesh=mesh)
+        except CheckpointContentError as err:
+            named_step = Path(path).name.isdigit() and (Path(path) / "state").is_dir()
+            if named_step:  # the user named this step: no other one will do
+                raise
+            import sys
+
+            _BAD_CONTENT.add((str(err.workdir), err.step))  # resolve() now passes over it
+            print(f"warning: {err}; trying the next older step", file=sys.stderr, flush=True)
+
+
+def _load_model(path: str, *, ema: bool, mesh) -> tuple[ml_collections.ConfigDict, Any]:
     from synermedgen_jax.kernels.dispatch import resolve_kernels
     from synermedgen_jax.modeling.synermedgen import build_model
 

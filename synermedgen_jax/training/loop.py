@@ -260,9 +260,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
     preemption = _Preemption()
     try:
         latest = mngr.latest_step()
-        if latest is not None:  # the newest readable step; damaged newer ones are named and set aside
-            latest = _readable_latest(mngr, workdir, logger)
-            state = checkpoint.restore(mngr, latest, step_lib.with_shardings(abstract, shardings), batches)
+        if latest is not None:  # the newest restorable step; damaged newer ones are named and set aside
+            latest, state = _restore_latest(mngr, workdir, step_lib.with_shardings(abstract, shardings), batches,
+                                            logger)
             if logger:
                 logger.message(f"resumed from {workdir}/{latest}")
         else:
@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                 pending = None
                 if current not in mngr.all_steps():  # a checkpoint step may already hold this state
                     checkpoint.save(mngr, current, state, batches, config, force=True)
-                mngr.wait_until_finished()
+                checkpoint.wait_until_finished(mngr)
                 if logger:
                     logger.message(f"stopped at step {current} (checkpoint saved); rerun the same command to resume")
                 return 0
@@ -332,32 +332,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
             if grids is not None and done % int(tcfg.image_every) == 0:
                 grids(state, done, mesh)
         _finish_pending(pending, logger, tcfg, last_time)
-        mngr.wait_until_finished()
+        checkpoint.wait_until_finished(mngr)
         _after_training(config, codec, state, workdir, logger)
         if logger:
             logger.message(f"finished {total} steps in {workdir}")
         return 0
     finally:
         preemption.close()
-        mngr.wait_until_finished()
-        mngr.close()
+        try:
+            checkpoint.wait_until_finished(mngr)  # a failed async save: an OSError naming the step and errno
+        finally:
+            mngr.close()
         if logger:
             logger.close()
 
 
-def _readable_latest(mngr, workdir: Path, logger) -> int:
-    """The newest step that passes ``checkpoint.step_problem``; newer damaged steps are reported (step and file)
-    and renamed ``damaged-<step>`` (kept, ignored by Orbax) so this run can save those steps again. None
-    readable: a CheckpointError naming each step, never a silent start from step 0."""
+def _restore_latest(mngr, workdir: Path, target: dict, batches, logger) -> tuple[int, dict]:
+    """``(step, state)`` of the newest step that restores and matches its saved fingerprints
+    (``checkpoint.restore_newest``); newer damaged steps are reported (step and file or array) and renamed
+    ``damaged-<step>`` (kept, ignored by Orbax) so this run can save those steps again. None restorable: a
+    CheckpointError naming each step, never a silent start from step 0."""
     log = logger.message if logger else (lambda text: None)
-    latest, damaged = checkpoint.newest_readable_step(workdir, log=log)
+    latest, state, damaged = checkpoint.restore_newest(mngr, target, batches, log=log)
     if damaged:
         if jax.process_index() == 0:
             checkpoint.set_aside_damaged(workdir, [step for step, _ in damaged], log=log)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("set_aside_damaged")
         mngr.reload()
-    return latest
+    return latest, state
 
 
 def _wait_for_all_processes(name: str) -> None:
