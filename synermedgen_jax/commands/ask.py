@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer.json or Qwen2-format folder (default: the checkpoint's own: an import's "
                              "tokenizer/, the BAGEL "
                              "folder's, or the run's data folder); refused when its ids differ from the weights'")
+    from synermedgen_jax.inference.family import add_family_arguments
+
+    add_family_arguments(parser, generation=False)
 
 
 def load_image(spec: str, modality: str | None = None) -> np.ndarray:
@@ -61,7 +64,7 @@ def load_image(spec: str, modality: str | None = None) -> np.ndarray:
     path_text, _, index_text = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
     path = Path(path_text)
     if not path.is_file():
-        raise InferenceError(f"--image {spec}: file not found")
+        raise InferenceError(f"--image {spec}: {'not a file' if path.exists() else 'file not found'}")
     if not path.name.endswith((".nii", ".nii.gz")):
         if index_text:
             raise InferenceError(f"--image {spec}: a slice index is for NIfTI volumes only")
@@ -117,10 +120,15 @@ def main(args: argparse.Namespace) -> int:
                                          "none or one per --image")
         images = [load_image(spec, args.modality) for spec in args.image]
         inference = loading.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+        from synermedgen_jax.inference import family
+
+        settings = family.resolve(inference, args)  # the family's ViT rule (UniMedVL: after its VAE rule)
         # A checkpoint with the official geometry sees the images aspect-preserved (the first image's sizes).
         image_size, vit_image_size = inference.sizes_for(*np.shape(images[0])[:2]) if images else (
             inference.image_size, inference.vit_image_size)
-        answerer = Answerer(inference.model, inference.tokenizer, image_size, vit_image_size, config)
+        # UniMedVL's inferencer puts the images before the question.
+        answerer = Answerer(inference.model, inference.tokenizer, image_size, vit_image_size, config,
+                            image_first=bool(settings.image_first))
         answer = answerer.answer([(args.prompt, images, tuple(args.label))], seed=args.seed)[0]
     except ValueError as err:  # InferenceError and DecodeConfig's checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)

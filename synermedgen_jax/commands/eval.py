@@ -3,6 +3,12 @@
   python -m synermedgen_jax eval --checkpoint runs/stage2 --data data/sim [--tasks mni152-sim/brain/t1->t2 ...]
       [--split test] [--steps 50] [--cfg-text 4 --cfg-img 1.5] [--max-slices 16] [--max-instances 32]
       [--out runs/stage2/eval]
+  python -m synermedgen_jax eval --checkpoint /models/SynerMedGen --checkpoint /models/UniMedVL --data data/b \
+      --out compare/   # one table: copy baseline, SynerMedGen, UniMedVL on the same routes and slices
+
+Each checkpoint runs with its own family's inference defaults (inference/family.py: UniMedVL's guidance 4 / 2,
+understanding-then-edit, its resize rules); --cfg-text/--cfg-img/--mode/--family/--vae-resize/--vit-resize
+override them for every checkpoint.
 
 Routes (registry tasks, data/routes.py) whose two modalities the split's records hold are evaluated;
 the dataset's other routes are listed as absent. --tasks takes task names or dataset names. Per route:
@@ -43,14 +49,18 @@ from synermedgen_jax.commands._args import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--workdir", help="training workdir (its latest checkpoint)")
-    source.add_argument("--checkpoint", help="training workdir, step directory, what import "
-                        "writes, or a BAGEL / SynerMedGen PyTorch folder")
+    source.add_argument("--checkpoint", action="append", default=None,
+                        help="training workdir, step directory, what import writes, or a BAGEL / SynerMedGen / "
+                             "UniMedVL PyTorch folder; repeat it to score several checkpoints on the same routes "
+                             "and slices in one table (with the copy baseline)")
     parser.add_argument("--data", help="built data folder (build-data --out)")
     parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
     parser.add_argument("--split", default="test", help="record split (test)")
     parser.add_argument("--steps", type=int_range(2, 1000), default=50, help="flow-matching timesteps (50)")
-    parser.add_argument("--cfg-text", type=non_negative_float, default=4.0, help="text guidance scale (4.0, BAGEL's)")
-    parser.add_argument("--cfg-img", type=non_negative_float, default=1.5, help="image guidance scale (1.5, BAGEL's)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=None,
+                        help="text guidance scale (default: each checkpoint family's, 4.0)")
+    parser.add_argument("--cfg-img", type=non_negative_float, default=None,
+                        help="image guidance scale (default: each checkpoint family's, 1.5; UniMedVL 2.0)")
     parser.add_argument("--max-slices", type=positive_int, default=16, help="slices per route (16)")
     parser.add_argument("--max-instances", type=non_negative_int, default=32,
                         help="instances per understanding task (32; 0: skip)")
@@ -59,7 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split each sampler batch over this many local devices (1; the batch is rounded up to "
                              "a multiple)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
+    parser.add_argument("--out", help="report folder (default: <checkpoint>/eval; required with several "
+                                      "--checkpoint: each one's report goes to OUT/<name>/, the table to OUT/)")
+    from synermedgen_jax.inference.family import add_family_arguments
+
+    add_family_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer.json (default: --data's)")
     parser.add_argument("--no-progress", action="store_true")
     group = parser.add_argument_group("PNG pairs (the official metadata convention; no checkpoint needed)")
@@ -98,11 +112,19 @@ def main(args: argparse.Namespace) -> int:
 
     if args.metadata:  # PNG pairs per route (evaluation/png_pairs.py)
         return _png_pairs(args)
-    checkpoint = args.checkpoint or args.workdir
-    if not checkpoint or not args.data:
+    checkpoints = list(args.checkpoint or ([args.workdir] if args.workdir else []))
+    if not checkpoints or not args.data:
         print("error: --workdir/--checkpoint and --data are required (or --metadata with --predictions)",
               file=sys.stderr)
         return 2
+    if len(checkpoints) > 1 and not args.out:
+        print("error: --out is required with several --checkpoint (OUT/<name>/ per checkpoint, the table in OUT/)",
+              file=sys.stderr)
+        return 2
+    from synermedgen_jax.evaluation import compare
+
+    labels = compare.labels_for(checkpoints)
+    reports = {}
     try:
         if args.steps < 2 or args.max_slices < 1 or args.batch_size < 1 or args.devices < 1:
             raise loading.InferenceError("--steps must be >= 2, --max-slices, --batch-size and --devices >= 1")
@@ -110,28 +132,46 @@ def main(args: argparse.Namespace) -> int:
         if not (data / "records").is_dir():
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
         tokenizer = args.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists() else None)
+        from synermedgen_jax.inference import family
         from synermedgen_jax.inference.sampler import inference_mesh
 
-        inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer, mesh=inference_mesh(args.devices))
-        _warn_if_untrained_on(inference, data)
-        config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
-                            max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
-                            sampler=SamplerConfig(num_steps=args.steps, cfg_text=args.cfg_text,
-                                                  cfg_img=args.cfg_img), devices=args.devices)
-        out = Path(args.out) if args.out else Path(checkpoint) / "eval"
-        from tqdm import tqdm
+        for checkpoint, label in zip(checkpoints, labels):
+            inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer,
+                                                   mesh=inference_mesh(args.devices))
+            _warn_if_untrained_on(inference, data)
+            settings = family.resolve(inference, args)  # this checkpoint's family defaults, flags applied
+            config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
+                                max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
+                                sampler=SamplerConfig(num_steps=args.steps, cfg_text=settings.cfg_text,
+                                                      cfg_img=settings.cfg_img), devices=args.devices,
+                                family=settings.family, mode=settings.mode,
+                                image_first=bool(settings.image_first), answer_tokens=settings.answer_tokens)
+            if len(checkpoints) == 1:
+                out = Path(args.out) if args.out else Path(checkpoint) / "eval"
+            else:
+                out = Path(args.out) / label
+            from tqdm import tqdm
 
-        bar = tqdm(unit="slice", disable=args.no_progress, file=sys.stderr)
-        try:
-            report = run_evaluation(inference, str(data), config, out,
-                                    progress=lambda name, n: (bar.set_description(name), bar.update(n)))
-        finally:
-            bar.close()
+            bar = tqdm(unit="slice", disable=args.no_progress, file=sys.stderr)
+            try:
+                reports[label] = run_evaluation(inference, str(data), config, out,
+                                                progress=lambda name, n, bar=bar: (bar.set_description(name),
+                                                                                   bar.update(n)))
+            finally:
+                bar.close()
+            del inference  # one model in memory at a time
+            if len(checkpoints) == 1:
+                print(markdown(reports[label]))
+                print(f"report written to {out}")
+                return 0
+            print(f"{label}: {settings.family} ({settings.mode}), report written to {out}", file=sys.stderr)
+        table = compare.compare(reports)
+        compare.write_comparison(table, Path(args.out))
     except ValueError as err:  # InferenceError and config checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(markdown(report))
-    print(f"report written to {out}")
+    print(compare.markdown(table))
+    print(f"comparison written to {args.out}/comparison.{{md,csv,json}}")
     return 0
 
 

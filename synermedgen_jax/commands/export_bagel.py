@@ -14,8 +14,9 @@ a time, parameter checkpoints read a chunk at a time (--chunk-mb), training chec
 --dtype auto writes model/ema.safetensors in the dtype the imported checkpoint had (port.json), else bf16 like the
 release; ae.safetensors is float32 unless --ae-dtype says otherwise. An import followed by an export reproduces
 the original tensors bit for bit. A VAE that is not FLUX-shaped is written all the same, with a warning: the
-official load_ae hard-codes FLUX's autoencoder (our import reads it). Bad input: a message naming the problem,
-exit status 2.
+official load_ae hard-codes FLUX's autoencoder (our import reads it). --family unimedvl writes UniMedVL's layout
+(the same files plus vae_model.* — the VAE inside the model files — and a latent BatchNorm's vae_batch_norm.*);
+auto keeps the family an import recorded. Bad input: a message naming the problem, exit status 2.
 """
 
 from __future__ import annotations
@@ -43,10 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with tokenizer files to copy (default: CHECKPOINT/tokenizer if present)")
     parser.add_argument("--chunk-mb", type=positive_float, default=256.0,
                         help="parameter checkpoints: MB of params read from Orbax at a time")
+    parser.add_argument("--family", choices=("auto", "bagel", "unimedvl"), default="auto",
+                        help="folder layout: bagel, or unimedvl (the BAGEL files plus the VAE inside the model "
+                             "files as vae_model.* and any latent BatchNorm as vae_batch_norm.*); auto: the "
+                             "family an import recorded (port.json), unimedvl for a model with a latent BatchNorm, "
+                             "else bagel")
     parser.add_argument("--ema", action="store_true",
                         help="no effect, kept for old command lines: a training checkpoint's EMA always goes to "
                              "ema.safetensors and its trained parameters to model.safetensors")
     one_line_errors(parser)
+
+
+def _family(args: argparse.Namespace, config, info: dict | None = None) -> str:
+    if args.family != "auto":
+        return args.family
+    recorded = (info or {}).get("family")
+    if recorded in ("bagel", "unimedvl"):
+        return recorded
+    return "unimedvl" if config.vae.get("latent_batch_norm", False) else "bagel"
 
 
 def _warn_if_not_flux(config) -> None:
@@ -109,15 +124,16 @@ def _export_training(args: argparse.Namespace) -> int:
         ema = _Streamed(reader(True), [ema_names]).values() if kept_ema else None
         dtype = "bf16" if args.dtype == "auto" else args.dtype
         ae_dtype = "f32" if args.ae_dtype == "auto" else args.ae_dtype
+        family = _family(args, config)
         save(config, params.values(), args.out, dtype=dtype, ema=ema, ae_dtype=ae_dtype,
-             tokenizer_dir=args.tokenizer if args.tokenizer and args.tokenizer.is_dir() else None)
+             tokenizer_dir=args.tokenizer if args.tokenizer and args.tokenizer.is_dir() else None, family=family)
     except (CheckpointError, PortError, SafetensorsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _warn_if_not_flux(config)
     which = "their EMA" if kept_ema else "the same tensors (the run kept no EMA)"
-    print(f"exported step {step} of {workdir} to {args.out}: model.safetensors the trained parameters, "
-          f"ema.safetensors {which} ({dtype}), ae {ae_dtype}, in {time.time() - start:.1f}s")
+    print(f"exported step {step} of {workdir} to {args.out} ({family} layout): model.safetensors the trained "
+          f"parameters, ema.safetensors {which} ({dtype}), ae {ae_dtype}, in {time.time() - start:.1f}s")
     return 0
 
 
@@ -166,13 +182,14 @@ def main(args: argparse.Namespace) -> int:
         params = _Streamed(lambda names: read_leaves(args.checkpoint, names), groups)
         tokenizer = args.tokenizer or (args.checkpoint / "tokenizer")
         # One set of weights: ema.safetensors is model.safetensors' bytes.
+        family = _family(args, config, info)
         save(config, params.values(), args.out, dtype=dtype, ema=None, ae_dtype=ae_dtype,
              llm_json=info.get("llm_config"), vit_json=info.get("vit_config"),
-             tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+             tokenizer_dir=tokenizer if tokenizer.is_dir() else None, family=family)
     except (PortError, SafetensorsError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _warn_if_not_flux(config)
-    print(f"exported {len(rules)} tensors from {args.checkpoint} to {args.out} (model.safetensors and "
+    print(f"exported {len(rules)} tensors from {args.checkpoint} to {args.out} ({family} layout; model.safetensors and "
           f"ema.safetensors the same tensors, {dtype}; ae {ae_dtype}) in {time.time() - start:.1f}s")
     return 0

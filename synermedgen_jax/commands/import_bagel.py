@@ -3,11 +3,16 @@
   python -m synermedgen_jax import --bagel /models/BAGEL-7B-MoT --out ckpt/bagel7b [--dtype f32|bf16]
   python -m synermedgen_jax import --bagel DIR --out DIR --allow-missing 'vit_model.*'   # deliberate partial load
 
+  python -m synermedgen_jax import --bagel /models/UniMedVL --out ckpt/unimedvl   # prints "family: unimedvl"
+
 Reads ema.safetensors (or model.safetensors / shards), ae.safetensors (FLUX names), llm_config.json,
 vit_config.json and tokenizer files; infers the model config (position-table sizes, VAE widths) from the
 tensors; converts one tensor at a time, so peak memory stays near --chunk-mb plus the largest tensor.
 Missing, unexpected and mis-shaped keys are all reported by name (exit status 2). A checkpoint without any
 _moe_gen key gets its generation expert copied from the understanding expert, as BAGEL's init_moe does.
+UniMedVL folders (a BAGEL fork): the VAE inside the model file (vae_model.*) is read in place of ae.safetensors,
+the latent BatchNorm's running statistics (vae_batch_norm.*) become the model's latent normalisation; the family
+read is printed and recorded in port.json ("family"), where the inference commands pick its defaults.
 
 Writes OUT/config.json (model config), OUT/params/ (Orbax; see synermedgen_jax/port/orbax_io.py), OUT/port.json
 (source dtypes, the original JSON configs used by export, and the tokenizer the weights expect: vocabulary size,
@@ -43,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latent grid side for latent_pos_embed (default: from the stored table); a different "
                              "value rebuilds the sin-cos table")
     parser.add_argument("--chunk-mb", type=positive_float, default=256.0, help="MB of converted params per Orbax write")
+    parser.add_argument("--family", choices=("auto", "bagel", "unimedvl"), default="auto",
+                        help="model family of the folder: auto (default) reads UniMedVL when it holds UniMedVL's "
+                             "extra keys (vae_model.*, vae_batch_norm.*), else BAGEL/SynerMedGen; recorded in "
+                             "port.json, it picks the family's inference defaults in synthesize, ask and eval")
     one_line_errors(parser)
 
 
@@ -52,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         plan = plan_import(args.bagel, allow_missing=args.allow_missing, max_latent_size=args.max_latent_size,
-                           param_dtype=DTYPES[args.dtype], compute_dtype=DTYPES[args.compute_dtype])
+                           param_dtype=DTYPES[args.dtype], compute_dtype=DTYPES[args.compute_dtype],
+                           family=args.family)
     except (PortError, SafetensorsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -61,6 +71,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {tokenizer}", file=sys.stderr)
         plan.close()
         return 2
+    how = "given by --family" if args.family != "auto" else (
+        "UniMedVL keys found" if plan.family == "unimedvl" else "no UniMedVL keys (vae_model.*, vae_batch_norm.*)")
+    print(f"family: {plan.family} ({how})")
     for note in plan.notes:
         print(f"note: {note}")
     if tokenizer is None:
@@ -73,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
               f"<|vision_end|> {ids['vision_end']}")
     info = {"source": str(args.bagel.resolve()), "source_dtypes": plan.source_dtypes, "notes": plan.notes,
             "llm_config": plan.llm_json, "vit_config": plan.vit_json, "tokenizer": tokenizer,
-            "vocab_rows": int(plan.config.llm.vocab_size)}
+            "vocab_rows": int(plan.config.llm.vocab_size), "family": plan.family}
     try:
         total = write_params_checkpoint(args.out, plan.config, iter_params(plan),
                                         chunk_bytes=int(args.chunk_mb * 2**20), port_info=info,

@@ -48,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int_range(2, 1000), default=50,
                         help="flow-matching timesteps, 2..1000 (50; steps-1 Euler steps)")
     parser.add_argument("--shift", type=positive_float, default=3.0, help="timestep shift (3.0)")
-    parser.add_argument("--cfg-text", type=non_negative_float, default=4.0, help="text guidance scale (4.0)")
-    parser.add_argument("--cfg-img", type=non_negative_float, default=1.5, help="image guidance scale (1.5)")
+    parser.add_argument("--cfg-text", type=non_negative_float, default=None,
+                        help="text guidance scale (default: the checkpoint family's, 4.0)")
+    parser.add_argument("--cfg-img", type=non_negative_float, default=None,
+                        help="image guidance scale (default: the checkpoint family's, 1.5; UniMedVL 2.0)")
     parser.add_argument("--renorm", choices=("text_channel", "channel", "global"), default="text_channel")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (8)")
     parser.add_argument("--devices", type=positive_int, default=1,
@@ -64,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokenizer/, the BAGEL "
                              "folder's, or the run's data folder); refused when its ids differ from the weights'")
     parser.add_argument("--force", action="store_true", help="overwrite --output (even when it is --input)")
+    from synermedgen_jax.inference.family import add_family_arguments
+
+    add_family_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -142,10 +147,16 @@ def main(args: argparse.Namespace) -> int:
         if inference.source:  # prefer the phrasing of the dataset the run was trained on
             task = resolve_route(args.source_modality, args.target_modality, task=args.task,
                                  dataset=inference.source)
-        config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=args.cfg_text, cfg_img=args.cfg_img,
-                               renorm=args.renorm)
+        from synermedgen_jax.inference import family
+
+        settings = family.resolve(inference, args)
+        config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=settings.cfg_text,
+                               cfg_img=settings.cfg_img, renorm=args.renorm)
         sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size, config,
-                          mesh=mesh)
+                          mesh=mesh, image_first=bool(settings.image_first))
+        edit_texts = None if settings.mode == "edit" else (
+            lambda slices: family.edit_instructions(inference, settings, task.instruction, slices, seed=args.seed,
+                                                    batch_size=args.batch_size))
         from tqdm import tqdm
 
         bar = tqdm(total=0, unit="slice", disable=args.no_progress, file=sys.stderr, desc=task.name)
@@ -157,11 +168,13 @@ def main(args: argparse.Namespace) -> int:
         try:
             volume = synthesize_volume(inference, image, args.source_modality, args.target_modality, task.instruction,
                                        mask=mask, sampler=sampler, batch_size=args.batch_size, seed=args.seed,
-                                       target_window=args.target_window, progress=bar.update, on_total=on_total)
+                                       target_window=args.target_window, progress=bar.update, on_total=on_total,
+                                       edit_texts=edit_texts)
         finally:
             bar.close()
         write_nifti(output, volume, image)
     except (InferenceError, ValueError) as err:
         return _error(str(err).splitlines()[0])
-    print(f"wrote {output} ({task.name}: {volume.shape}, {volume.min():.4g}..{volume.max():.4g})")
+    print(f"wrote {output} ({task.name}: {volume.shape}, {volume.min():.4g}..{volume.max():.4g}; family "
+          f"{settings.family}, {settings.mode}, guidance {settings.cfg_text:g}/{settings.cfg_img:g})")
     return 0

@@ -69,11 +69,17 @@ def main(args: argparse.Namespace) -> int:
         for name in ("steps", "batch_size", "devices"):
             if getattr(args, name) < (2 if name == "steps" else 1):
                 raise InferenceError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
+        if (args.split_index or 0) >= (args.split_count or 1):
+            raise InferenceError(f"--split-index {args.split_index}: must be below --split-count "
+                                 f"{args.split_count or 1}")
         metadata = read_metadata(args.metadata)
         keys, where = share_of_keys(list(metadata), args.split_count, args.split_index)
-        config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=args.cfg_text, cfg_img=args.cfg_img,
-                               renorm=args.renorm)
         inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+        from synermedgen_jax.inference import family
+
+        settings = family.resolve(inference, args)
+        config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=settings.cfg_text,
+                               cfg_img=settings.cfg_img, renorm=args.renorm)
         from tqdm import tqdm
 
         print(where, file=sys.stderr)
@@ -81,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
             result = synthesize_metadata(inference, metadata, args.image_root, args.output_dir, sampler_config=config,
                                          batch_size=args.batch_size, devices=args.devices, seed=args.seed,
                                          order=args.context_order, output_style=args.output_style, keys=keys,
-                                         progress=bar.update)
+                                         progress=bar.update, settings=settings)
     except ValueError as err:  # InferenceError and SamplerConfig checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

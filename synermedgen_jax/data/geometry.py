@@ -204,10 +204,12 @@ class PackImages:
         return cls(tuple(budget.image_size), tuple(budget.vit_image_size), rules)
 
 
-def inference_rules(model_config) -> tuple[ResizeRule, ResizeRule]:
+def inference_rules(model_config, *, vae: ResizeRule | None = None, vit: ResizeRule | None = None
+                    ) -> tuple[ResizeRule, ResizeRule]:
     """``(vae_rule, vit_rule)`` for inference with a model that brings no run config (an imported checkpoint):
-    the official inference rules (:data:`INFERENCE_VAE`, :data:`INFERENCE_VIT`) on the model's own strides, their
-    bounds clipped to what its position tables cover (a tiny test model's tables are far smaller than BAGEL's)."""
+    the official inference rules (:data:`INFERENCE_VAE`, :data:`INFERENCE_VIT`; ``vae``/``vit``: another
+    family's, inference/family.py) on the model's own strides, their bounds clipped to what its position tables
+    cover (a tiny test model's tables are far smaller than BAGEL's)."""
     latent_stride = int(model_config.latent_patch_size) * 2 ** (len(model_config.vae.ch_mult) - 1)
     vae_cover = int(model_config.max_latent_size) * latent_stride  # one latent token per stride² pixels
     vit_stride = int(model_config.vit.patch_size)
@@ -217,4 +219,5 @@ def inference_rules(model_config) -> tuple[ResizeRule, ResizeRule]:
         top = min(rule.max_side, cover) // stride * stride
         return ResizeRule(min_side=min(rule.min_side, top), max_side=top, stride=stride, max_pixels=rule.max_pixels)
 
-    return clipped(INFERENCE_VAE, latent_stride, vae_cover), clipped(INFERENCE_VIT, vit_stride, vit_cover)
+    return (clipped(vae or INFERENCE_VAE, latent_stride, vae_cover),
+            clipped(vit or INFERENCE_VIT, vit_stride, vit_cover))

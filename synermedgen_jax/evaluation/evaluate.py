@@ -55,6 +55,12 @@ class EvalConfig:
     sampler: SamplerConfig = SamplerConfig()
     max_new_tokens: int = 24  # at least; raised to fit the longest reference answer of the split
     devices: int = 1  # local devices each sampler batch is split over (inference/sampler.py inference_mesh)
+    # The checkpoint family's inference settings (inference/family.py): UniMedVL answers each instruction about
+    # the source first and edits on instruction + answer, with the image-first context.
+    family: str = "synermedgen"
+    mode: str = "edit"
+    image_first: bool = False
+    answer_tokens: int = 800
 
 
 def _slice_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, params: dict) -> dict[str, np.ndarray]:
@@ -99,8 +105,8 @@ _NAMES = {t.name for t in all_tasks()}
 def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[str, list[int]], config: EvalConfig,
                        grids_dir: Path | None, progress: Callable[[str, int], None] | None = None) -> dict:
     """``{task: {"model": {metric: mean}, "identity": {...}, "slices": n}}`` (+ PNG grids)."""
-    sampler = Sampler(inference.model, inference.special, inference.image_size, inference.vit_image_size,
-                      config.sampler, mesh=inference_mesh(config.devices))
+    mesh = inference_mesh(config.devices)
+    samplers: dict[tuple, Sampler] = {}  # per (image size, ViT size): the checkpoint's sizes for the slices
     results = {}
     content = ContentIndex(reader)
     for name, records in tasks.items():
@@ -112,10 +118,26 @@ def evaluate_synthesis(inference: Inference, reader: RecordReader, tasks: dict[s
         targets = np.stack([np.asarray(r["images"][task.target], np.float32) for r in data])
         masks = np.stack([np.asarray(r["mask"], bool) for r in data])
         params = [r["norm"][task.target] for r in data]
+        sizes = tuple(tuple(int(v) for v in size) for size in inference.sizes_for(*sources.shape[1:3]))
+        if sizes not in samplers:
+            samplers[sizes] = Sampler(inference.model, inference.special, sizes[0], sizes[1], config.sampler,
+                                      mesh=mesh, image_first=config.image_first)
+        sampler = samplers[sizes]
         # No larger batch than the route has slices: the sampler pads a short batch with copies it then computes.
-        generated = sampler.generate(sources, inference.tokenizer.encode(task.instruction), seed=config.seed,
-                                     batch_size=min(config.batch_size, len(records)), indices=records,
-                                     progress=(lambda n, _name=name: progress(_name, n)) if progress else None)
+        batch = min(config.batch_size, len(records))
+        report = (lambda n, _name=name: progress(_name, n)) if progress else None
+        if config.mode == "edit":
+            generated = sampler.generate(sources, inference.tokenizer.encode(task.instruction), seed=config.seed,
+                                         batch_size=batch, indices=records, progress=report)
+        else:
+            from synermedgen_jax.inference.family import Settings, edit_instructions, generate_edits
+
+            settings = Settings(config.family, config.sampler.cfg_text, config.sampler.cfg_img, config.mode,
+                                config.answer_tokens, config.image_first)
+            texts = edit_instructions(inference, settings, task.instruction, sources, seed=config.seed,
+                                      batch_size=batch)
+            generated = generate_edits(sampler, sources, [inference.tokenizer.encode(t) for t in texts],
+                                       seed=config.seed, batch_size=batch, indices=records, progress=report)
         preds = np.stack([resize_image(g, targets.shape[1:]) for g in generated])
         row = {"slices": len(records), "records": records}
         for method, pred in (("model", preds), ("identity", sources)):
@@ -216,7 +238,8 @@ def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConf
     if "mi" in rendered_by_task:
         longest = max(longest, *(len(inference.tokenizer.encode(mi_answer([name] * 4))) for name in MODALITY_NAMES))
     answerer = Answerer(inference.model, inference.tokenizer, inference.image_size, inference.vit_image_size,
-                        DecodeConfig(max_new_tokens=max(config.max_new_tokens, longest + 2)))
+                        DecodeConfig(max_new_tokens=max(config.max_new_tokens, longest + 2)),
+                        image_first=config.image_first)
     out = {}
     for task, rendered in rendered_by_task.items():
         prompts = [(r.question, [np.asarray(reader[rec]["images"][mod], np.float32) for rec, mod in r.images],
@@ -316,6 +339,7 @@ def run_evaluation(inference: Inference, data_dir: str, config: EvalConfig, out:
     synthesis = evaluate_synthesis(inference, reader, tasks, config, out / "grids" if out else None, progress)
     report = {
         "data": str(data_dir), "split": config.split, "sampler": dataclasses.asdict(config.sampler),
+        "family": config.family, "mode": config.mode,
         "max_slices": config.max_slices, "seed": config.seed, "synthesis": synthesis,
         "groups": summarize(synthesis), "absent": absent,
         "understanding": evaluate_understanding(inference, data_dir, config),

@@ -50,12 +50,15 @@ class Inference:
     run_config: Any = None
     vae_rule: ResizeRule | None = None
     vit_rule: ResizeRule | None = None
+    family: str = "synermedgen"  # picks the inference defaults (inference/family.py)
+    vit_after_vae: bool = False  # the ViT rule applies to the VAE-resized image (UniMedVL's inferencer)
 
     def sizes_for(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """``(image_size, vit_image_size)`` for a source slice of ``height × width``: the rules' sizes when the
         checkpoint has rules, else the fixed sizes it was trained at."""
         vae = self.vae_rule.size_for(height, width) if self.vae_rule else tuple(self.image_size)
-        vit = self.vit_rule.size_for(height, width) if self.vit_rule else tuple(self.vit_image_size)
+        vit_from = vae if self.vit_after_vae else (height, width)
+        vit = self.vit_rule.size_for(*vit_from) if self.vit_rule else tuple(self.vit_image_size)
         return vae, vit
 
     @property
@@ -102,6 +105,7 @@ def _load_bagel_folder(path: Path, mesh):
     from synermedgen_jax.training.checkpoint import imported_run_config, model_targets
 
     plan = plan_import(path)
+    family = plan.family
     try:
         run_config = imported_run_config(plan.config)
         run_config.model = resolve_kernels(run_config.model, mesh_shape=None if mesh is None else dict(mesh.shape))
@@ -118,7 +122,26 @@ def _load_bagel_folder(path: Path, mesh):
     for p, variable in nnx.to_flat_state(state):
         variable.set_value(weights[".".join(str(part) for part in p)])
     nnx.update(model, state)
-    return run_config, model
+    return run_config, model, family
+
+
+def checkpoint_family(path: str | Path, run_config) -> str:
+    """The family an import recorded (``port.json``), a run config's ``family``, else ``synermedgen``; a model
+    with UniMedVL's latent BatchNorm is ``unimedvl`` whatever was recorded."""
+    from synermedgen_jax.inference.family import FAMILIES
+
+    recorded = None
+    info = Path(path) / "port.json"
+    if info.is_file():
+        try:
+            recorded = json.loads(info.read_text()).get("family") or "bagel"
+        except (OSError, ValueError, AttributeError):
+            recorded = "bagel"
+    elif "family" in run_config:
+        recorded = run_config.family
+    if run_config.model.vae.get("latent_batch_norm", False):
+        recorded = "unimedvl"
+    return recorded if recorded in FAMILIES else "synermedgen"
 
 
 def checkpoint_tokenizer(path: str | Path, run_config=None) -> tuple[Path | None, dict | None]:
@@ -163,9 +186,10 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
         raise InferenceError(f"{path}: checkpoints cannot be read here ({err})") from None
     try:
         if is_bagel_folder(path):
-            run_config, model = _load_bagel_folder(path, mesh)
+            run_config, model, family = _load_bagel_folder(path, mesh)
         else:
             run_config, model = load_model(str(path), ema=ema, mesh=mesh)
+            family = checkpoint_family(path, run_config)
     except (ValueError, KeyError, FileNotFoundError, OSError, PortError, SafetensorsError) as err:
         # CheckpointError (a ValueError) names mismatching parameters for a checkpoint of another config.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -199,7 +223,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     return Inference(model=model, tokenizer=tok, image_size=image_size,
                      vit_image_size=vit_image_size, norm=norm_from_manifest(manifest),
                      data_dir=data_dir, source=manifest.get("source"), run_config=run_config,
-                     vae_rule=vae_rule, vit_rule=vit_rule)
+                     vae_rule=vae_rule, vit_rule=vit_rule, family=family)
 
 
 def _rules(run_config) -> tuple[ResizeRule | None, ResizeRule | None]:

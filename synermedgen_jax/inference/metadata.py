@@ -125,10 +125,13 @@ def official_pixels(image: np.ndarray) -> np.ndarray:
 def synthesize_metadata(inference, metadata: dict[str, dict], image_root: str | Path, output_dir: str | Path, *,
                         sampler_config, batch_size: int = 8, devices: int = 1, seed: int = 0, order: str = "auto",
                         output_style: str = "official", keys: Sequence[str] | None = None,
-                        progress: Callable[[int], None] | None = None) -> dict[str, list]:
+                        progress: Callable[[int], None] | None = None, settings=None) -> dict[str, list]:
     """Writes ``output_dir/<key>.png`` for every key (of ``keys``, default all, e.g. one split's share) without
     one, in ``output_style`` (``official`` | ``ours``, see the module docstring). Returns ``{"written": [keys],
-    "existing": [keys], "failed": [[key, reason]]}`` (an unreadable source fails its key only)."""
+    "existing": [keys], "failed": [[key, reason]]}`` (an unreadable source fails its key only).
+    ``settings`` (inference/family.py): an understanding-then-edit mode conditions each entry's edit on its
+    prompt plus the model's answer about its source; a family with an image-first context makes
+    ``order="auto"`` image-first."""
     from synermedgen_jax.data.records import write_png
     from synermedgen_jax.data.synermed import grey_array
     from synermedgen_jax.data.volumes import DataError, resize_image
@@ -157,7 +160,19 @@ def synthesize_metadata(inference, metadata: dict[str, dict], image_root: str | 
         groups.setdefault((metadata[key]["prompt"], pixels.shape), []).append((key, pixels))
     if not groups:
         return result
+    if settings is not None and settings.mode != "edit":
+        from synermedgen_jax.inference.family import edit_instructions
+
+        edited: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+        for (prompt, shape), entries in groups.items():
+            texts = edit_instructions(inference, settings, prompt, np.stack([p for _, p in entries]), seed=seed,
+                                      batch_size=batch_size)
+            for entry, text in zip(entries, texts):
+                edited.setdefault((text, shape), []).append(entry)
+        groups = edited
     mesh = inference_mesh(devices)
+    if order == "auto" and settings is not None and settings.image_first is not None:
+        order = "image-first" if settings.image_first else "text-first"
     image_first = resolve_order(order, inference) == "image-first"
     samplers: dict[tuple, Sampler] = {}  # one compiled sampler per (image_size, vit_image_size)
     for (prompt, shape), entries in groups.items():

@@ -135,10 +135,13 @@ def synthesize_volume(inference: Inference, image: nib.Nifti1Image, source: str,
                       mask: nib.Nifti1Image | None = None, config: SamplerConfig | None = None,
                       batch_size: int = 8, seed: int = 0, target_window: tuple[float, float] | None = None,
                       progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
-                      sampler: Sampler | None = None) -> np.ndarray:
+                      sampler: Sampler | None = None,
+                      edit_texts: Callable[[np.ndarray], list[str]] | None = None) -> np.ndarray:
     """The synthesized volume in target native units, ``float32`` with the input's shape and voxel order.
 
     ``sampler``: reuse one (and its compiled functions) across volumes; built from ``config`` otherwise.
+    ``edit_texts``: the text each slice's edit is conditioned on, from the slices ``[N, H, W]`` (UniMedVL's
+    understanding-then-edit, inference/family.py); default ``instruction`` for every slice.
     """
     data = np.asarray(image.dataobj, np.float32)
     canon, index = _canonical(data, image.affine)
@@ -166,8 +169,15 @@ def synthesize_volume(inference: Inference, image: nib.Nifti1Image, source: str,
         sampler = sampler or Sampler(inference.model, inference.special, inference.image_size,
                                      inference.vit_image_size, config or SamplerConfig())
         # indices = slice numbers: a slice's noise depends on (seed, z) only, not on batching.
-        out[todo] = sampler.generate(slices[todo], inference.tokenizer.encode(instruction), seed=seed,
-                                     batch_size=batch_size, indices=todo, progress=progress)
+        if edit_texts is None:
+            out[todo] = sampler.generate(slices[todo], inference.tokenizer.encode(instruction), seed=seed,
+                                         batch_size=batch_size, indices=todo, progress=progress)
+        else:
+            from synermedgen_jax.inference.family import generate_edits
+
+            ids = [inference.tokenizer.encode(text) for text in edit_texts(slices[todo])]
+            out[todo] = generate_edits(sampler, slices[todo], ids, seed=seed, batch_size=batch_size, indices=todo,
+                                       progress=progress)
     out = np.where(fg_slices, out, -1.0) if mask is not None else out
     tparams = target_params(target, inference, target_window)
     native = (out + 1.0) * np.float32((tparams["hi"] - tparams["lo"]) / 2.0) + np.float32(tparams["lo"])

@@ -91,12 +91,27 @@ def decode(model, batch: Pack, key: jax.Array, config: DecodeConfig, *, bos: int
     return jax.lax.while_loop(more, body, start)[-1]
 
 
+def image_first_items(question_ids: Sequence[int], vit_images: Sequence[np.ndarray],
+                      label_ids: Sequence[Sequence[int]] = ()) -> list:
+    """``[label?, image, ..., question]``: UniMedVL's understanding order (``interleave_inference(images +
+    [text], understanding_output=True)``; images enter as ViT tokens only), each image after its label if any."""
+    from synermedgen_jax.data.packing import Text, VitImage
+
+    items: list = []
+    for i, image in enumerate(vit_images):
+        if label_ids:
+            items.append(Text(list(label_ids[i])))
+        items.append(VitImage(image))
+    return items + [Text(list(question_ids))]
+
+
 class Answerer:
     """Batched answers to prompts with images: ``Answerer(model, tokenizer, ...).answer([(text, [img...])])``."""
 
     def __init__(self, model, tokenizer, image_size: tuple[int, int], vit_image_size: tuple[int, int],
-                 config: DecodeConfig = DecodeConfig()):
+                 config: DecodeConfig = DecodeConfig(), *, image_first: bool = False):
         self.tokenizer, self.config = tokenizer, config
+        self.image_first = image_first  # UniMedVL's order: the (labelled) images, then the question
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.geometry = Geometry.from_model_config(model.config)
         self.image_size, self.vit_image_size = tuple(image_size), tuple(vit_image_size)
@@ -118,14 +133,23 @@ class Answerer:
     def pack(self, prompts: Sequence[tuple]) -> Pack:
         """Understanding packs, one prompt per row: ``(question ids, images)`` or ``(question ids, images, label
         ids per image)`` (:func:`packing.prompt_items`)."""
-        samples = [prompt_items(prompt[0], [resize_image(img, self.vit_image_size) for img in prompt[1]],
-                                prompt[2] if len(prompt) > 2 else ()) for prompt in prompts]
+        build = image_first_items if self.image_first else prompt_items
+        samples = [build(prompt[0], [resize_image(img, self.vit_image_size) for img in prompt[1]],
+                         prompt[2] if len(prompt) > 2 else ()) for prompt in prompts]
         return exact_pack(samples, self.geometry, self.special, self.image_size, self.vit_image_size)[0]
 
     def generate_ids(self, prompts: Sequence[tuple[Sequence[int], Sequence[np.ndarray]]], *, seed: int = 0
                      ) -> list[list[int]]:
         """Token ids of each answer up to (not including) ``<|im_end|>``."""
-        batch = self.pack(prompts)
+        return self._generate(self.pack(prompts), seed)
+
+    def generate_item_ids(self, samples: Sequence[Sequence], *, seed: int = 0) -> list[list[int]]:
+        """As :meth:`generate_ids` for contexts given as packing items (``Text`` / ``VitImage``, ViT images at
+        ``vit_image_size``) in any order, e.g. UniMedVL's image-first question (inference/family.py)."""
+        return self._generate(exact_pack(samples, self.geometry, self.special, self.image_size,
+                                         self.vit_image_size)[0], seed)
+
+    def _generate(self, batch: Pack, seed: int) -> list[list[int]]:
         shapes = tuple(sorted((k, v.shape) for k, v in batch.arrays().items()))
         tokens = np.asarray(self._function(shapes)(self.state, jax.tree.map(jnp.asarray, batch),
                                                    jax.random.PRNGKey(seed)))

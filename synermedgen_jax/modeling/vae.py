@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from synermedgen_jax.modeling.layers import make_param, torch_linear_init
+from synermedgen_jax.modeling.layers import FrozenTable, make_param, torch_linear_init
 
 
 class Conv2d(nnx.Module):
@@ -184,8 +184,26 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.swish(self.norm_out(h)))
 
 
+class LatentBatchNorm(nnx.Module):
+    """UniMedVL's ``vae_batch_norm`` at inference: ``BatchNorm2d(z, eps, affine=False)`` in eval mode, i.e.
+    ``(z - running_mean) / sqrt(running_var + eps)`` per latent channel. The statistics are frozen tables (never
+    trained here; imported from the checkpoint)."""
+
+    def __init__(self, channels: int, eps: float):
+        self.running_mean = FrozenTable(jnp.zeros((channels,), jnp.float32), logical_axes=(None,))
+        self.running_var = FrozenTable(jnp.ones((channels,), jnp.float32), logical_axes=(None,))
+        self.eps = float(eps)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        """``z [..., C]`` → normalised, same shape and dtype."""
+        mean = self.running_mean.get_value().astype(jnp.float32)
+        var = self.running_var.get_value().astype(jnp.float32)
+        return ((z.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)).astype(z.dtype)
+
+
 class AutoEncoder(nnx.Module):
-    """FLUX AE: ``encoder``, ``decoder`` and the latent scale/shift."""
+    """FLUX AE: ``encoder``, ``decoder`` and the latent scale/shift; with ``vae.latent_batch_norm`` (a UniMedVL
+    checkpoint that carries ``vae_batch_norm`` statistics) also the latent BatchNorm after the encoder."""
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         vae = config.vae
@@ -194,6 +212,8 @@ class AutoEncoder(nnx.Module):
         self.scale_factor, self.shift_factor = vae.scale_factor, vae.shift_factor
         self.sample_posterior = vae.sample_posterior
         self.downsample = 2 ** (len(vae.ch_mult) - 1)
+        if vae.get("latent_batch_norm", False):
+            self.latent_norm = LatentBatchNorm(vae.z_channels, vae.get("latent_batch_norm_eps", 1e-4))
 
     def posterior(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``images [N, H, W, C]`` in [-1, 1] → ``mean, logvar [N, H/f, W/f, z]`` (logvar clipped as FLUX)."""
@@ -210,8 +230,12 @@ class AutoEncoder(nnx.Module):
             if key is None:
                 raise ValueError("AutoEncoder.encode: sampling the posterior needs a PRNG key")
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-        return self.scale_factor * (z - self.shift_factor)
+        z = self.scale_factor * (z - self.shift_factor)
+        if hasattr(self, "latent_norm"):  # UniMedVL normalises every encoded latent (vae_encode, cache update)
+            z = self.latent_norm(z)
+        return z
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        """Scaled latents ``[N, h, w, z]`` → images ``[N, h·f, w·f, C]``."""
+        """Scaled latents ``[N, h, w, z]`` → images ``[N, h·f, w·f, C]``. A latent BatchNorm is not inverted:
+        UniMedVL's ``decode_image`` hands generated latents to the VAE decoder as they are."""
         return self.decoder(latents / self.scale_factor + self.shift_factor)

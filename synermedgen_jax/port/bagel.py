@@ -72,20 +72,36 @@ def read_json(path: Path) -> dict:
     return value
 
 
+FAMILIES = ("bagel", "unimedvl")
+VAE_IN_MODEL = "vae_model."  # UniMedVL: Bagel(..., vae_model=vae) keeps the FLUX VAE inside the model file
+LATENT_NORM = "vae_batch_norm."  # UniMedVL: BatchNorm2d(z, affine=False) over the latents (enable_e2e_vae)
+LATENT_NORM_STATS = ("running_mean", "running_var")
+LATENT_NORM_EPS = 1e-4  # UniMedVL's nn.BatchNorm2d(..., eps=1e-4)
+SKIPPED = (LATENT_NORM + "num_batches_tracked",)  # a training counter with no effect at inference
+
+
 class _Files:
-    """Every tensor of the folder: key → (reader, file kind). Opens headers only."""
+    """Every tensor of the folder: key → (reader, file kind). Opens headers only.
+
+    UniMedVL's ``vae_model.<FLUX name>`` keys (the VAE inside the model file) are served under their FLUX
+    names as ``ae`` tensors; they take the place of ``ae.safetensors``' copies, as UniMedVL's loader (the model
+    checkpoint loaded after ``load_ae``) lets them, and ``ae.safetensors`` may then be absent."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.readers: list[SafetensorsReader] = []
         self.where: dict[str, tuple[SafetensorsReader, str]] = {}
+        self.stored: dict[str, str] = {}  # our view's name → the key in its file, where they differ
+        self.skipped: list[str] = []
+        self.vae_in_model = 0
         try:
             for path in self._ema_paths():
                 self._add(path, "ema")
             ae = folder / "ae.safetensors"
-            if not ae.is_file():
+            if ae.is_file():
+                self._add(ae, "ae")
+            elif not self.vae_in_model:
                 raise PortError(f"{ae}: file not found (the FLUX autoencoder weights)")
-            self._add(ae, "ae")
         except SafetensorsError as err:
             self.close()
             raise PortError(str(err)) from err
@@ -109,20 +125,36 @@ class _Files:
     def _add(self, path: Path, kind: str) -> None:
         reader = SafetensorsReader(path)
         self.readers.append(reader)
-        for name in reader.keys():
+        for key in reader.keys():
+            name, file_kind = key, kind
+            if kind == "ema" and key.startswith(VAE_IN_MODEL):
+                name, file_kind = key[len(VAE_IN_MODEL):], "ae"
+                self.stored[name] = key
+                self.vae_in_model += 1
+            elif key in SKIPPED:
+                self.skipped.append(key)
+                continue
+            elif kind == "ae" and name in self.where and name in self.stored:
+                continue  # the model file's vae_model.* copy is the one UniMedVL's loader ends up with
             if name in self.where:
-                raise PortError(f"{path}: tensor {name!r} also appears in {self.where[name][0].path}")
-            self.where[name] = (reader, kind)
+                raise PortError(f"{path}: tensor {key!r} also appears in {self.where[name][0].path}")
+            self.where[name] = (reader, file_kind)
+
+    @property
+    def family(self) -> str:
+        """``unimedvl`` when the folder holds UniMedVL's extra keys, else ``bagel``."""
+        extra = self.vae_in_model or self.skipped or any(k.startswith(LATENT_NORM) for k in self.where)
+        return "unimedvl" if extra else "bagel"
 
     def info(self, key: str):
-        return self.where[key][0].tensors[key]
+        return self.where[key][0].tensors[self.stored.get(key, key)]
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         return self.info(key).shape if key in self.where else None
 
     def read(self, key: str) -> np.ndarray:
         try:
-            return self.where[key][0].read(key)
+            return self.where[key][0].read(self.stored.get(key, key))
         except SafetensorsError as err:
             raise PortError(str(err)) from err
 
@@ -218,6 +250,20 @@ def infer_config(folder: Path, files: _Files, llm_json: dict, vit_json: dict, *,
         raise PortError(f"{folder / 'ae.safetensors'}: widths {widths} are not multiples of {vae.norm_groups} "
                         "GroupNorm groups")
 
+    norm_keys = sorted(k for k in files.where if k.startswith(LATENT_NORM))
+    if norm_keys:
+        # UniMedVL creates vae_batch_norm only with enable_e2e_vae + enable_batch_norm, and then normalises every
+        # encoded latent with it: a checkpoint carrying its statistics was trained that way.
+        stats = [LATENT_NORM + name for name in LATENT_NORM_STATS]
+        unmappable = [k for k in norm_keys if k not in stats]
+        if unmappable or len(norm_keys) != len(stats):
+            missing = [k for k in stats if k not in files.where]
+            raise PortError(f"{folder}: cannot map UniMedVL's latent BatchNorm: "
+                            + (f"{', '.join(unmappable)} (an affine or other BatchNorm tensor; only "
+                               "affine=False running statistics are supported)" if unmappable else
+                               f"{', '.join(missing)} missing"))
+        vae.latent_batch_norm = True
+        vae.latent_batch_norm_eps = LATENT_NORM_EPS
     token_dim = files.shape("vae2llm.weight")
     if token_dim is not None:
         patch = math.isqrt(token_dim[1] // vae.z_channels)
@@ -252,6 +298,7 @@ class ImportPlan:
     llm_json: dict
     vit_json: dict
     source_dtypes: dict[str, str]  # file kind → the dtype most of its tensors had
+    family: str = "bagel"  # "bagel" or "unimedvl" (FAMILIES): the layout read, which picks inference defaults
 
     def close(self) -> None:
         self.files.close()
@@ -262,14 +309,23 @@ def _matches(patterns: Sequence[str], *names: str) -> bool:
 
 
 def plan_import(folder: str | os.PathLike, *, allow_missing: Sequence[str] = (), max_latent_size: int | None = None,
-                param_dtype: str = "float32", compute_dtype: str = "bfloat16") -> ImportPlan:
+                param_dtype: str = "float32", compute_dtype: str = "bfloat16", family: str = "auto") -> ImportPlan:
     """Opens the folder (headers only), derives the config and checks every key; raises one PortError listing
-    every missing / unexpected / mis-shaped key."""
+    every missing / unexpected / mis-shaped key. ``family``: ``auto`` (UniMedVL when the folder holds its extra
+    keys ``vae_model.*`` / ``vae_batch_norm.*``, else BAGEL), ``bagel`` or ``unimedvl`` (UniMedVL's release may
+    hold no extra key at all: its layout is then BAGEL's and only the family's inference defaults differ)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PortError(f"{folder}: not a folder")
+    if family not in ("auto", *FAMILIES):
+        raise PortError(f"family {family!r}: expected auto, {' or '.join(FAMILIES)}")
     llm_json, vit_json = read_json(folder / "llm_config.json"), read_json(folder / "vit_config.json")
     files = _Files(folder)
+    if family == "bagel" and files.family == "unimedvl":
+        files.close()
+        raise PortError(f"{folder}: holds UniMedVL keys (vae_model.* / vae_batch_norm.*), which BAGEL's layout "
+                        "has not; read it as family unimedvl (or auto)")
+    family = files.family if family == "auto" else family
     try:
         config = infer_config(folder, files, llm_json, vit_json, max_latent_size=max_latent_size,
                               param_dtype=param_dtype, compute_dtype=compute_dtype)
@@ -282,7 +338,15 @@ def plan_import(folder: str | os.PathLike, *, allow_missing: Sequence[str] = (),
     for kind in ("ema", "ae"):
         found = [files.info(k).dtype for k, (_, f) in files.where.items() if f == kind]
         dtypes[kind] = max(set(found), key=found.count) if found else "F32"
-    return ImportPlan(folder, config, rules, sources, notes, files, llm_json, vit_json, dtypes)
+    if files.vae_in_model:
+        notes.append(f"VAE: {files.vae_in_model} vae_model.* tensors read from the model file (UniMedVL keeps the "
+                     "VAE inside the model; they replace ae.safetensors' copies, as its loader does)")
+    if config.vae.get("latent_batch_norm", False):
+        notes.append(f"latent BatchNorm: {LATENT_NORM}running_mean/var applied to every encoded latent "
+                     f"(eps {LATENT_NORM_EPS}, UniMedVL's enable_e2e_vae + enable_batch_norm)")
+    for key in files.skipped:
+        notes.append(f"{key}: skipped (a training counter; no effect at inference)")
+    return ImportPlan(folder, config, rules, sources, notes, files, llm_json, vit_json, dtypes, family)
 
 
 def _resolve(rules: list[K.KeyRule], files: _Files, allow_missing: Sequence[str]):
@@ -503,7 +567,7 @@ def export_order(config) -> list[str]:
 
 def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ema=None, ae_dtype: str = "f32",
          llm_json: dict | None = None, vit_json: dict | None = None,
-         tokenizer_dir: str | os.PathLike | None = None) -> None:
+         tokenizer_dir: str | os.PathLike | None = None, family: str = "bagel") -> None:
     """Writes a BAGEL folder: ``model.safetensors`` (``params``), ``ema.safetensors`` (``ema``), ``ae.safetensors``
     (the VAE of ``params``), the two JSON configs, tokenizer files.
 
@@ -514,11 +578,23 @@ def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ema=
     ``params`` (model.safetensors is copied, not converted twice); ``ema``'s VAE, if any, is not used. ``dtype``
     applies to model.safetensors and ema.safetensors, ``ae_dtype`` to ae.safetensors. ``llm_json``/``vit_json``:
     original files whose extra fields are kept. Written into a temporary folder renamed onto ``folder`` at the end.
+
+    ``family="unimedvl"``: UniMedVL's layout, the BAGEL files plus the VAE inside model/ema.safetensors as
+    ``vae_model.<FLUX name>`` (in ``ae_dtype``, so a re-import is exact) and, for a model with the latent
+    BatchNorm, ``vae_batch_norm.running_mean/var/num_batches_tracked``. BAGEL's layout has no BatchNorm: a model
+    with one is refused for ``family="bagel"``.
     """
+    if family not in FAMILIES:
+        raise PortError(f"family {family!r}: expected {' or '.join(FAMILIES)}")
+    if family == "bagel" and config.vae.get("latent_batch_norm", False):
+        raise PortError("the model has UniMedVL's latent BatchNorm (vae_batch_norm), which BAGEL's layout cannot "
+                        "hold; export it as family unimedvl")
     rules = K.build_table(config)
     flat = _checked(rules, flatten(params), "params")
     ema_flat = None if ema is None else _checked([r for r in rules if r.file == "ema"], flatten(ema), "ema")
     out = Path(folder)
+    # UniMedVL: each converted VAE tensor is kept for the model files' vae_model.* copies (the VAE is small).
+    vae_copy: dict[str, np.ndarray] | None = {} if family == "unimedvl" else None
     tmp = atomic_folder(out)
     try:
         for kind, file_dtype, filename, values, metadata in (
@@ -529,8 +605,11 @@ def save(config, params, folder: str | os.PathLike, dtype: str = "bf16", *, ema=
             if values is None:  # the EMA is the parameters: the same bytes
                 shutil.copyfile(tmp / "model.safetensors", tmp / filename)
                 continue
-            specs = [TensorSpec(rule.bagel, file_dtype, rule.bagel_shape, _producer(values[rule.ours], rule))
+            specs = [TensorSpec(rule.bagel, file_dtype, rule.bagel_shape,
+                                _producer(values[rule.ours], rule, vae_copy if kind == "ae" else None))
                      for rule in rules if rule.file == kind]
+            if family == "unimedvl" and kind == "ema":
+                specs += _unimedvl_extras(config, rules, vae_copy, dtype_name(ae_dtype))
             write_streaming(tmp / filename, specs, metadata)
         _write_json(tmp / "llm_config.json", llm_config_json(config, llm_json))
         _write_json(tmp / "vit_config.json", vit_config_json(config, vit_json))
@@ -555,10 +634,24 @@ def _checked(rules: list[K.KeyRule], flat: dict[str, object], what: str) -> dict
     return flat
 
 
-def _producer(value, rule: K.KeyRule) -> Callable[[], np.ndarray]:
+def _producer(value, rule: K.KeyRule, keep: dict | None = None) -> Callable[[], np.ndarray]:
     def produce() -> np.ndarray:
         array = np.asarray(value() if callable(value) else value)
         if tuple(array.shape) != rule.our_shape:
             raise PortError(f"{rule.ours}: shape {list(array.shape)}, model expects {list(rule.our_shape)}")
-        return K.to_bagel(array, rule.transform)
+        out = K.to_bagel(array, rule.transform)
+        if keep is not None:
+            keep[rule.bagel] = out
+        return out
     return produce
+
+
+def _unimedvl_extras(config, rules: list[K.KeyRule], vae_copy: dict[str, np.ndarray], ae_dtype: str
+                     ) -> list[TensorSpec]:
+    """UniMedVL's extra model-file tensors: ``vae_model.*`` (the VAE already written to ae.safetensors) and the
+    BatchNorm's step counter (zero: it has no effect at inference)."""
+    specs = [TensorSpec(VAE_IN_MODEL + rule.bagel, ae_dtype, rule.bagel_shape,
+                        lambda key=rule.bagel: vae_copy[key]) for rule in rules if rule.file == "ae"]
+    if config.vae.get("latent_batch_norm", False):
+        specs.append(TensorSpec(SKIPPED[0], "I64", (), lambda: np.zeros((), np.int64)))
+    return specs

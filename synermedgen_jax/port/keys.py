@@ -9,7 +9,9 @@ leaf path is renamed with a handful of prefix rules and given a layout transform
   ``none``    same layout (biases, norms, embeddings, position tables)
 
 ``file`` says where the key lives: ``ema`` (``ema.safetensors`` / ``model.safetensors``) or ``ae``
-(``ae.safetensors``, FLUX naming, which our VAE uses verbatim).
+(``ae.safetensors``, FLUX naming, which our VAE uses verbatim). UniMedVL folders may also carry the VAE inside
+the model file as ``vae_model.<FLUX name>`` (read in place of ``ae.safetensors``, port/bagel.py) and the latent
+BatchNorm's running statistics ``vae_batch_norm.running_mean/var`` (our ``vae.latent_norm.*``, ema file).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("latent_pos_embed", "latent_pos_embed.pos_embed"),
     ("time_embedder.mlp_0.", "time_embedder.mlp.0."),
     ("time_embedder.mlp_2.", "time_embedder.mlp.2."),
+    ("vae.latent_norm.", "vae_batch_norm."),  # UniMedVL's latent BatchNorm statistics (in its model file)
     ("vae.", ""),
 )
+LATENT_NORM = "vae.latent_norm."
 TABLES = ("vit_pos_embed", "latent_pos_embed")  # frozen sin-cos tables: saved, rebuilt when absent or resized
 MOE_SUFFIX = "_moe_gen"
 
@@ -127,7 +131,8 @@ def build_table(config) -> list[KeyRule]:
         ours = dotted(path)
         shape = tuple(variable.get_value().shape)
         bagel, transform = _bagel_name(ours, len(shape))
-        rules.append(KeyRule(ours, bagel, "ae" if ours.startswith("vae.") else "ema", transform, shape))
+        in_ae = ours.startswith("vae.") and not ours.startswith(LATENT_NORM)
+        rules.append(KeyRule(ours, bagel, "ae" if in_ae else "ema", transform, shape))
     return rules
 
 
