@@ -209,8 +209,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(config, f"data.{key}", low=0, integer=True)
     pack = _get(config, "data.pack")
     if isinstance(pack, ml_collections.ConfigDict):
-        for key in ("und_tokens", "gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens"):
+        for key in ("gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens"):
             _number(config, f"data.pack.{key}", low=0, integer=True)
+        _number(config, "data.pack.und_tokens", low=1, integer=True)  # every sample has text
     weights = _get(config, "data.task_weights")
     if weights is not _MISSING and weights is not None:
         try:

@@ -227,6 +227,14 @@ CASES: dict[str, tuple[str, Callable, list[str]]] = {
                                        ["--workdir", "step folder"]),
     "train workdir is a data folder": ("silent", lambda t, w, b: _train(t, w, workdir=w["data"]),
                                        ["--workdir", "data folder"]),
+    "train rows not a multiple of grad_accum": ("traceback", lambda t, w, b: _train(
+        t, w, "--config.train.grad_accum=3"), ["train.rows", "grad_accum"]),
+    "train pack without text slots": ("range", lambda t, w, b: _train(t, w, "--config.data.pack.und_tokens=0"),
+                                      ["data.pack.und_tokens"]),
+    "train split not in the build": ("traceback", lambda t, w, b: _train(t, w, "--config.data.split=nosuch"),
+                                     ["data.split", "nosuch"]),
+    "train init_from is a file": ("range", lambda t, w, b: _train(
+        t, w, f"--config.init_from={t / 'precious.txt'}"), ["config.init_from", "is a file"]),
     "train stop-at negative": ("range", lambda t, w, b: [*_train(t, w), "--stop-at", "-3"], ["--stop-at"]),
     # -- build-data
     "build slice-size 0": ("traceback", lambda t, w, b: _build(t, "--slice-size", "0"), ["--slice-size"]),
@@ -265,6 +273,9 @@ CASES: dict[str, tuple[str, Callable, list[str]]] = {
     "synthesize metadata split-count 0": ("traceback", lambda t, w, b: [
         "synthesize", "--checkpoint", t / "no_checkpoint", "--metadata", t / "m.json", "--image-root", t,
         "--output-dir", t / "o", "--split-count", "0"], ["--split-count"]),
+    "synthesize metadata split-index beyond split-count": ("range", lambda t, w, b: [
+        "synthesize", "--checkpoint", t / "no_checkpoint", "--metadata", t / "m.json", "--image-root", t,
+        "--output-dir", t / "o", "--split-count", "2", "--split-index", "2"], ["--split-index"]),
     # -- ask
     "ask 1 MB prompt": ("hang", lambda t, w, b: _ask(t, "--prompt", "x" * 2**20), ["--prompt", "characters"]),
     "ask max-new-tokens huge": ("traceback", lambda t, w, b: _ask(t, "--prompt", "q", "--max-new-tokens",
@@ -306,6 +317,10 @@ CASES: dict[str, tuple[str, Callable, list[str]]] = {
                                                          "nan"], ["--budget-minutes"]),
     "quickstart slice-size 0": ("traceback", lambda t, w, b: ["quickstart", "--workdir", t / "qs", "--slice-size",
                                                               "0"], ["--slice-size"]),
+    "quickstart workdir is a file": ("traceback", lambda t, w, b: ["quickstart", "--workdir", t / "precious.txt"],
+                                     ["--workdir", "precious.txt"]),
+    "bench seq-lens not positive": ("traceback", lambda t, w, b: ["bench", "--what", "attention", "--seq-lens",
+                                                                  "0,-5"], ["--seq-lens"]),
     "ablate vae-steps 0": ("range", lambda t, w, b: ["ablate", "--workdir", t / "ab", "--vae-steps", "0"],
                            ["--vae-steps"]),
     "model-info heads not dividing hidden": ("traceback", lambda t, w, b: ["model-info", "--config", config_file(

@@ -114,6 +114,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         whats = _check(args)
         seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
+        if not seq_lens or min(seq_lens) < 1:
+            raise ValueError("expected comma-separated positive lengths")
     except ValueError as err:  # BenchError is a ValueError; int() failures land here too
         return _error(str(err) if isinstance(err, BenchError) else f"--seq-lens {args.seq_lens!r}: {err}")
 

@@ -72,6 +72,10 @@ def _argument_error(args: argparse.Namespace) -> str | None:
     """A one-line complaint about the arguments, found before minutes of training rather than at evaluation."""
     from synermedgen_jax.inference.sampler import SamplerConfig
 
+    workdir = Path(args.workdir)
+    blocker = next((p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--workdir {args.workdir}: {blocker} is a file, not a folder"
     if not args.budget_minutes > 0 or args.eval_slices < 1:
         return f"--budget-minutes must be > 0 and --eval-slices >= 1, got {args.budget_minutes} and {args.eval_slices}"
     try:

@@ -61,17 +61,23 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
             raise ConfigError(f"--config.train.{key}={train[key]}: must be >= 0")
     if stop_at is not None and stop_at < 0:  # the API path; the CLI's argument type refuses it already
         raise ConfigError(f"--stop-at {stop_at}: must be >= 0")
+    for key in ("init_from", "vae_from"):
+        if config.get(key) and not epath.Path(str(config[key])).exists():
+            raise ConfigError(f"--config.{key}={config[key]}: does not exist")
+        if config.get(key) and "://" not in str(config[key]) and not Path(str(config[key])).is_dir():
+            raise ConfigError(f"--config.{key}={config[key]}: is a file; expected a checkpoint folder (a training "
+                              "workdir, a step folder or what import writes)")
+    from synermedgen_jax.training.loop import TrainingError
+
     try:
         resolve_config(config)
-    except ValueError as err:  # unknown stage, nan policy, rows vs grad_accum, latent scale of vae_from
+    except (ValueError, TrainingError) as err:  # unknown stage, nan policy, rows vs grad_accum, vae_from's scale
         raise ConfigError(str(err).splitlines()[0]) from None
     data = Path(str(config.data.dir))
     if not (data / "manifest.json").is_file() or not (data / "records").is_dir():
         what = "does not exist" if not data.exists() else "is not a built data folder (no manifest.json/records)"
         raise ConfigError(f"--config.data.dir={data}: {what}; build it with build-data")
-    for key in ("init_from", "vae_from"):
-        if config.get(key) and not epath.Path(str(config[key])).exists():
-            raise ConfigError(f"--config.{key}={config[key]}: does not exist")
+    _check_splits(config, data)
     _check_tokenizer(config, data)
     from synermedgen_jax.data.records import ShardError, check_shards
 
@@ -90,6 +96,28 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--workdir {workdir}: cannot create it ({err.strerror or err})") from None
+
+
+def _check_splits(config, data: Path) -> None:
+    """The record splits the run reads must be in the build (a records build names train/val/test shards)."""
+    import json
+
+    from synermedgen_jax.config import ConfigError
+    from synermedgen_jax.data.records import SPLITS
+
+    try:
+        shards = json.loads((data / "manifest.json").read_text()).get("shards") or {}
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"--config.data.dir={data}: manifest.json is unreadable; rebuild the data") from None
+    if not isinstance(shards, dict) or not set(shards) & set(SPLITS):
+        return  # a SynerMed release build (edit/conv shards): the pipeline picks its own
+    wanted = [("data.split", config.data.get("split", "train"))]
+    if int(config.train.get("eval_every", 0) or 0) > 0:
+        wanted.append(("data.eval_split", config.data.get("eval_split", "val")))
+    for key, split in wanted:
+        if split not in shards:
+            raise ConfigError(f"--config.{key}={split}: not a split of the build {data} (it has "
+                              f"{', '.join(sorted(shards))})")
 
 
 def _check_not_inside_a_run(workdir: str, path: Path) -> None:
