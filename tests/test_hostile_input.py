@@ -127,6 +127,12 @@ def _synth(t: Path, w: dict, *extra, source: str = "t1", target: str = "t2", inp
             source, "--target-modality", target, "--output", t / "out.nii.gz", *extra]
 
 
+def _metadata(t: Path, *extra) -> list:
+    (t / "m.json").write_text(json.dumps({"a": {"id": "x.png", "prompt": "p"}}))
+    return ["synthesize", "--checkpoint", t / "no_checkpoint", "--metadata", t / "m.json", "--image-root", t,
+            "--output-dir", t / "o", *extra]
+
+
 def _ask(t: Path, *extra) -> list:
     return ["ask", "--checkpoint", t / "no_checkpoint", *extra]
 
@@ -270,12 +276,10 @@ CASES: dict[str, tuple[str, Callable, list[str]]] = {
     "synthesize steps 1": ("range", lambda t, w, b: _synth(t, w, "--steps", "1"), ["--steps"]),
     "synthesize cfg-text NaN": ("silent", lambda t, w, b: _synth(t, w, "--cfg-text", "nan"), ["--cfg-text"]),
     "synthesize batch-size 0": ("range", lambda t, w, b: _synth(t, w, "--batch-size", "0"), ["--batch-size"]),
-    "synthesize metadata split-count 0": ("traceback", lambda t, w, b: [
-        "synthesize", "--checkpoint", t / "no_checkpoint", "--metadata", t / "m.json", "--image-root", t,
-        "--output-dir", t / "o", "--split-count", "0"], ["--split-count"]),
-    "synthesize metadata split-index beyond split-count": ("range", lambda t, w, b: [
-        "synthesize", "--checkpoint", t / "no_checkpoint", "--metadata", t / "m.json", "--image-root", t,
-        "--output-dir", t / "o", "--split-count", "2", "--split-index", "2"], ["--split-index"]),
+    "synthesize metadata split-count 0": ("range", lambda t, w, b: _metadata(t, "--split-count", "0"),
+                                          ["--split-count"]),
+    "synthesize metadata split-index beyond split-count": ("range", lambda t, w, b: _metadata(
+        t, "--split-count", "2", "--split-index", "2"), ["--split-index"]),
     # -- ask
     "ask 1 MB prompt": ("hang", lambda t, w, b: _ask(t, "--prompt", "x" * 2**20), ["--prompt", "characters"]),
     "ask max-new-tokens huge": ("traceback", lambda t, w, b: _ask(t, "--prompt", "q", "--max-new-tokens",

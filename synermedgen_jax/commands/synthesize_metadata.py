@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from synermedgen_jax.commands._args import non_negative_int, positive_int
-
 
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("official metadata convention (instead of --input ... --output)")
@@ -31,12 +29,12 @@ def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
                        help="official (default): as the official script writes, RGB (grey replicated) at the "
                             "generated size, cropped to its bounding box as PIL's getbbox(); ours: 8-bit grey "
                             "resized back to the source image's size")
-    group.add_argument("--split-count", type=positive_int, default=None, metavar="N",
+    group.add_argument("--split-count", type=int, default=None, metavar="N",
                        help="split the keys, in metadata.json's insertion order, into N contiguous chunks of "
                             "ceil(keys/N) (the official script's split: contiguous, not strided) and run one "
                             "(default 1; on several JAX processes each process then takes its contiguous share "
                             "of the chunk, so the default is chunk process_index of process_count)")
-    group.add_argument("--split-index", type=non_negative_int, default=None, metavar="I",
+    group.add_argument("--split-index", type=int, default=None, metavar="I",
                        help="the zero-based chunk to run, 0 <= I < N (default 0)")
 
 
@@ -69,9 +67,6 @@ def main(args: argparse.Namespace) -> int:
         for name in ("steps", "batch_size", "devices"):
             if getattr(args, name) < (2 if name == "steps" else 1):
                 raise InferenceError(f"--{name.replace('_', '-')}: {getattr(args, name)} is too small")
-        if (args.split_index or 0) >= (args.split_count or 1):
-            raise InferenceError(f"--split-index {args.split_index}: must be below --split-count "
-                                 f"{args.split_count or 1}")
         metadata = read_metadata(args.metadata)
         keys, where = share_of_keys(list(metadata), args.split_count, args.split_index)
         inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
