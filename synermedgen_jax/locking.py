@@ -15,6 +15,7 @@ a full quota or an output under a file is one line, exit status 2, and nothing i
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import fcntl
 import json
@@ -170,6 +171,9 @@ def release(lock: _Lock) -> None:
     if lock.depth == 0:
         _HELD.remove(lock)
         lock.release()
+
+
+atexit.register(lambda: release_above(0))  # a normal exit removes the lock files too (a kill leaves them: stale)
 
 
 def held() -> int:
