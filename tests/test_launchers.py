@@ -370,13 +370,13 @@ def test_tpu_remote_commands_detach_log_and_stop(tmp_path):
     env = dict(os.environ, FAKE_DIR=str(tmp_path))
     (train,) = _commands(_tpu("--skip-setup", "t", "z", "cfg", "gs://b/w", TPU_REPO_DIR=str(repo)).stdout)
     (stop,) = _commands(_tpu("--stop", "t", "z", TPU_REPO_DIR=str(repo)).stdout)
-    start = time.monotonic()
     first = subprocess.run(["bash", "-c", _remote(train)], env=env, capture_output=True, text=True, timeout=30)
     pid = None
     try:
-        assert first.returncode == 0 and time.monotonic() - start < 10, first.stderr  # returns: the run is detached
+        assert first.returncode == 0, first.stderr
         _wait_until(lambda: (tmp_path / "python.pid").exists())
         pid = int((tmp_path / "python.pid").read_text())
+        assert _alive(pid)  # the command returned while the trainer (a 60 s loop) goes on: the run is detached
         (pid_file,) = (repo / "logs").glob("train-*.pid")
         assert int(pid_file.read_text()) == pid  # the pid file names the trainer itself
         assert os.getsid(pid) == pid  # its own session: the end of the ssh session does not reach it
