@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from torch_refs import randomize_affine_
 
 SPECIAL_IDS = dict(bos=1, eos=2, vision_start=3, vision_end=4, pad=0)
 
@@ -41,13 +42,12 @@ def _qwen(config, qk_norm: bool):
               tie_word_embeddings=False, max_position_embeddings=256, attn_implementation="eager")
     if qk_norm:  # Qwen3 = Qwen2 + per-head q/k RMSNorm before RoPE; BAGEL has q/k/v biases but no o_proj bias
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(attention_bias=True, **kw))
-        for layer in model.model.layers:
-            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
-    for name, param in model.named_parameters():  # non-trivial norm weights, so a swapped norm shows
-        if "norm" in name:
-            torch.nn.init.uniform_(param, 0.5, 1.5)
+    randomize_affine_(model)  # random q/k/v biases and norm scales, so a swapped or dropped one shows
+    if qk_norm:
+        for layer in model.model.layers:
+            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
     return model.eval()
 
 
@@ -77,9 +77,7 @@ def siglip(config):
         image_size=vit.max_num_patch_per_side * vit.patch_size, patch_size=vit.patch_size,
         hidden_act="gelu_pytorch_tanh", layer_norm_eps=vit.layer_norm_eps, attn_implementation="eager")
     model = transformers.SiglipVisionModel(hf_config).eval()
-    for name, param in model.named_parameters():
-        if "layer_norm" in name and name.endswith("weight"):
-            torch.nn.init.uniform_(param, 0.5, 1.5)
+    randomize_affine_(model)  # every bias and LayerNorm scale/offset, post_layernorm included
     return model
 
 
@@ -102,11 +100,13 @@ def diffusers_vae(config):
 
     vae = config.vae
     levels = len(vae.ch_mult)
-    return diffusers.AutoencoderKL(
+    model = diffusers.AutoencoderKL(
         in_channels=vae.in_channels, out_channels=vae.in_channels, down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(vae.ch * m for m in vae.ch_mult),
         layers_per_block=vae.num_res_blocks, latent_channels=vae.z_channels, norm_num_groups=vae.norm_groups,
         use_quant_conv=False, use_post_quant_conv=False).eval()
+    randomize_affine_(model)  # GroupNorm scales/offsets are 1/0 by default
+    return model
 
 
 def _flux_keys(model, levels: int) -> dict[str, torch.Tensor]:
@@ -152,6 +152,7 @@ def make_bagel_folder(folder: Path, config, *, seed: int, qk_norm: bool = True, 
                "time_embedder.mlp.0": (256, hidden), "time_embedder.mlp.2": (hidden, hidden)}
     for name, (fan_in, fan_out) in linears.items():
         layer = torch.nn.Linear(fan_in, fan_out)
+        randomize_affine_(layer)  # PyTorch's default bias bound 1/sqrt(fan_in) is tiny at fan-in 256
         ema[f"{name}.weight"], ema[f"{name}.bias"] = layer.weight.detach(), layer.bias.detach()
     ema["vit_pos_embed.pos_embed"] = torch.from_numpy(sincos_table(hidden, config.vit.max_num_patch_per_side))
     ema["latent_pos_embed.pos_embed"] = torch.from_numpy(sincos_table(hidden, config.max_latent_size))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_refs import load_diffusers_vae, load_qwen_into_und_expert, load_siglip
+from torch_refs import load_diffusers_vae, load_qwen_into_und_expert, load_siglip, randomize_affine_
 
 from synermedgen_jax.data.packing import PackBudget, PackBuilder, SpecialTokens, Text, patchify, stack_rows
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
@@ -59,12 +59,12 @@ def test_understanding_path_matches_transformers(tiny_config, qk_norm):
     torch.manual_seed(seed)
     if qk_norm:
         hf = transformers.Qwen3ForCausalLM(_hf_config(transformers.Qwen3Config, config, attention_bias=True))
-        for layer in hf.model.layers:  # BAGEL's o_proj has no bias
-            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):  # non-trivial norm weights
-                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     else:
         hf = transformers.Qwen2ForCausalLM(_hf_config(transformers.Qwen2Config, config))
+    randomize_affine_(hf)  # random q/k/v biases and norm scales: a dropped or swapped one changes the logits
+    if qk_norm:
+        for layer in hf.model.layers:  # BAGEL's o_proj has no bias
+            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
     hf.eval()
     model = SynerMedGen(config, rngs=nnx.Rngs(params=seed))
     load_qwen_into_und_expert(model.language_model, hf, qk_norm=qk_norm)
@@ -89,6 +89,7 @@ def test_vit_matches_siglip(tiny_config):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     torch.manual_seed(seed)
     hf = transformers.SiglipVisionModel(hf_config).eval()
+    randomize_affine_(hf)  # every bias and LayerNorm scale/offset (library init: zeros and ones)
     model = SynerMedGen(tiny_config, rngs=nnx.Rngs(params=seed))
     load_siglip(model.vit_model, hf)
 
@@ -172,6 +173,7 @@ def test_vae_matches_diffusers_flux_configuration(tiny_config):
         layers_per_block=vae.num_res_blocks, latent_channels=vae.z_channels, norm_num_groups=vae.norm_groups,
         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=vae.scale_factor,
         shift_factor=vae.shift_factor).eval()
+    randomize_affine_(hf)  # GroupNorm scales/offsets (library init: ones and zeros) and every conv bias
     model = SynerMedGen(config, rngs=nnx.Rngs(params=seed))
     load_diffusers_vae(model.vae, hf)
 

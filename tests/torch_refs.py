@@ -13,6 +13,29 @@ def _np(tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().astype(np.float32)
 
 
+def randomize_affine_(module) -> None:
+    """Draws every bias of a torch module from U(-0.3, 0.3) and every norm scale from U(0.5, 1.5), in place.
+
+    Library initialisers set biases to zero and norm scales to one, so a dropped or swapped bias or norm
+    parameter (in a port's key map, a loader, or the model itself) would leave the outputs unchanged; with
+    distinct random values each such mistake changes them. A norm scale is the ``weight`` of a submodule
+    whose class name contains ``Norm`` (LayerNorm, GroupNorm, Qwen's RMSNorm). Draws from torch's global
+    generator, so ``torch.manual_seed`` makes the values reproducible."""
+    import torch
+
+    with torch.no_grad():
+        for _, sub in module.named_modules():
+            is_norm = "Norm" in type(sub).__name__
+            for name, param in sub.named_parameters(recurse=False):
+                if name == "bias":
+                    low, high = -0.3, 0.3
+                elif is_norm and name == "weight":
+                    low, high = 0.5, 1.5
+                else:
+                    continue
+                param.copy_(torch.empty(param.shape).uniform_(low, high).to(param.dtype))
+
+
 def set_linear(linear, state: dict, prefix: str) -> None:
     """A torch ``nn.Linear`` (weight ``[out, in]``) into our ``Linear`` (kernel ``[in, out]``)."""
     linear.kernel.value = jnp.asarray(_np(state[f"{prefix}.weight"]).T)
