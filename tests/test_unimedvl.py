@@ -515,3 +515,34 @@ def test_eval_scores_several_checkpoints_in_one_table(tiny_config, tmp_path_fact
     # The same flags score one checkpoint alone as before; several need --out.
     assert cli(["eval", "--checkpoint", "a", "--checkpoint", "b", "--data", str(data)]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_family_defaults_and_flags(tiny_config):
+    """The checkpoint's family picks the defaults; --family / --cfg-* / --mode / --*-resize override them."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from synermedgen_jax.data.geometry import ResizeRule
+    from synermedgen_jax.inference import family
+    from synermedgen_jax.inference.loading import Inference
+
+    def inference(name):
+        return Inference(model=SimpleNamespace(config=tiny_config), tokenizer=None, image_size=(32, 32),
+                         vit_image_size=(28, 28), family=name)
+
+    ours = inference("synermedgen")
+    settings = family.resolve(ours, Namespace())
+    assert (settings.cfg_text, settings.cfg_img, settings.mode, settings.image_first) == (4.0, 1.5, "edit", None)
+    assert (ours.vae_rule, ours.vit_rule, ours.image_size) == (None, None, (32, 32))  # its own fixed sizes
+    uni = inference("unimedvl")
+    settings = family.resolve(uni, Namespace(cfg_img=None, mode=None))
+    assert (settings.family, settings.cfg_img, settings.mode) == ("unimedvl", 2.0, "understand-edit")
+    assert (uni.vae_rule.min_side, uni.vae_rule.stride, uni.vit_rule.stride, uni.vit_after_vae) == (32, 4, 14, True)
+    settings = family.resolve(inference("unimedvl"), Namespace(cfg_img=1.0, mode="edit", cfg_text=3.0))
+    assert (settings.cfg_text, settings.cfg_img, settings.mode) == (3.0, 1.0, "edit")
+    as_uni = inference("synermedgen")
+    settings = family.resolve(as_uni, Namespace(family="unimedvl", vae_resize=ResizeRule(16, 32, 4)))
+    assert settings.mode == "understand-edit" and as_uni.vae_rule == ResizeRule(16, 32, 4)
+    assert as_uni.sizes_for(10, 20) == ((16, 32), as_uni.vit_rule.size_for(16, 32))
+    assert family.edit_text("understand-edit", "do x", "") == "do x"  # an empty answer: the instruction alone
+    assert family.edit_text("think-edit", "do x", "plan") == "do x\n\nBased on analysis: plan"

@@ -143,13 +143,17 @@ def apply_rules(inference, vae_rule: ResizeRule | None, vit_rule: ResizeRule | N
 
     config = inference.model.config
     own_vae, own_vit = inference_rules(config, vae=vae_rule, vit=vit_rule)
-    if vae_rule is not None or inference.vae_rule is None:  # sizes_for needs both rules
+    if vae_rule is not None:
         inference.vae_rule = own_vae
-    if vit_rule is not None or inference.vit_rule is None:
+    if vit_rule is not None:
         inference.vit_rule = own_vit
     inference.vit_after_vae = vit_after_vae
     # The fixed sizes: those of a 512 px square (every NIfTI and build slice is at most that), as loading.py.
-    inference.image_size, inference.vit_image_size = inference.sizes_for(512, 512)
+    image_size, vit_image_size = inference.sizes_for(512, 512)
+    if vae_rule is not None:
+        inference.image_size = image_size
+    if vit_rule is not None or vit_after_vae:
+        inference.vit_image_size = vit_image_size
 
 
 # ------------------------------------------------------------------------------------------------------------
