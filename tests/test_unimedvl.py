@@ -546,3 +546,53 @@ def test_family_defaults_and_flags(tiny_config):
     assert as_uni.sizes_for(10, 20) == ((16, 32), as_uni.vit_rule.size_for(16, 32))
     assert family.edit_text("understand-edit", "do x", "") == "do x"  # an empty answer: the instruction alone
     assert family.edit_text("think-edit", "do x", "plan") == "do x\n\nBased on analysis: plan"
+
+
+def test_metadata_and_volume_paths_edit_on_instruction_plus_answer(tmp_path, monkeypatch):
+    """``synthesize --metadata`` and the NIfTI path in understanding-then-edit mode: each source's edit runs on
+    its own "instruction\\n\\nanswer" text with the image-first context; entries with the same answer share a
+    batch (the answers and the sampler are stand-ins here: the packing is the context test's)."""
+    from PIL import Image
+
+    from synermedgen_jax.inference import family
+    from synermedgen_jax.inference import metadata as meta
+    from synermedgen_jax.inference.loading import Inference
+    from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+
+    class Tokenizer:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    calls = []
+    monkeypatch.setattr(Sampler, "__init__", lambda self, model, special, image_size, vit_image_size, config, *,
+                        mesh=None, image_first=False: self.__dict__.update(
+                            image_size=tuple(image_size), image_first=image_first, batch_divisor=1))
+
+    def generate(self, sources, ids, *, seed=0, batch_size=8, indices=None, progress=None):
+        calls.append(("".join(map(chr, ids)), self.image_first, [int(i) for i in indices]))
+        return np.zeros((len(sources), *self.image_size), np.float32)
+
+    monkeypatch.setattr(Sampler, "generate", generate)
+    monkeypatch.setattr(Inference, "special", property(lambda self: None))
+    # The answer depends on the source's brightness: "bright" or "dark".
+    monkeypatch.setattr(family, "answers_for", lambda inference, settings, instruction, sources, **kw: [
+        "bright" if s.mean() > 0 else "dark" for s in sources])
+    inference = Inference(model=None, tokenizer=Tokenizer(), image_size=(16, 16), vit_image_size=(28, 28))
+    settings = family.Settings("unimedvl", 4.0, 2.0, "understand-edit", 8, True)
+    root = tmp_path / "src"
+    root.mkdir()
+    for key, value in (("a", 250), ("b", 10), ("c", 240)):
+        Image.fromarray(np.full((16, 16), value, np.uint8)).save(root / f"{key}.png")
+    metadata = {key: {"id": f"{key}.png", "prompt": "T1 to T2"} for key in "abc"}
+    result = meta.synthesize_metadata(inference, metadata, root, tmp_path / "out", sampler_config=SamplerConfig(
+        num_steps=2), settings=settings)
+    assert sorted(result["written"]) == ["a", "b", "c"]
+    assert sorted(calls) == [("T1 to T2\n\nbright", True, [0, 2]), ("T1 to T2\n\ndark", True, [1])]
+    # The NIfTI path: per-slice texts, noise indices kept (the slice numbers).
+    calls.clear()
+    sampler = Sampler(None, None, (16, 16), (28, 28), None, image_first=True)
+    slices = np.stack([np.full((16, 16), v, np.float32) for v in (0.5, -0.5, 0.5)])
+    texts = family.edit_instructions(inference, settings, "T1 to T2", slices)
+    ids = [inference.tokenizer.encode(t) for t in texts]
+    family.generate_edits(sampler, slices, ids, seed=3, indices=[4, 5, 6])
+    assert sorted(calls) == [("T1 to T2\n\nbright", True, [4, 6]), ("T1 to T2\n\ndark", True, [5])]
