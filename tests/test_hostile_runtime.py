@@ -91,6 +91,21 @@ def env(tmp_path_factory):
         jax.config.update(name, value)
 
 
+@pytest.fixture(scope="module")
+def bagel(env, tiny_config) -> Path:
+    """A tiny BAGEL folder (import's input), made only for the cases that import."""
+    from port_fixtures import make_bagel_folder, port_test_config
+
+    folder = env["root"] / "bagel_in"
+    if not folder.exists():
+        make_bagel_folder(folder, port_test_config(tiny_config), seed=0)
+    return folder
+
+
+def _with_bagel(env: dict, request) -> dict:
+    return {**env, "bagel": request.getfixturevalue("bagel")}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Damaged newest checkpoints that pass the metadata checks: train falls back to the older step, and what it
 # restores is the older step's content (every array and the data iterator's state).
@@ -256,6 +271,22 @@ def test_full_disk_at_save_keeps_last_checkpoint_and_resumes(env, tmp_path, caps
     assert rows == list(range(STEPS + 2)), rows
 
 
+def test_too_little_free_space_is_one_line_before_any_work(env, tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(env["run"], workdir)
+    before = checksums(workdir)
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 2**20, 2**20)  # 1 MiB free
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    code, stderr = cli(_train(workdir, env["data"], steps=STEPS + 2), capsys)
+    one_error(code, stderr, 2, str(workdir), "1 MiB free", "ENOSPC")
+    assert checksums(workdir) == before
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Unwritable outputs, found before any work: a read-only folder, and an output whose parent is a file.
 def _read_only_dir(tmp_path: Path) -> Path:
@@ -273,12 +304,13 @@ OUTPUT_CASES = {
     "build-data --out": lambda e, d: ["build-data", "--out", d / "data", *h.BUILD_ARGS],
     "build-data --contact-sheet": lambda e, d: ["build-data", "--out", e["root"] / "unused",
                                                 "--contact-sheet", d / "sheet.png", *h.BUILD_ARGS],
-    "import --out": lambda e, d: ["import", "--bagel", e["root"] / "no_bagel", "--out", d / "ckpt"],
+    "import --out": lambda e, d: ["import", "--bagel", e["bagel"], "--out", d / "ckpt"],
     "export --out": lambda e, d: ["export", "--checkpoint", e["run"], "--out", d / "bagel"],
     "synthesize --output": lambda e, d: ["synthesize", "--checkpoint", e["run"], "--input", e["root"] / "t1.nii.gz",
                                          "--source-modality", "t1", "--target-modality", "t2",
                                          "--output", d / "o.nii.gz"],
-    "eval --out": lambda e, d: ["eval", "--checkpoint", e["run"], "--data", e["data"], "--out", d / "eval"],
+    "eval --out": lambda e, d: ["eval", "--checkpoint", e["run"], "--data", e["data"], "--split", "val",
+                                "--max-slices", "1", "--max-instances", "1", "--steps", "2", "--out", d / "eval"],
     "bench --json": lambda e, d: ["bench", "--json", d / "bench.json"],
     "plan --json": lambda e, d: ["plan", "--json", d / "plan.json"],
 }
@@ -286,7 +318,8 @@ OUTPUT_CASES = {
 
 @pytest.mark.parametrize("where", ["read-only folder", "parent is a file"])
 @pytest.mark.parametrize("case", list(OUTPUT_CASES))
-def test_unwritable_output_is_one_line_before_any_work(case, where, env, tmp_path, capsys):
+def test_unwritable_output_is_one_line_before_any_work(case, where, env, tmp_path, capsys, request):
+    env = _with_bagel(env, request) if case.startswith("import") else env
     if where == "read-only folder":
         folder = _read_only_dir(tmp_path)
         reason = "cannot write in"
@@ -321,7 +354,7 @@ def _hold(target: Path) -> subprocess.Popen:
 LOCK_CASES = {
     "train": lambda e, t: (_train(t / "run", e["data"]), t / "run"),
     "build-data": lambda e, t: (["build-data", "--out", t / "data", *h.BUILD_ARGS, "--overwrite"], t / "data"),
-    "import": lambda e, t: (["import", "--bagel", e["root"] / "no_bagel", "--out", t / "ckpt"], t / "ckpt"),
+    "import": lambda e, t: (["import", "--bagel", e["bagel"], "--out", t / "ckpt"], t / "ckpt"),
     "export": lambda e, t: (["export", "--checkpoint", e["run"], "--out", t / "bagel"], t / "bagel"),
     "synthesize": lambda e, t: (["synthesize", "--checkpoint", e["run"], "--input", e["root"] / "t1.nii.gz",
                                  "--source-modality", "t1", "--target-modality", "t2", "--output",
@@ -329,9 +362,10 @@ LOCK_CASES = {
 }
 
 
-def test_second_writer_is_refused_naming_the_holder(env, tmp_path, capsys):
+def test_second_writer_is_refused_naming_the_holder(env, tmp_path, capsys, request):
     import socket
 
+    env = _with_bagel(env, request)
     shutil.copytree(env["run"], tmp_path / "run")
     shutil.copytree(env["data"], tmp_path / "data")
     before = checksums(tmp_path)

@@ -114,6 +114,26 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter: Any, co
         return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
+def free_space_problem(workdir: str | Path, state: Any) -> str | None:
+    """Whether the disk of a local ``workdir`` lacks room for one more checkpoint of ``state`` (arrays or
+    ``ShapeDtypeStruct``s; Orbax removes the oldest step only after a save completes), with 5 % + 64 MiB to
+    spare for metadata and logs: a one-line reason, found before any work, or None."""
+    import shutil
+
+    if "://" in str(workdir):
+        return None  # remote storage has no disk to ask
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    need = int(need * 1.05) + 64 * 2**20
+    folder = Path(workdir).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    free = shutil.disk_usage(str(folder)).free
+    if free >= need:
+        return None
+    return (f"{workdir}: only {free / 2**20:.0f} MiB free on its disk; a checkpoint of this state needs about "
+            f"{need / 2**20:.0f} MiB (a save would fail with ENOSPC): free space or use another --workdir")
+
+
 def wait_until_finished(mngr: ocp.CheckpointManager) -> None:
     """Waits for an async save; its failed write raises an OSError naming the workdir and the errno."""
     with _naming_write_errors(mngr, None):

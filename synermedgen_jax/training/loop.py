@@ -253,6 +253,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
     # The state is planned abstractly and created (or restored) straight onto its shardings: no process ever
     # holds the whole state, on the host or on one device.
     abstract, shardings = step_lib.plan_state(codec, make_model, tx, tcfg, mesh)
+    if jax.process_count() == 1:  # several processes may share a disk or not: each would misjudge its part
+        problem = checkpoint.free_space_problem(workdir, abstract)
+        if problem:
+            raise TrainingError(problem)
     batches = inputs.train_batches(config)
     mngr = checkpoint.manager(workdir, tcfg)
     n_trainable = sum(int(np.prod(v.shape)) for v in abstract["params"].values())
