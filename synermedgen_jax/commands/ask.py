@@ -10,6 +10,10 @@ are normalised with --modality's rule (ct/cbct: HU window; pet: SUV clip; MR nam
 image the text placed before it (training's multi-image questions label their images: MI "A:" .. "D:", CTS
 "Source:" "A:" .. "D:", TIA "x1:" "x2:"; data/prompts.py). Greedy by default
 (--temperature 0); with a temperature, nucleus sampling with --top-p and --seed. Prints the answer.
+
+Limits, checked before the checkpoint is read (exit status 2, one line): --prompt at most 32,768 characters
+(BAGEL's context), --max-new-tokens 1..8,192, a finite --temperature >= 0, --top-p in (0, 1], at most 64
+images, PNG/JPEG pictures of at most 8192 x 8192 pixels, NIfTI volumes with a usable affine (no zero spacing).
 """
 
 from __future__ import annotations
