@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A tiny but complete build: 2 subjects (one train, one held-out val), 32×32 slices.
@@ -76,3 +78,31 @@ def wait_for_steps(workdir: Path, count: int, proc: subprocess.Popen, logs, time
             raise AssertionError(f"training exited early ({proc.returncode}): {logs()[-2000:]}")
         time.sleep(0.2)
     raise AssertionError(f"training made no progress: {logs()[-2000:]}")
+
+
+def saved_state(workdir: str | Path, step: int) -> dict[str, np.ndarray]:
+    """Every array of the train state saved at ``workdir/step`` (params, frozen, opt, ema, rng, step), by its
+    pytree path (``['params']['connector.fc1.kernel']``, ``['opt'][1][0]['mu']['...']``), read straight from
+    the Orbax checkpoint as host arrays: what is on disk, whatever mesh wrote it, no model and no restore
+    target."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    folder = (Path(workdir) / str(step) / "state").absolute()
+    with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.metadata(folder).item_metadata
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(saved, "tree", saved))
+        tree = reader.restore(folder, restore_args=as_numpy)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_same_state(workdir: str | Path, reference: str | Path, step: int) -> None:
+    """The train state at ``step`` of ``workdir`` equals the reference's bitwise: parameters, frozen weights,
+    EMA, the optimizer's moments (Adam's mu and nu) and counters alike."""
+    got, want = saved_state(workdir, step), saved_state(reference, step)
+    assert sorted(got) == sorted(want)
+    for section in ("['params']", "['ema']", "['opt']"):
+        assert any(name.startswith(section) for name in want), section
+    assert any("['mu']" in name for name in want) and any("['nu']" in name for name in want), sorted(want)[:20]
+    differing = [name for name in want if not np.array_equal(got[name], want[name])]
+    assert not differing, f"{len(differing)} of {len(want)} arrays differ, e.g. {differing[:6]}"
