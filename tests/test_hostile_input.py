@@ -308,6 +308,9 @@ CASES: dict[str, tuple[str, Callable, list[str]]] = {
     # -- eval, bench, plan, quickstart, ablate, model-info
     "eval steps 1": ("range", lambda t, w, b: ["eval", "--checkpoint", t / "no_checkpoint", "--data", w["data"],
                                                "--steps", "1"], ["--steps"]),
+    "eval corrupted record shard": ("traceback", lambda t, w, b: [
+        "eval", "--checkpoint", t / "no_checkpoint", "--data", _corrupt_shard(t, w), "--out", t / "report"],
+        ["--data", "train-00000.array_record", "corrupt"]),
     "eval cfg-img NaN": ("silent", lambda t, w, b: ["eval", "--checkpoint", t / "no_checkpoint", "--data",
                                                     w["data"], "--cfg-img", "nan"], ["--cfg-img"]),
     "bench peak-tflops NaN": ("silent", lambda t, w, b: ["bench", "--what", "metrics", "--peak-tflops", "nan"],

@@ -131,6 +131,12 @@ def main(args: argparse.Namespace) -> int:
         data = Path(args.data)
         if not (data / "records").is_dir():
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
+        from synermedgen_jax.data.records import ShardError, check_shards
+
+        try:  # a damaged shard named now, not as a Riegeli traceback half-way through the evaluation
+            check_shards(data)
+        except ShardError as err:
+            raise loading.InferenceError(f"--data {data}: {err}") from None
         tokenizer = args.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists() else None)
         from synermedgen_jax.inference import family
         from synermedgen_jax.inference.sampler import inference_mesh
