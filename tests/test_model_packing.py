@@ -298,3 +298,32 @@ def test_chunked_vae_encoding_equals_one_shot(model_config):
     one_shot = SynerMedGen(one_shot_config, rngs=nnx.Rngs(params=8))
     images = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 11, 16, 16, 1)), jnp.float32)
     np.testing.assert_allclose(chunked.latent_tokens(images, None), one_shot.latent_tokens(images, None), atol=1e-5)
+
+
+def test_vae_encoder_skips_empty_slots(model_config, monkeypatch):
+    """With ``real`` slots given, the encoder runs on the chunks that hold a real slot only (counted by a
+    callback inside the encoder, which fires only when ``lax.cond`` takes the encoding branch); real slots get
+    the tokens an all-slot encode gives them, empty slots zeros."""
+    from synermedgen_jax.modeling.vae import AutoEncoder
+
+    config = model_config.copy_and_resolve_references()
+    config.vae.encode_chunk = 2
+    model = SynerMedGen(config, rngs=nnx.Rngs(params=8))
+    images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (3, 4, 16, 16, 1)), jnp.float32)
+    real = jnp.asarray([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], bool)  # 3 real of 12: 2 chunks of 2
+    reference = model.latent_tokens(images, None)  # every slot
+    encoded: list[int] = []
+    original = AutoEncoder.encode
+
+    def counted(self, x, key=None, *, sample=None):
+        jax.debug.callback(lambda n: encoded.append(int(n)), x.shape[0])
+        return original(self, x, key, sample=sample)
+
+    monkeypatch.setattr(AutoEncoder, "encode", counted)
+    tokens = model.latent_tokens(images, None, real)
+    jax.effects_barrier()
+    assert encoded == [2, 2], encoded  # 6 chunks, 4 of them empty and skipped
+    per_slot = tokens.shape[1] // 4
+    mask = np.repeat(np.asarray(real), per_slot, axis=1)[..., None]
+    np.testing.assert_allclose(np.where(mask, tokens, 0), np.where(mask, reference, 0), atol=1e-5)
+    assert float(jnp.abs(jnp.where(mask, 0, tokens)).max()) == 0.0

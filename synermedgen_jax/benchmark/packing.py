@@ -9,8 +9,9 @@
    :func:`data.packing.real_counts`. The same stream's samples before packing are read too, in arrival order
    (:meth:`PackBuilder.need` of each): the packer's input.
 2. **Cost** (:class:`RowFlops`): the FLOPs a step executes for one row (``benchmark/plan.executed_step_flops``:
-   modeling/flops.py's executed count + the frozen VAE encoder's forward per VAE *slot*, empty slots included)
-   at the budget's shapes vs the same formula at the row's real counts. The padding share is
+   modeling/flops.py's executed count + the frozen VAE encoder's forward) at the budget's shapes, the encoder
+   counted on the row's real VAE images only (it skips empty slots), vs the same formula at the row's real
+   counts. The padding share is
    ``1 − Σ real / Σ slots`` over the rows.
 3. **Suggest** (:func:`suggest`): replay the arrivals offline through the pipeline's packing rule
    (:func:`simulate`, :func:`data.packing.fill_row`; the replay at the config's budget must reproduce the
@@ -98,7 +99,7 @@ def simulate(sizes: np.ndarray, caps: Sequence[float], lookahead: int = 1, drop_
 class RowFlops:
     """FLOPs one train step executes per pack row, at given region sizes (``benchmark/plan.executed_step_flops``:
     the trained groups' forward/backward, remat and flash recomputation, lm_head at CE slots, ViT + connector,
-    generation head, and the frozen VAE encoder per VAE slot: it encodes every slot, empty ones included)."""
+    generation head, and the frozen VAE encoder per VAE image)."""
 
     def __init__(self, config: Any, budget: PackBudget):
         self.config, self.budget = config, budget
@@ -122,12 +123,22 @@ class RowFlops:
         b = _as_dict(budget)
         return self.total(b["und_tokens"], b["gen_tokens"], b["vit_patches"], b["vae_images"], b["ce_tokens"])
 
+    def executed_parts(self, budget: Mapping[str, int] | PackBudget, row: Sequence[int]) -> dict[str, float]:
+        """``{part: FLOPs}`` a step executes for a row of real counts ``row [6]`` (:data:`SIZE_KEYS`): every slot
+        of the budget, except the frozen VAE encoder, which encodes the row's real images only
+        (``modeling/synermedgen.encode_real_slots``; chunk rounding ignored)."""
+        b = _as_dict(budget)
+        parts = dict(self.parts(b["und_tokens"], b["gen_tokens"], b["vit_patches"], b["vae_images"], b["ce_tokens"]))
+        if "vae_encoder_forward" in parts:
+            parts["vae_encoder_forward"] = self.parts(0, 0, 0, int(row[4]), 0)["vae_encoder_forward"]
+        return parts
+
     def padding_share(self, budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> float:
-        """``1 − Σ_rows FLOPs(real counts) / (R · FLOPs(budget))`` for ``rows [R, 6]`` (:data:`SIZE_KEYS`)."""
+        """``1 − Σ_rows FLOPs(real counts) / Σ_rows FLOPs executed`` for ``rows [R, 6]`` (:data:`SIZE_KEYS`)."""
         if len(rows) == 0:
             return float("nan")
         real = sum(self.total(r[0], r[1], r[2], r[4], r[5]) for r in rows)
-        return 1.0 - real / (len(rows) * self.of_budget(budget))
+        return 1.0 - real / sum(sum(self.executed_parts(budget, r).values()) for r in rows)
 
 
 def _as_dict(budget: Mapping[str, int] | PackBudget) -> dict[str, int]:
@@ -189,23 +200,37 @@ def region_table(budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> li
 
 
 def flop_parts(flops: RowFlops, budget: Mapping[str, int] | PackBudget, rows: np.ndarray) -> dict[str, dict]:
-    """Per FLOP part: ``{slots, real, padding_share}`` summed over ``rows`` (what each part spends on padding)."""
-    b = _as_dict(budget)
-    slot_parts = flops.parts(b["und_tokens"], b["gen_tokens"], b["vit_patches"], b["vae_images"], b["ce_tokens"])
-    out = {}
-    for name, value in slot_parts.items():
-        real = sum(flops.parts(r[0], r[1], r[2], r[4], r[5]).get(name, 0.0) for r in rows)
-        total = value * len(rows)
-        out[name] = {"slots": total, "real": real, "padding_share": (1.0 - real / total) if total else None}
+    """Per FLOP part: ``{slots, real, padding_share}`` summed over ``rows`` (what each part spends on padding;
+    ``slots`` is what the step executes, :meth:`RowFlops.executed_parts`)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        real_parts = flops.parts(r[0], r[1], r[2], r[4], r[5])
+        for name, value in flops.executed_parts(budget, r).items():
+            part = out.setdefault(name, {"slots": 0.0, "real": 0.0})
+            part["slots"] += value
+            part["real"] += real_parts.get(name, 0.0)
+    for part in out.values():
+        part["padding_share"] = (1.0 - part["real"] / part["slots"]) if part["slots"] else None
     return out
 
 
-def _grid(low: int, high: int, step: int) -> list[int]:
-    """``low``, the multiples of ``step`` in (low, high], and ``high``: candidate sizes of one region."""
+def _grid(low: int, high: int, step: int, unit: int = 0, most: int = 16) -> list[int]:
+    """Candidate sizes of one region in ``[low, high]``: both ends, the multiples of ``step``, and (``unit`` > 0)
+    up to ``most`` evenly spaced multiples of ``unit``, the size samples come in (a region that is a whole
+    number of samples wastes nothing)."""
     if high < low:
         return []
     values = {low, high, *range(math.ceil(low / step) * step, high + 1, step)}
+    if unit > 0:
+        multiples = list(range(math.ceil(low / unit) * unit, high + 1, unit))
+        values.update(multiples[:: max(1, math.ceil(len(multiples) / most))])
     return sorted(v for v in values if low <= v <= high)
+
+
+def _unit(column: np.ndarray) -> int:
+    """The greatest common divisor of a region's non-zero per-sample sizes (0 when none)."""
+    nonzero = column[column > 0]
+    return int(np.gcd.reduce(nonzero)) if len(nonzero) else 0
 
 
 def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int, lookahead: int = LOOKAHEAD
@@ -213,9 +238,10 @@ def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int,
     """The budget of ``tokens`` und+gen tokens per row that minimises the simulated padding FLOP share of
     packing ``sizes [n, 6]`` (arrival order) with the pipeline's packer (``lookahead``-sample window).
 
-    Grid: the und/gen split (gen = tokens − und; und from the largest sample's und need up to what leaves the
-    largest sample's gen need, in steps of ``tokens/32``; a stage without generation samples keeps gen 0, and a
-    ViT patch budget from the largest sample's patches up to und, in steps of ``und/32``. For each, the rows are
+    Grid: the und/gen split (gen from the largest sample's gen need up to what leaves the largest sample's und
+    need, in steps of ``tokens/32`` and in whole multiples of the size generation samples come in; und = tokens −
+    gen; a stage without generation samples keeps gen 0), and a ViT patch budget from the largest sample's
+    patches up to und, in steps of ``und/32`` and in multiples of the images' patch count. For each, the rows are
     simulated with ViT images, VAE slots and CE slots uncapped, then those are set to the most any row used
     (CE at least 1).
     The config's own budget (at the same row length) is a candidate too, so the result is never worse.
@@ -228,9 +254,9 @@ def suggest(sizes: np.ndarray, budget: PackBudget, flops: RowFlops, tokens: int,
     if tokens == budget.und_tokens + budget.gen_tokens:
         candidates.append(_as_dict(budget))
     step = max(1, tokens // 32)
-    und_values = [tokens] if need[1] == 0 else _grid(int(need[0]), tokens - int(need[1]), step)
-    for und in und_values:
-        vit_values = [0] if need[2] == 0 else _grid(int(need[2]), und, max(1, und // 32))
+    gen_values = [0] if need[1] == 0 else _grid(int(need[1]), tokens - int(need[0]), step, _unit(sizes[:, 1]))
+    for und in sorted({tokens - gen for gen in gen_values}):
+        vit_values = [0] if need[2] == 0 else _grid(int(need[2]), und, max(1, und // 32), _unit(sizes[:, 2]))
         for vit in vit_values:
             sim = simulate(sizes, (und, tokens - und, vit, inf, inf, inf), lookahead)
             if sim is None:
@@ -296,7 +322,8 @@ def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: in
         "flops_per_row_at_slots": flops.of_budget(budget),
         "flop_parts": flop_parts(flops, budget, rows),
         "flops_counted_as": "benchmark/plan.executed_step_flops (modeling/flops.py executed count + frozen VAE "
-                            "encoder forward per VAE slot), at the budget's shapes vs at each row's real counts",
+                            "encoder forward): executed = the budget's shapes with the encoder on the row's real "
+                            "VAE images only, vs the same formula at each row's real counts",
         "replay_matches_pipeline": bool(replay_matches),
         "packers_simulated": packers,
         "largest_sample": {key: int(v) for key, v in zip(SIZE_KEYS, sizes.max(axis=0))},

@@ -90,9 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generic generation pre-training steps, once per seed (400; zero-shot only)")
     parser.add_argument("--rows", type=positive_int, default=4,
                         help="pack rows per step of the VAE and Stage I (default 4)")
-    parser.add_argument("--stage2-rows", type=positive_int, default=16,
-                        help="pack rows per Stage II / generic pre-training step (default 16: small's Stage II rows "
-                             "hold one sample each)")
+    parser.add_argument("--stage2-rows", type=positive_int, default=8,
+                        help="pack rows per Stage II / generic pre-training step (default 8: small's Stage II rows "
+                             "hold about two samples each)")
     parser.add_argument("--eval-split", default="test", help="record split every arm is evaluated on (test)")
     parser.add_argument("--eval-tasks", default="",
                         help="comma-separated eval task or dataset names (default: every route of the split)")

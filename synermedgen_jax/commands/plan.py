@@ -35,9 +35,9 @@ accelerator-equivalent figure (per device minus the copies) beside the CPU one.
 built folder DIR exactly as training does (the config and its --config.KEY=VALUE overrides, as train takes them),
 reads --rows-sampled rows and prints per region (und / gen tokens, ViT patches / images, VAE images, CE slots)
 slots, mean real count and fill, samples per row and the share of the step's FLOPs spent on padding (the VAE
-encoder counted per VAE slot, empty ones included); then the budget split of --tokens und+gen tokens per row
-(default: the config's) that minimises that share under the same next-fit packer, replayed offline on the
-recorded samples, as --config.data.pack.* overrides. No device or compilation is involved.
+encoder counted on real images only: it skips empty slots); then the budget split of --tokens und+gen tokens per
+row (default: the config's) that minimises that share under the pipeline's look-ahead packer (config.data.lookahead),
+replayed offline on the recorded arrivals, as --config.data.pack.* overrides. No device or compilation is involved.
   python -m synermedgen_jax plan --data /tmp/data --config configs/stage2_ucg.py:small --rows-sampled 200 \\
       --config.train.rows=8 --json packing.json
 """

@@ -40,7 +40,7 @@ STAGES = (
     # name, config file, steps at the base budget, rows per step
     ("vae", "configs/vae.py", 300, 4),
     ("stage1", "configs/stage1_gau.py", 60, 4),
-    ("stage2", "configs/stage2_ucg.py", 1000, 8),  # small's Stage II rows hold one sample each
+    ("stage2", "configs/stage2_ucg.py", 1000, 4),  # small's Stage II rows hold about two samples each
 )
 # Short runs end on an annealed learning rate; Stage II takes more, smaller steps at a higher peak (the model is
 # far from converged at this budget). Text guidance 1.5, not BAGEL's 4, scored best on the val split; image

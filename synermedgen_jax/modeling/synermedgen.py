@@ -17,9 +17,10 @@ import ml_collections
 from flax import nnx
 
 from synermedgen_jax.data.packing import Pack
+from synermedgen_jax.kernels.partition import over_rows
 from synermedgen_jax.modeling import generation
 from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
-from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, constrain
+from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, active_mesh, constrain
 from synermedgen_jax.modeling.llm import MoTLanguageModel
 from synermedgen_jax.modeling.vae import AutoEncoder
 from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_table
@@ -28,6 +29,42 @@ from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_
 def freeze_config(config) -> ml_collections.FrozenConfigDict:
     """Models keep a hashable frozen copy of their config (it becomes part of the static graph)."""
     return config if isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(config)
+
+
+def encode_real_slots(vae: AutoEncoder, images: jax.Array, real: jax.Array, keys: jax.Array | None,
+                      chunk: int) -> jax.Array:
+    """Scaled latents ``[b, S, h, w, z]`` of ``images [b, S, H, W, C]``, encoding only the ``real [b, S]`` slots.
+
+    The slots are ordered real-first (a stable sort, so each image keeps its key) and encoded ``chunk`` at a
+    time; a chunk without a real slot is skipped by ``lax.cond`` (real control flow on one device's data), and
+    its latents stay zero. ``keys [b, S, ...]``: one PRNG key per slot (None: the posterior mean); a chunk draws
+    its noise from its first slot's key.
+    """
+    count = images.shape[0] * images.shape[1]
+    flat = images.reshape(count, *images.shape[2:])
+    order = jnp.argsort(jnp.logical_not(real.reshape(count)), stable=True)
+    chunk = min(chunk or count, count)
+    groups = -(-count // chunk)
+    pad = groups * chunk - count
+    ordered = jnp.pad(flat[order], ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
+    ordered = ordered.reshape(groups, chunk, *flat.shape[1:])
+    any_real = jnp.pad(real.reshape(count)[order], (0, pad)).reshape(groups, chunk).any(axis=1)
+    if keys is None:
+        group_keys = jnp.zeros((groups,), jnp.uint32)
+    else:
+        group_keys = keys.reshape(count, *keys.shape[2:])[order][jnp.arange(groups) * chunk]
+    latent = jax.eval_shape(lambda x: vae.encode(x, sample=False), ordered[0])
+
+    def encode(args):
+        group, has_real, group_key = args
+        return jax.lax.cond(has_real,
+                            lambda: vae.encode(group, None if keys is None else group_key).astype(latent.dtype),
+                            lambda: jnp.zeros(latent.shape, latent.dtype))
+
+    encoded = jax.lax.map(encode, (ordered, any_real, group_keys)).reshape(groups * chunk, *latent.shape[1:])
+    out = jnp.zeros((count, *latent.shape[1:]), latent.dtype).at[order].set(encoded[:count])
+    out = jnp.where(real.reshape(count, *([1] * (out.ndim - 1))), out, 0)  # an empty slot beside real ones
+    return out.reshape(*images.shape[:2], *latent.shape[1:])
 
 
 class SynerMedGen(nnx.Module):
@@ -52,34 +89,36 @@ class SynerMedGen(nnx.Module):
         self.vae = AutoEncoder(config, rngs=rngs)
 
     # ------------------------------------------------------------------------------------------------------
-    def latent_tokens(self, vae_images: jax.Array, key: jax.Array | None) -> jax.Array:
-        """Clean latent tokens of every image slot, ``vae_images [B, S, H, W, C]`` → ``[B, S·L, p·p·z]``.
+    def latent_tokens(self, vae_images: jax.Array, key: jax.Array | None, real: jax.Array | None = None
+                      ) -> jax.Array:
+        """Clean latent tokens of the image slots, ``vae_images [B, S, H, W, C]`` → ``[B, S·L, p·p·z]``.
 
-        The VAE is frozen: no gradient flows into it from here. Images are encoded ``vae.encode_chunk`` at a
-        time (``lax.map``), so the encoder's full-resolution activations never exist for a whole pack at once.
+        ``real [B, S]`` bool marks the slots that hold an image (None: all of them). The frozen encoder runs on
+        those only: each device orders its own rows' slots real-first and encodes ``vae.encode_chunk`` of them at
+        a time (``lax.map``; the full-resolution activations never exist for a whole pack at once), skipping a
+        chunk with no real slot (``lax.cond``); empty slots get zero tokens, which no real token reads. On a mesh
+        this runs under ``shard_map`` over the batch axes (kernels/partition.py), so one device's empty slots are
+        skipped whatever the others hold. No gradient flows into the VAE from here.
         """
         batch, slots = vae_images.shape[:2]
+        if real is None:
+            real = jnp.ones((batch, slots), bool)
+        sample = key is not None
+        keys = (jax.random.split(key, batch * slots) if sample else jnp.zeros((batch * slots, 2), jnp.uint32))
+        keys = keys.reshape(batch, slots, *keys.shape[1:])
         chunk = int(self.config.vae.get("encode_chunk", 0) or 0)
-        if chunk and slots > chunk:
-            # Map over groups of slots, keeping the batch axis (sharded over devices) inside every group.
-            pad = (-slots) % chunk
-            padded = jnp.pad(vae_images, ((0, 0), (0, pad)) + ((0, 0),) * (vae_images.ndim - 2))
-            groups = jnp.moveaxis(padded.reshape(batch, -1, chunk, *vae_images.shape[2:]), 1, 0)  # [G, B, c, ...]
-            keys = (jax.random.split(key, groups.shape[0]) if key is not None
-                    else jnp.zeros((groups.shape[0],), jnp.uint32))
+        graph, state = nnx.split(self.vae)
 
-            def encode(args):
-                images, group_key = args
-                flat = images.reshape(batch * chunk, *images.shape[2:])
-                latents = self.vae.encode(flat, group_key if key is not None else None)
-                return latents.reshape(batch, chunk, *latents.shape[1:])
+        def encode_rows(images, real_slots, slot_keys, vae_state):
+            return (encode_real_slots(nnx.merge(graph, vae_state), images, real_slots,
+                                      slot_keys if sample else None, chunk),)
 
-            latents = jnp.moveaxis(jax.lax.map(encode, (groups, keys)), 0, 1)  # [B, G, c, h, w, z]
-            latents = latents.reshape(batch, -1, *latents.shape[3:])[:, :slots]
-            latents = latents.reshape(batch * slots, *latents.shape[2:])
+        mesh = active_mesh()
+        if mesh is None:
+            (latents,) = encode_rows(vae_images, real, keys, state)
         else:
-            latents = self.vae.encode(vae_images.reshape(batch * slots, *vae_images.shape[2:]), key)
-        latents = jax.lax.stop_gradient(latents)
+            (latents,) = over_rows(encode_rows, mesh, batch, 3, 1, "frozen VAE encoder")(vae_images, real, keys, state)
+        latents = jax.lax.stop_gradient(latents.reshape(batch * slots, *latents.shape[2:]))
         tokens = patchify_latents(latents, self.config.latent_patch_size)
         return tokens.reshape(batch, slots * tokens.shape[1], tokens.shape[2])
 

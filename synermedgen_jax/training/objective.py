@@ -107,6 +107,17 @@ def answer_exact_match(logits: jax.Array, pack: Pack) -> tuple[jax.Array, jax.Ar
     return jnp.sum(has & ~bad).astype(jnp.float32), jnp.sum(has).astype(jnp.float32)
 
 
+def real_vae_slots(pack: Pack, model_config) -> jax.Array:
+    """``[B, S]`` bool: the VAE slots some real generation token reads (``latent_index = slot·L + token``), the
+    same rule as ``data.packing.real_counts``; the encoder skips the others."""
+    stride = 2 ** (len(model_config.vae.ch_mult) - 1) * model_config.latent_patch_size
+    slots, height, width = pack.vae_images.shape[1:4]
+    per_slot = max((height // stride) * (width // stride), 1)
+    gen_real = pack.sample_id[:, pack.und_tokens:] >= 0
+    slot_of = jnp.where(gen_real, pack.latent_index // per_slot, slots)  # padding -> slot S (none)
+    return (slot_of[..., None] == jnp.arange(slots)).any(axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class UnifiedObjective:
     """BAGEL's CE + flow-matching MSE on packed batches (Stage I, Stage II, baselines); the train step's
@@ -126,7 +137,7 @@ class UnifiedObjective:
         if slots == 0:
             clean = jnp.zeros((rows, 0, token_dim), jnp.float32)
         else:
-            clean = model.latent_tokens(pack.vae_images, k_vae)
+            clean = model.latent_tokens(pack.vae_images, k_vae, real_vae_slots(pack, model.config))
         noise = jax.random.normal(k_noise, (rows, pack.gen_tokens, token_dim), jnp.float32)
         return Prepared(pack=pack, clean_latents=clean, noise=noise)
 
