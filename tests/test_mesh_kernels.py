@@ -15,6 +15,8 @@ import pytest
 import train_helpers as h
 from mesh_kernels import MESHES, ROWS
 
+GRAD_RTOL = 1e-5  # per parameter, relative to that parameter's largest gradient entry (float32 reductions)
+
 
 def _run(mode: str, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(mode)
@@ -82,5 +84,9 @@ def test_negative_control_sees_the_global_batch(tmp_path_factory):
 def test_sharded_loss_and_gradients_equal_single_device(numerics, mesh):
     single, sharded = numerics["single"], numerics[mesh]
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    assert sharded["max_grad_diff"] <= 1e-5 * single["grad_scale"], sharded
+    # Every parameter's gradient within RTOL of its own largest entry (not of the largest gradient of any
+    # parameter), and every one of them non-zero: none is vacuously equal.
+    assert not single["zero_grads"], single["zero_grads"][:10]
+    worst = sorted(sharded["grad_rel_diff"].items(), key=lambda item: -item[1])
+    assert worst[0][1] <= GRAD_RTOL, worst[:5]
     assert math.isfinite(single["grad_norm"]) and single["grad_norm"] > 0
