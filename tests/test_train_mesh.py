@@ -1,6 +1,7 @@
 """Identical losses on 1 device and on simulated 8-device meshes (fsdp-only, data-only, fsdp×tensor); two
 processes × 4 devices through launch/local.py matching one process × 8 devices; SIGTERM to the two-process run
-saves one checkpoint from both processes, and the resumed run continues the uninterrupted curve."""
+saves one checkpoint from both processes, and the resumed run continues the uninterrupted curve and ends in its
+state (params, EMA, Adam moments)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,4 @@ def test_two_process_sigterm_saves_and_resume_continues(data, two_process, tmp_p
     got = h.losses(workdir)
     assert sorted(got) == sorted(want)
     assert all(got[s] == want[s] for s in want), (got, want)  # bitwise: same data order, same state
+    h.assert_same_state(workdir, reference, MP_STEPS)  # and the same final params, EMA and Adam moments
