@@ -27,35 +27,36 @@ import ml_collections
 
 from configs.train_common import OFFICIAL_GEOMETRY, SYNERMED_PREFIX, base_config, pack_config
 
+# Chosen with `plan --data` on a simulated release (2 subjects, 256² PNGs; docs/packing.md has the numbers). CE
+# keeps room for the release's free-form answers beyond the longest one simulated (31 tokens): an answer longer
+# than an empty row's CE slots could not be packed. Edit-chain rows end in one CE slot: edits train no text.
 _PACKS = {
     "tiny": dict(
-        stage1=dict(und_tokens=512, gen_tokens=0, vit_patches=64, vit_images=16, vae_images=0, ce_tokens=128,
+        stage1=dict(und_tokens=512, gen_tokens=0, vit_patches=96, vit_images=23, vae_images=0, ce_tokens=160,
                     image_size=(32, 32), vit_image_size=(28, 28)),
-        stage2=dict(und_tokens=192, gen_tokens=256, vit_patches=32, vit_images=8, vae_images=8, ce_tokens=8,
+        stage2=dict(und_tokens=64, gen_tokens=384, vit_patches=12, vit_images=3, vae_images=6, ce_tokens=1,
                     image_size=(32, 32), vit_image_size=(28, 28)),
         # official_tiny: Stage I's conversations and Stage II's edit chains in one row.
-        mixed=dict(und_tokens=512, gen_tokens=256, vit_patches=64, vit_images=16, vae_images=8, ce_tokens=128,
+        mixed=dict(und_tokens=320, gen_tokens=448, vit_patches=60, vit_images=15, vae_images=7, ce_tokens=128,
                    image_size=(32, 32), vit_image_size=(28, 28)),
     ),
     "small": dict(
-        stage1=dict(und_tokens=1024, gen_tokens=0, vit_patches=256, vit_images=16, vae_images=0, ce_tokens=256,
+        stage1=dict(und_tokens=1024, gen_tokens=0, vit_patches=464, vit_images=29, vae_images=0, ce_tokens=256,
                     image_size=(64, 64), vit_image_size=(56, 56)),
-        stage2=dict(und_tokens=256, gen_tokens=256, vit_patches=64, vit_images=4, vae_images=4, ce_tokens=8,
+        stage2=dict(und_tokens=128, gen_tokens=384, vit_patches=64, vit_images=4, vae_images=6, ce_tokens=1,
                     image_size=(64, 64), vit_image_size=(56, 56)),
     ),
     # Official geometry; slots for 256² slices (train_common.official_geometry; training re-derives them from the
     # build): a VAE image is 1,024 latent tokens, an edit's ViT image 324 patches, a conversation's 729.
     "bagel_7b_mot": dict(
-        # Conversations: 10 ViT images a row (7,290 patches), with room for the release's free-form text.
-        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7290, vit_images=16, vae_images=0, ce_tokens=2048),
-        # Edit chains: a 2-step interleaved sample is 4 VAE images (4,096 latent tokens) + 2 ViT images (~750 und
-        # tokens with its text): a row holds two, or four 1-step samples; 10,240 tokens (BAGEL's fine-tuning
-        # expected_num_tokens, TRAIN.md).
-        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=2048, vit_images=8, vae_images=8, ce_tokens=64),
+        # Conversations: room for 10 ViT images a row.
+        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7424, vit_images=10, vae_images=0, ce_tokens=1024),
+        # Edit chains: a 2-step interleaved sample is 4 VAE images (4,096 latent tokens) + 2 ViT images (~700 und
+        # tokens with its text); 10,240 tokens (BAGEL's fine-tuning expected_num_tokens, TRAIN.md).
+        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=1620, vit_images=5, vae_images=8, ce_tokens=1),
         # official: 10,752 tokens, between TRAIN.md's fine-tuning expected_num_tokens (10,240, what BAGEL packs
-        # to) and max_num_tokens (11,520, its hard cap): gen holds a 2-step edit (4 VAE images) + a 1-step one;
-        # und a 5-image conversation of non-square slices (5 × 837 patches) with its text, or edits' prompts.
-        mixed=dict(und_tokens=4608, gen_tokens=6144, vit_patches=4608, vit_images=16, vae_images=6, ce_tokens=2048),
+        # to) and max_num_tokens (11,520, its hard cap), split where conversations and edits fill both regions.
+        mixed=dict(und_tokens=5632, gen_tokens=5120, vit_patches=5427, vit_images=9, vae_images=5, ce_tokens=1024),
     ),
 }
 

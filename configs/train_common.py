@@ -77,13 +77,14 @@ _PACKS = {
         stage2=dict(und_tokens=96, gen_tokens=256, vit_patches=32, vit_images=2, vae_images=4, ce_tokens=1,
                     image_size=(64, 64), vit_image_size=(56, 56)),
     ),
-    # Official geometry (slots: official_geometry). Stage I: a CTS instance is 5 ViT images of 729 patches
-    # (~3,800 und tokens with its text), so a row holds two; Stage II: a pair is 2 × 1,024 latent tokens + a
-    # 324-patch ViT image (~400 und tokens), so a row holds four, 10,240 tokens in all (BAGEL's fine-tuning
-    # expected_num_tokens, TRAIN.md).
+    # Official geometry (slots: official_geometry), chosen with `plan --data` on a 256² build (docs/packing.md).
+    # Stage I: 10,240 tokens (BAGEL's fine-tuning expected_num_tokens, TRAIN.md): a CTS instance is 5 ViT images
+    # of 729 patches (~3,700 und tokens), so a row holds 3-4 samples; ViT room for 13 images. Stage II: a pair is
+    # 2 × 1,024 latent tokens (1,024 when CFG drops the source) + a 324-patch ViT image (~355 und tokens): four
+    # to five pairs a row; one CE slot (Stage II trains no text).
     "bagel_7b_mot": dict(
-        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7290, vit_images=20, vae_images=0, ce_tokens=512),
-        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=2048, vit_images=8, vae_images=8, ce_tokens=64),
+        stage1=dict(und_tokens=10240, gen_tokens=0, vit_patches=9477, vit_images=13, vae_images=0, ce_tokens=128),
+        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=1620, vit_images=5, vae_images=8, ce_tokens=1),
     ),
 }
 OFFICIAL_GEOMETRY = ("bagel_7b_mot",)  # variants that use OFFICIAL_RESIZE

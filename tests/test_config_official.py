@@ -63,8 +63,8 @@ def test_official_7b_plans_abstractly():
     assert 14.5e9 < trained < 14.7e9  # all of BAGEL-7B-MoT's 14.6 B parameters but the VAE
     assert 110e6 < frozen < 120e6  # the VAE (84 M) and the two frozen sin-cos position tables (32 M)
     row = empty_row(PackBuilder(PackBudget.from_config(config.data.pack), SpecialTokens(1, 2, 3, 4), config.model))
-    assert row["vae_images"].shape == (6, 512, 512, 3)
-    assert row["token_ids"].shape == (4608,) and row["latent_index"].shape == (6144,)
+    assert row["vae_images"].shape == (5, 512, 512, 3)
+    assert row["token_ids"].shape == (5632,) and row["latent_index"].shape == (5120,)
 
 
 def test_official_packs_build_from_the_release_at_official_sizes(built):
@@ -97,7 +97,7 @@ def test_official_packs_build_from_the_release_at_official_sizes(built):
                 builder.build()
             builder.add(out[0], rng)
     row = builder.build()
-    assert row["vae_images"].shape == (6, *budget.image_size, 3)
+    assert row["vae_images"].shape == (budget.vae_images, *budget.image_size, 3)
     assert ("VaeImage", "edit", budget.image_size) in sizes
     assert ("VitImage", "edit", synermed_size(height, width, 224, 518, 14)) in sizes
     assert ("VitImage", "conv", synermed_size(height, width, 378, 980, 14)) in sizes

@@ -570,7 +570,11 @@ def test_synthesize_metadata_writes_one_png_per_key_and_skips_existing(release, 
     _, s2 = trained
     args = build_parser().parse_args(["synthesize", "--checkpoint", "x", "--metadata", "m.json", "--image-root", "r",
                                       "--output-dir", "o"])
-    assert (args.steps, args.shift, args.cfg_text, args.cfg_img) == (50, 3.0, 4.0, 1.5)  # the official defaults
+    # The official defaults: guidance comes from the checkpoint's model family unless a flag sets it.
+    from synermedgen_jax.inference.family import DEFAULTS
+
+    assert (args.steps, args.shift, args.cfg_text, args.cfg_img) == (50, 3.0, None, None)
+    assert (DEFAULTS["synermedgen"].cfg_text, DEFAULTS["synermedgen"].cfg_img) == (4.0, 1.5)
     slices = sorted((root / "slice").rglob("*.png"))
     t1 = [p for p in slices if p.parent.name == "t1"][:3]
     metadata = {f"case{i}_t1_t2": {"id": str(p.relative_to(root / "slice")),
