@@ -40,28 +40,35 @@ def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch:
 
 
 def synthetic_batch(config, budget, rows: int, seed: int = 0) -> tuple[dict, dict]:
-    """``(batch, counts)``: ``rows`` packs filled greedily with synthetic samples of ``config.stage``."""
-    from synermedgen_jax.data.packing import PackBuilder, SpecialTokens, stack_rows
+    """``(batch, counts)``: ``rows`` packs of synthetic samples of ``config.stage``, packed by the pipeline's rule
+    (``data.packing.fill_row`` over ``config.data.lookahead`` samples)."""
+    from synermedgen_jax.data.packing import LOOKAHEAD, PackBuilder, SpecialTokens, fill_row, stack_rows
 
     rng = np.random.default_rng(seed)
     builder = PackBuilder(budget, SpecialTokens(*SPECIAL_IDS), config.model)
-    out, samples, images = [], 0, 0
+    lookahead = int(config.data.get("lookahead", LOOKAHEAD)) if "data" in config else LOOKAHEAD
+    window: list = []
+    totals = {"samples": 0, "images": 0}
+
+    def refill() -> bool:
+        window.append(_sample(config.stage, budget, rng, int(config.model.llm.vocab_size),
+                              int(config.model.vit.patch_size)))
+        return True
+
+    def take(sample) -> None:
+        builder.add(sample, rng)
+        totals["samples"] += 1
+        totals["images"] += sum(type(item).__name__ in ("VitImage", "VaeImage") for item in sample)
+
+    out = []
     for _ in range(rows):
-        while True:
-            sample = _sample(config.stage, budget, rng, int(config.model.llm.vocab_size),
-                             int(config.model.vit.patch_size))
-            if not builder.fits(sample):
-                break
-            builder.add(sample, rng)
-            samples += 1
-            images += sum(type(item).__name__ in ("VitImage", "VaeImage") for item in sample)
+        fill_row(window, refill, builder.fits, take, lookahead)
         if builder.empty:
             raise BenchError(f"one synthetic {config.stage} sample does not fit the pack budget {budget}")
         out.append(builder.build())
     batch = stack_rows(out)
     tokens = int(np.sum(batch["sample_id"] >= 0))
-    return batch, {"samples": samples, "images": images, "tokens": tokens,
-                   "slot_tokens": rows * budget.total_tokens}
+    return batch, {**totals, "tokens": tokens, "slot_tokens": rows * budget.total_tokens}
 
 
 def visible_pairs(sample_id: np.ndarray, split_id: np.ndarray, split_kind: np.ndarray) -> np.ndarray:
