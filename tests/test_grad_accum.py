@@ -29,6 +29,10 @@ def _one_step(accum: int) -> tuple[dict, dict, dict]:
     config.train.rows, config.train.grad_accum = ROWS, accum
     config.train.ema = 0.5  # a decay that moves the EMA visibly in one step
     config.train.warmup = 0  # the first step's learning rate is lr, not 0 (else params would not move)
+    # Adam's first update is lr·g/(|g| + eps): at the config's eps (1e-15) a gradient element at rounding level
+    # still moves its parameter by ±lr, and its sign is what the summation order decides. An eps above that
+    # level keeps such elements' updates proportional to them, so the comparison sees the accumulation only.
+    config.train.eps = 1e-8
     mesh = make_mesh((1, 1, 1))
     make_model, codec, objective = loop.build(config)
     tx = optim.make_optimizer(config.train)
