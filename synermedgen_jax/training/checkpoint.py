@@ -239,15 +239,21 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter: Any) -> dict:
-    """Restores ``state`` (onto ``target``'s shardings, so a different mesh reshards) and the iterator."""
-    saved = mngr.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
-    check_compatible(saved, manifest_of(target), what=f"checkpoint {mngr.directory}/{step}")
+def _restore_args(target: dict, data_iter: Any) -> dict:
+    """Composite restore arguments: ``state`` onto ``target``'s shapes and shardings, and the iterator if given."""
     abstract = _abstract(target)
     args = {"state": ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
         abstract))}
     if data_iter is not None:
         args["data"] = grain_ckpt.CheckpointRestore(data_iter)
+    return args
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter: Any) -> dict:
+    """Restores ``state`` (onto ``target``'s shardings, so a different mesh reshards) and the iterator."""
+    saved = mngr.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+    check_compatible(saved, manifest_of(target), what=f"checkpoint {mngr.directory}/{step}")
+    args = _restore_args(target, data_iter)
     return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
 
 
@@ -291,11 +297,7 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter
     if not _everywhere(failure is None):
         return None, failure or "another process could not read this step's manifest"
     check_compatible(saved, manifest_of(target), what=f"checkpoint {folder}")
-    abstract = _abstract(target)
-    args = {"state": ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
-        abstract))}
-    if data_iter is not None:
-        args["data"] = grain_ckpt.CheckpointRestore(data_iter)
+    args = _restore_args(target, data_iter)
     try:
         state, failure = mngr.restore(step, args=ocp.args.Composite(**args))["state"], None
     except Exception as err:  # noqa: BLE001 (TensorStore, zstd, Grain and Orbax errors alike)
