@@ -1,14 +1,47 @@
-"""Staging folders beside an output: ``.<name>.<tag>-<pid>``, renamed into place only when complete.
+"""Atomic outputs: every file or folder the project writes appears whole or not at all.
 
-Builds (``build-data``) and conversions (``import``, ``export``) write into such a folder, so a failed or killed
-run never leaves a half-written output; the next run clears the folders of processes that no longer exist.
+- ``write_atomic(path, text_or_bytes)``: small files (JSON, CSV, reports) through a temp file and a rename.
+- ``atomic_path(path)``: a temp name beside ``path`` for writers that need a file name (numpy, Pillow, nibabel,
+  tensorboard images); renamed onto ``path`` when the block ends, removed if it raises.
+- Staging folders ``.<name>.<tag>-<pid>``: builds (``build-data``) and conversions (``import``, ``export``)
+  write into one and rename it into place when complete; the next run clears those of dead processes.
+
+The temp names start with a dot and keep the file's suffixes, so a reader globbing ``*.json`` never sees
+one and a writer that picks the format from the suffix (``.nii.gz``) still does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def _temp_beside(path: Path) -> Path:
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never a part of one."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temp file name beside ``path``; renamed onto ``path`` when the block ends, removed on error."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
