@@ -1,4 +1,9 @@
-"""Which attention and flow-matching implementation runs: the one rule behind ``impl="auto"``.
+"""Which attention and flow-matching implementation runs: the names a config may give and the one rule behind
+``impl="auto"``.
+
+This module holds only the choice: the names (``ATTENTION_IMPLS``, ``FLOW_MATCHING_IMPLS``), the platform being
+traced for and the ``auto`` policy. It imports no implementation; each op lists what computes each name where the
+op is defined (kernels/attention/__init__.py, kernels/flow_matching.py) and asks this module for ``auto``.
 
 ``auto`` (the default of ``model.attention_impl`` and ``model.flow_matching_impl`` in configs/models.py) means:
 
@@ -30,6 +35,12 @@ import copy
 from collections.abc import Iterator
 
 import jax
+import ml_collections
+
+# The values of ``model.attention_impl`` / ``model.flow_matching_impl`` (configs/models.py).
+ATTENTION_IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "auto")
+FLOW_MATCHING_IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
+KERNEL_IMPLS = ("pallas", "pallas_interpret")  # opaque to XLA: partitioned with shard_map on a mesh
 
 # Measured with the small config on 2 CPU cores, the quickstart's train steps (jitted, median of 16 steps): Stage II
 # 8 rows x 184 tokens and Stage I 4 rows x 512 tokens; see README "Kernels".
@@ -78,18 +89,10 @@ def pallas_backend(platform: str | None = None) -> str:
     return "mosaic" if normalise_platform(platform or current_platform()) == "tpu" else "triton"
 
 
-def _has_pallas() -> bool:
-    try:
-        from synermedgen_jax.kernels.attention import pallas  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
 def auto_attention(platform: str | None = None) -> str:
     """What ``attention_impl="auto"`` computes with on ``platform`` (default: :func:`current_platform`)."""
     platform = normalise_platform(platform or current_platform())
-    return "pallas" if platform in KERNEL_PLATFORMS and _has_pallas() else CPU_ATTENTION
+    return "pallas" if platform in KERNEL_PLATFORMS else CPU_ATTENTION
 
 
 def auto_flow_matching(platform: str | None = None) -> str:
@@ -139,17 +142,12 @@ def resolve_kernels(model_config, platform: str | None = None, *, mesh_shape: di
     platform, summary}`` (``summary``: :func:`describe`'s line). Explicit choices are kept; only ``auto``
     changes. Resolving a resolved config again starts from its request, so a checkpoint's config resolves
     for the machine that loads it."""
-    import ml_collections  # noqa: PLC0415
-
-    from synermedgen_jax.kernels.attention import IMPLS as ATTENTION_IMPLS  # noqa: PLC0415
-    from synermedgen_jax.kernels.flow_matching import IMPLS as FLOW_IMPLS  # noqa: PLC0415
-
     platform = normalise_platform(platform or current_platform())
     want_attention, want_flow = requested(model_config)
     if want_attention not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl {want_attention!r}: expected one of {ATTENTION_IMPLS}")
-    if want_flow not in FLOW_IMPLS:
-        raise ValueError(f"model.flow_matching_impl {want_flow!r}: expected one of {FLOW_IMPLS}")
+    if want_flow not in FLOW_MATCHING_IMPLS:
+        raise ValueError(f"model.flow_matching_impl {want_flow!r}: expected one of {FLOW_MATCHING_IMPLS}")
     attention = auto_attention(platform) if want_attention == "auto" else want_attention
     flow = auto_flow_matching(platform) if want_flow == "auto" else want_flow
     out = copy.deepcopy(model_config)

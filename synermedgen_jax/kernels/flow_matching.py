@@ -25,8 +25,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
 from synermedgen_jax.kernels import dispatch, partition
+from synermedgen_jax.kernels.dispatch import FLOW_MATCHING_IMPLS as IMPLS
 
-IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
 RENORMS = ("text_channel", "channel", "global")
 NORM_EPS = 1e-8  # BAGEL's epsilon in the renorm ratio
 

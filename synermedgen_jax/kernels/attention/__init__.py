@@ -4,7 +4,7 @@ implementations (docs/kernels.md).
     packed_attention(q, k, v, sample_id, split_id, split_kind, *, impl="reference") -> [B, T, Hq, D]
 
 The contract (shapes, metadata, the visibility rule) is written in ``reference.py`` beside the jnp reference.
-``impl`` picks what computes (``IMPLS``):
+``impl`` picks what computes (``IMPLS``, the names of kernels/dispatch.py):
 
 * ``reference``: dense mask, plain jnp (``reference.py``);
 * ``xla_dense``: the same mask through ``jax.nn.dot_product_attention`` (cuDNN on GPU; for comparisons);
@@ -19,12 +19,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from synermedgen_jax.kernels import partition
+from synermedgen_jax.kernels import dispatch, partition
+from synermedgen_jax.kernels.attention.chunked import chunked_attention
+from synermedgen_jax.kernels.attention.pallas import BlockSizes, pallas_packed_attention
 from synermedgen_jax.kernels.attention.reference import (
     CAUSAL,
     FULL,
@@ -33,15 +34,14 @@ from synermedgen_jax.kernels.attention.reference import (
     visibility_mask,
     xla_dense_attention,
 )
-
-if TYPE_CHECKING:
-    from synermedgen_jax.kernels.attention.pallas import BlockSizes
+from synermedgen_jax.kernels.dispatch import ATTENTION_IMPLS as IMPLS
+from synermedgen_jax.kernels.dispatch import KERNEL_IMPLS
 
 __all__ = ["CAUSAL", "FULL", "NOISE", "IMPLS", "KERNEL_IMPLS", "packed_attention", "reference_attention",
            "visibility_mask", "xla_dense_attention"]
 
-IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "auto")
-KERNEL_IMPLS = ("pallas", "pallas_interpret")  # opaque to XLA: partitioned with shard_map on a mesh
+# The jnp implementations by name; the other names are the Pallas kernel (compiled or interpreted) and "auto".
+JNP_IMPLS = {"reference": reference_attention, "xla_dense": xla_dense_attention, "chunked": chunked_attention}
 
 
 def _validate(q, k, v, sample_id, split_id, split_kind) -> None:
@@ -83,7 +83,7 @@ def packed_attention(
     """
     _validate(q, k, v, sample_id, split_id, split_kind)
     if impl == "auto":
-        impl = _auto_impl()
+        impl = dispatch.auto_attention()
     if impl not in IMPLS:
         raise ValueError(f"packed_attention: unknown impl {impl!r}; expected one of {IMPLS}")
     local = functools.partial(_local_attention, impl=impl, block_sizes=block_sizes)
@@ -95,17 +95,9 @@ def packed_attention(
 
 
 def _local_attention(q, k, v, sample_id, split_id, split_kind, *, impl, block_sizes):
-    if impl == "reference":
-        return reference_attention(q, k, v, sample_id, split_id, split_kind)
-    if impl == "xla_dense":
-        return xla_dense_attention(q, k, v, sample_id, split_id, split_kind)
-    if impl == "chunked":
-        from synermedgen_jax.kernels.attention.chunked import chunked_attention  # noqa: PLC0415
-
-        return chunked_attention(q, k, v, sample_id, split_id, split_kind)
-    from synermedgen_jax.kernels.attention import pallas  # noqa: PLC0415 (optional heavy import)
-
-    return pallas.pallas_packed_attention(
+    if impl in JNP_IMPLS:
+        return JNP_IMPLS[impl](q, k, v, sample_id, split_id, split_kind)
+    return pallas_packed_attention(
         q, k, v, sample_id, split_id, split_kind, interpret=(impl == "pallas_interpret"), block_sizes=block_sizes
     )
 
@@ -122,9 +114,3 @@ def _sharded(local, mesh, batch_axes, head_axis, q_shape, kv_shape):
         local, mesh=mesh, in_specs=(heads, heads, heads, meta, meta, meta), out_specs=heads, check_vma=False
     )
 
-
-def _auto_impl() -> str:
-    """``impl="auto"``: the rule of kernels/dispatch.py for the platform being traced for."""
-    from synermedgen_jax.kernels.dispatch import auto_attention  # noqa: PLC0415
-
-    return auto_attention()

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from synermedgen_jax.kernels import dispatch
 from synermedgen_jax.kernels.attention import mosaic_kernel, triton_kernel
 from synermedgen_jax.kernels.attention.block_map import block_map, visible_lists
 
@@ -69,13 +70,6 @@ def default_block_sizes(backend: str, head_dim: int, interpret: bool) -> BlockSi
         return BlockSizes(128, 64, 64, 64, num_warps=8 if head_dim >= 128 else 4, num_stages=2, num_warps_bwd=4,
                           num_stages_bwd=2)
     return BlockSizes(256, 256, 256, 256)
-
-
-def _default_backend() -> str:
-    """Mosaic when tracing for TPU, Triton otherwise (kernels/dispatch.py decides the platform)."""
-    from synermedgen_jax.kernels.dispatch import pallas_backend  # noqa: PLC0415
-
-    return pallas_backend()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +142,7 @@ def pallas_packed_attention(
     ``backend``: ``"triton"`` | ``"mosaic"`` | None (Mosaic on TPU, Triton otherwise; with ``interpret=True``
     either runs on CPU). ``block_sizes``: None for the per-platform defaults.
     """
-    backend = backend or _default_backend()
+    backend = backend or dispatch.pallas_backend()  # Mosaic when tracing for TPU, Triton otherwise
     if backend not in BACKENDS:
         raise ValueError(f"pallas_packed_attention: backend must be one of {BACKENDS}; got {backend!r}")
     batch, seq_len, _, head_dim = q.shape
