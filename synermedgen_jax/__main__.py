@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-import traceback
 
-from synermedgen_jax.commands._runner import EXIT_CODES
+from synermedgen_jax import locking
+from synermedgen_jax.commands._runner import EXIT_CODES, debug_from_environment, guarded
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,7 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``only`` of that one alone (the others, or all for ``only=""``,
+    listed by their help line): a command line imports just its own command's module."""
     parser = argparse.ArgumentParser(
         prog="python -m synermedgen_jax",
         description="SynerMedGen-JAX: unified medical image understanding and synthesis (BAGEL-style MoT).",
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the full traceback of an unexpected error (also: SYNERMEDGEN_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"synermedgen_jax.commands.{module_name}")
         sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted after the command too (it is where one adds it to a failing command line).
-    debug = "--debug" in argv or os.environ.get("SYNERMEDGEN_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv or debug_from_environment()
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # a refused argument (one line, commands/_args.py) or --help: its status, returned
@@ -68,53 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_guarded(command: str, args: argparse.Namespace, *, debug: bool = False) -> int:
-    """Claims the command's outputs, runs it, releases them. What escapes it becomes one line on stderr: an
-    unwritable or locked output exit status 2 (before any work), a failed write (full disk, read-only file
-    system) naming the path and the errno, or any other error naming its class, exit status 1."""
-    from synermedgen_jax import locking
-
-    mark = locking.held()
-    try:
-        locking.claim_outputs(command, args)
-        return int(args._main(args) or 0)
-    except locking.OutputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"error: {command}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except OSError as err:
-        _report(command, err, debug, _os_error_line(command, err))
-        return 1
-    except Exception as err:  # the backstop: a command's own checks should have named the problem
-        text = (str(err).strip().splitlines() or [""])[0]
-        text = text if len(text) <= 400 else text[:397] + "..."
-        _report(command, err, debug, f"error: {command}: {type(err).__name__}: {text}".rstrip(": "))
-        return 1
-    finally:
-        locking.release_above(mark)
-
-
-_RESUMABLE = {"train": "the last complete checkpoint is intact; rerun the same command to resume",
-              "quickstart": "finished stages are kept; rerun the same command to resume",
-              "ablate": "finished stages are kept; rerun the same command to resume"}
-
-
-def _os_error_line(command: str, err: OSError) -> str:
-    """``error: train: WORKDIR/6/state: No space left on device, errno 28 ENOSPC; ...``."""
-    from synermedgen_jax.locking import describe_os_error
-
-    paths = [p for p in (err.filename, err.filename2) if p]
-    where = " -> ".join(str(p) for p in paths) if paths else "(path not given)"
-    hint = f"; {_RESUMABLE[command]}" if command in _RESUMABLE else ""
-    return f"error: {command}: {where}: {describe_os_error(err)}{hint}"
-
-
-def _report(command: str, err: BaseException, debug: bool, line: str) -> None:
-    if debug:
-        traceback.print_exception(err, file=sys.stderr)
-    print(line if debug else f"{line} (rerun with --debug or SYNERMEDGEN_DEBUG=1 for the traceback)",
-          file=sys.stderr, flush=True)
+    """Claims the command's outputs (locking.py), runs it, releases them; errors as one line (_runner.guarded)."""
+    return guarded(command, lambda: locking.claim_outputs(command, args), lambda: args._main(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -188,8 +189,6 @@ def release_above(mark: int) -> None:
 
 
 def _stderr(text: str) -> None:
-    import sys
-
     print(text, file=sys.stderr, flush=True)
 
 
@@ -239,12 +238,19 @@ def _rank(args: argparse.Namespace) -> int:
 def claim_outputs(command: str, args: argparse.Namespace, *, warn=None) -> None:
     """Checks every output of ``command`` is writable and locks the ones a second writer must not share;
     raises :class:`OutputError` (one line) otherwise. Remote outputs (``gs://…``) are left to their store."""
+    values = {output.attr: getattr(args, output.attr, None) for output in OUTPUTS.get(command, ())}
+    claim(command, values, rank=_rank(args), warn=warn)
+
+
+def claim(command: str, values: dict[str, object], *, rank: int = 0, warn=None) -> None:
+    """``claim_outputs`` for a command called as a function: ``values`` maps each output's ``attr`` (OUTPUTS)
+    to its path (missing or None: not written)."""
     for output in OUTPUTS.get(command, ()):
-        value = getattr(args, output.attr, None)
+        value = values.get(output.attr)
         if not value or "://" in str(value):
             continue
         problem = writable_problem(value)
         if problem:
             raise OutputError(f"{output.flag} {value}: {problem}")
-        if output.lock and _rank(args) == 0:
+        if output.lock and rank == 0:
             acquire(value, output.flag, command, warn=warn)

@@ -1,13 +1,25 @@
-"""Shared machinery of the commands: resumable stages run through the CLI (quickstart, ablate) and
-``--config.KEY=VALUE`` overrides (train, bench, ablate)."""
+"""Shared machinery of the commands: the guard every command runs under (its outputs claimed, escaping errors
+as one line, the exit statuses), the resumable stage log of quickstart and ablate, typed config fields and
+``--config.KEY=VALUE`` overrides (train, bench, plan, ablate)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import sys
 import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import ml_collections
+
+from synermedgen_jax import locking
+from synermedgen_jax.config import ConfigError, validate_config
+from synermedgen_jax.staging import write_atomic
 
 # The exit-status convention of every command (shown at the end of each --help).
 EXIT_CODES = ("exit status: 0 done; 2 a one-line error (bad argument, config, input file, data or checkpoint, an "
@@ -15,13 +27,89 @@ EXIT_CODES = ("exit status: 0 done; 2 a one-line error (bad argument, config, in
               "nothing valid overwritten; 1 a failure during the work, one line naming it (a failed write names "
               "the path and the errno; --debug or SYNERMEDGEN_DEBUG=1 adds the traceback)")
 
+_RESUMABLE = {"train": "the last complete checkpoint is intact; rerun the same command to resume",
+              "quickstart": "finished stages are kept; rerun the same command to resume",
+              "ablate": "finished stages are kept; rerun the same command to resume"}
 
-def cli(argv: list[str]) -> int:
-    """Runs ``python -m synermedgen_jax ARGV`` in this process (echoing the command, so logs are replayable)."""
-    from synermedgen_jax.__main__ import main as cli_main
 
-    print(f"\n$ python -m synermedgen_jax {' '.join(argv)}", flush=True)
-    return cli_main(argv)
+def debug_from_environment() -> bool:
+    return os.environ.get("SYNERMEDGEN_DEBUG", "") not in ("", "0")
+
+
+def guarded(command: str, claim: Callable[[], None], work: Callable[[], int | None], *, debug: bool = False) -> int:
+    """Claims the command's outputs (``claim``: locking.claim / claim_outputs), runs ``work``, releases them.
+    What escapes it becomes one line on stderr: an unwritable or locked output exit status 2 (before any work),
+    a failed write (full disk, read-only file system) naming the path and the errno, or any other error naming
+    its class, exit status 1."""
+    mark = locking.held()
+    try:
+        claim()
+        return int(work() or 0)
+    except locking.OutputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except OSError as err:
+        _report(command, err, debug, _os_error_line(command, err))
+        return 1
+    except Exception as err:  # the backstop: a command's own checks should have named the problem
+        text = (str(err).strip().splitlines() or [""])[0]
+        text = text if len(text) <= 400 else text[:397] + "..."
+        _report(command, err, debug, f"error: {command}: {type(err).__name__}: {text}".rstrip(": "))
+        return 1
+    finally:
+        locking.release_above(mark)
+
+
+def _os_error_line(command: str, err: OSError) -> str:
+    """``error: train: WORKDIR/6/state: No space left on device, errno 28 ENOSPC; ...``."""
+    paths = [p for p in (err.filename, err.filename2) if p]
+    where = " -> ".join(str(p) for p in paths) if paths else "(path not given)"
+    hint = f"; {_RESUMABLE[command]}" if command in _RESUMABLE else ""
+    return f"error: {command}: {where}: {locking.describe_os_error(err)}{hint}"
+
+
+def _report(command: str, err: BaseException, debug: bool, line: str) -> None:
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    print(line if debug else f"{line} (rerun with --debug or SYNERMEDGEN_DEBUG=1 for the traceback)",
+          file=sys.stderr, flush=True)
+
+
+def call(command: str, outputs: Mapping[str, object], work: Callable[[], int], arguments: Sequence[object]) -> int:
+    """Runs a command's typed entry point as ``python -m synermedgen_jax COMMAND ARGUMENTS`` would run: the
+    command line echoed (logs stay replayable), ``outputs`` (its OUTPUTS attrs -> paths) claimed with the locks
+    ``__main__`` takes, escaping errors one line. Returns the exit status."""
+    print(f"\n$ python -m synermedgen_jax {command} {' '.join(str(a) for a in arguments)}", flush=True)
+    return guarded(command, lambda: locking.claim(command, dict(outputs)), work, debug=debug_from_environment())
+
+
+def command_line(request, flags: Mapping[str, str] | None = None) -> list[str]:
+    """The options that reproduce a typed request (a dataclass): each field that differs from its default as
+    ``--field-name VALUE`` (``flags`` renames a field's option; a bool is the option alone, a tuple its values
+    after it)."""
+    out: list[str] = []
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if value == field.default:
+            continue
+        flag = (flags or {}).get(field.name, "--" + field.name.replace("_", "-"))
+        if isinstance(value, bool):
+            out.append(flag)
+        elif isinstance(value, (tuple, list)):
+            out += [flag, *(str(v) for v in value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def request_from(cls, args: argparse.Namespace, **given):
+    """A typed request (dataclass ``cls``) from parsed arguments: each field from the argument of its name,
+    ``given`` for the fields whose argument is spelt otherwise."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{name: getattr(args, name) for name in names - set(given) if hasattr(args, name)}, **given)
 
 
 class StageState:
@@ -36,34 +124,45 @@ class StageState:
 
     def finish(self, name: str, seconds: float, **extra) -> None:
         self.data["stages"][name] = {"seconds": round(seconds, 1), **extra}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2))
 
-    def run(self, name: str, argv: list[str], **extra) -> None:
-        """Runs a CLI stage unless already finished; a failing stage stops the job (rerun to resume)."""
+    def run(self, name: str, stage: Callable[[], int], **extra) -> None:
+        """Runs ``stage`` (returns an exit status) unless already finished; a failing stage stops the job (rerun
+        to resume)."""
         if self.done(name):
             print(f"[{self.path.stem}] {name}: already done ({self.data['stages'][name]['seconds']} s)")
             return
         start = time.time()
-        code = cli(argv)
+        code = stage()
         if code != 0:
             raise SystemExit(f"error: stage '{name}' failed (exit {code}); rerun the same command to resume")
         self.finish(name, time.time() - start, **extra)
 
 
-def train_overrides(data_dir: Path, steps: int, rows: int, seed: int) -> list[str]:
-    """The overrides every quick stage shares (CPU-sized batches, fixed seed, no in-run eval or sample grids:
-    the jobs evaluate once at the end)."""
-    return [f"--config.data.dir={data_dir}", f"--config.train.steps={steps}", f"--config.train.rows={rows}",
-            f"--config.train.seed={seed}", f"--config.data.seed={seed}", "--config.train.eval_every=0",
-            "--config.train.image_every=0", f"--config.train.checkpoint_every={max(steps // 3, 1)}"]
+def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, object]) -> ml_collections.ConfigDict:
+    """Sets dotted keys (``train.steps``) to typed values, as ``apply_overrides`` sets parsed strings, then
+    validates the config (ConfigError naming an unknown key or a bad value)."""
+    for key, value in fields.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent)
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {key!r}")
+        if leaf not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        try:
+            with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
+                node[leaf] = value
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"--config.{key}={value}: {err}") from None
+    validate_config(config)
+    return config
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def config_arguments(fields: Mapping[str, object]) -> list[str]:
+    """``fields`` as the ``--config.KEY=VALUE`` options that set them."""
+    return [f"--config.{key}={value}" for key, value in fields.items()]
 
 
 def accept_config_overrides(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from synermedgen_jax.commands import _stages, quickstart
 from synermedgen_jax.commands._args import (
     float_range,
     int_range,
@@ -42,7 +43,12 @@ from synermedgen_jax.commands._args import (
     one_line_errors,
     positive_int,
 )
-from synermedgen_jax.commands._runner import StageState, accept_config_overrides, train_overrides, write_atomic
+from synermedgen_jax.commands._runner import StageState, accept_config_overrides
+from synermedgen_jax.commands.eval import EvalRequest
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config
+from synermedgen_jax.data.build import BuildConfig
+from synermedgen_jax.evaluation.report_io import read_results
+from synermedgen_jax.staging import write_atomic
 
 ARMS = {
     "gau": "configs/stage1_gau.py:{variant}",
@@ -154,8 +160,6 @@ def parse_arguments(args: argparse.Namespace) -> tuple[list[str], list[int], lis
 def _check_configs(args: argparse.Namespace, arms: list[str], zero_shot: list[str]) -> None:
     """Loads every config the run will train, with the --config overrides: a bad variant or key fails here,
     before any stage runs (no model is built)."""
-    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
-
     specs = ["configs/vae.py:{variant}", *(ARMS[arm] for arm in arms if ARMS[arm])]
     specs += [STAGE2_CONFIG] if args.mode != "zero-shot" else []
     specs += [GEN_PRETRAIN_CONFIG] if zero_shot else []
@@ -166,53 +170,49 @@ def _check_configs(args: argparse.Namespace, arms: list[str], zero_shot: list[st
             raise ValueError(str(err).splitlines()[0]) from None
 
 
-def _stage2_recipe() -> tuple[float, list[str]]:
-    """The main job's text guidance and Stage II overrides (commands/quickstart.py), so the arms are trained and
-    evaluated as the default run is."""
-    from synermedgen_jax.commands import quickstart
-
-    return quickstart.CFG_TEXT, list(quickstart.STAGE_OVERRIDES.get("stage2", []))
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         arms, seeds, zero_shot = parse_arguments(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg_text, stage2_recipe = _stage2_recipe()
-    cfg_text = cfg_text if args.cfg_text is None else args.cfg_text
+    # The main job's text guidance and Stage II fields (commands/quickstart.py): the arms are trained and
+    # evaluated as the default run is.
+    cfg_text = quickstart.CFG_TEXT if args.cfg_text is None else args.cfg_text
+    stage2_recipe = quickstart.STAGE_FIELDS["stage2"]
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     state = StageState(workdir / "ablate.json")
     data_dir = Path(args.data).resolve() if args.data else workdir / "data"
     if not args.data:
-        state.run("data", ["build-data", "--source", "mni152-sim", "--root", "none", "--out", str(data_dir),
-                           "--slice-size", str(args.slice_size), "--sim-voxel-mm", str(args.sim_voxel_mm),
-                           "--subjects", str(args.subjects), "--seed", str(args.data_seed), "--overwrite"])
+        build = BuildConfig(source="mni152-sim", out=str(data_dir), slice_size=args.slice_size,
+                            sim_voxel_mm=args.sim_voxel_mm, subjects=args.subjects, seed=args.data_seed,
+                            overwrite=True)
+        state.run("data", lambda: _stages.build(build))
     extra = list(getattr(args, "overrides", []))
 
-    def train(name: str, config: str, run_dir: Path, steps: int, rows: int, seed: int, more: list[str]) -> None:
-        state.run(name, ["train", "--config", config.format(variant=args.variant), "--workdir", str(run_dir),
-                         *train_overrides(data_dir, steps, rows, seed), *more, *extra], steps=steps)
+    def train(name: str, config: str, run_dir: Path, steps: int, rows: int, seed: int, more: dict) -> None:
+        fields = _stages.quick_train_fields(data_dir, steps, rows, seed) | more
+        state.run(name, lambda: _stages.train(config.format(variant=args.variant), run_dir, fields, extra),
+                  steps=steps)
 
     def evaluate(name: str, checkpoint: Path, out: Path, seed: int, instances: int) -> None:
-        tasks = ["--tasks", *_csv(args.eval_tasks)] if _csv(args.eval_tasks) else []
-        state.run(name, ["eval", "--workdir", str(checkpoint), "--data", str(data_dir), "--out", str(out),
-                         "--split", args.eval_split, "--max-slices", str(args.eval_slices), "--steps",
-                         str(args.sample_steps), "--cfg-text", str(cfg_text), "--seed", str(seed),
-                         "--max-instances", str(instances), "--no-progress", *tasks])
+        request = EvalRequest(checkpoints=(str(checkpoint),), data=str(data_dir), out=str(out),
+                              tasks=tuple(_csv(args.eval_tasks)), split=args.eval_split, steps=args.sample_steps,
+                              cfg_text=cfg_text, max_slices=args.eval_slices, max_instances=instances, seed=seed,
+                              progress=False)
+        state.run(name, lambda: _stages.evaluate(request))
 
     vae_dir = workdir / "vae"
-    vae = [f"--config.vae_from={vae_dir}"]
-    train("vae", "configs/vae.py:{variant}", vae_dir, args.vae_steps, args.rows, args.data_seed, [])
+    vae = {"vae_from": str(vae_dir)}
+    train("vae", "configs/vae.py:{variant}", vae_dir, args.vae_steps, args.rows, args.data_seed, {})
     runs = [(seed, arm) for seed in seeds for arm in arms]
     for k, (seed, arm) in enumerate(runs, 1):
         pretrained = workdir / "gen_pretrain" / f"seed{seed}"
         if zero_shot and not state.done(f"gen_pretrain/seed{seed}"):
             print(f"\n[ablate] seed {seed}: generic generation pre-training (shared by the zero-shot arms)", flush=True)
             train(f"gen_pretrain/seed{seed}", GEN_PRETRAIN_CONFIG, pretrained, args.gen_pretrain_steps,
-                  args.stage2_rows, seed, [*vae, *stage2_recipe])
+                  args.stage2_rows, seed, vae | stage2_recipe)
         stage1_config, run = ARMS[arm], workdir / arm / f"seed{seed}"
         first = ["Stage I"] if stage1_config else []
         plan = [*first, "Stage II", "eval"] if args.mode != "zero-shot" else []
@@ -220,12 +220,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"\n[ablate] seed {seed} · arm {arm} ({k}/{len(runs)}): {' → '.join(plan)}", flush=True)
         start = time.time()
         if args.mode != "zero-shot":
-            stage2_more = [*vae, *stage2_recipe]
+            stage2_more = vae | stage2_recipe
             if stage1_config:
                 train(f"{arm}/seed{seed}/stage1", stage1_config, run / "stage1", args.stage1_steps, args.rows, seed,
                       vae)
-                stage2_more += [f"--config.init_from={run / 'stage1'}", "--config.init_moe=True",
-                                "--config.init_moe_overwrite=True"]
+                stage2_more |= {"init_from": str(run / "stage1"), "init_moe": True, "init_moe_overwrite": True}
             train(f"{arm}/seed{seed}/stage2", STAGE2_CONFIG, run / "stage2", args.stage2_steps, args.stage2_rows,
                   seed, stage2_more)
             evaluate(f"{arm}/seed{seed}/eval", run / "stage2", run / "eval", seed, args.eval_instances)
@@ -234,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
             if stage1_config:  # init_moe stays off: the pre-trained generation expert must survive Stage I
                 checkpoint = run / "zero_shot_stage1"
                 train(f"{arm}/seed{seed}/zero_shot_stage1", stage1_config, checkpoint, args.stage1_steps, args.rows,
-                      seed, [*vae, f"--config.init_from={pretrained}", "--config.init_moe=False"])
+                      seed, vae | {"init_from": str(pretrained), "init_moe": False})
             # Understanding is measured once per arm and seed: after Stage II when that runs (same weights).
             evaluate(f"{arm}/seed{seed}/zero_shot_eval", checkpoint, run / "zero_shot_eval", seed,
                      args.eval_instances if args.mode == "zero-shot" else 0)
@@ -259,8 +258,6 @@ def _finite(value) -> float | None:
 def per_seed_row(eval_dir: Path) -> dict:
     """One arm × seed's numbers from its eval folder: SSIM×100 per group, identity per group, routes above the
     copy, and the understanding columns (None where not measured)."""
-    from synermedgen_jax.evaluation.report_io import read_results
-
     results = read_results(eval_dir)
     understanding = {key: _finite(results["understanding_detail"].get(task, {}).get(field))
                      for key, task, field, _ in UNDERSTANDING}

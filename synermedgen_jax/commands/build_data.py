@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.commands import build_synermed
 from synermedgen_jax.commands._args import (
     float_range,
     fraction,
@@ -36,7 +37,10 @@ from synermedgen_jax.commands._args import (
     positive_int,
     window,
 )
+from synermedgen_jax.commands._runner import request_from
+from synermedgen_jax.data.build import BuildConfig, build, summary_lines
 from synermedgen_jax.data.records import SPLITS
+from synermedgen_jax.data.sources import SOURCES
 
 
 def _mix(text: str) -> tuple[tuple[str, float], ...]:
@@ -58,8 +62,6 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from synermedgen_jax.data.sources import SOURCES
-
     parser.add_argument("--source", required=True, choices=sorted(SOURCES) + ["synermed"],
                         help="dataset layout (synermed: the published SynerMed release folder, see below)")
     parser.add_argument("--root", help="dataset folder (not needed for mni152-sim)")
@@ -98,42 +100,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to fine-tune imported weights (train refuses a build whose ids differ)")
     parser.add_argument("--contact-sheet", metavar="PNG", help="write a PNG of the first case, all modalities")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from synermedgen_jax.commands.build_synermed import add_release_arguments
-
-    add_release_arguments(parser)
+    build_synermed.add_release_arguments(parser)
     one_line_errors(parser)
+
+
+def run(config: BuildConfig) -> int:
+    """Builds ``config.out`` from a NIfTI source (or mni152-sim): the typed entry point of ``build-data``
+    (quickstart and ablate call it). A bad input is one error line, exit status 2."""
+    result = build_synermed.run_build(build, config, summary_lines)
+    if result is None:
+        return 2
+    print(f"wrote {result.out}/manifest.json")
+    cases = result.manifest["counts"]["cases"]
+    for split, share in zip(SPLITS, config.split_fractions, strict=True):
+        if share > 0 and not result.records[split]:
+            print(f"warning: the {split} split is empty ({sum(cases.values())} patients for fractions "
+                  f"{' '.join(str(f) for f in config.split_fractions)}): "
+                  + ("training has no data" if split == "train" else
+                     f"eval --split {split} and in-run evaluation need it; build more --subjects"), file=sys.stderr)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     if args.source == "synermed":  # the release folder: its own builder (commands/build_synermed.py)
-        from synermedgen_jax.commands.build_synermed import main as release_main
-
-        return release_main(args)
-    from synermedgen_jax.data.build import BuildConfig, build, summary_lines
-    from synermedgen_jax.data.volumes import DataError
-
-    config = BuildConfig(
-        source=args.source, root=args.root, out=args.out, slice_size=args.slice_size, dtype=args.dtype,
-        min_foreground=args.min_foreground, seed=args.seed, split_fractions=tuple(args.split),
-        ct_window=tuple(args.ct_window), mr_percentiles=tuple(args.mr_percentiles), pet_suv_max=args.pet_suv_max,
-        resample=args.resample, neighbour_k=args.neighbour_k, instances_per_pair=args.instances_per_pair,
-        mix=tuple(args.mix), records_per_shard=args.records_per_shard, subjects=args.subjects,
-        sim_voxel_mm=args.sim_voxel_mm, sim_lesion_probability=args.sim_lesion_probability,
-        vocab_size=args.vocab_size, tokenizer=args.tokenizer, contact_sheet=args.contact_sheet,
-        overwrite=args.overwrite, progress=not args.no_progress)
-    try:
-        result = build(config)
-    except DataError as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    for line in summary_lines(result):
-        print(line)
-    print(f"wrote {result.out}/manifest.json")
-    cases = result.manifest["counts"]["cases"]
-    for split, share in zip(SPLITS, args.split, strict=True):
-        if share > 0 and not result.records[split]:
-            print(f"warning: the {split} split is empty ({sum(cases.values())} patients for fractions "
-                  f"{' '.join(str(f) for f in args.split)}): "
-                  + ("training has no data" if split == "train" else
-                     f"eval --split {split} and in-run evaluation need it; build more --subjects"), file=sys.stderr)
-    return 0
+        return build_synermed.main(args)
+    return run(request_from(BuildConfig, args, split_fractions=tuple(args.split), ct_window=tuple(args.ct_window),
+                            mr_percentiles=tuple(args.mr_percentiles), mix=tuple(args.mix),
+                            progress=not args.no_progress))

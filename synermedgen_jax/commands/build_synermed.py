@@ -20,45 +20,57 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from synermedgen_jax.commands._args import int_range, non_negative_int, positive_float, positive_int
+from synermedgen_jax.commands._runner import request_from
+from synermedgen_jax.data.synermed_build import SynerMedBuildConfig, build_release, summary_lines
+from synermedgen_jax.data.volumes import DataError
+
+Config = TypeVar("Config")
+Result = TypeVar("Result")
 
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source synermed (the release folder)")
-    group.add_argument("--workers", type=int_range(1, 4096), default=1,
+    group.add_argument("--workers", type=int_range(1, 4096), default=SynerMedBuildConfig.workers,
                        help="worker processes over row groups / chunks (1)")
-    group.add_argument("--process-index", type=non_negative_int, default=0,
+    group.add_argument("--process-index", type=non_negative_int, default=SynerMedBuildConfig.process_index,
                        help="this host's index for a multi-host build (0)")
-    group.add_argument("--process-count", type=positive_int, default=1, help="hosts sharing the build (1)")
-    group.add_argument("--jsonl-chunk-mb", type=positive_float, default=64.0, help="JSONL work unit size in MiB (64)")
-    group.add_argument("--batch-rows", type=positive_int, default=64,
+    group.add_argument("--process-count", type=positive_int, default=SynerMedBuildConfig.process_count,
+                       help="hosts sharing the build (1)")
+    group.add_argument("--jsonl-chunk-mb", type=positive_float, default=SynerMedBuildConfig.jsonl_chunk_mb,
+                       help="JSONL work unit size in MiB (64)")
+    group.add_argument("--batch-rows", type=positive_int, default=SynerMedBuildConfig.batch_rows,
                        help="Parquet rows decoded at a time per worker (64)")
 
 
-def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.data.synermed_build import SynerMedBuildConfig, build_release, summary_lines
-    from synermedgen_jax.data.volumes import DataError
-
-    if args.workers < 1 or args.batch_rows < 1 or not args.jsonl_chunk_mb > 0:
-        print("error: --workers and --batch-rows must be >= 1 and --jsonl-chunk-mb > 0", file=sys.stderr)
-        return 2
-    if not 0 <= args.process_index < args.process_count:
-        print(f"error: --process-index {args.process_index}: must be below --process-count {args.process_count}",
-              file=sys.stderr)
-        return 2
-    config = SynerMedBuildConfig(root=args.root, out=args.out, workers=args.workers,
-                                 process_index=args.process_index, process_count=args.process_count,
-                                 jsonl_chunk_mb=args.jsonl_chunk_mb, batch_rows=args.batch_rows,
-                                 vocab_size=args.vocab_size, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
+def run_build(build: Callable[[Config], Result], config: Config,
+              summary: Callable[[Result], Iterable[str]]) -> Result | None:
+    """Runs a build (both builders) and prints its summary; a DataError is one error line and None."""
     try:
-        result = build_release(config)
+        result = build(config)
     except DataError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    for line in summary_lines(result):
+        return None
+    for line in summary(result):
         print(line)
+    return result
+
+
+def run(config: SynerMedBuildConfig) -> int:
+    """Builds the release's shards (this process's share): the typed entry point of ``--source synermed``."""
+    if config.workers < 1 or config.batch_rows < 1 or not config.jsonl_chunk_mb > 0:
+        print("error: --workers and --batch-rows must be >= 1 and --jsonl-chunk-mb > 0", file=sys.stderr)
+        return 2
+    if not 0 <= config.process_index < config.process_count:
+        print(f"error: --process-index {config.process_index}: must be below --process-count {config.process_count}",
+              file=sys.stderr)
+        return 2
+    result = run_build(build_release, config, summary_lines)
+    if result is None:
+        return 2
     if not result.finished:
         return 0
     print(f"wrote {result.out}/manifest.json")
@@ -67,3 +79,7 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(request_from(SynerMedBuildConfig, args, progress=not args.no_progress))

@@ -34,8 +34,11 @@ recorded (scores.json 'skipped', 'counts') and counted in the summary (evaluatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from synermedgen_jax.commands._args import (
     int_range,
@@ -44,6 +47,48 @@ from synermedgen_jax.commands._args import (
     one_line_errors,
     positive_int,
 )
+from synermedgen_jax.commands._runner import request_from
+from synermedgen_jax.data.geometry import ResizeRule
+from synermedgen_jax.data.records import ShardError, check_shards
+from synermedgen_jax.evaluation import compare
+from synermedgen_jax.evaluation.evaluate import EvalConfig, markdown, run_evaluation
+from synermedgen_jax.evaluation.png_pairs import markdown as pairs_markdown
+from synermedgen_jax.evaluation.png_pairs import score_pairs
+from synermedgen_jax.evaluation.png_pairs import write_report as write_pairs_report
+from synermedgen_jax.inference import family, loading
+from synermedgen_jax.inference.metadata import read_metadata
+from synermedgen_jax.inference.sampler import SamplerConfig, inference_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    """What ``eval`` scores, typed (its options; quickstart and ablate build one): checkpoints on a built data
+    folder. None for a guidance or family option: each checkpoint family's default (inference/family.py)."""
+
+    checkpoints: tuple[str, ...]
+    data: str
+    out: str | None = None  # default: <checkpoint>/eval; required with several checkpoints
+    tasks: tuple[str, ...] = ()
+    split: str = "test"
+    steps: int = 50
+    cfg_text: float | None = None
+    cfg_img: float | None = None
+    max_slices: int = 16
+    max_instances: int = 32
+    batch_size: int = 8
+    devices: int = 1
+    seed: int = 0
+    tokenizer: str | None = None  # default: the data's tokenizer.json
+    progress: bool = True
+    family: str | None = None
+    vae_resize: ResizeRule | None = None
+    vit_resize: ResizeRule | None = None
+    mode: str | None = None
+    answer_tokens: int | None = None
+
+
+# How command_line spells the request's fields that are not --field-name options.
+FLAGS = {"checkpoints": "--checkpoint", "progress": "--no-progress"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,26 +99,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "UniMedVL PyTorch folder; repeat it to score several checkpoints on the same routes "
                              "and slices in one table (with the copy baseline)")
     parser.add_argument("--data", help="built data folder (build-data --out)")
-    parser.add_argument("--tasks", nargs="+", default=(), help="task or dataset names (default: all present)")
-    parser.add_argument("--split", default="test", help="record split (test)")
-    parser.add_argument("--steps", type=int_range(2, 1000), default=50, help="flow-matching timesteps (50)")
+    parser.add_argument("--tasks", nargs="+", default=EvalRequest.tasks,
+                        help="task or dataset names (default: all present)")
+    parser.add_argument("--split", default=EvalRequest.split, help="record split (test)")
+    parser.add_argument("--steps", type=int_range(2, 1000), default=EvalRequest.steps,
+                        help="flow-matching timesteps (50)")
     parser.add_argument("--cfg-text", type=non_negative_float, default=None,
                         help="text guidance scale (default: each checkpoint family's, 4.0)")
     parser.add_argument("--cfg-img", type=non_negative_float, default=None,
                         help="image guidance scale (default: each checkpoint family's, 1.5; UniMedVL 2.0)")
-    parser.add_argument("--max-slices", type=positive_int, default=16, help="slices per route (16)")
-    parser.add_argument("--max-instances", type=non_negative_int, default=32,
+    parser.add_argument("--max-slices", type=positive_int, default=EvalRequest.max_slices,
+                        help="slices per route (16)")
+    parser.add_argument("--max-instances", type=non_negative_int, default=EvalRequest.max_instances,
                         help="instances per understanding task (32; 0: skip)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--devices", type=positive_int, default=1,
+    parser.add_argument("--batch-size", type=positive_int, default=EvalRequest.batch_size)
+    parser.add_argument("--devices", type=positive_int, default=EvalRequest.devices,
                         help="split each sampler batch over this many local devices (1; the batch is rounded up to "
                              "a multiple)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=EvalRequest.seed)
     parser.add_argument("--out", help="report folder (default: <checkpoint>/eval; required with several "
                                       "--checkpoint: each one's report goes to OUT/<name>/, the table to OUT/)")
-    from synermedgen_jax.inference.family import add_family_arguments
-
-    add_family_arguments(parser)
+    family.add_family_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer.json (default: --data's)")
     parser.add_argument("--no-progress", action="store_true")
     group = parser.add_argument_group("PNG pairs (the official metadata convention; no checkpoint needed)")
@@ -91,10 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _warn_if_untrained_on(inference, data: Path) -> None:
     """A warning (scores are still computed) when --data is another dataset or slice size than the run's."""
-    from synermedgen_jax.inference.loading import _data_manifest
-
-    trained = _data_manifest(inference.data_dir)
-    given = _data_manifest(str(data))
+    trained = loading._data_manifest(inference.data_dir)
+    given = loading._data_manifest(str(data))
     if not trained or not given:
         return
     for key, what in (("source", "dataset"), ("slice_size", "slice size")):
@@ -106,59 +150,55 @@ def _warn_if_untrained_on(inference, data: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.evaluation.evaluate import EvalConfig, markdown, run_evaluation
-    from synermedgen_jax.inference import loading
-    from synermedgen_jax.inference.sampler import SamplerConfig
-
     if args.metadata:  # PNG pairs per route (evaluation/png_pairs.py)
         return _png_pairs(args)
-    checkpoints = list(args.checkpoint or ([args.workdir] if args.workdir else []))
+    checkpoints = tuple(args.checkpoint or ([args.workdir] if args.workdir else []))
     if not checkpoints or not args.data:
         print("error: --workdir/--checkpoint and --data are required (or --metadata with --predictions)",
               file=sys.stderr)
         return 2
-    if len(checkpoints) > 1 and not args.out:
+    return run(request_from(EvalRequest, args, checkpoints=checkpoints, tasks=tuple(args.tasks),
+                            progress=not args.no_progress))
+
+
+def run(request: EvalRequest) -> int:
+    """Scores ``request.checkpoints`` and writes their reports: the typed entry point of ``eval`` (quickstart and
+    ablate call it). A bad input is one error line, exit status 2."""
+    if len(request.checkpoints) > 1 and not request.out:
         print("error: --out is required with several --checkpoint (OUT/<name>/ per checkpoint, the table in OUT/)",
               file=sys.stderr)
         return 2
-    from synermedgen_jax.evaluation import compare
-
-    labels = compare.labels_for(checkpoints)
+    labels = compare.labels_for(list(request.checkpoints))
     reports = {}
     try:
-        if args.steps < 2 or args.max_slices < 1 or args.batch_size < 1 or args.devices < 1:
+        if request.steps < 2 or request.max_slices < 1 or request.batch_size < 1 or request.devices < 1:
             raise loading.InferenceError("--steps must be >= 2, --max-slices, --batch-size and --devices >= 1")
-        data = Path(args.data)
+        data = Path(request.data)
         if not (data / "records").is_dir():
             raise loading.InferenceError(f"--data {data}: not a built data folder (no records/)")
-        from synermedgen_jax.data.records import ShardError, check_shards
-
         try:  # a damaged shard named now, not as a Riegeli traceback half-way through the evaluation
             check_shards(data)
         except ShardError as err:
             raise loading.InferenceError(f"--data {data}: {err}") from None
-        tokenizer = args.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists() else None)
-        from synermedgen_jax.inference import family
-        from synermedgen_jax.inference.sampler import inference_mesh
-
-        for checkpoint, label in zip(checkpoints, labels):
+        tokenizer = request.tokenizer or (str(data / "tokenizer.json") if (data / "tokenizer.json").exists()
+                                          else None)
+        for checkpoint, label in zip(request.checkpoints, labels):
             inference = loading.load_for_inference(checkpoint, tokenizer=tokenizer,
-                                                   mesh=inference_mesh(args.devices))
+                                                   mesh=inference_mesh(request.devices))
             _warn_if_untrained_on(inference, data)
-            settings = family.resolve(inference, args)  # this checkpoint's family defaults, flags applied
-            config = EvalConfig(split=args.split, tasks=tuple(args.tasks), max_slices=args.max_slices,
-                                max_instances=args.max_instances, batch_size=args.batch_size, seed=args.seed,
-                                sampler=SamplerConfig(num_steps=args.steps, cfg_text=settings.cfg_text,
-                                                      cfg_img=settings.cfg_img), devices=args.devices,
-                                family=settings.family, mode=settings.mode,
+            settings = family.resolve(inference, request)  # this checkpoint's family defaults, options applied
+            config = EvalConfig(split=request.split, tasks=tuple(request.tasks), max_slices=request.max_slices,
+                                max_instances=request.max_instances, batch_size=request.batch_size,
+                                seed=request.seed, sampler=SamplerConfig(num_steps=request.steps,
+                                                                         cfg_text=settings.cfg_text,
+                                                                         cfg_img=settings.cfg_img),
+                                devices=request.devices, family=settings.family, mode=settings.mode,
                                 image_first=bool(settings.image_first), answer_tokens=settings.answer_tokens)
-            if len(checkpoints) == 1:
-                out = Path(args.out) if args.out else Path(checkpoint) / "eval"
+            if len(request.checkpoints) == 1:
+                out = Path(request.out) if request.out else Path(checkpoint) / "eval"
             else:
-                out = Path(args.out) / label
-            from tqdm import tqdm
-
-            bar = tqdm(unit="slice", disable=args.no_progress, file=sys.stderr)
+                out = Path(request.out) / label
+            bar = tqdm(unit="slice", disable=not request.progress, file=sys.stderr)
             try:
                 reports[label] = run_evaluation(inference, str(data), config, out,
                                                 progress=lambda name, n, bar=bar: (bar.set_description(name),
@@ -166,25 +206,22 @@ def main(args: argparse.Namespace) -> int:
             finally:
                 bar.close()
             del inference  # one model in memory at a time
-            if len(checkpoints) == 1:
+            if len(request.checkpoints) == 1:
                 print(markdown(reports[label]))
                 print(f"report written to {out}")
                 return 0
             print(f"{label}: {settings.family} ({settings.mode}), report written to {out}", file=sys.stderr)
         table = compare.compare(reports)
-        compare.write_comparison(table, Path(args.out))
+        compare.write_comparison(table, Path(request.out))
     except ValueError as err:  # InferenceError and config checks
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     print(compare.markdown(table))
-    print(f"comparison written to {args.out}/comparison.{{md,csv,json}}")
+    print(f"comparison written to {request.out}/comparison.{{md,csv,json}}")
     return 0
 
 
 def _png_pairs(args: argparse.Namespace) -> int:
-    from synermedgen_jax.evaluation.png_pairs import markdown, score_pairs, write_report
-    from synermedgen_jax.inference.metadata import read_metadata
-
     try:
         if not args.predictions:
             raise ValueError("--metadata needs --predictions DIR (the <key>.png outputs to score)")
@@ -193,11 +230,11 @@ def _png_pairs(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(markdown(report))
+    print(pairs_markdown(report))
     if report["skipped"]:  # said on stderr too: these keys are absent from every mean
         print(f"warning: {len(report['skipped'])} prediction(s) skipped: their shape cannot be aligned with the "
               f"target (see scores.json 'skipped')", file=sys.stderr)
     out = Path(args.out) if args.out else Path(args.predictions)
-    write_report(report, out)
+    write_pairs_report(report, out)
     print(f"scores written to {out}/scores.{{md,csv,json}}")
     return 0 if report["keys"] else 1

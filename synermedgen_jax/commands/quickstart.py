@@ -19,9 +19,15 @@ Stages (each resumable: running the command again continues where it stopped, fi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from synermedgen_jax.commands import _stages
 from synermedgen_jax.commands._args import (
     float_range,
     int_range,
@@ -30,23 +36,31 @@ from synermedgen_jax.commands._args import (
     positive_float,
     positive_int,
 )
-from synermedgen_jax.commands._runner import StageState, train_overrides, write_atomic
+from synermedgen_jax.commands._runner import StageState
+from synermedgen_jax.commands.eval import EvalRequest
+from synermedgen_jax.commands.synthesize import SynthesisRequest
+from synermedgen_jax.data import phantom
+from synermedgen_jax.data.build import BuildConfig
+from synermedgen_jax.evaluation.ceiling import route_ceilings
+from synermedgen_jax.evaluation.report_io import read_results
+from synermedgen_jax.inference.sampler import SamplerConfig
+from synermedgen_jax.staging import atomic_path, write_atomic
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
 # others pack rows): the VAE gets enough steps to bound synthesis well, Stage II the rest. Timings and the
 # runs behind these numbers: docs/experiments.md.
 BASE_MINUTES = 15.0
 STAGES = (
-    # name, config file, steps at the base budget, rows per step
-    ("vae", "configs/vae.py", 300, 4),
-    ("stage1", "configs/stage1_gau.py", 60, 4),
-    ("stage2", "configs/stage2_ucg.py", 1000, 4),  # small's Stage II rows hold about two samples each
+    # name, config file, steps at the base budget, rows per step, the stage it is initialised from (init_moe)
+    ("vae", "configs/vae.py", 300, 4, None),
+    ("stage1", "configs/stage1_gau.py", 60, 4, None),
+    ("stage2", "configs/stage2_ucg.py", 1000, 4, "stage1"),  # small's Stage II rows hold about two samples each
 )
 # Short runs end on an annealed learning rate; Stage II takes more, smaller steps at a higher peak (the model is
 # far from converged at this budget). Text guidance 1.5, not BAGEL's 4, scored best on the val split; image
 # guidance stays at BAGEL's 1.5. The runs: docs/experiments.md.
 CFG_TEXT = 1.5
-STAGE_OVERRIDES = {"stage2": ["--config.train.schedule=cosine", "--config.train.lr=2e-3"]}
+STAGE_FIELDS = {"stage2": {"train.schedule": "cosine", "train.lr": 2e-3}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _argument_error(args: argparse.Namespace) -> str | None:
     """A one-line complaint about the arguments, found before minutes of training rather than at evaluation."""
-    from synermedgen_jax.inference.sampler import SamplerConfig
-
     workdir = Path(args.workdir)
     blocker = next((p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -96,35 +108,33 @@ def main(args: argparse.Namespace) -> int:
     data_dir = workdir / "data"
     scale = args.budget_minutes / BASE_MINUTES
 
-    state.run("data", ["build-data", "--source", "mni152-sim", "--root", "none", "--out", str(data_dir),
-                               "--slice-size", str(args.slice_size), "--sim-voxel-mm", str(args.sim_voxel_mm),
-                               "--subjects", str(args.subjects), "--seed", str(args.seed),
-                               "--contact-sheet", str(workdir / "contact_sheet.png"), "--overwrite"])
-    previous = {}
-    for name, config_file, base_steps, rows in STAGES:
+    build = BuildConfig(source="mni152-sim", out=str(data_dir), slice_size=args.slice_size,
+                        sim_voxel_mm=args.sim_voxel_mm, subjects=args.subjects, seed=args.seed,
+                        contact_sheet=str(workdir / "contact_sheet.png"), overwrite=True)
+    state.run("data", lambda: _stages.build(build))
+    previous: dict[str, str] = {}
+    for name, config_file, base_steps, rows, init_from in STAGES:
         steps = max(2, int(round(base_steps * scale)))
-        config = f"{config_file}:{args.variant}"
-        overrides = train_overrides(data_dir, steps, rows, args.seed) + STAGE_OVERRIDES.get(name, [])
-        if name in ("stage1", "stage2"):
-            overrides.append(f"--config.vae_from={previous['vae']}")
-        if name == "stage2":
-            overrides += [f"--config.init_from={previous['stage1']}", "--config.init_moe=True",
-                          "--config.init_moe_overwrite=True"]
+        fields = _stages.quick_train_fields(data_dir, steps, rows, args.seed) | STAGE_FIELDS.get(name, {})
+        if "vae" in previous:  # every stage after the VAE encodes its images with it
+            fields["vae_from"] = previous["vae"]
+        if init_from:
+            fields |= {"init_from": previous[init_from], "init_moe": True, "init_moe_overwrite": True}
         run_dir = workdir / name
-        state.run(name, ["train", "--config", config, "--workdir", str(run_dir), *overrides], steps=steps)
+        state.run(name, lambda spec=f"{config_file}:{args.variant}", run_dir=run_dir, fields=fields:
+                  _stages.train(spec, run_dir, fields), steps=steps)
         previous[name] = str(run_dir)
 
-    eval_dir = workdir / "eval"
-    state.run("eval", ["eval", "--workdir", str(workdir / "stage2"), "--data", str(data_dir), "--out",
-                               str(eval_dir), "--max-slices", str(args.eval_slices), "--steps",
-                               str(args.sample_steps), "--cfg-text", str(args.cfg_text), "--seed", str(args.seed)])
+    evaluation = EvalRequest(checkpoints=(str(workdir / "stage2"),), data=str(data_dir), out=str(workdir / "eval"),
+                             max_slices=args.eval_slices, steps=args.sample_steps, cfg_text=args.cfg_text,
+                             seed=args.seed)
+    state.run("eval", lambda: _stages.evaluate(evaluation))
     _vae_ceiling(state, workdir, data_dir, args.eval_slices)
     volume = _held_out_volume(workdir, args.seed, args.sim_voxel_mm)
-    synth = workdir / "synthesized_t2.nii.gz"
-    state.run("synthesize", ["synthesize", "--checkpoint", str(workdir / "stage2"), "--input", str(volume),
-                                     "--source-modality", "t1", "--target-modality", "t2", "--output", str(synth),
-                                     "--steps", str(args.sample_steps), "--cfg-text", str(args.cfg_text),
-                                     "--seed", str(args.seed), "--force"])
+    synthesis = SynthesisRequest(checkpoint=str(workdir / "stage2"), input=str(volume), source_modality="t1",
+                                 target_modality="t2", output=str(workdir / "synthesized_t2.nii.gz"),
+                                 steps=args.sample_steps, cfg_text=args.cfg_text, seed=args.seed, force=True)
+    state.run("synthesize", lambda: _stages.synthesize_volume(synthesis))
     report = write_report(workdir, state, args.variant)
     print(f"\n[quickstart] report: {report}")
     return 0
@@ -133,11 +143,6 @@ def main(args: argparse.Namespace) -> int:
 def _vae_ceiling(state: StageState, workdir: Path, data_dir: Path, max_slices: int) -> None:
     """``eval/vae_ceiling.json``: per route, the stage-0 VAE's reconstruction and the local map's SSIM×100 on
     eval's slices (evaluation/ceiling.py)."""
-    import json
-    import time
-
-    from synermedgen_jax.evaluation.ceiling import route_ceilings
-
     if state.done("vae_ceiling"):
         return
     start = time.time()
@@ -148,8 +153,6 @@ def _vae_ceiling(state: StageState, workdir: Path, data_dir: Path, max_slices: i
 
 def _ceiling_table(eval_dir: Path) -> list[str]:
     """Markdown lines: model / VAE reconstruction / identity SSIM×100 per route (empty before both exist)."""
-    import json
-
     ceiling_path, results_path = eval_dir / "vae_ceiling.json", eval_dir / "results.json"
     if not (ceiling_path.exists() and results_path.exists()):
         return []
@@ -178,17 +181,11 @@ def _held_out_volume(workdir: Path, seed: int, voxel_mm: float) -> Path:
     path = workdir / "held_out_t1.nii.gz"
     if path.exists():
         return path
-    import nibabel as nib
-    import numpy as np
-
-    from synermedgen_jax.data import phantom
-
     # Index 10,000 of the population: never among the build's subjects (0 .. --subjects - 1).
     subject = phantom.simulate_subject(10_000, seed=seed, config=phantom.PhantomConfig(voxel_mm=voxel_mm))
     image = nib.Nifti1Image(np.asarray(subject.images["t1"], np.float32), subject.affine)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
     return path
 
 
@@ -222,8 +219,6 @@ def write_report(workdir: Path, state: StageState, variant: str) -> Path:
 
 def beats_identity(eval_dir: Path) -> tuple[int, int] | None:
     """(routes where the model's SSIM beats the identity baseline, routes evaluated), or None before eval."""
-    from synermedgen_jax.evaluation.report_io import read_results
-
     try:
         results = read_results(eval_dir)
     except FileNotFoundError:

@@ -18,12 +18,25 @@ readable step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
+import jax
+import ml_collections
+from etils import epath
+
 from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config
+from synermedgen_jax.data.records import SPLITS, ShardError, check_shards
+from synermedgen_jax.data.tokenizer import tokenizer_mismatch
+from synermedgen_jax.inference.loading import checkpoint_tokenizer
+from synermedgen_jax.inference.sample_grids import SampleGrids
+from synermedgen_jax.training.checkpoint import CheckpointError, is_params_checkpoint, read_config
+from synermedgen_jax.training.loop import TrainingError, resolve_config, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(config, workdir: str, stop_at: int | None) -> None:
     """Every check that needs no model or data loading, before any of it (ConfigError naming the field)."""
-    from etils import epath
-
-    from synermedgen_jax.config import ConfigError
-    from synermedgen_jax.training.loop import resolve_config
-
     train = config.train
     for key in ("steps", "rows", "checkpoint_every", "grad_accum", "keep"):
         if key in train and int(train[key]) <= 0:
@@ -67,8 +75,6 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         if config.get(key) and "://" not in str(config[key]) and not Path(str(config[key])).is_dir():
             raise ConfigError(f"--config.{key}={config[key]}: is a file; expected a checkpoint folder (a training "
                               "workdir, a step folder or what import writes)")
-    from synermedgen_jax.training.loop import TrainingError
-
     try:
         resolve_config(config)
     except (ValueError, TrainingError) as err:  # unknown stage, nan policy, rows vs grad_accum, vae_from's scale
@@ -79,8 +85,6 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
         raise ConfigError(f"--config.data.dir={data}: {what}; build it with build-data")
     _check_splits(config, data)
     _check_tokenizer(config, data)
-    from synermedgen_jax.data.records import ShardError, check_shards
-
     try:  # a damaged shard is named now, not as a Riegeli traceback at the step that reads it
         check_shards(data)
     except ShardError as err:
@@ -100,11 +104,6 @@ def validate(config, workdir: str, stop_at: int | None) -> None:
 
 def _check_splits(config, data: Path) -> None:
     """The record splits the run reads must be in the build (a records build names train/val/test shards)."""
-    import json
-
-    from synermedgen_jax.config import ConfigError
-    from synermedgen_jax.data.records import SPLITS
-
     try:
         shards = json.loads((data / "manifest.json").read_text()).get("shards") or {}
     except (OSError, ValueError, AttributeError):
@@ -123,8 +122,6 @@ def _check_splits(config, data: Path) -> None:
 def _check_not_inside_a_run(workdir: str, path: Path) -> None:
     """--workdir must be a run folder, not one of a run's step folders (``run/200``) or a folder inside one: a
     fresh run would start there, inside the other run's checkpoint (ConfigError naming the run to pass)."""
-    from synermedgen_jax.config import ConfigError
-
     def is_step(folder: Path) -> bool:
         return folder.name.isdigit() and any((folder / item).exists() for item in ("state", "_CHECKPOINT_METADATA"))
 
@@ -146,17 +143,9 @@ def _check_not_inside_a_run(workdir: str, path: Path) -> None:
 def _check_tokenizer(config, data) -> None:
     """The build's token ids must fit the model's embedding and, with ``init_from``, be the ids the weights were
     trained with (an import records its tokenizer; a run's is its data's): else one ConfigError line."""
-    import json
-
-    from synermedgen_jax.config import ConfigError
-    from synermedgen_jax.data.tokenizer import tokenizer_mismatch
-
     found = json.loads((data / "manifest.json").read_text()).get("tokenizer") or {}
     expected, origin = None, ""
     if config.get("init_from") and "://" not in str(config.init_from):
-        from synermedgen_jax.inference.loading import checkpoint_tokenizer
-        from synermedgen_jax.training.checkpoint import CheckpointError, is_params_checkpoint, read_config
-
         try:
             run = None if is_params_checkpoint(config.init_from) else read_config(config.init_from)
             _, expected = checkpoint_tokenizer(config.init_from, run)
@@ -169,44 +158,57 @@ def _check_tokenizer(config, data) -> None:
                           "build-data --tokenizer <the weights' tokenizer folder>")
 
 
-def _init_distributed(args: argparse.Namespace) -> None:
-    import jax
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the process joins a multi-process job (train's --distributed, --coordinator, ... options)."""
 
-    if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
+    distributed: str = "off"  # auto: jax.distributed.initialize() from the TPU/SLURM environment
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    expect_devices: int = 0  # 0: no check
+
+
+def _init_distributed(launch: Launch) -> None:
+    if launch.coordinator:
+        if launch.num_processes is None or launch.process_id is None:
             raise SystemExit("error: --coordinator needs --num-processes and --process-id")
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.distributed == "auto":
+        jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
+                                   process_id=launch.process_id)
+    elif launch.distributed == "auto":
         jax.distributed.initialize()
 
 
-def main(args: argparse.Namespace) -> int:
-    overrides = list(getattr(args, "overrides", None) or [])
-    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
-
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+        launch: Launch = Launch()) -> int:
+    """Trains ``config`` into ``workdir`` (resuming from its checkpoint): the typed entry point of ``train``
+    (quickstart and ablate call it). Every check of ``validate`` first; a bad config, checkpoint or device count
+    is one error line, exit status 2."""
     try:
-        config = apply_overrides(load_config(args.config), overrides)
-        validate(config, args.workdir, args.stop_at)
+        validate(config, workdir, stop_at)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _init_distributed(args)
-    if args.expect_devices:
-        import jax
-
-        if jax.device_count() != args.expect_devices:
-            print(f"error: --expect-devices {args.expect_devices}: the job sees {jax.device_count()} devices "
-                  f"({jax.process_count()} processes x {jax.local_device_count()} local); check the launcher's "
-                  "tasks per node and GPUs per task", file=sys.stderr)
-            return 2
-    from synermedgen_jax.inference.sample_grids import SampleGrids
-    from synermedgen_jax.training.checkpoint import CheckpointError
-    from synermedgen_jax.training.loop import TrainingError, train
-
+    _init_distributed(launch)
+    if launch.expect_devices and jax.device_count() != launch.expect_devices:
+        print(f"error: --expect-devices {launch.expect_devices}: the job sees {jax.device_count()} devices "
+              f"({jax.process_count()} processes x {jax.local_device_count()} local); check the launcher's "
+              "tasks per node and GPUs per task", file=sys.stderr)
+        return 2
     try:
-        return train(config, args.workdir, stop_at=args.stop_at, sample_grids=SampleGrids)
+        return train(config, workdir, stop_at=stop_at, sample_grids=SampleGrids)
     except (CheckpointError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.config), list(getattr(args, "overrides", None) or []))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    launch = Launch(distributed=args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                    process_id=args.process_id, expect_devices=args.expect_devices)
+    return run(config, args.workdir, stop_at=args.stop_at, launch=launch)
