@@ -17,6 +17,12 @@ from collections import defaultdict
 import jax
 import numpy as np
 
+from synermedgen_jax import sharding
+from synermedgen_jax.accounting.memory import tree_bytes
+from synermedgen_jax.config import apply_overrides, load_config
+from synermedgen_jax.training import checkpoint, loop, optim
+from synermedgen_jax.training import step as step_lib
+
 
 def per_device_bytes() -> dict[str, int]:
     held: dict[str, int] = defaultdict(int)
@@ -36,11 +42,6 @@ def expected_per_device(abstract: dict, shardings: dict) -> dict[str, int]:
 
 
 def main() -> None:
-    from synermedgen_jax import sharding
-    from synermedgen_jax.config import apply_overrides, load_config
-    from synermedgen_jax.training import checkpoint, loop, optim
-    from synermedgen_jax.training import step as step_lib
-
     data_dir, imported, workdir = sys.argv[1:4]
     config = loop.resolve_config(apply_overrides(load_config("configs/stage2_ucg.py:tiny"), [
         f"--config.data.dir={data_dir}", f"--config.init_from={imported}", "--config.mesh.fsdp=8",
@@ -49,7 +50,7 @@ def main() -> None:
     make_model, codec, _ = loop.build(config)
     tx = optim.make_optimizer(config.train)
     abstract, shardings = step_lib.plan_state(codec, make_model, tx, config.train, mesh)
-    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    total = tree_bytes(abstract)
     replicated = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                      for x, where in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
                      if where.is_fully_replicated)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from synermedgen_jax.__main__ import main as cli
+from synermedgen_jax.accounting.hlo import largest_buffers, peak_live_buffers
 from synermedgen_jax.benchmark import peaks
-from synermedgen_jax.benchmark.plan import largest_buffers, parse_mesh, peak_live_buffers, scale_budget
+from synermedgen_jax.benchmark.plan_inputs import parse_mesh, scale_budget
 from synermedgen_jax.benchmark.report import BenchError, compare, flatten_numbers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,8 +150,8 @@ def test_real_counts_of_bench_packs(variant):
     the real FLOPs are the slot formula at the real counts (all below the slot figure, attention included)."""
     import numpy as np
 
+    from synermedgen_jax.accounting.flops import analytic_step_flops
     from synermedgen_jax.benchmark import train_bench
-    from synermedgen_jax.benchmark.plan import analytic_step_flops
     from synermedgen_jax.config import load_config
     from synermedgen_jax.data.packing import PackBudget, real_counts
     from synermedgen_jax.kernels.attention import visibility_mask
@@ -201,7 +202,7 @@ def test_plan_compiler_options_reach_xla(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from synermedgen_jax.benchmark.plan import compiler_options
+    from synermedgen_jax.benchmark.plan_compile import compiler_options
 
     options = compiler_options("cpu", str(tmp_path))
     jax.jit(lambda a: jnp.tanh(a @ a)).lower(jnp.ones((8, 8))).compile(compiler_options=options)
@@ -211,7 +212,7 @@ def test_plan_compiler_options_reach_xla(tmp_path):
 
 
 def test_f32_copies_of_bf16_operands_are_counted_at_the_peak():
-    from synermedgen_jax.benchmark.plan import f32_copy_bytes
+    from synermedgen_jax.accounting.hlo import f32_copy_bytes
 
     hlo = """%fused_computation.1 (param_0: bf16[4,4]) -> f32[4,4] {
   %param_0 = bf16[4,4]{1,0} parameter(0)

@@ -147,16 +147,16 @@ def test_simulate_next_fit_and_lookahead():
 
 
 def test_vae_encoder_flops_match_xla():
-    """``benchmark/plan.vae_encode_flops`` (the encoder cost the report counts per VAE slot) vs XLA on the tiny
+    """``accounting/flops.vae_encode_flops`` (the encoder cost the report counts per VAE slot) vs XLA on the tiny
     VAE encoder: equal to the compiled convolutions + dots (HLO count), within 10 % of cost_analysis (which
     also counts GroupNorm, swish and the softmax: 2.5 % / 6 % more at 32² / 64² here)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from synermedgen_jax.benchmark.plan import vae_encode_flops
+    from synermedgen_jax.accounting.flops import vae_encode_flops
+    from synermedgen_jax.accounting.hlo import compiled_flops, hlo_matmul_flops
     from synermedgen_jax.config import load_config
-    from synermedgen_jax.modeling.flops import compiled_flops, hlo_matmul_flops
     from synermedgen_jax.modeling.vae import Encoder
 
     vae = load_config("configs/stage2_ucg.py:tiny").model.vae

@@ -14,10 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from synermedgen_jax.config import load_config
+from synermedgen_jax.data.build import BuildConfig, build
+from synermedgen_jax.data.packing import PackBudget
+from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+from synermedgen_jax.data.records import RecordReader
+
 
 def pack_budget(variant: str, slice_size: int):
-    from synermedgen_jax.data.packing import PackBudget
-
     if variant == "tiny":
         return PackBudget(und_tokens=1024, gen_tokens=512, vit_patches=512, vit_images=24, vae_images=8,
                           ce_tokens=128, image_size=(32, 32), vit_image_size=(56, 56))
@@ -38,14 +42,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = parser.parse_args()
 
-    from synermedgen_jax.config import load_config
-    from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
-    from synermedgen_jax.data.records import RecordReader
-
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
-        from synermedgen_jax.data.build import BuildConfig, build
-
         print(f"building mni152-sim into {data} ...")
         build(BuildConfig(source="mni152-sim", out=str(data), subjects=args.subjects, slice_size=args.slice_size,
                           overwrite=True, progress=False))

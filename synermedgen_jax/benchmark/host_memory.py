@@ -22,7 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from synermedgen_jax.accounting.memory import tree_bytes
 from synermedgen_jax.benchmark.report import REPO_ROOT as REPO
+from synermedgen_jax.config import apply_overrides, load_config
+from synermedgen_jax.training import loop, optim
+from synermedgen_jax.training import step as step_lib
 
 # Runs the train command in this process and prints its peak RSS as the last line (works on any version of the
 # project: it only calls the CLI's main).
@@ -51,17 +57,10 @@ def run_processes(args, train_args: list[str], repo: Path) -> list[dict]:
 
 def state_bytes(config_spec: str, overrides: list[str]) -> tuple[int, int]:
     """``(full train state bytes, parameters)`` from the abstract state (nothing allocated)."""
-    import jax
-    import numpy as np
-
-    from synermedgen_jax.config import apply_overrides, load_config
-    from synermedgen_jax.training import loop, optim
-    from synermedgen_jax.training import step as step_lib
-
     config = loop.resolve_config(apply_overrides(load_config(config_spec), overrides))
     make_model, codec, _ = loop.build(config)
     abstract = step_lib.abstract_state(codec, make_model, optim.make_optimizer(config.train), config.train)
-    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    total = tree_bytes(abstract)
     params = sum(int(np.prod(x.shape)) for part in ("params", "frozen") for x in abstract[part].values())
     return total, params
 

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from synermedgen_jax.accounting import hlo
+
 
 def _best_time(fn, repeats: int) -> float:
     best = float("inf")
@@ -82,18 +84,15 @@ def fusion_summary(n: int, size: int) -> list[str]:
     ``[4, C, H, W-10]`` and one fusion for the second pass + SSIM formula, then the ``dot`` for the mean; a
     second-pass fusion reading the raw images instead would mean XLA recomputes the first pass per tap."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import re
-
-    import jax
+    import jax  # after JAX_PLATFORMS: where jax is not started yet, it starts on this CPU (see measure)
     import jax.numpy as jnp
 
     from synermedgen_jax.evaluation.metrics import ssim
 
     x = jnp.zeros((n, size, size), jnp.float32)
     text = jax.jit(lambda a, b: ssim(a, b, data_range=1.0)).lower(x, x).compile().as_text()
-    pattern = re.compile(r"^\s*(?:ROOT )?(%\S+) = (\S+) (fusion|dot|copy)\(")
-    return [f"{m.group(1)}: {m.group(3)} -> {m.group(2)}" for m in map(pattern.match, text.splitlines())
-            if m and "wrapped" not in m.group(1)]
+    found = hlo.instructions(text, {"fusion", "dot", "copy"})
+    return [f"{name}: {opcode} -> {out_type}" for name, out_type, opcode in found if "wrapped" not in name]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -5,7 +5,7 @@
 
 For each model variant it lowers and compiles (abstract shapes, nothing allocated) the loss and its gradient
 with respect to every trainable parameter but the frozen VAE, over a representative Stage II + Stage I pack,
-and prints XLA's cost-analysis FLOPs next to the analytic count of synermedgen_jax/modeling/flops.py
+and prints XLA's cost-analysis FLOPs next to the analytic count of synermedgen_jax/accounting/flops.py
 (6·N_active·tokens + attention + heads). If the MoT ran both experts on every token the ratio would be ≈2.
 """
 
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from synermedgen_jax.accounting.flops import step_flops
+from synermedgen_jax.accounting.hlo import compiled_flops
 from synermedgen_jax.config import load_config
 from synermedgen_jax.data.packing import Pack, PackBudget
-from synermedgen_jax.modeling.flops import compiled_flops, step_flops
 from synermedgen_jax.modeling.synermedgen import SynerMedGen
 from synermedgen_jax.training.objective import Prepared, UnifiedObjective
 

@@ -6,20 +6,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jax
+
+from synermedgen_jax.benchmark import attention as attention_bench
+from synermedgen_jax.benchmark import metrics as metrics_bench
+from synermedgen_jax.benchmark.data import pack_budget
+from synermedgen_jax.config import load_config
+from synermedgen_jax.data.build import BuildConfig, build
+from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.kernels.attention.pallas import BlockSizes
+
 
 def bench_attention(seq_lens: list[int], repeats: int) -> dict:
     """pallas vs xla_dense vs reference, forward and forward+backward (ms, TFLOP/s) on GPU/TPU; on CPU only
     the block-skip fractions, with the reason the timings are skipped."""
-    import jax
-
-    from synermedgen_jax.benchmark import attention as tool
-    from synermedgen_jax.kernels.attention.pallas import BlockSizes
-
     if jax.default_backend() in ("gpu", "cuda", "tpu"):
-        rows = tool.timing_report(seq_lens, repeats, ("pallas", "xla_dense", "reference"))
+        rows = attention_bench.timing_report(seq_lens, repeats, ("pallas", "xla_dense", "reference"))
         return {"name": "attention", "timings": rows}
     sizes = {"triton_128x64": BlockSizes(128, 64, 64, 64), "mosaic_256": BlockSizes(256, 256, 256, 256)}
-    skips = tool.skip_report(min(seq_lens), sizes)
+    skips = attention_bench.skip_report(min(seq_lens), sizes)
     return {"name": "attention", "block_fractions": skips,
             "skipped": "timings of pallas / xla_dense / reference need a GPU or TPU: on CPU the Pallas kernel only "
                        "runs in interpret mode (a Python-level emulation whose time says nothing about the kernel), "
@@ -28,25 +34,17 @@ def bench_attention(seq_lens: list[int], repeats: int) -> dict:
 
 def bench_metrics(n: int, size: int, repeats: int) -> dict:
     """Images/s of the jitted batched SSIM vs a scikit-image loop (benchmark/metrics.py); prints the row."""
-    from synermedgen_jax.benchmark import metrics as tool
-
-    row = tool.measure(n, size, repeats)
-    tool.print_table([row])
+    row = metrics_bench.measure(n, size, repeats)
+    metrics_bench.print_table([row])
     return {"name": "metrics", **row}
 
 
 def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
     """Records/s (random read + decode) and packs/s (samples → packed rows, in-process) of the Grain
     pipeline over a built dataset; builds a small mni152-sim one first when ``data_dir`` has none."""
-    from synermedgen_jax.config import load_config
-    from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
-    from synermedgen_jax.data.records import RecordReader
-
     data = Path(data_dir)
     built = False
     if not (data / "manifest.json").is_file():
-        from synermedgen_jax.data.build import BuildConfig, build
-
         build(BuildConfig(source="mni152-sim", out=str(data), subjects=2, slice_size=64, overwrite=True,
                           progress=False))
         built = True
@@ -56,8 +54,6 @@ def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
     for i in range(n):
         reader[(i * 7919) % len(reader)]
     records_s = n / (time.perf_counter() - start)
-    from synermedgen_jax.benchmark.data import pack_budget
-
     budget = pack_budget(variant, 64)
     model_config = load_config(f"configs/models.py:{variant}")
     config = PipelineConfig(stage="mixed", rows_per_batch=1, workers=0, augment=True, process_index=0,

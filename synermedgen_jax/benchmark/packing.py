@@ -8,8 +8,8 @@
    of ``data/pipeline._PackIterator``) and read ``N`` rows; per row the real counts come from
    :func:`data.packing.real_counts`. The same stream's samples before packing are read too, in arrival order
    (:meth:`PackBuilder.need` of each): the packer's input.
-2. **Cost** (:class:`RowFlops`): the FLOPs a step executes for one row (``benchmark/plan.executed_step_flops``:
-   modeling/flops.py's executed count + the frozen VAE encoder's forward) at the budget's shapes, the encoder
+2. **Cost** (:class:`RowFlops`): the FLOPs a step executes for one row (``accounting/flops.executed_step_flops``:
+   the trained groups' executed count + the frozen VAE encoder's forward) at the budget's shapes, the encoder
    counted on the row's real VAE images only (it skips empty slots), vs the same formula at the row's real
    counts. The padding share is
    ``1 − Σ real / Σ slots`` over the rows.
@@ -29,10 +29,14 @@ import itertools
 import math
 import types
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from synermedgen_jax.accounting.flops import executed_step_flops
+from synermedgen_jax.benchmark.report import table
 from synermedgen_jax.data.packing import (
     LOOKAHEAD,
     PackBudget,
@@ -41,6 +45,10 @@ from synermedgen_jax.data.packing import (
     fill_row,
     real_counts,
 )
+from synermedgen_jax.data.pipeline import packed_dataset, sample_dataset
+from synermedgen_jax.data.tokenizer import load_tokenizer
+from synermedgen_jax.stages import Stage
+from synermedgen_jax.training.inputs import pack_budget, pipeline_config, shard_layout
 
 # Per-sample / per-row capacities a sample takes, in PackBudget field order (``PackBuilder.need``).
 SIZE_KEYS: tuple[str, ...] = ("und_tokens", "gen_tokens", "vit_patches", "vit_images", "vae_images", "ce_tokens")
@@ -97,7 +105,7 @@ def simulate(sizes: np.ndarray, caps: Sequence[float], lookahead: int = 1, drop_
 
 # ------------------------------------------------------------------------------------------------------------
 class RowFlops:
-    """FLOPs one train step executes per pack row, at given region sizes (``benchmark/plan.executed_step_flops``:
+    """FLOPs one train step executes per pack row, at given region sizes (``accounting/flops.executed_step_flops``:
     the trained groups' forward/backward, remat and flash recomputation, lm_head at CE slots, ViT + connector,
     generation head, and the frozen VAE encoder per VAE image)."""
 
@@ -109,8 +117,6 @@ class RowFlops:
         """``{part: FLOPs}`` of one row holding these counts (tokens / patches / VAE images / CE slots)."""
         key = (int(und), int(gen), int(vit), int(vae), int(ce))
         if key not in self._memo:
-            from synermedgen_jax.benchmark.plan import executed_step_flops
-
             shapes = types.SimpleNamespace(und_tokens=key[0], gen_tokens=key[1], vit_patches=key[2],
                                            vae_images=key[3], ce_tokens=key[4], image_size=self.budget.image_size)
             self._memo[key] = executed_step_flops(self.config, shapes, 1)["parts"]
@@ -169,8 +175,6 @@ def measure(batches: Iterable[Mapping[str, np.ndarray]], arrivals: Iterable[tupl
             rows: int, lookahead: int, progress: bool = True) -> Measurement:
     """Reads ``rows`` pack rows from ``batches`` (the training stream) with a tqdm bar, then the same stream's
     samples before packing (``arrivals``: ``(items, tag)``) until they cover those rows plus the look-ahead."""
-    from tqdm import tqdm
-
     counts: list[dict[str, np.ndarray]] = []
     seen = 0
     with tqdm(total=rows, desc="pack rows", unit="row", disable=not progress, dynamic_ncols=True) as bar:
@@ -321,7 +325,7 @@ def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: in
         "padding_flop_share": flops.padding_share(budget, rows),
         "flops_per_row_at_slots": flops.of_budget(budget),
         "flop_parts": flop_parts(flops, budget, rows),
-        "flops_counted_as": "benchmark/plan.executed_step_flops (modeling/flops.py executed count + frozen VAE "
+        "flops_counted_as": "accounting/flops.executed_step_flops (executed model count + frozen VAE "
                             "encoder forward): executed = the budget's shapes with the encoder on the row's real "
                             "VAE images only, vs the same formula at each row's real counts",
         "replay_matches_pipeline": bool(replay_matches),
@@ -338,8 +342,6 @@ def report(config: Any, measurement: Measurement, budget: PackBudget, tokens: in
 
 def format_report(result: Mapping[str, Any]) -> str:
     """The console text: measured table, FLOP padding, the suggested budget as overrides."""
-    from synermedgen_jax.benchmark.report import table
-
     cols = [("region", "region"), ("slots", "slots"), ("mean_real", "mean real"), ("fill", "fill")]
     lines = [f"measured on {result['rows_sampled']} rows of the training pipeline ({result['samples_seen']} samples):",
              table(result["regions"], cols),
@@ -370,19 +372,13 @@ def run_report(config: Any, data: str, rows: int, tokens: int = 0, progress: boo
 
     Raises :class:`PackingReportError` (one line) for a folder that is not a build or a stage without packs.
     """
-    from pathlib import Path
-
-    from synermedgen_jax.data.pipeline import packed_dataset, sample_dataset
-    from synermedgen_jax.data.tokenizer import load_tokenizer
-    from synermedgen_jax.training.inputs import pack_budget, pipeline_config, shard_layout
-
     folder = Path(data)
     if not (folder / "manifest.json").is_file() or not (folder / "records").is_dir():
         what = "does not exist" if not folder.exists() else "is not a built data folder (no manifest.json/records)"
         raise PackingReportError(f"--data {data}: {what}; build it with build-data")
     if "stage" not in config or "data" not in config:
         raise PackingReportError("the packing report needs a run config (configs/stage1_gau.py, stage2_ucg.py, ...)")
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         raise PackingReportError(f"stage {config.stage!r} trains on single images: it has no packs to report")
     if rows < 1:
         raise PackingReportError(f"--rows-sampled must be >= 1, got {rows}")

@@ -15,6 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax
+import jax
+import jaxlib
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,10 +45,6 @@ def config_hash(config: Any) -> str:
 
 
 def environment() -> dict:
-    import flax
-    import jax
-    import jaxlib
-
     devices = jax.devices()
     return {"device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices),
             "process_count": jax.process_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,

@@ -29,7 +29,11 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from synermedgen_jax.benchmark.report import REPO_ROOT as REPO
+from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.data.synermed_sim import write_release
 
 RELEASE_ROWS = 2_506_240
 RELEASE_ROW_GROUPS = 612
@@ -38,7 +42,7 @@ RELEASE_JSONL_GIB = 7.0
 
 
 def _tree_rss(pid: int) -> tuple[int, int]:
-    import psutil
+    import psutil  # optional (not in requirements.txt): only this benchmark reads process memory
 
     try:
         procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
@@ -63,8 +67,6 @@ def main() -> int:
                         help="grey-level noise making every row's PNGs unique, like the release's (1)")
     parser.add_argument("--keep", help="write the release and build here instead of a temporary folder")
     args = parser.parse_args()
-
-    from synermedgen_jax.data.synermed_sim import write_release
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_synermed_"))
     root, out = base / "SynerMed", base / "built"
@@ -123,10 +125,6 @@ def main() -> int:
           f"{RELEASE_ROWS / (per_worker * args.workers) / 3600:.1f} h")
 
     # In-place alternative: random access to one row = decoding its row group.
-    import pyarrow.parquet as pq
-
-    from synermedgen_jax.data.records import RecordReader
-
     pf = pq.ParquetFile(root / "SynerMed.parquet")
     t = time.time()
     group = pf.read_row_group(min(1, pf.num_row_groups - 1))

@@ -4,7 +4,7 @@ Packs are filled by the real packer (data/packing.py) with synthetic samples sha
 (Stage II: prompt + ViT source + clean VAE source + noised VAE target; Stage I: question + ViT image + answer),
 random pixels and token ids, so the step does exactly the work of a real batch of that budget. The step costs
 what its slots cost, real or padding, so throughput and MFU are reported both per slot (every slot of the pack
-counted as work, the model-FLOPs convention of modeling/flops.py) and per real token (the same formula evaluated
+counted as work, the model-FLOPs convention of accounting/flops.py) and per real token (the same formula evaluated
 at each row's real counts, data/packing.real_counts).
 """
 
@@ -15,24 +15,49 @@ import statistics
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from synermedgen_jax import sharding
+from synermedgen_jax.accounting.flops import analytic_step_flops
+from synermedgen_jax.accounting.hlo import compiled_flops
 from synermedgen_jax.benchmark import peaks
-from synermedgen_jax.benchmark.plan import analytic_step_flops
 from synermedgen_jax.benchmark.report import BenchError
+from synermedgen_jax.data.packing import (
+    CAUSAL,
+    LOOKAHEAD,
+    NOISE,
+    PackBudget,
+    PackBuilder,
+    SpecialTokens,
+    Text,
+    VaeImage,
+    VitImage,
+    fill_row,
+    real_counts,
+    stack_rows,
+)
+from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+from synermedgen_jax.kernels.attention.block_map import block_skip_fraction
+from synermedgen_jax.kernels.attention.pallas import default_block_sizes
+from synermedgen_jax.kernels.dispatch import resolve_kernels
+from synermedgen_jax.modeling.synermedgen import build_model
+from synermedgen_jax.stages import Stage
+from synermedgen_jax.training import optim
+from synermedgen_jax.training import step as step_lib
+from synermedgen_jax.training.loop import build, resolve_config
 
 SPECIAL_IDS = (1, 2, 3, 4)  # bos, eos, vision_start, vision_end of the synthetic packs (never sampled as text)
 
 
-def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch: int) -> list:
-    from synermedgen_jax.data.packing import Text, VaeImage, VitImage
-
+def _sample(stage: Stage | str, budget, rng: np.random.Generator, vocab: int, vit_patch: int) -> list:
     def text(n: int, loss: bool = False) -> Text:
         return Text(rng.integers(8, vocab, size=n).tolist(), loss=loss)
 
     vh, vw = budget.vit_image_size
     vit = VitImage(rng.uniform(-1, 1, size=(vh - vh % vit_patch, vw - vw % vit_patch)).astype(np.float32))
-    if stage == "stage2_ucg":
+    if stage == Stage.STAGE2_UCG:
         h, w = budget.image_size
         return [text(12), vit, VaeImage(rng.uniform(-1, 1, size=(h, w)).astype(np.float32)),
                 VaeImage(rng.uniform(-1, 1, size=(h, w)).astype(np.float32), noised=True)]
@@ -42,8 +67,6 @@ def _sample(stage: str, budget, rng: np.random.Generator, vocab: int, vit_patch:
 def synthetic_batch(config, budget, rows: int, seed: int = 0) -> tuple[dict, dict]:
     """``(batch, counts)``: ``rows`` packs of synthetic samples of ``config.stage``, packed by the pipeline's rule
     (``data.packing.fill_row`` over ``config.data.lookahead`` samples)."""
-    from synermedgen_jax.data.packing import LOOKAHEAD, PackBuilder, SpecialTokens, fill_row, stack_rows
-
     rng = np.random.default_rng(seed)
     builder = PackBuilder(budget, SpecialTokens(*SPECIAL_IDS), config.model)
     lookahead = int(config.data.get("lookahead", LOOKAHEAD)) if "data" in config else LOOKAHEAD
@@ -78,8 +101,6 @@ def visible_pairs(sample_id: np.ndarray, split_id: np.ndarray, split_kind: np.nd
     own split (a causal split its lower triangle, ``n(n+1)/2`` pairs; a full / noise split all ``n²``) and every
     earlier non-noise split of its sample. Padding sees and is seen by nothing, so only real pairs count.
     """
-    from synermedgen_jax.data.packing import CAUSAL, NOISE
-
     out = np.zeros(sample_id.shape[0], np.int64)
     for row in range(sample_id.shape[0]):
         real = sample_id[row] >= 0
@@ -101,8 +122,8 @@ def visible_pairs(sample_id: np.ndarray, split_id: np.ndarray, split_kind: np.nd
 
 
 def real_step_flops(model_config, budget, batch: dict, visible_blocks: bool) -> dict:
-    """Model FLOPs of the *real* contents of ``batch``: :func:`~synermedgen_jax.benchmark.plan.analytic_step_flops`
-    (modeling/flops.step_flops + the frozen VAE encoder) evaluated per row at that row's real counts (und / gen
+    """Model FLOPs of the *real* contents of ``batch``: :func:`~synermedgen_jax.accounting.flops.analytic_step_flops`
+    (accounting/flops.step_flops + the frozen VAE encoder) evaluated per row at that row's real counts (und / gen
     tokens, ViT patches, CE slots, VAE images) instead of the slot counts, summed over rows. Not slots × fill:
     attention (decoder and ViT) is quadratic in the counts.
 
@@ -110,9 +131,6 @@ def real_step_flops(model_config, budget, batch: dict, visible_blocks: bool) -> 
     computes every pair (``visible_blocks`` False), else the exact number of visible real (query, key) pairs
     (:func:`visible_pairs`), which the slot figure's visible key blocks bound from above.
     """
-    from synermedgen_jax.benchmark.plan import analytic_step_flops
-    from synermedgen_jax.data.packing import real_counts
-
     counts = real_counts(batch, model_config)
     pairs = visible_pairs(batch["sample_id"], batch["split_id"], batch["split_kind"]) if visible_blocks else None
     parts: dict[str, float] = {}
@@ -134,8 +152,6 @@ def real_step_flops(model_config, budget, batch: dict, visible_blocks: bool) -> 
 def real_fractions(batch: dict, budget, model_config) -> dict[str, float]:
     """``{region: real / slots}`` over all rows of ``batch`` (data/packing.real_counts); regions without slots
     in ``budget`` are left out."""
-    from synermedgen_jax.data.packing import real_counts
-
     counts = real_counts(batch, model_config)
     rows = batch["sample_id"].shape[0]
     slots = {"tokens": budget.total_tokens, "und": budget.und_tokens, "gen": budget.gen_tokens,
@@ -149,8 +165,7 @@ def real_fractions(batch: dict, budget, model_config) -> dict[str, float]:
 
 def memory_in_use() -> dict:
     """Device memory from ``memory_stats()`` where the backend has it (GPU/TPU), else this process's RSS."""
-    import jax
-    import psutil
+    import psutil  # optional (not in requirements.txt): only a CPU run reads its RSS
 
     stats = jax.local_devices()[0].memory_stats()
     if stats and "bytes_in_use" in stats:
@@ -175,16 +190,6 @@ def timed(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
 
 def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: float | None = None) -> dict:
     """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
-    import jax
-
-    from synermedgen_jax import sharding
-    from synermedgen_jax.data.packing import PackBudget
-    from synermedgen_jax.kernels.dispatch import resolve_kernels
-    from synermedgen_jax.modeling.flops import compiled_flops
-    from synermedgen_jax.training import optim
-    from synermedgen_jax.training import step as step_lib
-    from synermedgen_jax.training.loop import build, resolve_config
-
     config = resolve_config(config)
     if config.stage == "vae":
         raise BenchError("bench --what train covers the packed MoT stages, not the stage-0 VAE")
@@ -221,9 +226,6 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
     visible = None
     attention_note = f"dense T^2 ({config.model.attention_impl} computes every (query, key) pair)"
     if config.model.attention_impl.startswith("pallas"):
-        from synermedgen_jax.kernels.attention.block_map import block_skip_fraction
-        from synermedgen_jax.kernels.attention.pallas import default_block_sizes
-
         interpret = config.model.attention_impl == "pallas_interpret"
         backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
         sizes = default_block_sizes(backend, int(config.model.llm.head_dim), interpret)
@@ -267,8 +269,6 @@ def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: 
 
 def _padded_meta(batch: dict, multiple: int) -> tuple:
     """Metadata padded (sample_id = -1) to a multiple of the kernel block size, as the kernel pads it."""
-    import jax.numpy as jnp
-
     length = batch["sample_id"].shape[1]
     pad = (-length) % multiple
     out = []
@@ -279,16 +279,6 @@ def _padded_meta(batch: dict, multiple: int) -> tuple:
 
 def bench_sample(config, *, steps: int, warmup: int, slices: int = 2, num_steps: int = 50) -> dict:
     """Slices/s of the CFG flow-matching sampler (3 passes per Euler step) with the KV cache on and off."""
-    import jax
-
-    try:
-        from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
-    except ImportError as err:
-        return {"name": "sample", "skipped": f"sampler unavailable: {err}"}
-    from synermedgen_jax.data.packing import PackBudget, SpecialTokens
-    from synermedgen_jax.kernels.dispatch import resolve_kernels
-    from synermedgen_jax.modeling.synermedgen import build_model
-
     budget = PackBudget.from_config(config.data.pack)
     model_config = resolve_kernels(config.model)
     model = build_model(model_config, int(config.train.seed))

@@ -11,16 +11,16 @@ import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
+from synermedgen_jax import sharding
+from synermedgen_jax.config import apply_overrides, load_config
+from synermedgen_jax.training import inputs, loop, optim
+from synermedgen_jax.training import step as step_lib
+
 
 def bench(spec: str, data: str, steps: int, warmup: int) -> dict:
-    import jax
-    import numpy as np
-
-    from synermedgen_jax import sharding
-    from synermedgen_jax.config import apply_overrides, load_config
-    from synermedgen_jax.training import inputs, loop, optim
-    from synermedgen_jax.training import step as step_lib
-
     config = loop.resolve_config(apply_overrides(load_config(spec), [f"--config.data.dir={data}"]))
     make_model, codec, objective = loop.build(config)
     tx = optim.make_optimizer(config.train)

@@ -49,8 +49,15 @@ import os
 import subprocess
 import sys
 
+import jax
+
+from synermedgen_jax.benchmark.packing import PackingReportError, format_report, run_report
+from synermedgen_jax.benchmark.plan_inputs import parse_mesh, resolve_mesh
+from synermedgen_jax.benchmark.plan_run import run_plan
+from synermedgen_jax.benchmark.report import BenchError, write_json
 from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_float, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config
 
 _GUARD = "SMG_PLAN_CHILD"
 
@@ -130,9 +137,6 @@ def _restore_env(previous: dict[str, str | None]) -> None:
 
 def _packing_report(args: argparse.Namespace) -> int:
     """``plan --data``: the packing report of the config's real batches (benchmark/packing.py)."""
-    from synermedgen_jax.benchmark.packing import PackingReportError, format_report, run_report
-    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
-
     overrides = list(getattr(args, "overrides", None) or [])
     try:
         config = apply_overrides(load_config(args.config), overrides)
@@ -141,8 +145,6 @@ def _packing_report(args: argparse.Namespace) -> int:
         return _error(str(err))
     print(format_report(result))
     if args.json:
-        from synermedgen_jax.benchmark.report import write_json
-
         write_json(args.json, {"command": "plan --data", "config": args.config, "overrides": overrides,
                                "data": args.data, **result})
         print(f"wrote {args.json}")
@@ -150,15 +152,11 @@ def _packing_report(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.benchmark.report import BenchError
-
     if args.data:
         return _packing_report(args)
     if getattr(args, "overrides", None):
         return _error(f"{args.overrides[0]}: --config.KEY=VALUE overrides are read with --data only")
     try:
-        from synermedgen_jax.benchmark.plan import parse_mesh, resolve_mesh
-
         if args.devices < 1:
             raise BenchError(f"--devices must be >= 1, got {args.devices}")
         mesh_spec = resolve_mesh(parse_mesh(args.mesh), args.devices)
@@ -171,8 +169,6 @@ def main(args: argparse.Namespace) -> int:
         return _error(str(err))
 
     previous_env = _set_device_env(args.devices)
-    import jax
-
     if jax.device_count() != args.devices or jax.default_backend() != "cpu":
         if os.environ.get(_GUARD):
             return _error(f"could not get {args.devices} simulated CPU devices (got {jax.device_count()} "
@@ -182,15 +178,11 @@ def main(args: argparse.Namespace) -> int:
         _restore_env(previous_env)  # the caller's process keeps its own device settings
         return subprocess.run([sys.executable, "-m", "synermedgen_jax", *_child_argv(args)], env=env).returncode
 
-    from synermedgen_jax.benchmark.plan_run import run_plan
-
     try:
         result = run_plan(args, mesh_spec)
     except BenchError as err:
         return _error(str(err))
     if args.json:
-        from synermedgen_jax.benchmark.report import write_json
-
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0 if result else 1

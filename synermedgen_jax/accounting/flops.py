@@ -1,19 +1,20 @@
-"""Analytic FLOP counts for one packed forward(+backward) of the MoT model, and XLA's count to compare.
+"""Analytic FLOP counts of one train step of the MoT model: the model-FLOPs convention behind MFU
+(:func:`step_flops`, :func:`analytic_step_flops`) and what the step actually executes (:func:`executed_step_flops`).
 
 The count follows the token routing: every understanding slot runs the understanding expert once, every
 generation slot the generation expert once (padding slots included: shapes are static), so the decoder costs
 ``2·N_layer·T`` per forward where ``N_layer`` is ONE expert's matmul parameters. Attention counts the score and
 value products over the visible key blocks only when ``visible_fraction`` is given (a block-skipping kernel),
-densely otherwise. A backward pass costs twice the forward. The frozen VAE is not included (its latents are
-inputs of the step).
+densely otherwise. A backward pass costs twice the forward. The frozen VAE encoder runs forward only, in the
+step's ``prepare`` (:func:`vae_encode_flops`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any
+
+from synermedgen_jax.training.optim import trainable_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,8 @@ def step_flops(config: Any, budget: Any, rows: int, *, backward: bool = True,
 FLASH_STYLE_ATTENTION = ("chunked", "pallas", "pallas_interpret", "auto")
 
 
-def executed_step_flops(config: Any, budget: Any, rows: int, *, train_und: bool, train_gen: bool,
-                        visible_fraction: float | None = None) -> dict[str, float]:
+def executed_model_flops(config: Any, budget: Any, rows: int, *, train_und: bool, train_gen: bool,
+                         visible_fraction: float | None = None) -> dict[str, float]:
     """Matmul FLOPs one train step actually executes (what a compiled program should show), by part.
 
     Unlike :func:`step_flops` (the model-FLOPs convention behind MFU: every token's forward + a 2x backward),
@@ -130,117 +131,60 @@ def _generation_head_forward(config: Any, gen_tokens: int) -> float:
     return 2.0 * (token_dim * hidden + 256 * hidden + hidden**2 + hidden * token_dim) * gen_tokens
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs XLA reports for a compiled executable (``jit(f).lower(...).compile()``)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0))
+def _conv(k: int, cin: int, cout: int, h: int, w: int) -> float:
+    return 2.0 * k * k * cin * cout * h * w
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Counting the compiled program's matmul FLOPs from its HLO text, loops included.
-#
-# XLA's cost_analysis() counts the body of a while loop ONCE, whatever its trip count: the chunked attention
-# (a scan over key chunks), the grouped VAE encoding (lax.map) and gradient accumulation run in loops, so its
-# figure undercounts them. The optimised HLO states each loop's trip count (``known_trip_count``), so the dot
-# and convolution FLOPs can be counted with every loop body multiplied by its trips.
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->\s*.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
-_ARRAY = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
-_OPERANDS = re.compile(r"%?([\w.\-]+),\s*%?([\w.\-]+)\)")
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+def vae_encode_flops(vae: Any, height: int, width: int) -> float:
+    """Forward FLOPs of the frozen VAE encoder on one image (convolutions + mid attention; the step runs it
+    in ``prepare`` to get the clean latents, so it belongs to the step's count)."""
+    ch, mult = vae.ch, tuple(vae.ch_mult)
+    h, w = height, width
+    flops = _conv(3, vae.in_channels, ch, h, w)
+    block_in = ch
+    for level, level_mult in enumerate(mult):
+        block_out = ch * level_mult
+        for _ in range(vae.num_res_blocks):
+            flops += _conv(3, block_in, block_out, h, w) + _conv(3, block_out, block_out, h, w)
+            if block_in != block_out:
+                flops += _conv(1, block_in, block_out, h, w)
+            block_in = block_out
+        if level != len(mult) - 1:
+            h, w = h // 2, w // 2
+            flops += _conv(3, block_in, block_in, h, w)
+    top = block_in
+    res_block = 2 * _conv(3, top, top, h, w)
+    attention = 4 * _conv(1, top, top, h, w) + 4.0 * (h * w) ** 2 * top  # q/k/v/proj + scores and values
+    return flops + 2 * res_block + attention + _conv(3, top, 2 * vae.z_channels, h, w)
 
 
-def _dims(type_text: str) -> list[int] | None:
-    match = _ARRAY.match(type_text)
-    return [int(d) for d in match.group(1).split(",") if d] if match else None
+def analytic_step_flops(model_config: Any, budget: Any, rows: int, visible_fraction: float | None = None) -> dict:
+    """Analytic model FLOPs of one train step over ``rows`` packs (the MFU convention): the MoT forward+backward
+    of :func:`step_flops` (token routing: each token through its own expert) + the frozen VAE encoder forward.
+    ``visible_fraction`` None = dense attention (what the jnp reference and xla_dense compute)."""
+    breakdown = step_flops(model_config, budget, rows, backward=True, visible_fraction=visible_fraction)
+    parts = {k: float(v) for k, v in dataclasses.asdict(breakdown).items()}
+    parts["vae_encoder_forward"] = _vae_flops(model_config, budget, rows)
+    return {"total": sum(parts.values()), "parts": parts,
+            "counted_as": "MoT fwd+bwd with real routing (2·N_expert·T per forward, backward 2x), attention "
+                          + ("dense T^2" if visible_fraction is None else f"x visible fraction {visible_fraction:.3f}")
+                          + ", lm_head at CE slots, ViT+connector, generation head, frozen VAE encoder fwd"}
 
 
-def _parse_hlo(text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], str | None]:
-    """``{computation: [(name, type, opcode, rest of line)]}`` and the entry computation's name."""
-    computations: dict[str, list] = {}
-    entry, current = None, None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if current is None:
-            match = _COMPUTATION.match(stripped)
-            if match and not stripped.startswith("HloModule"):
-                current = match.group(2)
-                computations[current] = []
-                entry = current if match.group(1) else entry
-            continue
-        if stripped == "}":
-            current = None
-            continue
-        match = _INSTRUCTION.match(line)
-        if match:
-            computations[current].append(match.groups())
-    return computations, entry
+def _vae_flops(model_config: Any, budget: Any, rows: int) -> float:
+    height, width = budget.image_size
+    return float(rows * budget.vae_images * vae_encode_flops(model_config.vae, height, width))
 
 
-def _matmul_flops(opcode: str, out_type: str, rest: str, types: dict[str, str]) -> float:
-    operands = _OPERANDS.match(rest)
-    out = _dims(out_type)
-    if operands is None or out is None:
-        return 0.0
-    if opcode == "dot":
-        lhs = _dims(types.get(operands.group(1), ""))
-        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        if lhs is None or contracting is None:
-            return 0.0
-        depth = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
-        return 2.0 * math.prod(out) * depth
-    rhs = _dims(types.get(operands.group(2), ""))
-    labels = re.search(r"dim_labels=[^_]*_([0-9a-z]+)->", rest)
-    if rhs is None or labels is None or "o" not in labels.group(1):
-        return 0.0
-    # Each output element sums over the kernel's spatial window × input features (per feature group).
-    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[labels.group(1).index("o")]
-
-
-def hlo_matmul_flops(hlo_text: str) -> dict:
-    """Dot + convolution FLOPs of a compiled HLO module (``compiled.as_text()``).
-
-    Returns ``{"once": every loop body counted once (what cost_analysis does), "with_trips": loop bodies
-    times their known trip counts, "loops": [{"trips", "body_flops"}, ...] for loops doing matmuls}``.
-    Fusions, calls and conditionals (largest branch) are followed; loops without a known trip count count
-    once in both figures.
-    """
-    computations, entry = _parse_hlo(hlo_text)
-    loops: list[dict] = []
-
-    def total(name: str, trips: bool, memo: dict) -> float:
-        if name in memo:
-            return memo[name]
-        memo[name] = 0.0  # guards against cycles
-        instructions = computations.get(name, [])
-        types = {n: t for n, t, _, _ in instructions}
-        flops = 0.0
-        for _, out_type, opcode, rest in instructions:
-            if opcode in ("dot", "convolution"):
-                flops += _matmul_flops(opcode, out_type, rest, types)
-            elif opcode == "while":
-                body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
-                condition = re.search(r"condition=%?([\w.\-]+)", rest).group(1)
-                known = _TRIPS.search(rest)
-                count = int(known.group(1)) if (trips and known) else 1
-                inner = total(body, trips, memo) + total(condition, trips, memo)
-                if trips and inner:
-                    loops.append({"trips": int(known.group(1)) if known else None, "body_flops": inner})
-                flops += count * inner
-            elif opcode == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
-                if branches:
-                    flops += max(total(b.strip().lstrip("%"), trips, memo) for b in branches.group(1).split(","))
-            else:
-                for called in re.findall(r"(?:calls|to_apply|called_computations)=\{?%?([\w.\-]+)", rest):
-                    flops += total(called, trips, memo)
-        memo[name] = flops
-        return flops
-
-    if entry is None:
-        raise ValueError("hlo_matmul_flops: no ENTRY computation in the HLO text")
-    once = total(entry, False, {})
-    with_trips = total(entry, True, {})
-    return {"once": once, "with_trips": with_trips, "loops": loops}
+def executed_step_flops(config: Any, budget: Any, rows: int) -> dict:
+    """Analytic FLOPs the step of run config ``config`` executes (:func:`executed_model_flops`):
+    only trained parts get weight gradients, a detached understanding side gets no backward, the remat policy's
+    recomputation and the flash-style attention backward's score recomputation are counted; + the frozen VAE
+    encoder forward. This is the count a compiled program should match."""
+    groups = trainable_groups(config)
+    parts = executed_model_flops(config.model, budget, rows, train_und="und" in groups, train_gen="gen" in groups)
+    parts["vae_encoder_forward"] = _vae_flops(config.model, budget, rows)
+    return {"total": sum(parts.values()), "parts": parts,
+            "counted_as": f"matmul FLOPs the step executes: trained groups {'+'.join(groups)}, "
+                          f"freeze_und={bool(config.model.llm.freeze_und)}, remat {config.model.remat} "
+                          f"(recomputation counted), attention {config.model.attention_impl} dense T^2"}
