@@ -4,7 +4,8 @@ Mesh axes are ``('data', 'fsdp', 'tensor')``, all ``AxisType.Auto`` (explicit ax
 sharded code in this JAX version; docs/sharding.md). Batches are split over ``data × fsdp``; parameters are
 split over ``fsdp`` on their ``embed``-like axis (ZeRO-3 style: gathered per use by XLA) and over ``tensor`` on
 heads / mlp / vocab (Megatron style). A logical axis whose size does not divide the mesh axis is replicated
-instead of failing, so odd small configs still run on any mesh.
+instead of failing, so odd small configs still run on any mesh. Every axis name, mesh and logical, is written once
+in synermedgen_jax/axes.py.
 """
 
 from __future__ import annotations
@@ -16,28 +17,29 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from synermedgen_jax import axes
+from synermedgen_jax.axes import BATCH_AXES
 from synermedgen_jax.modeling.layers import mesh_context
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the leading (row) axis of every batch array
+MESH_AXES = (axes.DATA, axes.FSDP, axes.TENSOR)
 
-# Logical axis name (modeling/layers.py metadata and activation constraints) -> mesh axis, a tuple of mesh axes,
-# or None (replicated). The only such table.
+# Logical axis name (synermedgen_jax/axes.py; modeling/layers.py metadata and activation constraints) -> mesh axis,
+# a tuple of mesh axes, or None (replicated). The only such table.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "activation_batch": BATCH_AXES,
-    "activation_length": None,
-    "activation_embed": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "embed_out": None,
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "norm": None,
-    "vit_embed": "fsdp",
-    "vit_heads": "tensor",
-    "vit_mlp": "tensor",
+    axes.ACTIVATION_BATCH: BATCH_AXES,
+    axes.ACTIVATION_LENGTH: None,
+    axes.ACTIVATION_EMBED: None,
+    axes.VOCAB: axes.TENSOR,
+    axes.EMBED: axes.FSDP,
+    axes.EMBED_OUT: None,
+    axes.HEADS: axes.TENSOR,
+    axes.KV_HEADS: axes.TENSOR,
+    axes.HEAD_DIM: None,
+    axes.MLP: axes.TENSOR,
+    axes.NORM: None,
+    axes.VIT_EMBED: axes.FSDP,
+    axes.VIT_HEADS: axes.TENSOR,
+    axes.VIT_MLP: axes.TENSOR,
 }
 
 
@@ -78,13 +80,13 @@ def logical_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int]
         if name is not None and name not in LOGICAL_RULES:
             raise ValueError(f"logical axis {name!r} has no rule in synermedgen_jax/sharding.py LOGICAL_RULES")
         axis = LOGICAL_RULES.get(name) if name is not None else None
-        axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
-        ways = math.prod(mesh.shape[a] for a in axes)
+        mesh_axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
         # A mesh axis may appear once per array; indivisible sizes are replicated.
-        if not axes or used.intersection(axes) or size % ways:
+        if not mesh_axes or used.intersection(mesh_axes) or size % ways:
             out.append(None)
             continue
-        used.update(axes)
+        used.update(mesh_axes)
         out.append(axis)
     return PartitionSpec(*out)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from flax import nnx
 
+from synermedgen_jax import axes, sharding
 from synermedgen_jax.config import load_config
 from synermedgen_jax.modeling.synermedgen import build_model, expert_twin_names
 from synermedgen_jax.training import optim
@@ -42,3 +43,14 @@ def test_parameter_groups_partition_the_trained_parameters(abstract_model):
         assert member == [expected], name
     vision = nnx.filterlib.to_predicate(optim.VISION_TOWER)
     assert {n for n, (p, v) in params.items() if vision(p, v)} == {n for n in params if n.startswith("vit_model.")}
+
+
+def test_logical_axes_are_the_named_constants_and_each_has_one_rule(abstract_model):
+    """Every logical axis a variable carries is one of synermedgen_jax/axes.py's names, and the rules table maps
+    exactly those names (mesh axis names are not logical ones)."""
+    logical = {value for name, value in vars(axes).items()
+               if name.isupper() and isinstance(value, str) and value not in sharding.MESH_AXES}
+    assert set(sharding.LOGICAL_RULES) == logical
+    used = {axis for _, variable in _flat(abstract_model).values()
+            for axis in variable.get_metadata().get("logical_axes") or () if axis is not None}
+    assert used <= logical and {axes.EMBED, axes.HEADS, axes.MLP, axes.VOCAB, axes.VIT_EMBED} <= used

@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from synermedgen_jax import sharding
+from synermedgen_jax.axes import DATA, FSDP, TENSOR
 from synermedgen_jax.data.packing import (
     NOISE,
     Geometry,
@@ -325,7 +326,7 @@ def inference_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh | 
     devices = list(devices)
     if len(devices) == 1:
         return None
-    return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+    return sharding.make_mesh({DATA: -1, FSDP: 1, TENSOR: 1}, devices)
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 
+from synermedgen_jax import axes
+
 # The values of ``model.attention_impl`` / ``model.flow_matching_impl`` (configs/models.py).
 ATTENTION_IMPLS = ("reference", "chunked", "pallas", "pallas_interpret", "xla_dense", "auto")
 FLOW_MATCHING_IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
@@ -119,8 +121,8 @@ def describe(attention: str, flow_matching: str, platform: str, mesh_shape: dict
         devices *= size
     kernels = attention.startswith("pallas") or flow_matching.startswith("pallas")
     if devices > 1:
-        batch = "×".join(f"{a}" for a in ("data", "fsdp") if a in sizes) or "none"
-        split = f"over {batch}, heads over tensor" if "tensor" in sizes else f"over {batch}"
+        batch = "×".join(f"{a}" for a in axes.BATCH_AXES if a in sizes) or "none"
+        split = f"over {batch}, heads over {axes.TENSOR}" if axes.TENSOR in sizes else f"over {batch}"
         line += (f", under shard_map {split}" if kernels else f", partitioned by XLA ({split})")
         line += f" ({' x '.join(f'{a}={s}' for a, s in sizes.items())})"
     else:

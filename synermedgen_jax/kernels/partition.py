@@ -20,8 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from synermedgen_jax.axes import BATCH_AXES
 
 _log = logging.getLogger(__name__)
 _warned: set[tuple] = set()

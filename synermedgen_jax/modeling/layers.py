@@ -1,6 +1,7 @@
 """Small building blocks shared by the model parts: parameters with logical axes, Linear, norms, RoPE, sin-cos.
 
-Every trainable parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (e.g. ``("embed", "mlp")``);
+Every trainable parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (names from
+``synermedgen_jax/axes.py``, e.g. ``(EMBED, MLP)``);
 ``synermedgen_jax/sharding.py`` maps those names onto mesh axes with one rules table, so no mesh name appears here.
 Frozen tables that BAGEL stores but never trains (the sin-cos position tables) are ``FrozenTable`` variables, so
 optimizers and parameter counts that select ``nnx.Param`` never see them.
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from synermedgen_jax.axes import NORM
+
 
 # The mesh context: the model names activation axes logically; the trainer and the sampler install (while
 # tracing) the mesh and a function that maps those names onto it (synermedgen_jax/sharding.py). Without one,
@@ -30,7 +33,6 @@ class _MeshContext:
 
 
 _MESH_CONTEXT: contextvars.ContextVar[_MeshContext | None] = contextvars.ContextVar("mesh_context", default=None)
-BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @contextlib.contextmanager
@@ -134,7 +136,7 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """Qwen2 RMSNorm: statistics in float32, ``weight * normalised`` cast back to the input dtype."""
 
-    def __init__(self, dim: int, *, eps: float, axis_name: str | None = "norm", param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float, axis_name: str | None = NORM, param_dtype=jnp.float32):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
         self.eps = eps
 
@@ -147,7 +149,7 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with scale ``weight`` and ``bias`` (PyTorch names), float32 statistics."""
 
-    def __init__(self, dim: int, *, eps: float, axis_name: str | None = "norm", param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float, axis_name: str | None = NORM, param_dtype=jnp.float32):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis_name,))
         self.eps = eps

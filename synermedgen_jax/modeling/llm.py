@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from synermedgen_jax import axes
 from synermedgen_jax.kernels.attention import packed_attention, reference_attention
 from synermedgen_jax.modeling.layers import (
-    BATCH_LENGTH_EMBED,
     Init,
     Linear,
     RMSNorm,
@@ -71,9 +71,9 @@ class MLP(nnx.Module):
 
     def __init__(self, hidden: int, intermediate: int, *, rngs: nnx.Rngs, compute_dtype, param_dtype):
         kw = dict(use_bias=False, rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
-        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+        self.gate_proj = Linear(hidden, intermediate, axes=(axes.EMBED, axes.MLP), **kw)
+        self.up_proj = Linear(hidden, intermediate, axes=(axes.EMBED, axes.MLP), **kw)
+        self.down_proj = Linear(intermediate, hidden, axes=(axes.MLP, axes.EMBED), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -91,10 +91,10 @@ class MoTAttention(nnx.Module):
         self.attention_impl = config.attention_impl
         kw = dict(rngs=rngs, compute_dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype))
         q_dim, kv_dim = llm.num_heads * head_dim, llm.num_kv_heads * head_dim
-        q_proj = lambda: Linear(hidden, q_dim, axes=("embed", "heads"), **kw)  # noqa: E731
-        kv_proj = lambda: Linear(hidden, kv_dim, axes=("embed", "kv_heads"), **kw)  # noqa: E731
-        o_proj = lambda: Linear(q_dim, hidden, axes=("heads", "embed"), use_bias=False, **kw)  # noqa: E731
-        qk_norm = lambda: (RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name="head_dim")  # noqa: E731
+        q_proj = lambda: Linear(hidden, q_dim, axes=(axes.EMBED, axes.HEADS), **kw)  # noqa: E731
+        kv_proj = lambda: Linear(hidden, kv_dim, axes=(axes.EMBED, axes.KV_HEADS), **kw)  # noqa: E731
+        o_proj = lambda: Linear(q_dim, hidden, axes=(axes.HEADS, axes.EMBED), use_bias=False, **kw)  # noqa: E731
+        qk_norm = lambda: (RMSNorm(head_dim, eps=llm.rms_norm_eps, axis_name=axes.HEAD_DIM)  # noqa: E731
                            if llm.qk_norm else None)
         # Understanding expert (BAGEL's plain names).
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj(), kv_proj(), kv_proj(), o_proj()
@@ -212,12 +212,12 @@ class MoTLanguageModel(nnx.Module):
         llm = config.llm
         param_dtype = jnp.dtype(config.param_dtype)
         self.config = config
-        self.embed_tokens = make_param(rngs, (llm.vocab_size, llm.hidden_size), ("vocab", "embed"),
+        self.embed_tokens = make_param(rngs, (llm.vocab_size, llm.hidden_size), (axes.VOCAB, axes.EMBED),
                                        Init("normal", 0.02), param_dtype)
         self.layers = nnx.List([MoTDecoderLayer(config, rngs=rngs) for _ in range(llm.num_layers)])
         self.norm = RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(llm.hidden_size, eps=llm.rms_norm_eps)
-        self.lm_head = make_param(rngs, (llm.hidden_size, llm.vocab_size), ("embed", "vocab"),
+        self.lm_head = make_param(rngs, (llm.hidden_size, llm.vocab_size), (axes.EMBED, axes.VOCAB),
                                   Init("normal", 0.02), param_dtype)
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
@@ -241,9 +241,9 @@ class MoTLanguageModel(nnx.Module):
         rope = rope_cos_sin(meta["rope_id"], llm.head_dim, llm.rope_theta)
         for layer in self.layers:
             # Layer boundaries: rows stay split over the batch mesh axes (FSDP gathers weights, not activations).
-            x = constrain(x, BATCH_LENGTH_EMBED)
+            x = constrain(x, axes.BATCH_LENGTH_EMBED)
             x = _apply_layer(layer, x, und_tokens, meta, rope, self.config.remat)
-        return self.final_norm(constrain(x, BATCH_LENGTH_EMBED), und_tokens)
+        return self.final_norm(constrain(x, axes.BATCH_LENGTH_EMBED), und_tokens)
 
     def expert_pairs(self) -> list[tuple[nnx.Module, nnx.Module]]:
         """Every ``(understanding, generation)`` twin module pair of the decoder: what BAGEL's ``init_moe``

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from synermedgen_jax.axes import BATCH_LENGTH_EMBED
 from synermedgen_jax.data.packing import Pack
 from synermedgen_jax.kernels.partition import over_rows
 from synermedgen_jax.modeling import generation
 from synermedgen_jax.modeling.generation import TimestepEmbedder, patchify_latents
-from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, Linear, active_mesh, constrain
+from synermedgen_jax.modeling.layers import Linear, active_mesh, constrain
 from synermedgen_jax.modeling.llm import MoTLanguageModel
 from synermedgen_jax.modeling.vae import AutoEncoder
 from synermedgen_jax.modeling.vit import Connector, SiglipVisionModel, position_table

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from synermedgen_jax import axes
 from synermedgen_jax.kernels.attention import FULL, packed_attention
 from synermedgen_jax.modeling.layers import (
     FrozenTable,
@@ -30,10 +31,10 @@ class SiglipAttention(nnx.Module):
     def __init__(self, vit, *, rngs: nnx.Rngs, compute_dtype, attention_impl: str):
         hidden = vit.hidden_size
         kw = dict(rngs=rngs, compute_dtype=compute_dtype)
-        self.q_proj = Linear(hidden, hidden, axes=("vit_embed", "vit_heads"), **kw)
-        self.k_proj = Linear(hidden, hidden, axes=("vit_embed", "vit_heads"), **kw)
-        self.v_proj = Linear(hidden, hidden, axes=("vit_embed", "vit_heads"), **kw)
-        self.out_proj = Linear(hidden, hidden, axes=("vit_heads", "vit_embed"), **kw)
+        self.q_proj = Linear(hidden, hidden, axes=(axes.VIT_EMBED, axes.VIT_HEADS), **kw)
+        self.k_proj = Linear(hidden, hidden, axes=(axes.VIT_EMBED, axes.VIT_HEADS), **kw)
+        self.v_proj = Linear(hidden, hidden, axes=(axes.VIT_EMBED, axes.VIT_HEADS), **kw)
+        self.out_proj = Linear(hidden, hidden, axes=(axes.VIT_HEADS, axes.VIT_EMBED), **kw)
         self.num_heads = vit.num_heads
         self.attention_impl = attention_impl
 
@@ -50,8 +51,8 @@ class SiglipAttention(nnx.Module):
 class SiglipMLP(nnx.Module):
     def __init__(self, vit, *, rngs: nnx.Rngs, compute_dtype):
         kw = dict(rngs=rngs, compute_dtype=compute_dtype)
-        self.fc1 = Linear(vit.hidden_size, vit.intermediate_size, axes=("vit_embed", "vit_mlp"), **kw)
-        self.fc2 = Linear(vit.intermediate_size, vit.hidden_size, axes=("vit_mlp", "vit_embed"), **kw)
+        self.fc1 = Linear(vit.hidden_size, vit.intermediate_size, axes=(axes.VIT_EMBED, axes.VIT_MLP), **kw)
+        self.fc2 = Linear(vit.intermediate_size, vit.hidden_size, axes=(axes.VIT_MLP, axes.VIT_EMBED), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -72,13 +73,13 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipEmbeddings(nnx.Module):
     def __init__(self, vit, *, rngs: nnx.Rngs, compute_dtype):
         patch_dim = vit.patch_size**2 * vit.num_channels
-        self.patch_embedding = Linear(patch_dim, vit.hidden_size, axes=(None, "vit_embed"), rngs=rngs,
+        self.patch_embedding = Linear(patch_dim, vit.hidden_size, axes=(None, axes.VIT_EMBED), rngs=rngs,
                                       compute_dtype=compute_dtype)
         # SigLIP's initialisation (std 1/√width, as transformers' SiglipPreTrainedModel draws it), not
         # nn.Embedding's N(0, 1): at unit scale the position signal swamps the patch embedding (std ≈ 0.4 for
         # [-1, 1] pixels) and a ViT trained from scratch sees nearly the same tokens for every image.
         self.position_embedding = make_param(rngs, (vit.max_num_patch_per_side**2, vit.hidden_size),
-                                             (None, "vit_embed"), Init("normal", vit.hidden_size**-0.5))
+                                             (None, axes.VIT_EMBED), Init("normal", vit.hidden_size**-0.5))
 
     def __call__(self, patches: jax.Array, position_ids: jax.Array) -> jax.Array:
         table = self.position_embedding.value
@@ -113,8 +114,8 @@ class Connector(nnx.Module):
     def __init__(self, config, *, rngs: nnx.Rngs):
         vit_dim, llm_dim = config.vit.hidden_size, config.llm.hidden_size
         compute_dtype = jnp.dtype(config.compute_dtype)
-        self.fc1 = Linear(vit_dim, llm_dim, axes=("vit_embed", "embed"), rngs=rngs, compute_dtype=compute_dtype)
-        self.fc2 = Linear(llm_dim, llm_dim, axes=("embed", "embed_out"), rngs=rngs, compute_dtype=compute_dtype)
+        self.fc1 = Linear(vit_dim, llm_dim, axes=(axes.VIT_EMBED, axes.EMBED), rngs=rngs, compute_dtype=compute_dtype)
+        self.fc2 = Linear(llm_dim, llm_dim, axes=(axes.EMBED, axes.EMBED_OUT), rngs=rngs, compute_dtype=compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -122,4 +123,4 @@ class Connector(nnx.Module):
 
 def position_table(side: int, dim: int, base: float = 10000.0, step: float = 1.0) -> FrozenTable:
     """A frozen 2-D sin-cos table ``[side², dim]`` (BAGEL's ``vit_pos_embed`` / ``latent_pos_embed``)."""
-    return FrozenTable(jnp.asarray(sincos_2d_table(dim, side, base, step)), logical_axes=(None, "embed"))
+    return FrozenTable(jnp.asarray(sincos_2d_table(dim, side, base, step)), logical_axes=(None, axes.EMBED))

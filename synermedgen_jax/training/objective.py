@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from synermedgen_jax.axes import BATCH_LENGTH_EMBED
 from synermedgen_jax.data.packing import Pack
 from synermedgen_jax.kernels import flow_matching
 from synermedgen_jax.modeling.generation import timesteps_from_logits
-from synermedgen_jax.modeling.layers import BATCH_LENGTH_EMBED, active_mesh, constrain
+from synermedgen_jax.modeling.layers import active_mesh, constrain
 
 
 @struct.dataclass

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
+from synermedgen_jax import axes
 from synermedgen_jax.kernels import dispatch, partition
 from synermedgen_jax.kernels.attention.chunked import chunked_attention
 from synermedgen_jax.kernels.attention.pallas import BlockSizes, pallas_packed_attention
@@ -66,8 +67,8 @@ def packed_attention(
     *,
     impl: str = "reference",
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
-    head_axis: str | None = "tensor",
+    batch_axes: Sequence[str] = axes.BATCH_AXES,
+    head_axis: str | None = axes.TENSOR,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """BAGEL packed-split attention; see the module docstring. Returns ``[B, T, Hq, D]``.
