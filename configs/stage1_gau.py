@@ -2,10 +2,14 @@
 generation expert and the VAE are frozen.
 
     python -m synermedgen_jax train --config configs/stage1_gau.py:tiny --workdir runs/s1 --config.data.dir=DIR
+
+A variant may name the data source: ``tiny,source=synermed`` trains on a SynerMed release build (configs/synermed.py).
 """
 
-from configs.train_common import base_config, understanding_optimisation
+from configs.train_common import base_config, parse_variant, understanding_optimisation
 
 
 def get_config(variant=None):
-    return understanding_optimisation(base_config("stage1_gau", variant, data_stage="stage1", pack="stage1"), variant)
+    variant, options = parse_variant(variant)
+    config = base_config("stage1_gau", variant, data_stage="stage1", pack="stage1", **options)
+    return understanding_optimisation(config, variant)

@@ -1,8 +1,10 @@
-"""``synermed_<variant>`` configs: Stage I / Stage II on a SynerMed release build (build-data --source synermed).
+"""Training on a SynerMed release build (build-data --source synermed): any stage config with ``source=synermed``
+(``configs/train_common.release_config``; the old spelling ``synermed_<variant>`` still loads, with a deprecation
+line), and the official recipe below.
 
-    python -m synermedgen_jax train --config configs/stage1_gau.py:synermed_tiny --workdir runs/s1 \
+    python -m synermedgen_jax train --config configs/stage1_gau.py:tiny,source=synermed --workdir runs/s1 \
         --config.data.dir=data/synermed
-    python -m synermedgen_jax train --config configs/stage2_ucg.py:synermed_small --workdir runs/s2 \
+    python -m synermedgen_jax train --config configs/stage2_ucg.py:small,source=synermed --workdir runs/s2 \
         --config.data.dir=data/synermed --config.init_from=runs/s1
 
 The official recipe as one run (``get_config``, variants ``official`` and ``official_tiny``, a CPU smoke test of
@@ -15,7 +17,7 @@ conversations mixed 1:1, everything but the VAE trained, CE + MSE::
 Stage I trains on the release's conversations (SynerMed.jsonl), Stage II on its edit chains (SynerMed.parquet),
 ``data.stage=mixed`` on both. The pack budgets leave room for the release's free-form text and for 2-step
 interleaved edits (four VAE images and two ViT images per sample); a sample longer than an empty pack row is
-skipped with a warning, as BAGEL skips over-long samples. ``synermed_bagel_7b_mot`` and ``official`` resize
+skipped with a warning, as BAGEL skips over-long samples. ``bagel_7b_mot,source=synermed`` and ``official`` resize
 images by the official rules (configs/train_common.OFFICIAL_RESIZE, docs/packing.md); tiny/small keep squares.
 The release has no held-out split, so in-training evaluation and sample grids are off: score with
 ``synthesize --metadata`` and ``eval --metadata``.
@@ -25,54 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.train_common import OFFICIAL_GEOMETRY, SYNERMED_PREFIX, base_config, pack_config
-
-# Chosen with `plan --data` on a simulated release (2 subjects, 256² PNGs; docs/packing.md has the numbers). CE
-# keeps room for the release's free-form answers beyond the longest one simulated (31 tokens): an answer longer
-# than an empty row's CE slots could not be packed. Edit-chain rows end in one CE slot: edits train no text.
-_PACKS = {
-    "tiny": dict(
-        stage1=dict(und_tokens=512, gen_tokens=0, vit_patches=96, vit_images=23, vae_images=0, ce_tokens=160,
-                    image_size=(32, 32), vit_image_size=(28, 28)),
-        stage2=dict(und_tokens=64, gen_tokens=384, vit_patches=12, vit_images=3, vae_images=6, ce_tokens=1,
-                    image_size=(32, 32), vit_image_size=(28, 28)),
-        # official_tiny: Stage I's conversations and Stage II's edit chains in one row.
-        mixed=dict(und_tokens=320, gen_tokens=448, vit_patches=60, vit_images=15, vae_images=7, ce_tokens=128,
-                   image_size=(32, 32), vit_image_size=(28, 28)),
-    ),
-    "small": dict(
-        stage1=dict(und_tokens=1024, gen_tokens=0, vit_patches=464, vit_images=29, vae_images=0, ce_tokens=256,
-                    image_size=(64, 64), vit_image_size=(56, 56)),
-        stage2=dict(und_tokens=128, gen_tokens=384, vit_patches=64, vit_images=4, vae_images=6, ce_tokens=1,
-                    image_size=(64, 64), vit_image_size=(56, 56)),
-    ),
-    # Official geometry; slots for 256² slices (train_common.official_geometry; training re-derives them from the
-    # build): a VAE image is 1,024 latent tokens, an edit's ViT image 324 patches, a conversation's 729.
-    "bagel_7b_mot": dict(
-        # Conversations: room for 10 ViT images a row.
-        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7424, vit_images=10, vae_images=0, ce_tokens=1024),
-        # Edit chains: a 2-step interleaved sample is 4 VAE images (4,096 latent tokens) + 2 ViT images (~700 und
-        # tokens with its text); 10,240 tokens (BAGEL's fine-tuning expected_num_tokens, TRAIN.md).
-        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=1620, vit_images=5, vae_images=8, ce_tokens=1),
-        # official: 10,752 tokens, between TRAIN.md's fine-tuning expected_num_tokens (10,240, what BAGEL packs
-        # to) and max_num_tokens (11,520, its hard cap), split where conversations and edits fill both regions.
-        mixed=dict(und_tokens=5632, gen_tokens=5120, vit_patches=5427, vit_images=9, vae_images=5, ce_tokens=1024),
-    ),
-}
-
-
-def release_config(config: ml_collections.ConfigDict, variant: str, pack: str) -> ml_collections.ConfigDict:
-    """Turns a stage config of ``variant`` into its ``synermed_`` twin (see the module doc)."""
-    if variant not in _PACKS:
-        raise ValueError(f"unknown variant synermed_{variant!r}; expected synermed_ + one of {sorted(_PACKS)}")
-    config.data.source = "synermed"
-    config.data.dir = "data/synermed"
-    config.data.augment = False  # the official loaders do not augment
-    config.data.pack = pack_config(_PACKS[variant][pack], config.data.stage, variant in OFFICIAL_GEOMETRY)
-    config.train.eval_every = 0
-    config.train.image_every = 0
-    return config
-
+from configs.train_common import OFFICIAL_GEOMETRY, RELEASE_PACKS, base_config, pack_config
 
 OFFICIAL_VARIANTS = {"official": "bagel_7b_mot", "official_tiny": "tiny"}
 
@@ -88,8 +43,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/synermed.py: unknown variant {variant!r}; expected {sorted(OFFICIAL_VARIANTS)}")
     model_variant = OFFICIAL_VARIANTS[variant]
     # stage2_ucg's objective is CE + MSE on whatever the rows hold; with finetune_und it trains und + gen (below).
-    config = base_config("stage2_ucg", SYNERMED_PREFIX + model_variant, data_stage="mixed", pack="stage2")
-    config.data.pack = pack_config(_PACKS[model_variant]["mixed"], "mixed", model_variant in OFFICIAL_GEOMETRY)
+    config = base_config("stage2_ucg", model_variant, data_stage="mixed", pack="stage2", source="synermed")
+    config.data.pack = pack_config(RELEASE_PACKS[model_variant]["mixed"], "mixed", model_variant in OFFICIAL_GEOMETRY)
 
     data = config.data
     data.stage = "mixed"  # edit chains and conversations in one stream

@@ -20,12 +20,17 @@ Layout (other commands rely on these names)::
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
 
 from configs import models
+from synermedgen_jax.data.geometry import ImageRules
 
 DEFAULT_MIX = (("cts", 0.468), ("tia", 0.381), ("mi", 0.150))
-SYNERMED_PREFIX = "synermed_"
+SOURCES = ("auto", "records", "synermed")  # config.data.source (data/synermed.use_release)
+OPTIONS = ("source",)  # what a variant may set after its name: "tiny,source=synermed"
+_DEPRECATED_PREFIX = "synermed_"  # the old spelling of source=synermed: "synermed_tiny"
 
 # The official image geometry (data/geometry.py): BAGEL's data/configs/example.yaml, unified_edit
 # image_transform_args (VAE) and vit_image_transform_args (ViT of edits), vlm_sft image_transform_args (ViT of
@@ -45,8 +50,6 @@ def official_geometry(pack: dict, data_stage: str, slice_size: tuple[int, int] =
     """``pack`` plus the official rules, with ``image_size`` / ``vit_image_size`` the slots of ``slice_size``
     slices (a 256² slice: VAE 512² = 1,024 latent tokens; ViT 252² = 324 patches for edits, 378² = 729 for
     understanding). plan/bench read these sizes."""
-    from synermedgen_jax.data.geometry import ImageRules
-
     pack = {**pack, **{k: dict(v) for k, v in OFFICIAL_RESIZE.items()}, "slice_size": tuple(slice_size)}
     pack["image_size"], pack["vit_image_size"] = ImageRules.from_pack(pack).slots(
         slice_size, data_stage, pack.get("image_size", (0, 0)), pack.get("vit_image_size", (0, 0)))
@@ -90,13 +93,35 @@ _PACKS = {
 OFFICIAL_GEOMETRY = ("bagel_7b_mot",)  # variants that use OFFICIAL_RESIZE
 
 
-def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) -> ml_collections.ConfigDict:
-    variant = variant or "tiny"
-    if variant.startswith(SYNERMED_PREFIX):  # synermed_<variant>: trains on a SynerMed release build
-        from configs.synermed import release_config
+def parse_variant(spec: str | None, head: str = "") -> tuple[str | None, dict[str, str]]:
+    """``"tiny,source=synermed"`` -> ``("tiny", {"source": "synermed"})`` (big_vision's ``variant[,key=value...]``).
 
-        return release_config(base_config(stage, variant[len(SYNERMED_PREFIX):], data_stage=data_stage, pack=pack),
-                              variant[len(SYNERMED_PREFIX):], pack)
+    The old spelling ``synermed_tiny`` gives the same and prints one deprecation line to stderr (``head``: what
+    precedes the model variant in the file's own variant, e.g. ablations' ``no_mi_``, for that line)."""
+    name, *pairs = (spec or "").split(",")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in OPTIONS:
+            raise ValueError(f"variant {head + (spec or '')!r}: expected name[,key=value...] with keys {OPTIONS}, "
+                             f"got {pair!r}")
+        options[key] = value
+    if "source" in options and options["source"] not in SOURCES:
+        raise ValueError(f"variant {head + (spec or '')!r}: source={options['source']!r}; expected one of {SOURCES}")
+    if name.startswith(_DEPRECATED_PREFIX):
+        name = name[len(_DEPRECATED_PREFIX):]
+        options.setdefault("source", "synermed")
+        new = ",".join([head + name, *pairs] + (["source=synermed"] if "source=synermed" not in pairs else []))
+        print(f"config variant {head + spec!r} is deprecated: write {new!r} (config.data.source picks the data)",
+              file=sys.stderr)
+    return name or None, options
+
+
+def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str, source: str = "auto"
+                ) -> ml_collections.ConfigDict:
+    """The stage's config for model ``variant`` (tiny by default); ``source="synermed"``: on a SynerMed release
+    build (``release_config``)."""
+    variant = variant or "tiny"
     if variant not in _PACKS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(_PACKS)}")
     big = variant == "bagel_7b_mot"
@@ -120,7 +145,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     data.augment = data_stage in ("stage2", "mixed")
     data.workers = 0
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
-    data.source = "auto"  # auto: from the build's manifest | records | synermed (configs/synermed.py)
+    data.source = source  # auto: from the build's manifest | records | synermed (release_config)
     data.pack = pack_config(_PACKS[variant][pack], data_stage, variant in OFFICIAL_GEOMETRY)
     data.lookahead = 32  # packer window in samples: first-fit over the next 32 (data/packing.fill_row); 1 = next-fit
 
@@ -157,7 +182,56 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str) 
     train.peak_flops = 0.0  # per-device peak FLOP/s for the MFU estimate (0: unknown, not logged)
 
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    return release_config(config, variant, pack) if source == "synermed" else config
+
+
+# Chosen with `plan --data` on a simulated release (2 subjects, 256² PNGs; docs/packing.md has the numbers). CE
+# keeps room for the release's free-form answers beyond the longest one simulated (31 tokens): an answer longer
+# than an empty row's CE slots could not be packed. Edit-chain rows end in one CE slot: edits train no text.
+RELEASE_PACKS = {
+    "tiny": dict(
+        stage1=dict(und_tokens=512, gen_tokens=0, vit_patches=96, vit_images=23, vae_images=0, ce_tokens=160,
+                    image_size=(32, 32), vit_image_size=(28, 28)),
+        stage2=dict(und_tokens=64, gen_tokens=384, vit_patches=12, vit_images=3, vae_images=6, ce_tokens=1,
+                    image_size=(32, 32), vit_image_size=(28, 28)),
+        # official_tiny: Stage I's conversations and Stage II's edit chains in one row.
+        mixed=dict(und_tokens=320, gen_tokens=448, vit_patches=60, vit_images=15, vae_images=7, ce_tokens=128,
+                   image_size=(32, 32), vit_image_size=(28, 28)),
+    ),
+    "small": dict(
+        stage1=dict(und_tokens=1024, gen_tokens=0, vit_patches=464, vit_images=29, vae_images=0, ce_tokens=256,
+                    image_size=(64, 64), vit_image_size=(56, 56)),
+        stage2=dict(und_tokens=128, gen_tokens=384, vit_patches=64, vit_images=4, vae_images=6, ce_tokens=1,
+                    image_size=(64, 64), vit_image_size=(56, 56)),
+    ),
+    # Official geometry; slots for 256² slices (train_common.official_geometry; training re-derives them from the
+    # build): a VAE image is 1,024 latent tokens, an edit's ViT image 324 patches, a conversation's 729.
+    "bagel_7b_mot": dict(
+        # Conversations: room for 10 ViT images a row.
+        stage1=dict(und_tokens=8192, gen_tokens=0, vit_patches=7424, vit_images=10, vae_images=0, ce_tokens=1024),
+        # Edit chains: a 2-step interleaved sample is 4 VAE images (4,096 latent tokens) + 2 ViT images (~700 und
+        # tokens with its text); 10,240 tokens (BAGEL's fine-tuning expected_num_tokens, TRAIN.md).
+        stage2=dict(und_tokens=2048, gen_tokens=8192, vit_patches=1620, vit_images=5, vae_images=8, ce_tokens=1),
+        # official: 10,752 tokens, between TRAIN.md's fine-tuning expected_num_tokens (10,240, what BAGEL packs
+        # to) and max_num_tokens (11,520, its hard cap), split where conversations and edits fill both regions.
+        mixed=dict(und_tokens=5632, gen_tokens=5120, vit_patches=5427, vit_images=9, vae_images=5, ce_tokens=1024),
+    ),
+}
+
+
+def release_config(config: ml_collections.ConfigDict, variant: str, pack: str) -> ml_collections.ConfigDict:
+    """Turns a stage config of ``variant`` into its twin on a SynerMed release build (``source=synermed``, see
+    configs/synermed.py): the release's pack budgets, its build folder, no augmentation, no in-run evaluation."""
+    if variant not in RELEASE_PACKS:
+        raise ValueError(f"unknown variant {variant!r} with source=synermed; expected one of {sorted(RELEASE_PACKS)}")
+    config.data.source = "synermed"
+    config.data.dir = "data/synermed"
+    config.data.augment = False  # the official loaders do not augment
+    config.data.pack = pack_config(RELEASE_PACKS[variant][pack], config.data.stage, variant in OFFICIAL_GEOMETRY)
+    config.train.eval_every = 0
+    config.train.image_every = 0
     return config
+
 
 
 def understanding_optimisation(config: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:
@@ -165,7 +239,7 @@ def understanding_optimisation(config: ml_collections.ConfigDict, variant: str |
 
     tiny and small train their ViT from scratch (no pretrained SigLIP at this size), which needs care: the
     recipes and their measurements are in docs/experiments.md ("Stage I: a ViT trained from scratch")."""
-    variant = (variant or "tiny").removeprefix(SYNERMED_PREFIX)
+    variant = variant or "tiny"
     if variant == "tiny":
         config.train.lr = 3e-3  # the width-64 model learns the answer format in ~40 steps instead of ~100
         config.train.warmup = 10

@@ -12,7 +12,8 @@ import pytest
 from synermedgen_jax.__main__ import main as cli
 from synermedgen_jax.config import load_config
 from synermedgen_jax.data.packing import PackBudget, PackOverflowError, Text, VaeImage, VitImage
-from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, paired_augment, sample_dataset
+from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, sample_dataset
+from synermedgen_jax.data.record_samples import paired_augment
 
 BUDGET = PackBudget(und_tokens=512, gen_tokens=256, vit_patches=256, vit_images=16, vae_images=8, ce_tokens=64,
                     image_size=(32, 32), vit_image_size=(56, 56))

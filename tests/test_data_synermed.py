@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synermedgen_jax.data import synermed
+from synermedgen_jax.data import images as image_io
+from synermedgen_jax.data import route_text, synermed
+from synermedgen_jax.data.pipeline import sample_dataset
+from synermedgen_jax.data.release_samples import ReleaseSamples
 from synermedgen_jax.data.synermed_build import SynerMedBuildConfig, build_release
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,12 +75,12 @@ def test_routes_are_recovered_from_instructions_and_paths():
         "Make it sharper": None,
     }
     for text, route in cases.items():
-        assert synermed.parse_route(text) == route, text
-    assert synermed.chain_modalities([["Convert T1 to T2"], ["Convert T2 to FLAIR"]]) == ["t1", "t2", "flair"]
-    assert synermed.chain_modalities([["do it"], ["Convert T2 to FLAIR"]]) == [None, "t2", "flair"]
-    assert synermed.modality_from_path("pet_FDG/case_001.png") == "pet"
-    assert synermed.modality_from_path("slice/t1ce/x.png") == "t1ce"
-    assert synermed.modality_from_path("ct_FDG/a/b.png") == "ct"
+        assert route_text.parse_route(text) == route, text
+    assert route_text.chain_modalities([["Convert T1 to T2"], ["Convert T2 to FLAIR"]]) == ["t1", "t2", "flair"]
+    assert route_text.chain_modalities([["do it"], ["Convert T2 to FLAIR"]]) == [None, "t2", "flair"]
+    assert route_text.modality_from_path("pet_FDG/case_001.png") == "pet"
+    assert route_text.modality_from_path("slice/t1ce/x.png") == "t1ce"
+    assert route_text.modality_from_path("ct_FDG/a/b.png") == "ct"
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -104,7 +107,7 @@ def test_every_good_row_is_kept_and_bad_rows_say_why(release, built):
         obj = json.loads(lines[record["line"] - 1])
         images = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
         assert record["images"] == images and record["turns"] == obj["conversations"]
-        assert record["modalities"] == [synermed.modality_from_path(p) for p in images]
+        assert record["modalities"] == [route_text.modality_from_path(p) for p in images]
     counts = result.manifest["counts"]
     assert counts["edit_steps_by_route"] == expected["edit_steps_by_route"]
     assert counts["records"] == {"edit": len(expected["edit_rows"]), "conv": len(expected["conv_lines"])}
@@ -148,10 +151,10 @@ b.build_release(b.SynerMedBuildConfig(root={str(root)!r}, out={str(out)!r}, prog
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert len(list((out / "parts").glob("*.json"))) == 2 and not (out / "manifest.json").exists()
-    assert list((out / "records").glob(".*.tmp"))  # the killed unit's partial shard
+    assert list((out / "records").glob(".tmp-*"))  # the killed unit's partial shard
     result = _build(root, out)
     assert result.finished and result.units_resumed == 2
-    assert not list((out / "records").glob(".*.tmp"))
+    assert not list((out / "records").glob(".tmp-*"))
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert (out / "skipped.jsonl").read_text() == (reference / "skipped.jsonl").read_text()
     ref = json.loads((reference / "manifest.json").read_text())
@@ -186,12 +189,12 @@ def test_two_processes_build_and_read_disjoint_shares(release, built, tmp_path):
     for stage, kind, count in (("stage2", "edit", len(expected["edit_rows"])),
                                ("stage1", "conv", len(expected["conv_lines"]))):
         budget = PackBudget.from_config(load_config(f"configs/{'stage2_ucg' if stage == 'stage2' else 'stage1_gau'}"
-                                                    ".py:synermed_tiny").data.pack)
+                                                    ".py:tiny,source=synermed").data.pack)
         tags = []
         for p in range(2):
             config = PipelineConfig(stage=stage, shuffle=False, repeat=False, process_index=p, process_count=2,
                                     source="synermed")
-            tags.append([tag for _, tag in synermed.sample_dataset(out, budget, config, geometry=model)])
+            tags.append([tag for _, tag in sample_dataset(out, budget, config, geometry=model)])
         assert not set(tags[0]) & set(tags[1])
         assert sorted(tags[0] + tags[1]) == sorted(f"{kind}#{i}" for i in range(count))
 
@@ -200,8 +203,8 @@ def test_two_processes_build_and_read_disjoint_shares(release, built, tmp_path):
 
 
 def _png_pixels(blob: bytes) -> np.ndarray:
-    # synermed.open_image: a truncated PNG decodes as in the official loaders (LOAD_TRUNCATED_IMAGES)
-    return np.asarray(synermed.open_image(blob).convert("RGB"), np.float32)[..., 0] / 127.5 - 1.0
+    # image_io.open_image: a truncated PNG decodes as in the official loaders (LOAD_TRUNCATED_IMAGES)
+    return np.asarray(image_io.open_image(blob).convert("RGB"), np.float32)[..., 0] / 127.5 - 1.0
 
 
 def test_edit_plans_follow_the_official_hop_rule():
@@ -247,9 +250,9 @@ def test_samples_carry_the_right_images_order_and_loss(built):
 
     out, _ = built
     tok = load_tokenizer(out / "tokenizer.json")
-    config = load_config("configs/stage2_ucg.py:synermed_tiny")
+    config = load_config("configs/stage2_ucg.py:tiny,source=synermed")
     budget = PackBudget.from_config(config.data.pack)
-    maker = synermed.SampleMaker(str(out), budget, PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
+    maker = ReleaseSamples(str(out), budget, PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
     size, vit = tuple(budget.image_size), tuple(budget.vit_image_size)
     edits = _records(out, "edit")
     for index, record in enumerate(edits):
@@ -282,8 +285,8 @@ def test_samples_carry_the_right_images_order_and_loss(built):
                     k += 1
             assert k == len(items)
     convs = _records(out, "conv")
-    s1 = load_config("configs/stage1_gau.py:synermed_tiny")
-    maker = synermed.SampleMaker(str(out), PackBudget.from_config(s1.data.pack), PipelineConfig(), s1.model)
+    s1 = load_config("configs/stage1_gau.py:tiny,source=synermed")
+    maker = ReleaseSamples(str(out), PackBudget.from_config(s1.data.pack), PipelineConfig(), s1.model)
     for index, record in enumerate(convs):
         items, _ = maker(("conv", index), np.random.default_rng(0))
         images = [x for x in items if isinstance(x, VitImage)]
@@ -309,7 +312,7 @@ def _which_image(pixels: np.ndarray, blobs: list[bytes]) -> int:
     """Which blob an item's pixels were made from (nearest after resizing each to the item's shape)."""
     from synermedgen_jax.data.volumes import resize_image
 
-    candidates = [synermed.image_array(b) for b in blobs]
+    candidates = [image_io.image_array(b) for b in blobs]
     return int(np.argmin([np.abs(resize_image(c, pixels.shape[:2]) - pixels).mean() for c in candidates]))
 
 
@@ -318,9 +321,9 @@ def _maker(out, stage: str = "stage2"):
     from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.data.pipeline import PipelineConfig
 
-    config = load_config(f"configs/{'stage2_ucg' if stage == 'stage2' else 'stage1_gau'}.py:synermed_tiny")
-    return synermed.SampleMaker(str(out), PackBudget.from_config(config.data.pack),
-                                PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
+    config = load_config(f"configs/{'stage2_ucg' if stage == 'stage2' else 'stage1_gau'}.py:tiny,source=synermed")
+    return ReleaseSamples(str(out), PackBudget.from_config(config.data.pack),
+                          PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
 
 
 def test_combined_rows_are_kept_with_the_official_sequence(release, built):
@@ -384,7 +387,7 @@ def test_truncated_png_is_kept_as_pillow_decodes_it_with_load_truncated_images(r
     blob = record["images"][1]
     with pytest.raises(OSError, match="truncated"):  # Pillow's default: the strict reader drops the row
         Image.open(io.BytesIO(blob)).load()
-    image, lenient = synermed.decode_image(blob)
+    image, lenient = image_io.decode_image(blob)
     assert lenient and ImageFile.LOAD_TRUNCATED_IMAGES is False  # the setting did not outlive the decode
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # what the official loaders set for the whole process
     try:
@@ -396,10 +399,10 @@ def test_truncated_png_is_kept_as_pillow_decodes_it_with_load_truncated_images(r
     assert np.array_equal(ours, np.asarray(reference)) and image.mode == reference.mode
     assert (ours[-1] == 0).all() and ours[0].any()  # the part past the data is black; the rest decoded
     expected_pixels = np.asarray(reference.convert("L"), np.float32) / 127.5 - 1.0
-    np.testing.assert_array_equal(synermed.image_array(blob), expected_pixels)
-    assert not synermed.decode_image(record["images"][0])[1]  # a whole PNG decodes strictly
+    np.testing.assert_array_equal(image_io.image_array(blob), expected_pixels)
+    assert not image_io.decode_image(record["images"][0])[1]  # a whole PNG decodes strictly
     with pytest.raises(DataError, match="truncated"):  # scoring predictions stays strict
-        synermed.grey_array(blob)
+        image_io.grey_array(blob)
     assert result.manifest["counts"]["kept_as_official"][synermed.KEPT_TRUNCATED] == 1
     items, _ = _maker(out)(("edit", index), np.random.default_rng(0))  # trains like any row
     assert items
@@ -498,9 +501,9 @@ def test_build_summary_counts_every_remaining_skip_reason(release, built):
         "instruction count mismatch": ([png] * 4, [["a"], ["b"]]),
         "corrupt image blob": ([png, b"\x89PNG\r\n\x1a\n not a picture"], [["a"]]),
     }
-    for code, (images, steps) in edit_cases.items():
+    for code, (blobs, steps) in edit_cases.items():
         with pytest.raises(synermed.RowError) as err:
-            synermed.check_edit_row(images, steps)
+            synermed.check_edit_row(blobs, steps)
         assert err.value.code == code and str(err.value).startswith(code)
     conv_cases = {
         "not a JSON object": [1], "no conversations list": {"conversations": []},
@@ -540,11 +543,11 @@ def trained(built, tmp_path_factory):
     common = {"data.dir": str(out), "train.progress": False, "train.steps": 3, "train.rows": 2,
               "train.checkpoint_every": 3, "train.log_every": 1, "train.async_checkpoint": False}
     s1 = runs / "s1"
-    config = apply_overrides(load_config("configs/stage1_gau.py:synermed_tiny"),
+    config = apply_overrides(load_config("configs/stage1_gau.py:tiny,source=synermed"),
                              [f"--config.{k}={v}" for k, v in common.items()])
     assert train(config, s1) == 0
     s2 = runs / "s2"
-    config = apply_overrides(load_config("configs/stage2_ucg.py:synermed_tiny"),
+    config = apply_overrides(load_config("configs/stage2_ucg.py:tiny,source=synermed"),
                              [f"--config.{k}={v}" for k, v in {**common, "init_from": str(s1)}.items()])
     assert train(config, s2) == 0
     return s1, s2

@@ -17,9 +17,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from synermedgen_jax import staging
+from synermedgen_jax import __version__, staging
 from synermedgen_jax.data import understanding
+from synermedgen_jax.data.contact_sheet import write_contact_sheet
 from synermedgen_jax.data.records import (
     SCHEMA_VERSION,
     SPLITS,
@@ -29,6 +31,7 @@ from synermedgen_jax.data.records import (
     write_text,
 )
 from synermedgen_jax.data.sources import CaseSpec, Source, get_source
+from synermedgen_jax.data.tokenizer import build_default_tokenizer, load_tokenizer
 from synermedgen_jax.data.volumes import (
     DataError,
     NormConfig,
@@ -164,8 +167,6 @@ def assign_splits(patients: list[str], fractions: tuple[float, float, float], se
 
 
 def code_version() -> str:
-    from synermedgen_jax import __version__
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=10)
@@ -312,8 +313,6 @@ def build(config: BuildConfig) -> BuildResult:
 
 def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, started: float, tokenizer) -> BuildResult:
     """The build proper, written into ``stage`` and swapped into ``out`` when at least one record is valid."""
-    from tqdm import tqdm
-
     cases = source.discover(root, config.source_options())
     split_of = assign_splits([c.patient_id for c in cases], config.split_fractions, config.seed)
 
@@ -342,8 +341,6 @@ def _build_into(stage: Path, out: Path, config: BuildConfig, source, root, start
                 idx["mean"].append([round(float(np.mean(record["images"][m], dtype=np.float64)), 5)
                                     for m in summary["modalities"]])
             if config.contact_sheet and not sheet_written:
-                from synermedgen_jax.data.contact_sheet import write_contact_sheet
-
                 write_contact_sheet(config.contact_sheet, records, title=case.key)
                 sheet_written = True
     except BaseException:
@@ -425,8 +422,6 @@ def _write_indices_and_instances(out: Path, index: dict, config: BuildConfig) ->
 def load_build_tokenizer(path: str | None, vocab_size: int):
     """``--tokenizer`` (a tokenizer.json, or a Qwen2-format folder such as a BAGEL download, with BAGEL's tokens
     added: data/tokenizer.py) or, without it, the embedded BPE of ``vocab_size`` tokens; one-line DataError."""
-    from synermedgen_jax.data.tokenizer import build_default_tokenizer, load_tokenizer
-
     if not path:
         try:
             return build_default_tokenizer(vocab_size)

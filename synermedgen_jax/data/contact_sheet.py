@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from synermedgen_jax.data.volumes import display_name
+from synermedgen_jax.staging import atomic_path
 
 
 def contact_sheet_array(records: Sequence[dict], rows: int = 3) -> tuple[np.ndarray, list[str]]:
@@ -27,10 +29,6 @@ def contact_sheet_array(records: Sequence[dict], rows: int = 3) -> tuple[np.ndar
 def write_contact_sheet(path: str | Path, records: Sequence[dict], *, title: str = "", rows: int = 3,
                         min_tile: int = 128) -> Path:
     """Writes the sheet (labels on a header strip); tiles are upscaled to at least ``min_tile`` pixels."""
-    from PIL import Image, ImageDraw
-
-    from synermedgen_jax.data.records import atomic_path
-
     sheet, labels = contact_sheet_array(records, rows)
     size = sheet.shape[0] // rows
     scale = max(1, -(-min_tile // size))
@@ -45,6 +43,7 @@ def write_contact_sheet(path: str | Path, records: Sequence[dict], *, title: str
     if title:
         draw.text((4, 15), title, fill=160)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path

@@ -10,8 +10,12 @@ the release's values (BAGEL's data config and its image-editing inference script
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
+
+from synermedgen_jax.data.volumes import resize_image
+from synermedgen_jax.stages import DataStage
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # BAGEL's ImageTransform default (1,806,336)
 
@@ -53,8 +57,6 @@ class ResizeRule:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """``[H, W]`` → the resized ``[H', W']`` float32 (the project's one resize, ``volumes.resize_image``)."""
-        from synermedgen_jax.data.volumes import resize_image
-
         return resize_image(image, self.size_for(*np.shape(image)[:2]))
 
     def to_dict(self) -> dict:
@@ -84,9 +86,9 @@ INFERENCE_VIT = ResizeRule(min_side=378, max_side=980, stride=14)
 
 ROLES = ("vae", "vit", "vlm_vit")  # VAE images; ViT images of edits; ViT images of understanding samples
 CONFIG_KEYS = {"vae": "vae_resize", "vit": "vit_resize", "vlm_vit": "vlm_vit_resize"}  # fields of config.data.pack
-# Which ViT rules a data stage uses (data/pipeline.STAGES): understanding samples, edits, or both.
-_STAGE_VIT_ROLES = {"stage1": ("vlm_vit",), "vqa": ("vlm_vit",), "stage2": ("vit",), "gen_pretrain": ("vit",),
-                    "mixed": ("vit", "vlm_vit")}
+# Which ViT rules a data stage uses (stages.DataStage): understanding samples, edits, or both.
+_STAGE_VIT_ROLES = {DataStage.STAGE1: ("vlm_vit",), DataStage.VQA: ("vlm_vit",), DataStage.STAGE2: ("vit",),
+                    DataStage.GEN_PRETRAIN: ("vit",), DataStage.MIXED: ("vit", "vlm_vit")}
 
 
 def fit_into(size: tuple[int, int], slot: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -174,8 +176,6 @@ class SlotResize:
         if fitted != size:
             self.fitted += 1
             if self.fitted in (1, 10, 100, 1000) or self.fitted % 10000 == 0:
-                import logging
-
                 logging.warning("%s: %d image(s) larger than the %dx%d slot after the resize rule, scaled down to "
                                 "fit (latest %dx%d -> %dx%d)", self.name, self.fitted, *self.slot, *size, *fitted)
         return fitted
@@ -183,8 +183,6 @@ class SlotResize:
     def __call__(self, image: np.ndarray, images: int = 1) -> np.ndarray:
         """``[H, W]`` or ``[H, W, C]`` → float32 at :meth:`size_for` (``images``: how many share BAGEL's
         ``max_pixels``, a conversation's image count)."""
-        from synermedgen_jax.data.volumes import resize_image
-
         return resize_image(image, self.size_for(*np.shape(image)[:2], images=images))
 
 

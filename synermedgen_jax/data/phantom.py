@@ -79,7 +79,7 @@ class Subject:
 @functools.lru_cache(maxsize=4)
 def _template(voxel_mm: float, margin_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """GM, WM, CSF fractions (float32 [X, Y, Z], padded by the margin) and the affine."""
-    from nilearn import datasets
+    from nilearn import datasets  # optional heavy dependency: only the simulation needs nilearn
 
     resolution = 1 if voxel_mm < 2 else 2
     gm_img = datasets.load_mni152_gm_template(resolution=resolution)

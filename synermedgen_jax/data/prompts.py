@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+from synermedgen_jax.data.routes import instruction
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 
 LETTERS = "ABCD"
@@ -150,8 +151,6 @@ def generation_instruction(template: int, src: str, tgt: str, anatomy: str) -> s
     sentence ``eval`` and ``synthesize`` give the model — so training covers what inference asks; the others
     vary the phrasing."""
     if template == 0:
-        from synermedgen_jax.data.routes import instruction
-
         return instruction(src, tgt, anatomy)
     return GEN_TEMPLATES[template].format(src=display_name(src), tgt=display_name(tgt))
 

@@ -22,11 +22,16 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
+import grain
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from PIL import Image
+
+from synermedgen_jax.staging import atomic_path, write_atomic
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -86,36 +91,20 @@ def umask_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: str | Path, obj, *, indent: int | None = 2) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    """``obj`` as JSON, written atomically (``staging.write_atomic``); missing parent folders are made."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+    """``text`` written atomically (``staging.write_atomic``); missing parent folders are made."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
 
 
 def write_png(path: str | Path, pixels: np.ndarray) -> None:
-    """``pixels``: ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) uint8, written atomically as a PNG."""
-    from PIL import Image  # noqa: PLC0415 (only the picture writers need it)
-
+    """``pixels``: ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) uint8, written atomically as a PNG (parents made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
 
@@ -128,9 +117,6 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | Path, split: str, records_per_shard: int = 1000):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        self._writer_cls = ArrayRecordWriter
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -146,7 +132,7 @@ class ShardWriter:
         fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
         os.close(fd)
         # group_size:1 keeps every record its own chunk: cheapest random access.
-        self._writer = self._writer_cls(self._tmp, "group_size:1")
+        self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
         self._name = name
         self._in_shard = 0
 
@@ -196,8 +182,6 @@ class RecordReader:
     """Random access to the decoded records of one split (``grain`` ``ArrayRecordDataSource`` underneath)."""
 
     def __init__(self, data_dir: str | Path, split: str):
-        import grain
-
         paths = shard_paths(data_dir, split)
         if not paths:
             raise FileNotFoundError(f"{data_dir}: no record shards for split {split!r}")
@@ -259,8 +243,6 @@ def check_shards(data_dir: str | Path, *, hash_limit_bytes: int = HASH_LIMIT_BYT
 
 def _check_shard_ends(path: Path, expected: int | None) -> None:
     """Opens one shard and decodes its first and last records (ShardError naming it on any failure)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     try:
         reader = ArrayRecordReader(str(path))
     except Exception as err:  # noqa: BLE001 (the C++ reader raises RuntimeError/ValueError for damage)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from synermedgen_jax.data.phantom import PhantomConfig, simulate_subject
 from synermedgen_jax.data.volumes import DataError, Volume, load_volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -209,8 +210,6 @@ class MNI152Sim(Source):
         return [r for r in self.ROUTES if r[0] in mods and r[1] in mods]
 
     def load(self, case: CaseSpec, options: dict) -> LoadedCase:
-        from synermedgen_jax.data.phantom import PhantomConfig, simulate_subject
-
         config = PhantomConfig(voxel_mm=float(options.get("sim_voxel_mm", 2.0)),
                                lesion_probability=float(options.get("sim_lesion_probability", 0.8)))
         subject = simulate_subject(case.index, seed=int(options.get("seed", 0)), config=config)

@@ -29,16 +29,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import pyarrow.parquet as pq
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
 from synermedgen_jax.data import synermed
+from synermedgen_jax.data.build import code_version
+from synermedgen_jax.data.images import decode_image
+from synermedgen_jax.data.prompts import corpus
 from synermedgen_jax.data.records import SCHEMA_VERSION, SHARD_SUFFIX, encode_record, sha256_file, write_json
+from synermedgen_jax.data.route_text import modality_from_path, route_name
+from synermedgen_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from synermedgen_jax.data.volumes import DataError
+from synermedgen_jax.staging import atomic_path, write_atomic
 
 COMBINED = "combined_instruction"  # the optional Parquet column of combined rows (edit_dataset_new.py)
 PLAN_VERSION = 2  # 2: combined rows, lenient decodes, reason codes in the parts
@@ -122,8 +134,6 @@ def make_plan(root: Path, config: SynerMedBuildConfig) -> dict:
                         "(expected the SynerMed release folder)")
     units: list[dict] = []
     if parquet.is_file():
-        import pyarrow.parquet as pq
-
         try:
             handle = pq.ParquetFile(parquet)
             meta = handle.metadata
@@ -168,7 +178,7 @@ class _SliceChecker:
                 reason = ("missing slice file", f"slice/{path}")
             else:
                 try:
-                    lenient = synermed.decode_image(file.read_bytes())[1]
+                    lenient = decode_image(file.read_bytes())[1]
                     reason = None
                 except DataError as err:
                     reason = ("corrupt slice file", f"slice/{path}: {err}")
@@ -181,8 +191,6 @@ class _SliceChecker:
 
 class _UnitWriter:
     def __init__(self, out: Path, unit_id: str):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         self.final = out / "records" / f"{unit_id}{SHARD_SUFFIX}"
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent)
         os.close(fd)
@@ -220,8 +228,6 @@ def _reason_code(reason: str) -> str:
 
 
 def _edit_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict, batch_rows: int) -> None:
-    import pyarrow.parquet as pq
-
     name = synermed.PARQUET_NAME
     row = unit["first_row"]
     try:
@@ -258,7 +264,7 @@ def _edit_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict, batch
             if good.combined is not None:
                 record["combined"] = good.combined
             writer.write(record)
-            summary["edit_rows_by_route"][synermed.route_name(mods[0], mods[-1])] += 1
+            summary["edit_rows_by_route"][route_name(mods[0], mods[-1])] += 1
             summary["edit_steps_by_route"].update(step_routes)
             summary["kept"].update(good.kept)
             texts = good.combined[:1] if good.combined is not None else [p for phr in good.instructions
@@ -299,7 +305,7 @@ def _conv_unit(root: Path, unit: dict, writer: _UnitWriter, summary: dict) -> No
                 _skip(summary, {"file": name, "line": line_no}, err)
                 continue
             summary["kept"].update(kept + ([synermed.KEPT_TRUNCATED] if any(map(check.lenient, images)) else []))
-            mods = [synermed.modality_from_path(p) for p in images]
+            mods = [modality_from_path(p) for p in images]
             writer.write({"schema": SCHEMA_VERSION, "format": "synermed-conv", "line": line_no, "images": images,
                           "turns": turns, "modalities": mods})
             for m in mods:
@@ -370,8 +376,6 @@ def _done(out: Path, unit: dict) -> bool:
 
 def build_release(config: SynerMedBuildConfig) -> SynerMedBuildResult:
     """Builds this process's share of the units (resuming), then finishes the build if every unit is done."""
-    from tqdm import tqdm
-
     root, out = Path(config.root or ""), Path(config.out)
     if not config.root or not root.is_dir():
         raise DataError(f"--root {config.root}: not a folder (the SynerMed release folder is needed)")
@@ -397,9 +401,6 @@ def build_release(config: SynerMedBuildConfig) -> SynerMedBuildResult:
                 bar.update(1)
                 bar.set_postfix(rows=rows_of[unit["id"]] or "")
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
                 futures = [pool.submit(run_unit, str(root), str(out), u, config.batch_rows) for u in todo]
@@ -421,8 +422,6 @@ def build_release(config: SynerMedBuildConfig) -> SynerMedBuildResult:
 
 def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tuple[dict, list[dict]]:
     """Assembles the parts into ``manifest.json``, ``skipped.jsonl``, ``tokenizer.json`` and the slice link."""
-    from synermedgen_jax.data.build import code_version
-
     shards = {k: [] for k in synermed.KINDS}
     counts = {"rows": Counter(), "records": Counter(), "edit_rows_by_route": Counter(),
               "edit_steps_by_route": Counter(), "conversation_images_by_modality": Counter(), "kept": Counter()}
@@ -442,17 +441,12 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
         texts.extend(part["texts"])
         seconds += part["seconds"]
     tokenizer = _write_tokenizer(out, config, texts)
-    lines = "".join(json.dumps(s) + "\n" for s in skipped)
-    with tempfile.NamedTemporaryFile("w", dir=out, prefix=".skipped.", suffix=".tmp", delete=False) as f:
-        f.write(lines)
-    os.replace(f.name, out / "skipped.jsonl")
+    write_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     link = out / synermed.SLICE_DIR
     target = (root / synermed.SLICE_DIR).resolve()
     if target.is_dir() and not (link.is_symlink() and Path(os.readlink(link)) == target):
-        tmp = out / f".slice.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(target, target_is_directory=True)
-        os.replace(tmp, link)
+        with atomic_path(link) as tmp:
+            tmp.symlink_to(target, target_is_directory=True)
     by_reason = Counter(s.get("code") or _reason_code(s["reason"]) for s in skipped)
     manifest = {
         "schema": SCHEMA_VERSION,
@@ -478,9 +472,6 @@ def finish(out: Path, root: Path, plan: dict, config: SynerMedBuildConfig) -> tu
 
 
 def _write_tokenizer(out: Path, config: SynerMedBuildConfig, texts: list[str]):
-    from synermedgen_jax.data.prompts import corpus
-    from synermedgen_jax.data.tokenizer import load_tokenizer, train_tokenizer
-
     if config.tokenizer:
         tok = load_tokenizer(config.tokenizer)
     else:

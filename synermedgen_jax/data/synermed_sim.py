@@ -16,8 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
 from synermedgen_jax.data import synermed
+from synermedgen_jax.data.phantom import PhantomConfig, simulate_subject
 
 DISPLAY = {"t1": "T1-weighted MRI", "t1ce": "contrast-enhanced T1 MRI", "t2": "T2-weighted MRI",
            "flair": "FLAIR MRI", "ct": "CT", "cbct": "CBCT", "pet": "FDG-PET"}
@@ -34,8 +38,6 @@ CHAINS = (("t1", "t2", "flair"), ("t1", "t1ce", "t2", "flair"), ("cbct", "ct"), 
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -53,10 +55,6 @@ def _to_uint8(volume: np.ndarray, modality: str, mask: np.ndarray) -> np.ndarray
 def simulated_slices(subjects: int, voxel_mm: float, seed: int, image_size: int | None,
                      slices_per_subject: int | None) -> list[dict[str, np.ndarray]]:
     """Per kept axial slice: ``{modality: uint8 [H, W]}`` (row 0 anterior), optionally resized."""
-    from PIL import Image
-
-    from synermedgen_jax.data.phantom import PhantomConfig, simulate_subject
-
     out = []
     for s in range(subjects):
         subject = simulate_subject(s, seed, PhantomConfig(voxel_mm=voxel_mm))
@@ -97,9 +95,6 @@ def write_release(root: str | Path, *, subjects: int = 1, voxel_mm: float = 8.0,
     ``lenient_lines`` ``{line: what}``) with their counts (``kept_as_official``).
     ``noise`` > 0 adds fresh Gaussian noise (grey levels) to every image
     of every edit row: each row's PNGs are then unique, as in the release (the benchmark uses it)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(root)
     slices = simulated_slices(subjects, voxel_mm, seed, image_size, slices_per_subject)
     paths = []

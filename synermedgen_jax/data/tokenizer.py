@@ -15,6 +15,12 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from synermedgen_jax.data.prompts import corpus
+from synermedgen_jax.data.records import write_text
+
 SPECIAL_TOKENS = {
     "bos": "<|im_start|>",
     "eos": "<|im_end|>",
@@ -73,16 +79,11 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, path: str | Path) -> None:
-        from synermedgen_jax.data.records import write_text
-
         write_text(path, self._tok.to_str())
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """A byte-level BPE over ``texts`` with the special tokens first (ids 0-4). Deterministic."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     specials = list(SPECIAL_TOKENS.values())
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet + special tokens "
@@ -97,8 +98,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 
 
 def build_default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
-    from synermedgen_jax.data.prompts import corpus
-
     return train_tokenizer(corpus(), vocab_size)
 
 
@@ -109,8 +108,6 @@ def add_bagel_tokens(backend) -> int:
     token already in the vocabulary, so "absent from the vocabulary" gives the same ids. They are marked special
     here so that decoding skips them, which changes no id.
     """
-    from tokenizers import AddedToken
-
     missing = [token for token in BAGEL_ADDED if backend.token_to_id(token) is None]
     if missing:
         backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
@@ -127,8 +124,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     ``merges.txt`` + ``tokenizer_config.json``, read with transformers' Qwen2 tokenizer class), e.g. a BAGEL or
     Qwen2.5 download; BAGEL's tokens are added when missing (module docstring). Raises ``ValueError`` /
     ``FileNotFoundError`` naming the file."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file():
@@ -139,7 +134,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return _from_backend(backend, str(file))
     if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         try:
-            from transformers import Qwen2Tokenizer
+            from transformers import Qwen2Tokenizer  # optional heavy dependency: only Qwen2-format folders
         except ImportError as err:
             raise FileNotFoundError(f"{path}: vocab.json + merges.txt need transformers, not installed") from err
         try:

@@ -24,11 +24,13 @@ import dataclasses
 import itertools
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from synermedgen_jax.data import prompts
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
+from synermedgen_jax.staging import atomic_path
 
 TASKS = ("cts", "tia", "mi", "vqa")
 CODE = {m: i for i, m in enumerate(MODALITY_NAMES)}
@@ -324,9 +326,8 @@ def render(cols: Mapping[str, np.ndarray], i: int) -> RenderedInstance:
 
 def save_instances(path, tables: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """One ``.npz`` (no pickle: plain int32 arrays named ``<task>.<column>``), written atomically."""
-    from synermedgen_jax.data.records import atomic_path
-
     arrays = {f"{t}.{c}": np.asarray(a) for t, cols in tables.items() for c, a in cols.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

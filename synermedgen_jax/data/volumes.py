@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.processing import resample_from_to
 from scipy import ndimage
 from skimage.transform import resize
 
@@ -186,8 +187,6 @@ def check_aligned(volumes: Mapping[str, Volume], *, atol_mm: float = 1e-2, resam
                     else f"affine differs by up to {np.abs(vol.affine - ref.affine).max():.4g} mm")
             raise DataError(f"{vol.path or name}: {name} is not aligned with {ref_name} ({what}); "
                             "pass --resample to resample onto the reference grid")
-        from nibabel.processing import resample_from_to
-
         img = nib.Nifti1Image(vol.data, vol.affine)
         moved = resample_from_to(img, (ref.data.shape, ref.affine), order=1, mode="nearest")
         out[name] = Volume(np.asarray(moved.dataobj, dtype=np.float32), ref.affine.copy(), vol.path)

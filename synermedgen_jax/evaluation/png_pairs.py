@@ -4,7 +4,7 @@ One tool for our outputs and the official script's: for each metadata key, the p
 is compared with its target — ``--targets DIR/<key>.png``, or the entry's ``target`` / ``gt`` path under
 ``--image-root`` — as 8-bit grey pictures (RGB-converted then grey). Metrics (evaluation/metrics.py): SSIM×100
 (scikit-image's Gaussian SSIM, data range 255), PSNR in dB and MAE in grey levels (0-255), per key, then averaged
-per route. The route is recovered from the prompt (data/synermed.py ``parse_route``), or its source from the
+per route. The route is recovered from the prompt (data/route_text.py ``parse_route``), or its source from the
 ``id`` path's modality folder; keys whose route is not named go to ``unknown``. Keys without a prediction or a
 target are listed (``missing``), not scored.
 
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synermedgen_jax.data import synermed
+from synermedgen_jax.data.images import grey_array
+from synermedgen_jax.data.route_text import mentions, modality_from_path, parse_route, route_name
 from synermedgen_jax.inference.loading import InferenceError
 from synermedgen_jax.inference.metadata import getbbox, output_path
 
@@ -47,13 +48,13 @@ ALIGNMENTS = ("as-is", "rescaled", "bbox")
 
 
 def route_of(entry: dict) -> str:
-    route = synermed.parse_route(entry.get("prompt", ""))
+    route = parse_route(entry.get("prompt", ""))
     if route:
-        return synermed.route_name(*route)
-    names = [m for m, _ in synermed.mentions(entry.get("prompt", ""))]
-    source = synermed.modality_from_path(entry.get("id", ""))
+        return route_name(*route)
+    names = [m for m, _ in mentions(entry.get("prompt", ""))]
+    source = modality_from_path(entry.get("id", ""))
     target = next((m for m in names if m != source), None)
-    return synermed.route_name(source, target)
+    return route_name(source, target)
 
 
 def _target_path(key: str, entry: dict, targets: str | Path | None, image_root: str | Path | None) -> Path | None:
@@ -66,7 +67,7 @@ def _target_path(key: str, entry: dict, targets: str | Path | None, image_root: 
 
 
 def _grey_u8(path: Path) -> np.ndarray:
-    return np.round((synermed.grey_array(path.read_bytes()) + 1.0) * 127.5).astype(np.float32)
+    return np.round((grey_array(path.read_bytes()) + 1.0) * 127.5).astype(np.float32)
 
 
 def _scale(pred_shape: tuple[int, int], region: tuple[int, int], target_shape: tuple[int, int],
@@ -211,7 +212,8 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: str | Path) -> None:
-    from synermedgen_jax.data.records import atomic_path, write_json
+    from synermedgen_jax.data.records import write_json
+    from synermedgen_jax.staging import atomic_path
 
     out = Path(out)
     write_json(out / "scores.json", report)

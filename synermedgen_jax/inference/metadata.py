@@ -132,8 +132,8 @@ def synthesize_metadata(inference, metadata: dict[str, dict], image_root: str | 
     ``settings`` (inference/family.py): an understanding-then-edit mode conditions each entry's edit on its
     prompt plus the model's answer about its source; a family with an image-first context makes
     ``order="auto"`` image-first."""
+    from synermedgen_jax.data.images import grey_array
     from synermedgen_jax.data.records import write_png
-    from synermedgen_jax.data.synermed import grey_array
     from synermedgen_jax.data.volumes import DataError, resize_image
     from synermedgen_jax.inference.sampler import inference_mesh
 

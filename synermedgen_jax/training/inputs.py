@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import grain
@@ -20,7 +21,10 @@ from synermedgen_jax.data import synermed
 from synermedgen_jax.data.geometry import ImageRules
 from synermedgen_jax.data.packing import LOOKAHEAD, Geometry, PackBudget
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, slice_shape
+from synermedgen_jax.data.records import RecordReader, load_index
 from synermedgen_jax.data.understanding import COLUMNS_2D
+from synermedgen_jax.data.volumes import resize_image
+from synermedgen_jax.stages import GENERATION_DATA, UNDERSTANDING_DATA, DataStage, Stage
 
 
 def shard_layout(data, rows: int) -> tuple[int, list[int], int]:
@@ -65,8 +69,6 @@ def pack_budget(config) -> PackBudget:
     stage = str(config.data.stage)
     image_size, vit_image_size = rules.slots(shape, stage, tuple(pack.image_size), tuple(pack.vit_image_size))
     if (image_size, vit_image_size) != (tuple(pack.image_size), tuple(pack.vit_image_size)):
-        import logging
-
         logging.getLogger(__name__).info(
             "data.pack: slots %s (VAE) / %s (ViT) from the build's %dx%d slices under the resize rules (config "
             "had %s / %s)", image_size, vit_image_size, *shape, tuple(pack.image_size), tuple(pack.vit_image_size))
@@ -86,10 +88,10 @@ def check_capacity(budget: PackBudget, geometry: Geometry, stage: str, und_image
     stride = geometry.latent_stride
     latents = (budget.image_size[0] // stride) * (budget.image_size[1] // stride)
     patches = (budget.vit_image_size[0] // geometry.vit_patch) * (budget.vit_image_size[1] // geometry.vit_patch)
-    images = und_images if stage in ("stage1", "mixed", "vqa") else 1
+    images = und_images if stage in UNDERSTANDING_DATA else 1
     needs = [("vit_patches", budget.vit_patches, images * patches), ("vit_images", budget.vit_images, images),
              ("und_tokens", budget.und_tokens, images * (patches + 2))]
-    if stage in ("stage2", "mixed", "gen_pretrain"):
+    if stage in GENERATION_DATA:
         needs += [("gen_tokens", budget.gen_tokens, 2 * latents), ("vae_images", budget.vae_images, 2)]
     for field, have, need in needs:
         if have < need:
@@ -129,7 +131,7 @@ class ShardedBatches:
 def train_batches(config) -> ShardedBatches:
     """The training stream of this process (packed rows, or images for stage 0)."""
     shards, mine, per = shard_layout(config.data, int(config.train.rows))
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         return ShardedBatches({s: iter(image_dataset(config, shard=s, shards=shards, rows=per)) for s in mine})
     budget = pack_budget(config)
     return ShardedBatches({s: iter(packed_dataset(config.data.dir, budget, config.model, pipeline_config(
@@ -143,12 +145,12 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
     budget = pack_budget(config)
     if task == "pairs":
         # Generic pre-training evaluates on its own held-out edits: the run never meets a cross-modal pair.
-        stage = "gen_pretrain" if data.stage == "gen_pretrain" else "stage2"
+        stage = DataStage.GEN_PRETRAIN if data.stage == DataStage.GEN_PRETRAIN else DataStage.STAGE2
         cfg = pipeline_config(data, stage=stage, split=data.eval_split, rows=rows, seed_offset=7)
     elif task == "vqa":
-        cfg = pipeline_config(data, stage="vqa", split=data.eval_split, rows=rows, seed_offset=7)
+        cfg = pipeline_config(data, stage=DataStage.VQA, split=data.eval_split, rows=rows, seed_offset=7)
     else:
-        cfg = dataclasses.replace(pipeline_config(data, stage="stage1", split=data.eval_split, rows=rows,
+        cfg = dataclasses.replace(pipeline_config(data, stage=DataStage.STAGE1, split=data.eval_split, rows=rows,
                                                   seed_offset=7), task_weights=((task, 1.0),))
     cfg = dataclasses.replace(cfg, augment=False, cfg_text=0.0, cfg_vit=0.0, cfg_vae=0.0)
     return next(iter(packed_dataset(data.dir, budget, config.model, cfg)))
@@ -163,9 +165,6 @@ class _RecordImage:
         self._reader = None
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
-        from synermedgen_jax.data.records import RecordReader
-        from synermedgen_jax.data.volumes import resize_image
-
         if self._reader is None:
             self._reader = RecordReader(self.data_dir, self.split)
         rec, modality = self.keys[int(i)]
@@ -174,8 +173,6 @@ class _RecordImage:
 
 
 def _record_keys(data_dir: str, split: str) -> list[tuple[int, str]]:
-    from synermedgen_jax.data.records import load_index
-
     index = load_index(data_dir, split)
     keys = [(rec, modality) for rec, case in enumerate(index["case"])
             for modality in index["cases"][case]["modalities"]]

@@ -1,0 +1,167 @@
+"""Samples of a NIfTI build's records (``build-data``): Stage I instances, Stage II pairs, the VQA control's
+questions and gen_pretrain's same-modality edits, as one :class:`RecordSamples` source of data/stream.py.
+
+A row of a task is one row of its instance table (``instances/<split>.npz``; gen_pretrain's table is derived
+from the split's slice index, data/gen_pretrain.py); its sample reads the records it names:
+
+* Stage I / VQA: the rendered question, its ViT images (BAGEL's VLM resize rule), labels and the answer (loss).
+* Stage II pairs and gen_pretrain edits: instruction, source (ViT, clean VAE), noised target; optional paired
+  augmentation (one spatial transform for source and target), then CFG dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.transform import AffineTransform, warp
+
+from synermedgen_jax.data import gen_pretrain, prompts
+from synermedgen_jax.data.geometry import PackImages
+from synermedgen_jax.data.packing import PackBudget, Text, VaeImage, VitImage, cfg_dropout, prompt_items
+from synermedgen_jax.data.records import RecordReader, load_index
+from synermedgen_jax.data.stream import PipelineConfig
+from synermedgen_jax.data.tokenizer import load_tokenizer
+from synermedgen_jax.data.understanding import TASKS, load_instances, render
+from synermedgen_jax.data.volumes import MODALITY_NAMES
+from synermedgen_jax.stages import DataStage
+
+PAIRS, GEN_PRETRAIN = "pairs", "gen_pretrain"  # the task names of Stage II pairs and gen_pretrain edits
+
+
+def stage_weights(config: PipelineConfig) -> dict[str, float]:
+    """``{task: mix weight}`` of the data stage (tasks of weight 0 left out)."""
+    if config.stage not in tuple(DataStage):
+        raise ValueError(f"stage {config.stage!r}: expected one of {tuple(str(s) for s in DataStage)}")
+    if config.stage == DataStage.STAGE2:
+        return {PAIRS: 1.0}
+    if config.stage == DataStage.VQA:
+        return {"vqa": 1.0}
+    if config.stage == DataStage.GEN_PRETRAIN:
+        return {GEN_PRETRAIN: 1.0}
+    weights = {t: float(w) for t, w in config.task_weights if w > 0}
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        raise ValueError(f"task_weights: unknown tasks {sorted(unknown)}")
+    if config.stage == DataStage.MIXED:
+        total = sum(weights.values())
+        weights = {t: w / total * (1 - config.stage2_weight) for t, w in weights.items()}
+        weights[PAIRS] = config.stage2_weight
+    return weights
+
+
+def paired_augment(images: Sequence[np.ndarray], rng: np.random.Generator, config: PipelineConfig
+                   ) -> list[np.ndarray]:
+    """One random flip/rotation/scale/shift applied identically to every image (background -1)."""
+    size = images[0].shape[0]
+    centre = (size - 1) / 2.0
+    angle = np.deg2rad(rng.uniform(-config.aug_rotate_deg, config.aug_rotate_deg))
+    scale = 1.0 + rng.uniform(-config.aug_scale, config.aug_scale)
+    shift = rng.uniform(-config.aug_shift, config.aug_shift, size=2) * size
+    flip = config.aug_flip and rng.random() < 0.5
+    transform = (AffineTransform(translation=(-centre, -centre)) + AffineTransform(rotation=angle, scale=scale)
+                 + AffineTransform(translation=(centre + shift[0], centre + shift[1])))
+    out = []
+    for image in images:
+        image = np.asarray(image, np.float32)
+        if flip:
+            image = image[:, ::-1]
+        out.append(warp(image, transform.inverse, order=1, mode="constant", cval=-1.0,
+                        preserve_range=True).astype(np.float32))
+    return out
+
+
+class RecordSamples:
+    """The records build as a sample source: ``rows``/``weights`` per task, ``((task, row), rng) -> (items, tag)``.
+    Opens the record reader and the tokenizer lazily (worker processes re-open them)."""
+
+    def __init__(self, data_dir: str | Path, budget: PackBudget, config: PipelineConfig, geometry: Any = None):
+        del geometry  # the records' samples need no model geometry (the release's do: data/release_samples.py)
+        self.data_dir, self.split, self.budget, self.config = str(data_dir), config.split, budget, config
+        tables = load_instances(Path(data_dir) / "instances" / f"{config.split}.npz")
+        self.weights = stage_weights(config)
+        if GEN_PRETRAIN in self.weights:  # derived from the slice index: builds need no new table
+            tables = {**tables, GEN_PRETRAIN: gen_pretrain.edit_table(load_index(self.data_dir, config.split))}
+        self.tables = tables
+        self.rows = {task: len(tables[task]["rec" if task in (PAIRS, GEN_PRETRAIN) else "task"])
+                     for task in sorted(self.weights)}
+        for task, n in self.rows.items():
+            if n == 0:
+                raise ValueError(f"{self.data_dir}: split {config.split} has no {task} instances")
+        self.images = PackImages.for_budget(budget, config.resize)
+        self._reader = None
+        self._tokenizer = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        state["_tokenizer"] = None
+        return state
+
+    @property
+    def reader(self) -> RecordReader:
+        if self._reader is None:
+            self._reader = RecordReader(self.data_dir, self.split)
+        return self._reader
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(str(Path(self.data_dir) / "tokenizer.json"))
+        return self._tokenizer
+
+    def _image(self, rec: int, modality: str, cache: dict) -> np.ndarray:
+        if rec not in cache:
+            cache[rec] = self.reader[rec]
+        record = cache[rec]
+        if modality not in record["images"]:
+            raise KeyError(f"record {rec} of {self.split} has no {modality} image")
+        return np.asarray(record["images"][modality], np.float32)
+
+    def __call__(self, element: tuple[str, int], rng: np.random.Generator) -> tuple[list, str]:
+        task, row = element
+        cache: dict = {}
+        if task == PAIRS:
+            return self._pair(int(row), rng, cache)
+        if task == GEN_PRETRAIN:
+            return self._gen_pretrain(int(row), rng, cache)
+        rendered = render(self.tables[task], int(row))
+        count = len(rendered.images)
+        images = [self.images.vlm_vit(self._image(rec, modality, cache), images=count)
+                  for rec, modality in rendered.images]
+        items: list = prompt_items(self.tokenizer.encode(rendered.question), images,
+                                   [self.tokenizer.encode(label) for label in rendered.labels])
+        items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
+        return items, f"{task}#{row}"
+
+    def _edit_items(self, prompt: str, source: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> list:
+        """Instruction, source (ViT, clean VAE), noised target; then CFG dropout."""
+        vae, vit = self.images.vae, self.images.vit
+        items = [Text(self.tokenizer.encode(prompt), cfg=True), VitImage(vit(source), cfg=True),
+                 VaeImage(vae(source), cfg=True), VaeImage(vae(target), noised=True)]
+        return cfg_dropout(items, rng, text=self.config.cfg_text, vit=self.config.cfg_vit, vae=self.config.cfg_vae)
+
+    def _pair(self, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
+        pairs = self.tables[PAIRS]
+        rec = int(pairs["rec"][row])
+        src, tgt = MODALITY_NAMES[int(pairs["src"][row])], MODALITY_NAMES[int(pairs["tgt"][row])]
+        source, target = self._image(rec, src, cache), self._image(rec, tgt, cache)
+        if self.config.augment:
+            source, target = paired_augment([source, target], rng, self.config)
+        prompt = prompts.generation_instruction(int(pairs["template"][row]), src, tgt, cache[rec]["anatomy"])
+        return self._edit_items(prompt, source, target, rng), f"{PAIRS}#{row}"
+
+    def _gen_pretrain(self, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
+        """A same-modality edit (data/gen_pretrain.py), laid out as a Stage II sample."""
+        table = self.tables[GEN_PRETRAIN]
+        modality = MODALITY_NAMES[int(table["src"][row])]
+        rec, tgt_rec = int(table["rec"][row]), int(table["tgt_rec"][row])
+        base, neighbour = self._image(rec, modality, cache), self._image(tgt_rec, modality, cache)
+        if self.config.augment:  # before the edit, so a flip or a neighbour stays the edit the text names
+            base, neighbour = paired_augment([base, neighbour], rng, self.config)
+        edit = gen_pretrain.EDITS[int(table["edit"][row])]
+        source, target = gen_pretrain.apply_edit(edit, base, neighbour, rng)
+        prompt = prompts.gen_pretrain_instruction(edit, int(table["template"][row]), modality)
+        return self._edit_items(prompt, source, target, rng), f"{GEN_PRETRAIN}#{row}"
