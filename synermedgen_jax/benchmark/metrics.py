@@ -18,9 +18,13 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from skimage.metrics import structural_similarity
 
 from synermedgen_jax.accounting import hlo
+from synermedgen_jax.evaluation.metrics import ssim
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -34,15 +38,6 @@ def _best_time(fn, repeats: int) -> float:
 
 def measure(n: int, size: int, repeats: int = 5, seed: int = 0) -> dict:
     """One row: images/s of scikit-image's loop and of ``metrics.ssim`` on ``n`` images ``size x size``."""
-    # The comparison is against scikit-image on this CPU; an installed but unusable CUDA plugin must not
-    # pick another backend (or print its failure). An explicit JAX_PLATFORMS still wins.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-    import jax.numpy as jnp
-    from skimage.metrics import structural_similarity
-
-    from synermedgen_jax.evaluation.metrics import ssim
-
     rng = np.random.default_rng(seed)
     shape = (n, size, size)
     target = rng.random(shape, dtype=np.float32)
@@ -83,12 +78,6 @@ def fusion_summary(n: int, size: int) -> list[str]:
     shape. The design expects, per lax.map step, four first-pass fusions (or one multi-output fusion) writing
     ``[4, C, H, W-10]`` and one fusion for the second pass + SSIM formula, then the ``dot`` for the mean; a
     second-pass fusion reading the raw images instead would mean XLA recomputes the first pass per tap."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax  # after JAX_PLATFORMS: where jax is not started yet, it starts on this CPU (see measure)
-    import jax.numpy as jnp
-
-    from synermedgen_jax.evaluation.metrics import ssim
-
     x = jnp.zeros((n, size, size), jnp.float32)
     text = jax.jit(lambda a, b: ssim(a, b, data_range=1.0)).lower(x, x).compile().as_text()
     found = hlo.instructions(text, {"fusion", "dot", "copy"})

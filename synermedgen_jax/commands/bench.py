@@ -28,8 +28,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synermedgen_jax.benchmark import other_bench, train_bench
+from synermedgen_jax.benchmark.report import BenchError, compare_text, config_hash, environment, gib, table, write_json
 from synermedgen_jax.commands._args import non_negative_int, one_line_errors, positive_float, positive_int
 from synermedgen_jax.commands._runner import accept_config_overrides
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config
 
 WHATS = ("train", "sample", "attention", "data", "metrics")
 
@@ -59,8 +62,6 @@ def _error(message: str) -> int:
 
 
 def _check(args: argparse.Namespace) -> list[str]:
-    from synermedgen_jax.benchmark.report import BenchError
-
     whats = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in whats if w not in WHATS]
     if not whats or unknown:
@@ -73,8 +74,6 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 
 def _print_train(r: dict) -> None:
-    from synermedgen_jax.benchmark.report import gib, table
-
     print(f"train step: {r['rows']} rows on {r['devices']} device(s) {r['mesh']}, median of {r['steps']} steps "
           f"after {r['warmup']} warm-up (compile {r['compile_s']:.1f} s)")
     # Per slot: every pack slot counted as work, padding included (what the step costs); per real: only the
@@ -103,8 +102,6 @@ def _print_train(r: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.benchmark.report import BenchError, compare_text
-
     if args.compare:
         try:
             print(compare_text(*args.compare))
@@ -118,10 +115,6 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("expected comma-separated positive lengths")
     except ValueError as err:  # BenchError is a ValueError; int() failures land here too
         return _error(str(err) if isinstance(err, BenchError) else f"--seq-lens {args.seq_lens!r}: {err}")
-
-    from synermedgen_jax.benchmark import other_bench, train_bench
-    from synermedgen_jax.benchmark.report import config_hash, environment, table, write_json
-    from synermedgen_jax.config import ConfigError, apply_overrides, load_config
 
     try:
         config = apply_overrides(load_config(args.config), list(getattr(args, "overrides", None) or []))

@@ -229,7 +229,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
 def _rules(run_config) -> tuple[ResizeRule | None, ResizeRule | None]:
     """The image rules of a checkpoint at inference: the official inference rules (VAE 512–1024 px, ViT 378–980 px,
     fitted to the model's tables) for an import and for a run trained with the official geometry (its config has
-    ``data.pack.*_resize``: the 7B and ``synermed_*`` configs), as the official inference script resizes; None
+    ``data.pack.*_resize``: the 7B and ``source=synermed`` configs), as the official inference script resizes; None
     (fixed sizes) for a run trained on fixed squares."""
     from synermedgen_jax.data import geometry
     from synermedgen_jax.training.checkpoint import IMPORTED_STAGE
