@@ -19,6 +19,7 @@ from synermedgen_jax.data.build import BuildConfig, build
 from synermedgen_jax.data.packing import PackBudget
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
 from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.stages import DataStage
 
 
 def pack_budget(variant: str, slice_size: int):
@@ -38,7 +39,7 @@ def main() -> int:
     parser.add_argument("--slice-size", type=int, default=128)
     parser.add_argument("--records", type=int, default=500)
     parser.add_argument("--rows", type=int, default=100)
-    parser.add_argument("--stage", default="mixed")
+    parser.add_argument("--stage", default=DataStage.MIXED.value)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = parser.parse_args()
 

@@ -16,6 +16,7 @@ from synermedgen_jax.data.build import BuildConfig, build
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.kernels.attention.pallas import BlockSizes
+from synermedgen_jax.stages import DataStage
 
 
 def bench_attention(seq_lens: list[int], repeats: int) -> dict:
@@ -56,7 +57,7 @@ def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
     records_s = n / (time.perf_counter() - start)
     budget = pack_budget(variant, 64)
     model_config = load_config(f"configs/models.py:{variant}")
-    config = PipelineConfig(stage="mixed", rows_per_batch=1, workers=0, augment=True, process_index=0,
+    config = PipelineConfig(stage=DataStage.MIXED, rows_per_batch=1, workers=0, augment=True, process_index=0,
                             process_count=1)
     it = iter(packed_dataset(data, budget, model_config, config))
     next(it)  # opens the readers and the tokenizer

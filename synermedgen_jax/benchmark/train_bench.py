@@ -191,7 +191,7 @@ def timed(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
 def bench_train(config, *, steps: int, warmup: int, rows: int = 0, peak_tflops: float | None = None) -> dict:
     """Median device-synchronised step time of the real jitted, sharded train step, throughput, FLOPs, MFU."""
     config = resolve_config(config)
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         raise BenchError("bench --what train covers the packed MoT stages, not the stage-0 VAE")
     try:
         mesh = sharding.make_mesh(config.mesh)
