@@ -112,6 +112,13 @@ def _depths(layers: int, full_layers: int) -> list[int]:
     return [1, layers] if layers else [full_layers]
 
 
+def _method(layers: int, full_layers: int) -> str:
+    if layers:
+        return (f"extrapolated linearly from compiles with 1 and {layers} of {full_layers} decoder layers "
+                f"(--layers {layers})")
+    return f"compiled at the full depth ({full_layers} decoder layers)"
+
+
 def _compile_step(setup: PlanSetup, full: AbstractTrain, depths: list[int]) -> dict[int, dict]:
     """``{depth: compile_plan figures + "analytic_flops"}`` of the train step at each depth."""
     compiles = {}
@@ -175,17 +182,12 @@ def run_plan(args: argparse.Namespace, mesh_spec: dict[str, int]) -> dict:
     depths = _depths(args.layers, setup.full_layers)
     compiles = _compile_step(setup, full, depths)
     last = compiles[depths[-1]]
-    if args.layers:
-        method = (f"extrapolated linearly from compiles with 1 and {args.layers} of {setup.full_layers} decoder "
-                  f"layers (--layers {args.layers})")
-    else:
-        method = f"compiled at the full depth ({setup.full_layers} decoder layers)"
     memory = _full_depth_memory({d: c["memory"] for d, c in compiles.items()}, setup.full_layers)
     f32_copies = _full_depth_f32_copies({d: c.get("f32_copies") for d, c in compiles.items()}, setup.full_layers)
     per_device = _full_depth({d: c["compiled_flops_per_device"] for d, c in compiles.items()}, setup.full_layers)
     xla_per_device = _full_depth({d: c["xla_flops_per_device"] for d, c in compiles.items()}, setup.full_layers)
     result = {
-        **_setup_fields(args, setup, method),
+        **_setup_fields(args, setup, _method(args.layers, setup.full_layers)),
         **memory_plan(setup, full.state, memory, f32_copies, args.device_memory_gb,
                       getattr(args, "devices_per_host", 0)),
         **flops_plan(setup, full.config, per_device, xla_per_device, last["loops"]),
