@@ -181,17 +181,22 @@ def largest_buffers(hlo_text: str, top: int = 8) -> list[dict]:
     return sorted(found.values(), key=lambda r: -r["bytes"])[:top]
 
 
+def _live_at_peak(live_range_text: str) -> list[tuple[str, int]]:
+    """``[(value name, bytes)]`` of the live-range dump's "(peak):" section (up to its stack trace)."""
+    start = live_range_text.find("(peak):")
+    if start < 0:
+        raise ValueError("no '(peak):' section in the live-range dump")
+    section = live_range_text[start:]
+    end = section.find("Stack trace")
+    return [(name, int(size)) for name, size in _LIVE.findall(section[: end if end > 0 else None])]
+
+
 def peak_live_buffers(live_range_text: str, hlo_text: str, top: int = 12) -> dict:
     """The values live at the memory peak of a compiled module, from XLA's live-range dump
     (``*after_optimizations-live-range.txt``): ``{"position", "bytes", "buffers": [{name, dtype, shape, bytes,
     op}]}`` with the ``top`` largest (``op``: the JAX name stack of the defining op, where XLA kept it)."""
-    start = live_range_text.find("(peak):")
-    if start < 0:
-        raise ValueError("no '(peak):' section in the live-range dump")
+    rows = _live_at_peak(live_range_text)
     position = re.search(r"Live ranges at (\d+) \(peak\)", live_range_text)
-    section = live_range_text[start:]
-    end = section.find("Stack trace")
-    rows = _LIVE.findall(section[: end if end > 0 else None])
     shapes, ops = {}, {}
     for line in hlo_text.splitlines():
         match = _ARRAY_DEF.match(line)
@@ -201,10 +206,10 @@ def peak_live_buffers(live_range_text: str, hlo_text: str, top: int = 12) -> dic
             if op:
                 ops[match.group(1)] = op.group(1)
     buffers = []
-    for name, size in sorted(rows, key=lambda r: -int(r[1]))[:top]:
+    for name, size in sorted(rows, key=lambda r: -r[1])[:top]:
         dtype, shape = shapes.get(name, ("", []))
-        buffers.append({"name": name, "dtype": dtype, "shape": shape, "bytes": int(size), "op": ops.get(name, "")})
-    return {"position": int(position.group(1)) if position else None, "bytes": sum(int(r[1]) for r in rows),
+        buffers.append({"name": name, "dtype": dtype, "shape": shape, "bytes": size, "op": ops.get(name, "")})
+    return {"position": int(position.group(1)) if position else None, "bytes": sum(size for _, size in rows),
             "count": len(rows), "buffers": buffers}
 
 
@@ -272,12 +277,7 @@ def f32_copy_bytes(live_range_text: str, hlo_text: str) -> dict:
     same program point without the copies; values the classification does not recognise stay counted, so the
     accelerator-equivalent figure errs high. For programs that compute in bf16 (an f32 model's f32 gathers are
     its own)."""
-    start = live_range_text.find("(peak):")
-    if start < 0:
-        raise ValueError("no '(peak):' section in the live-range dump")
-    section = live_range_text[start:]
-    end = section.find("Stack trace")
-    live = [(name, int(size)) for name, size in _LIVE.findall(section[: end if end > 0 else None])]
+    live = _live_at_peak(live_range_text)
     values, roots = _hlo_values(hlo_text)
     users: dict[str, list[str]] = {}
     for name, (_, _, operands, _) in values.items():
@@ -310,7 +310,7 @@ def live_range_text(dump_dir: str) -> str:
 
 
 def instructions(hlo_text: str, opcodes: set[str]) -> list[tuple[str, str, str]]:
-    """``[(%name, output type, opcode)]`` of the array-typed instructions of ``hlo_text`` whose opcode is in
-    ``opcodes``, in module order."""
+    """``[(%name, output type, opcode)]`` of the instructions of ``hlo_text`` with one output (not a tuple) whose
+    opcode is in ``opcodes``, in module order."""
     matches = (_NAMED_INSTRUCTION.match(line) for line in hlo_text.splitlines())
     return [match.groups() for match in matches if match and match.group(3) in opcodes]
