@@ -1,16 +1,24 @@
 """The model trains with the fused Pallas kernels (interpret mode on CPU) exactly as with the jnp references.
 
-The batch and the loss/gradient computation are those of ``python -m tools.check_model_kernels`` (the check a user runs
-first on a GPU/TPU machine), so this test also keeps that tool working; here the tolerances are the tight ones of
-float32 on CPU.
+The batch, the loss/gradient computation and the per-kernel cases are those of the GPU checks (``pytest -m gpu``,
+tests/kernel_checks.py, the check a user runs first on a GPU/TPU machine), so these tests also keep that code
+working; here the model's tolerances are the tight ones of float32 on CPU.
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-
-from synermedgen_jax.benchmark.model_kernel_check import loss_and_grads, packed_batch
+from kernel_checks import (
+    attention_case,
+    attention_cases,
+    flow_matching_cases,
+    fm_case,
+    format_row,
+    interpret_sized,
+    loss_and_grads,
+    packed_batch,
+)
 
 
 def test_pallas_interpret_training_matches_reference(tiny_config):
@@ -33,15 +41,14 @@ def test_pallas_interpret_training_matches_reference(tiny_config):
         np.testing.assert_allclose(fused_grads[path], value, atol=1e-4, err_msg=path)
 
 
-def test_gpu_kernel_check_tool_runs_in_interpret_mode(tmp_path):
-    """README's per-kernel GPU check (python -m tools.gpu_kernel_check) on CPU in interpret mode (--quick): every
-    attention and flow-matching case runs and agrees with its jnp reference within the tool's tolerances."""
-    import json
-
-    from synermedgen_jax.benchmark import kernel_check
-
-    out = tmp_path / "rows.json"
-    assert kernel_check.main(["--interpret", "--quick", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert {row["kind"] for row in rows} == {"attention", "flow_matching"}
-    assert all(row["ok"] for row in rows) and len(rows) >= 10
+def test_gpu_kernel_checks_pass_in_interpret_mode():
+    """The GPU checks' quick cases (tests/test_gpu_kernels.py) on CPU in interpret mode, attention at an eighth of
+    T: every attention and flow-matching case runs and agrees with its jnp reference within the checks' tolerances."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rows = [attention_case(*case, "pallas_interpret", seed + i)
+            for i, case in enumerate(interpret_sized(attention_cases(quick=True)))]
+    rows += [fm_case(*case, "pallas_interpret", seed + 1000 + i)
+             for i, case in enumerate(flow_matching_cases(quick=True))]
+    assert {row["kind"] for row in rows} == {"attention", "flow_matching"} and len(rows) >= 10
+    failed = [format_row(row) for row in rows if not row["ok"]]
+    assert not failed, f"seed={seed}\n" + "\n".join(failed)
