@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from synermedgen_jax.config import load_config
 from synermedgen_jax.data.build import BuildConfig, build
@@ -31,6 +32,38 @@ def pack_budget(variant: str, slice_size: int):
                       ce_tokens=256, image_size=(64, 64), vit_image_size=(112, 112))
 
 
+def build_if_missing(data: Path, subjects: int, slice_size: int) -> bool:
+    """Builds a small mni152-sim dataset into ``data`` when it has no manifest.json; whether it did."""
+    if (data / "manifest.json").is_file():
+        return False
+    build(BuildConfig(source="mni152-sim", out=str(data), subjects=subjects, slice_size=slice_size, overwrite=True,
+                      progress=False))
+    return True
+
+
+def records_per_s(reader: RecordReader, records: int) -> tuple[int, float]:
+    """``(records read, records/s)`` of random reads (read + decode) of up to ``records`` records."""
+    n = min(records, len(reader))
+    start = time.perf_counter()
+    for i in range(n):
+        reader[(i * 7919) % len(reader)]
+    return n, n / (time.perf_counter() - start)
+
+
+def packs_per_s(data: Path, budget: PackBudget, model_config: Any, config: PipelineConfig,
+                rows: int) -> tuple[float, float]:
+    """``(packs/s, samples/s)`` of ``rows`` packed rows of the pipeline after one warm-up row."""
+    it = iter(packed_dataset(data, budget, model_config, config))
+    next(it)  # warm-up (opens readers and the tokenizer, starts workers)
+    samples = 0
+    start = time.perf_counter()
+    for _ in range(rows):
+        batch = next(it)
+        samples += int((batch["sample_id"].max(axis=1) + 1).sum())
+    elapsed = time.perf_counter() - start
+    return rows / elapsed, samples / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="/tmp/smg_bench_data")
@@ -46,14 +79,9 @@ def main() -> int:
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
         print(f"building mni152-sim into {data} ...")
-        build(BuildConfig(source="mni152-sim", out=str(data), subjects=args.subjects, slice_size=args.slice_size,
-                          overwrite=True, progress=False))
+    build_if_missing(data, args.subjects, args.slice_size)
     reader = RecordReader(data, "train")
-    n = min(args.records, len(reader))
-    start = time.perf_counter()
-    for i in range(n):
-        reader[(i * 7919) % len(reader)]
-    rate = n / (time.perf_counter() - start)
+    _, rate = records_per_s(reader, args.records)
     print(f"records/s (random read + decode, {len(reader[0]['images'])} modalities of "
           f"{args.slice_size}px): {rate:.0f}")
 
@@ -62,17 +90,9 @@ def main() -> int:
     for workers in args.workers:
         config = PipelineConfig(stage=args.stage, rows_per_batch=1, workers=workers, augment=True,
                                 process_index=0, process_count=1)
-        it = iter(packed_dataset(data, budget, model_config, config))
-        next(it)  # warm-up (opens readers, starts workers)
-        samples = 0
-        start = time.perf_counter()
-        for _ in range(args.rows):
-            batch = next(it)
-            samples += int((batch["sample_id"].max(axis=1) + 1).sum())
-        elapsed = time.perf_counter() - start
-        print(f"workers={workers}: packs/s {args.rows / elapsed:.1f}  samples/s {samples / elapsed:.1f}  "
+        packs, samples = packs_per_s(data, budget, model_config, config, args.rows)
+        print(f"workers={workers}: packs/s {packs:.1f}  samples/s {samples:.1f}  "
               f"({args.model} budget, stage {args.stage})")
-        del it
     return 0
 
 

@@ -3,17 +3,15 @@ benchmark/attention.py, benchmark/metrics.py and the data pipeline, returning JS
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
 
 from synermedgen_jax.benchmark import attention as attention_bench
 from synermedgen_jax.benchmark import metrics as metrics_bench
-from synermedgen_jax.benchmark.data import pack_budget
+from synermedgen_jax.benchmark.data import build_if_missing, pack_budget, packs_per_s, records_per_s
 from synermedgen_jax.config import load_config
-from synermedgen_jax.data.build import BuildConfig, build
-from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset
+from synermedgen_jax.data.pipeline import PipelineConfig
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.kernels.attention.pallas import BlockSizes
 from synermedgen_jax.stages import DataStage
@@ -44,29 +42,12 @@ def bench_data(data_dir: str, variant: str, rows: int, records: int) -> dict:
     """Records/s (random read + decode) and packs/s (samples → packed rows, in-process) of the Grain
     pipeline over a built dataset; builds a small mni152-sim one first when ``data_dir`` has none."""
     data = Path(data_dir)
-    built = False
-    if not (data / "manifest.json").is_file():
-        build(BuildConfig(source="mni152-sim", out=str(data), subjects=2, slice_size=64, overwrite=True,
-                          progress=False))
-        built = True
-    reader = RecordReader(data, "train")
-    n = min(records, len(reader))
-    start = time.perf_counter()
-    for i in range(n):
-        reader[(i * 7919) % len(reader)]
-    records_s = n / (time.perf_counter() - start)
-    budget = pack_budget(variant, 64)
-    model_config = load_config(f"configs/models.py:{variant}")
+    built = build_if_missing(data, subjects=2, slice_size=64)
+    n, records_s = records_per_s(RecordReader(data, "train"), records)
     config = PipelineConfig(stage=DataStage.MIXED, rows_per_batch=1, workers=0, augment=True, process_index=0,
                             process_count=1)
-    it = iter(packed_dataset(data, budget, model_config, config))
-    next(it)  # opens the readers and the tokenizer
-    samples = 0
-    start = time.perf_counter()
-    for _ in range(rows):
-        batch = next(it)
-        samples += int((batch["sample_id"].max(axis=1) + 1).sum())
-    elapsed = time.perf_counter() - start
+    packs_s, samples_s = packs_per_s(data, pack_budget(variant, 64), load_config(f"configs/models.py:{variant}"),
+                                     config, rows)
     return {"name": "data", "data_dir": str(data), "built_now": built, "records_read": n,
-            "records_per_s": records_s, "packs": rows, "packs_per_s": rows / elapsed,
-            "samples_per_s": samples / elapsed, "budget_variant": variant, "workers": 0}
+            "records_per_s": records_s, "packs": rows, "packs_per_s": packs_s, "samples_per_s": samples_s,
+            "budget_variant": variant, "workers": 0}
