@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from synermedgen_jax.commands._args import (
     MAX_IMAGE_PIXELS,
@@ -33,6 +34,11 @@ from synermedgen_jax.commands._args import (
     int_range,
     non_negative_float,
 )
+from synermedgen_jax.data.routes import valid_modalities
+from synermedgen_jax.data.volumes import DataError, load_volume, norm_params, normalise
+from synermedgen_jax.inference import family, loading
+from synermedgen_jax.inference.loading import InferenceError
+from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
 
 MAX_IMAGES = 64  # images per question (training's questions hold at most 5)
 
@@ -56,15 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer.json or Qwen2-format folder (default: the checkpoint's own: an import's "
                              "tokenizer/, the BAGEL "
                              "folder's, or the run's data folder); refused when its ids differ from the weights'")
-    from synermedgen_jax.inference.family import add_family_arguments
-
-    add_family_arguments(parser, generation=False)
+    family.add_family_arguments(parser, generation=False)
 
 
 def load_image(spec: str, modality: str | None = None) -> np.ndarray:
     """``[H, W]`` float32 in [-1, 1] from a picture file or ``volume.nii.gz[:index]``."""
-    from synermedgen_jax.inference.loading import InferenceError
-
     path_text, _, index_text = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
     path = Path(path_text)
     if not path.is_file():
@@ -72,8 +74,6 @@ def load_image(spec: str, modality: str | None = None) -> np.ndarray:
     if not path.name.endswith((".nii", ".nii.gz")):
         if index_text:
             raise InferenceError(f"--image {spec}: a slice index is for NIfTI volumes only")
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(path) as picture:  # reads the header only: the size is known before any decoding
                 width, height = picture.size
@@ -86,8 +86,6 @@ def load_image(spec: str, modality: str | None = None) -> np.ndarray:
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise InferenceError(f"--image {spec}: not a readable image ({err})") from None
         return grey / 127.5 - 1.0
-    from synermedgen_jax.data.volumes import DataError, load_volume, norm_params, normalise
-
     try:
         volume = load_volume(path)
     except DataError as err:
@@ -104,13 +102,8 @@ def load_image(spec: str, modality: str | None = None) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.inference import loading
-    from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
-
     try:
         if args.modality is not None:
-            from synermedgen_jax.data.routes import valid_modalities
-
             if args.modality not in valid_modalities():
                 raise loading.InferenceError(f"--modality: unknown {args.modality!r}; valid: "
                                              f"{', '.join(valid_modalities())}")
@@ -124,8 +117,6 @@ def main(args: argparse.Namespace) -> int:
                                          "none or one per --image")
         images = [load_image(spec, args.modality) for spec in args.image]
         inference = loading.load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-        from synermedgen_jax.inference import family
-
         settings = family.resolve(inference, args)  # the family's ViT rule (UniMedVL: after its VAE rule)
         # A checkpoint with the official geometry sees the images aspect-preserved (the first image's sizes).
         image_size, vit_image_size = inference.sizes_for(*np.shape(images[0])[:2]) if images else (

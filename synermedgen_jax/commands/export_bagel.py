@@ -28,10 +28,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flax import nnx
+
 from synermedgen_jax.commands._args import one_line_errors, positive_float
+from synermedgen_jax.kernels.dispatch import resolve_kernels
+from synermedgen_jax.modeling.synermedgen import build_model
 from synermedgen_jax.port import keys as K
+from synermedgen_jax.port import orbax_io
 from synermedgen_jax.port.bagel import PortError, export_order, flux_ae_differences, save
 from synermedgen_jax.port.safetensors_stream import SafetensorsError
+from synermedgen_jax.stages import Stage
+from synermedgen_jax.training.checkpoint import CheckpointError, model_targets, read_config, read_weights, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,18 +91,12 @@ def _export_training(args: argparse.Namespace) -> int:
     """A training checkpoint: model.safetensors from the trained parameters, ema.safetensors from their EMA
     (a copy of model.safetensors when the run kept none); each weight set is read when the writer reaches it and
     dropped tensor by tensor as written, so about one set is held at a time."""
-    from flax import nnx
-
-    from synermedgen_jax.kernels.dispatch import resolve_kernels
-    from synermedgen_jax.modeling.synermedgen import build_model
-    from synermedgen_jax.training.checkpoint import CheckpointError, model_targets, read_config, read_weights, resolve
-
     start = time.time()
     try:
         workdir, step = resolve(args.checkpoint)  # a damaged newer step is named once, here
         step_dir = workdir / str(step)
         run_config = read_config(step_dir)
-        if run_config.stage == "vae":
+        if run_config.stage == Stage.VAE:
             raise CheckpointError(f"{args.checkpoint}: a stage-0 (VAE only) checkpoint; its language and vision "
                                   "parts are untrained, so it is not a BAGEL model (export a Stage I/II run)")
         config = run_config.model
@@ -156,21 +157,19 @@ class _Streamed:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.port.orbax_io import checkpoint_shapes, chunk_names, read_config, read_leaves
-
     if _is_training_checkpoint(args.checkpoint):
         return _export_training(args)
 
     start = time.time()
     try:
-        config = read_config(args.checkpoint)
+        config = orbax_io.read_config(args.checkpoint)
         info_path = args.checkpoint / "port.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         source = info.get("source_dtypes", {})
         dtype = source.get("ema", "BF16") if args.dtype == "auto" else args.dtype
         ae_dtype = source.get("ae", "F32") if args.ae_dtype == "auto" else args.ae_dtype
         rules = K.build_table(config)
-        stored = checkpoint_shapes(args.checkpoint)
+        stored = orbax_io.checkpoint_shapes(args.checkpoint)
         problems = [f"{r.ours}: missing" for r in rules if r.ours not in stored]
         problems += [f"{r.ours}: checkpoint {list(stored[r.ours][0])}, config {list(r.our_shape)}"
                      for r in rules if r.ours in stored and stored[r.ours][0] != r.our_shape]
@@ -178,8 +177,8 @@ def main(args: argparse.Namespace) -> int:
         if problems:
             raise PortError(f"{args.checkpoint}: params do not match config.json:\n  " + "\n  ".join(problems))
         order = export_order(config)
-        groups = chunk_names(order, stored, int(args.chunk_mb * 2**20))
-        params = _Streamed(lambda names: read_leaves(args.checkpoint, names), groups)
+        groups = orbax_io.chunk_names(order, stored, int(args.chunk_mb * 2**20))
+        params = _Streamed(lambda names: orbax_io.read_leaves(args.checkpoint, names), groups)
         tokenizer = args.tokenizer or (args.checkpoint / "tokenizer")
         # One set of weights: ema.safetensors is model.safetensors' bytes.
         family = _family(args, config, info)

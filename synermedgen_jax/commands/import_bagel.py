@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 from synermedgen_jax.commands._args import one_line_errors, positive_float, positive_int
+from synermedgen_jax.data.tokenizer import load_tokenizer, tokenizer_mismatch
 from synermedgen_jax.port.bagel import PortError, iter_params, plan_import
+from synermedgen_jax.port.orbax_io import write_params_checkpoint
 from synermedgen_jax.port.safetensors_stream import SafetensorsError
 
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
@@ -56,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.port.orbax_io import write_params_checkpoint
-
     start = time.time()
     try:
         plan = plan_import(args.bagel, allow_missing=args.allow_missing, max_latent_size=args.max_latent_size,
@@ -104,8 +104,6 @@ def main(args: argparse.Namespace) -> int:
 def _weights_tokenizer(folder: Path, vocab_rows: int) -> dict | str | None:
     """The ``describe()`` of the folder's tokenizer (BAGEL's tokens added as BAGEL adds them), None when the folder
     has none, or a one-line problem (an unreadable tokenizer, more tokens than embedding rows)."""
-    from synermedgen_jax.data.tokenizer import load_tokenizer, tokenizer_mismatch
-
     if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
         return None
     try:

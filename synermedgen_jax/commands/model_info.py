@@ -7,8 +7,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
+
+from flax import nnx
 
 from synermedgen_jax.commands._args import one_line_errors
+from synermedgen_jax.config import ConfigError, load_config
+from synermedgen_jax.modeling.synermedgen import SynerMedGen, count_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import sys
 
-    from flax import nnx
-
-    from synermedgen_jax.config import ConfigError, load_config
-    from synermedgen_jax.modeling.synermedgen import SynerMedGen, count_params
 
     try:
         config = load_config(args.config)

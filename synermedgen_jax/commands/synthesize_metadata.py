@@ -16,6 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+from tqdm import tqdm
+
+from synermedgen_jax.inference import family
+from synermedgen_jax.inference.loading import InferenceError, load_for_inference
+from synermedgen_jax.inference.metadata import read_metadata, split_keys, synthesize_metadata
+from synermedgen_jax.inference.sampler import SamplerConfig
+
 
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("official metadata convention (instead of --input ... --output)")
@@ -41,9 +49,6 @@ def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
 def share_of_keys(keys: list[str], split_count: int | None, split_index: int | None) -> tuple[list[str], str]:
     """This process's keys: chunk ``split_index`` of ``split_count`` (defaults 1 / 0), then this JAX process's
     contiguous share of it (the official split, then its rank split). Returns ``(keys, description)``."""
-    import jax
-
-    from synermedgen_jax.inference.metadata import split_keys
 
     count = 1 if split_count is None else split_count
     index = 0 if split_index is None else split_index
@@ -57,10 +62,6 @@ def share_of_keys(keys: list[str], split_count: int | None, split_index: int | N
 
 
 def main(args: argparse.Namespace) -> int:
-    from synermedgen_jax.inference.loading import InferenceError, load_for_inference
-    from synermedgen_jax.inference.metadata import read_metadata, synthesize_metadata
-    from synermedgen_jax.inference.sampler import SamplerConfig
-
     try:
         if not args.image_root or not args.output_dir:
             raise InferenceError("--metadata needs --image-root DIR and --output-dir DIR")
@@ -70,13 +71,9 @@ def main(args: argparse.Namespace) -> int:
         metadata = read_metadata(args.metadata)
         keys, where = share_of_keys(list(metadata), args.split_count, args.split_index)
         inference = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-        from synermedgen_jax.inference import family
-
         settings = family.resolve(inference, args)
         config = SamplerConfig(num_steps=args.steps, shift=args.shift, cfg_text=settings.cfg_text,
                                cfg_img=settings.cfg_img, renorm=args.renorm)
-        from tqdm import tqdm
-
         print(where, file=sys.stderr)
         with tqdm(total=len(keys), unit="image", disable=args.no_progress, file=sys.stderr) as bar:
             result = synthesize_metadata(inference, metadata, args.image_root, args.output_dir, sampler_config=config,

@@ -12,16 +12,14 @@ averages; understanding accuracy), ``comparison.csv`` (one row per route and met
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
 from synermedgen_jax.data.records import write_json, write_text
-from synermedgen_jax.data.routes import GROUPS, get_task, group_average
+from synermedgen_jax.data.routes import GROUPS, group_average
+from synermedgen_jax.evaluation.evaluate import METRICS, routes_csv
 from synermedgen_jax.inference.loading import InferenceError
 
-METRICS = ("ssim", "psnr", "mae")
 BASELINE = "copy"
 
 
@@ -90,14 +88,7 @@ def markdown(table: dict) -> str:
 def write_comparison(table: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", table)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["task", "group", "method", "slices", "ssim_x100", "psnr", "mae"])
-    for name, r in table["routes"].items():
-        for method in table["methods"]:
-            writer.writerow([name, get_task(name).group, method, r["slices"],
-                             *(f"{r[method][k]:.6g}" for k in METRICS)])
-    write_text(out / "comparison.csv", buffer.getvalue())
+    write_text(out / "comparison.csv", routes_csv(table["routes"], table["methods"]))
     write_text(out / "comparison.md", markdown(table))
 
 

@@ -42,6 +42,7 @@ from synermedgen_jax.inference.loading import Inference, InferenceError
 from synermedgen_jax.inference.sampler import Sampler, SamplerConfig, inference_mesh
 
 METHODS = ("model", "identity")
+METRICS = ("ssim", "psnr", "mae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +255,7 @@ def evaluate_understanding(inference: Inference, data_dir: str, config: EvalConf
 def summarize(synthesis: dict) -> dict:
     """Group averages per method and metric: ``{method: {metric: {group: mean}}}``."""
     return {method: {metric: group_average({n: r[method][metric] for n, r in synthesis.items()})
-                     for metric in ("ssim", "psnr", "mae")} for method in METHODS}
+                     for metric in METRICS} for method in METHODS}
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -294,18 +295,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def routes_csv(routes: dict[str, dict], methods: Sequence[str]) -> str:
+    """CSV text, a row per route and method: task, group, method, slices, SSIM×100, PSNR, MAE (results.csv of
+    an evaluation, comparison.csv of several)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["task", "group", "method", "slices", "ssim_x100", "psnr", "mae"])
+    for name, r in routes.items():
+        for method in methods:
+            writer.writerow([name, get_task(name).group, method, r["slices"],
+                             *(f"{r[method][k]:.6g}" for k in METRICS)])
+    return buffer.getvalue()
+
+
 def write_report(report: dict, out: Path) -> None:
     """results.json / results.csv / results.md and tensorboard scalars under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", report)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["task", "group", "method", "slices", "ssim_x100", "psnr", "mae"])
-    for name, r in report["synthesis"].items():
-        for method in METHODS:
-            writer.writerow([name, get_task(name).group, method, r["slices"], *(f"{r[method][k]:.6g}"
-                                                                                 for k in ("ssim", "psnr", "mae"))])
-    write_text(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.csv", routes_csv(report["synthesis"], METHODS))
     write_text(out / "results.md", markdown(report))
     from tensorboardX import SummaryWriter
 
@@ -314,7 +321,7 @@ def write_report(report: dict, out: Path) -> None:
         step = int(report.get("step") or 0)
         for name, r in report["synthesis"].items():
             for method in METHODS:
-                for k in ("ssim", "psnr", "mae"):
+                for k in METRICS:
                     tb.add_scalar(f"eval/{method}/{k}/{name}", r[method][k], step)
         for method, per_metric in report["groups"].items():
             for k, groups in per_metric.items():

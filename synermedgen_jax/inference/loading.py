@@ -25,6 +25,7 @@ from typing import Any
 from synermedgen_jax.data.geometry import ResizeRule
 from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.data.volumes import NormConfig
+from synermedgen_jax.stages import Stage
 
 
 class InferenceError(ValueError):
@@ -181,7 +182,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     try:
         from synermedgen_jax.port.bagel import PortError
         from synermedgen_jax.port.safetensors_stream import SafetensorsError
-        from synermedgen_jax.training.checkpoint import IMPORTED_STAGE, load_model
+        from synermedgen_jax.training.checkpoint import load_model
     except ImportError as err:
         raise InferenceError(f"{path}: checkpoints cannot be read here ({err})") from None
     try:
@@ -194,14 +195,14 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
         # CheckpointError (a ValueError) names mismatching parameters for a checkpoint of another config.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InferenceError(f"{path}: cannot load checkpoint: {message}") from None
-    if getattr(run_config, "stage", None) == "vae":
+    if getattr(run_config, "stage", None) == Stage.VAE:
         raise InferenceError(f"{path}: a stage-0 (VAE only) checkpoint cannot synthesize or answer")
     own_tokenizer, expected = checkpoint_tokenizer(path, run_config)
     if tokenizer and not Path(tokenizer).exists():
         raise InferenceError(f"--tokenizer {tokenizer}: no such file or folder")
     tok_path = Path(tokenizer) if tokenizer else own_tokenizer
     if tok_path is None or not tok_path.exists():
-        where = "the import has no tokenizer/ folder" if run_config.stage == IMPORTED_STAGE else \
+        where = "the import has no tokenizer/ folder" if run_config.stage == Stage.IMPORTED else \
             f"the run's data.dir {run_config.data.get('dir')!r} has no tokenizer.json"
         raise InferenceError(f"{path}: no tokenizer ({where}); pass --tokenizer FILE_OR_FOLDER")
     from synermedgen_jax.data.tokenizer import load_tokenizer, tokenizer_mismatch
@@ -232,8 +233,6 @@ def _rules(run_config) -> tuple[ResizeRule | None, ResizeRule | None]:
     ``data.pack.*_resize``: the 7B and ``source=synermed`` configs), as the official inference script resizes; None
     (fixed sizes) for a run trained on fixed squares."""
     from synermedgen_jax.data import geometry
-    from synermedgen_jax.training.checkpoint import IMPORTED_STAGE
-
-    if run_config.stage == IMPORTED_STAGE or geometry.ImageRules.from_pack(run_config.data.pack).any:
+    if run_config.stage == Stage.IMPORTED or geometry.ImageRules.from_pack(run_config.data.pack).any:
         return geometry.inference_rules(run_config.model)
     return None, None

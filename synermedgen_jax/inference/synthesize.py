@@ -16,8 +16,6 @@ Steps (the data module's conventions, data/volumes.py):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from nibabel.orientations import apply_orientation, io_orientation
 from scipy import ndimage
 from skimage.transform import resize
 
-from synermedgen_jax.data.records import umask_mode
 from synermedgen_jax.data.routes import Task, all_tasks, valid_modalities
 from synermedgen_jax.data.volumes import (
     DataError,
@@ -41,6 +38,7 @@ from synermedgen_jax.data.volumes import (
 )
 from synermedgen_jax.inference.loading import Inference, InferenceError
 from synermedgen_jax.inference.sampler import Sampler, SamplerConfig
+from synermedgen_jax.staging import atomic_path
 
 MR_DEFAULT_WINDOW = (0.0, 1000.0)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -188,20 +186,12 @@ def synthesize_volume(inference: Inference, image: nib.Nifti1Image, source: str,
 
 
 def write_nifti(path: str | Path, data: np.ndarray, reference: nib.Nifti1Image) -> None:
-    """Writes ``data`` (float32) with ``reference``'s affine and header geometry via temp file + rename."""
+    """Writes ``data`` (float32) with ``reference``'s affine and header geometry, atomically (staging.py)."""
     path = Path(path)
     header = reference.header.copy()
     header.set_data_dtype(np.float32)
     image = nib.Nifti1Image(np.asarray(data, np.float32), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # the temp name keeps .nii / .nii.gz: nibabel picks the format from it
         nib.save(image, tmp)
-        umask_mode(tmp)  # mkstemp's 0600 -> what a plain write would give
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

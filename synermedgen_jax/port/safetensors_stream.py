@@ -20,6 +20,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from synermedgen_jax.staging import atomic_path
+
 # safetensors dtype names ↔ numpy dtypes (little-endian). BF16 comes from ml_dtypes (a JAX dependency).
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -171,22 +173,16 @@ def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metada
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the reference writer pads so that the buffers start 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(text)))
-            out.write(text)
-            for spec in specs:
-                array = np.asarray(spec.produce())
-                if tuple(array.shape) != tuple(spec.shape):
-                    raise ValueError(f"{path.name}: tensor {spec.name!r} has shape {list(array.shape)}, "
-                                     f"expected {list(spec.shape)}")
-                array = np.ascontiguousarray(array.astype(DTYPES[spec.dtype], copy=False))
-                out.write(memoryview(array.reshape(-1).view(np.uint8)))
-                del array
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:  # closed before the rename (contexts exit in reverse)
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for spec in specs:
+            array = np.asarray(spec.produce())
+            if tuple(array.shape) != tuple(spec.shape):
+                raise ValueError(f"{path.name}: tensor {spec.name!r} has shape {list(array.shape)}, "
+                                 f"expected {list(spec.shape)}")
+            array = np.ascontiguousarray(array.astype(DTYPES[spec.dtype], copy=False))
+            out.write(memoryview(array.reshape(-1).view(np.uint8)))
+            del array
+        out.flush()
+        os.fsync(out.fileno())

@@ -31,6 +31,7 @@ from etils.epath import Path  # local paths and gs:// (and other remote) workdir
 from flax import nnx
 
 from synermedgen_jax.config import from_json, to_json
+from synermedgen_jax.stages import Stage
 
 SECTIONS = ("params", "frozen", "ema")
 
@@ -605,9 +606,6 @@ def model_targets(model: nnx.Module, mesh=None) -> dict[str, jax.ShapeDtypeStruc
     return targets
 
 
-IMPORTED_STAGE = "imported"  # the run config's stage of a parameter checkpoint (no training run behind it)
-
-
 def imported_run_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A run config for a parameter checkpoint (``import``'s output), which holds a model config only: no data
     folder, seed 0, and square slot sizes from the official inference rules fitted to the model's position
@@ -616,7 +614,7 @@ def imported_run_config(model_config: ml_collections.ConfigDict) -> ml_collectio
 
     vae_rule, vit_rule = inference_rules(model_config)
     return ml_collections.ConfigDict({
-        "stage": IMPORTED_STAGE, "model": model_config, "train": {"seed": 0},
+        "stage": Stage.IMPORTED.value, "model": model_config, "train": {"seed": 0},
         "data": {"dir": "", "pack": {"image_size": vae_rule.size_for(1, 1), "vit_image_size": vit_rule.size_for(1, 1)}},
     })
 
@@ -653,9 +651,9 @@ def _load_model(path: str, *, ema: bool, mesh) -> tuple[ml_collections.ConfigDic
     # The run's kernel request ("auto") resolved for this machine, as train did for the machine that trained it.
     config.model = resolve_kernels(config.model, mesh_shape=None if mesh is None else dict(mesh.shape))
     make_model = lambda: build_model(config.model, seed=int(config.train.seed))  # noqa: E731
-    model = make_model() if config.stage == "vae" else nnx.eval_shape(make_model)
+    model = make_model() if config.stage == Stage.VAE else nnx.eval_shape(make_model)
     targets = model_targets(model, mesh)
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         targets = {n: t for n, t in targets.items() if n.startswith("vae.")}
     weights = read_weights(path, targets, ema=ema)
     missing = sorted(set(targets) - set(weights))

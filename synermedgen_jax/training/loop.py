@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from synermedgen_jax import sharding
 from synermedgen_jax.config import to_json
+from synermedgen_jax.stages import Stage
 from synermedgen_jax.training import checkpoint, inputs, optim
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import RunLogger
@@ -47,11 +48,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     optim.trainable_groups(config)  # validates config.stage
     if config.train.nan_policy not in NAN_POLICIES:
         raise TrainingError(f"config.train.nan_policy: {config.train.nan_policy!r}; expected one of {NAN_POLICIES}")
-    if config.stage == "stage2_ucg":
+    if config.stage == Stage.STAGE2_UCG:
         config.model.llm.freeze_und = not bool(config.train.finetune_und)
     if int(config.train.rows) % int(config.train.grad_accum):
         raise TrainingError(f"config.train.rows={config.train.rows} is not a multiple of grad_accum")
-    if config.stage != "vae":
+    if config.stage != Stage.VAE:
         from synermedgen_jax.training.vae_stage import adopt_latent_scale
 
         adopt_latent_scale(config)  # a stage-0 VAE's fitted latent scale travels with its weights
@@ -62,7 +63,7 @@ def build(config) -> tuple[Callable[[], nnx.Module], step_lib.Codec, step_lib.Ob
     """``(make_model, codec, objective)`` for the config's stage. Nothing is allocated: the codec comes from the
     abstract model; ``make_model`` is traced by the sharded init (deterministic in the seed)."""
     seed = int(config.train.seed)
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         from synermedgen_jax.training.vae_stage import VaeObjective, build_vae_model
 
         make_model = functools.partial(build_vae_model, config.model, seed)
@@ -290,7 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
                                              batch_sh, mesh)
         evaluator = Evaluator(config, codec, objective, shardings, mesh, logger) if int(tcfg.eval_every) else None
         grids = (sample_grids(config, codec, workdir, logger)
-                 if sample_grids is not None and int(tcfg.image_every) > 0 and config.stage == "stage2_ucg"
+                 if sample_grids is not None and int(tcfg.image_every) > 0 and config.stage == Stage.STAGE2_UCG
                  else None)
         pending = None  # (step, metrics on device, tokens, real fractions of the local rows)
         local_batch = first
@@ -380,7 +381,7 @@ def _wait_for_all_processes(name: str) -> None:
 def _after_training(config, codec, state: dict, workdir: Path, logger) -> None:
     """Stage 0 with ``train.fit_latent_scale``: measure the trained VAE's latent scale (every process computes,
     process 0 writes; also on a rerun of a finished run whose file is missing)."""
-    if config.stage != "vae" or not config.train.get("fit_latent_scale", False):
+    if config.stage != Stage.VAE or not config.train.get("fit_latent_scale", False):
         return
     from synermedgen_jax.training import vae_stage
 

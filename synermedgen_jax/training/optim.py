@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from synermedgen_jax.stages import UNDERSTANDING_STAGES, Stage
+
 
 def _under(*modules: str) -> Callable:
     """Variables of the model's top-level attributes ``modules``."""
@@ -43,22 +45,19 @@ VISION_TOWER: nnx.filterlib.Filter = _under("vit_model")  # its learning rate sc
 VIT_PATCH_EMBEDDING: nnx.filterlib.Filter = nnx.All(VISION_TOWER, nnx.PathContains("patch_embedding"))
 
 # Which groups each stage trains.
-STAGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "vae": ("vae",),
-    "stage1_gau": ("und",),
-    "baseline_vqa": ("und",),
-    "ablate_no_cts": ("und",),
-    "ablate_no_mi": ("und",),
-    "ablate_no_tia": ("und",),
-    "stage2_ucg": ("gen",),
+STAGE_GROUPS: dict[Stage, tuple[str, ...]] = {
+    Stage.VAE: ("vae",),
+    **{stage: ("und",) for stage in sorted(UNDERSTANDING_STAGES)},
+    Stage.STAGE2_UCG: ("gen",),
 }
 
 
 def trainable_groups(config) -> tuple[str, ...]:
     if config.stage not in STAGE_GROUPS:
-        raise ValueError(f"config.stage: unknown stage {config.stage!r}; expected one of {sorted(STAGE_GROUPS)}")
+        raise ValueError(f"config.stage: unknown stage {config.stage!r}; expected one of "
+                         f"{sorted(map(str, STAGE_GROUPS))}")
     groups = STAGE_GROUPS[config.stage]
-    if config.stage == "stage2_ucg" and config.train.get("finetune_und", False):
+    if config.stage == Stage.STAGE2_UCG and config.train.get("finetune_und", False):
         groups = groups + ("und",)
     return groups
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from synermedgen_jax import sharding
+from synermedgen_jax.stages import Stage
 from synermedgen_jax.training import inputs
 from synermedgen_jax.training import step as step_lib
 from synermedgen_jax.training.logging import image_grid
@@ -22,11 +23,11 @@ UND_TASKS = ("cts", "tia", "mi")
 
 
 def eval_tasks(config) -> tuple[str, ...]:
-    if config.stage == "vae":
+    if config.stage == Stage.VAE:
         return ("images",)
-    if config.stage == "stage2_ucg":
+    if config.stage == Stage.STAGE2_UCG:
         return ("pairs",)
-    return UND_TASKS + (("vqa",) if config.stage == "baseline_vqa" else ())
+    return UND_TASKS + (("vqa",) if config.stage == Stage.BASELINE_VQA else ())
 
 
 def _global(batch: dict, mesh) -> dict:

@@ -25,6 +25,7 @@ from flax import nnx
 from synermedgen_jax.modeling.synermedgen import freeze_config
 from synermedgen_jax.modeling.vae import AutoEncoder
 from synermedgen_jax.ssim import ssim
+from synermedgen_jax.staging import write_atomic
 
 
 class VaeOnly(nnx.Module):
@@ -113,9 +114,7 @@ def fit_latent_scale(model: VaeOnly, images: np.ndarray, chunk: int = 32) -> dic
 def write_latent_scale_file(workdir: Path, stats: dict[str, float]) -> Path:
     """``workdir/latent_scale.json``, written atomically."""
     path = Path(workdir) / LATENT_SCALE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(stats, indent=1) + "\n")
     return path
 
 
