@@ -2,6 +2,7 @@
 
 import os
 
+_CALLER_PLATFORMS = os.environ.get("JAX_PLATFORMS")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,6 +27,14 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_configure(config):
+    """``-m gpu`` selects the accelerator checks (tests/test_gpu_kernels.py): they run on the machine's GPU/TPU,
+    not on the CPU every other run is pinned to (a JAX_PLATFORMS the caller set is kept)."""
+    markexpr = config.option.markexpr
+    if _CALLER_PLATFORMS is None and "gpu" in markexpr.split() and "not gpu" not in markexpr:
+        jax.config.update("jax_platforms", None)
 
 
 def pytest_collection_modifyitems(items):
