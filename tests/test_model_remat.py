@@ -1,5 +1,5 @@
 """``remat="full"`` (modeling/llm.py remat_after_cotangent) changes memory, never gradients, and the plan's
-loop-aware FLOP count (modeling/flops.py hlo_matmul_flops) counts loop bodies times their trips."""
+loop-aware FLOP count (accounting/hlo.py hlo_matmul_flops) counts loop bodies times their trips."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from synermedgen_jax.data.packing import (
     VitImage,
     stack_rows,
 )
-from synermedgen_jax.modeling.flops import hlo_matmul_flops
+from synermedgen_jax.accounting.hlo import hlo_matmul_flops
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
