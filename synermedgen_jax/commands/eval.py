@@ -48,7 +48,6 @@ from synermedgen_jax.commands._args import (
     positive_int,
 )
 from synermedgen_jax.commands._runner import request_from
-from synermedgen_jax.data.geometry import ResizeRule
 from synermedgen_jax.data.records import ShardError, check_shards
 from synermedgen_jax.evaluation import compare
 from synermedgen_jax.evaluation.evaluate import EvalConfig, markdown, run_evaluation
@@ -61,9 +60,9 @@ from synermedgen_jax.inference.sampler import SamplerConfig, inference_mesh
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalRequest:
+class EvalRequest(family.FamilyOptions):
     """What ``eval`` scores, typed (its options; quickstart and ablate build one): checkpoints on a built data
-    folder. None for a guidance or family option: each checkpoint family's default (inference/family.py)."""
+    folder. None for a guidance or family option (FamilyOptions): each checkpoint family's default."""
 
     checkpoints: tuple[str, ...]
     data: str
@@ -80,11 +79,6 @@ class EvalRequest:
     seed: int = 0
     tokenizer: str | None = None  # default: the data's tokenizer.json
     progress: bool = True
-    family: str | None = None
-    vae_resize: ResizeRule | None = None
-    vit_resize: ResizeRule | None = None
-    mode: str | None = None
-    answer_tokens: int | None = None
 
 
 # How command_line spells the request's fields that are not --field-name options.

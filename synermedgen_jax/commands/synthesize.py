@@ -36,7 +36,6 @@ from tqdm import tqdm
 from synermedgen_jax.commands import synthesize_metadata
 from synermedgen_jax.commands._args import int_range, non_negative_float, positive_float, positive_int, window
 from synermedgen_jax.commands._runner import request_from
-from synermedgen_jax.data.geometry import ResizeRule
 from synermedgen_jax.data.volumes import DataError, check_affine, modality_foreground
 from synermedgen_jax.inference import family
 from synermedgen_jax.inference.loading import InferenceError, load_for_inference
@@ -51,7 +50,7 @@ from synermedgen_jax.inference.synthesize import (
 
 
 @dataclasses.dataclass(frozen=True)
-class SynthesisRequest:
+class SynthesisRequest(family.FamilyOptions):
     """One volume to synthesize, typed (``synthesize``'s options; quickstart builds one). None for a guidance or
     family option: the checkpoint family's default (inference/family.py)."""
 
@@ -74,11 +73,6 @@ class SynthesisRequest:
     tokenizer: str | None = None
     force: bool = False
     progress: bool = True
-    family: str | None = None
-    vae_resize: ResizeRule | None = None
-    vit_resize: ResizeRule | None = None
-    mode: str | None = None
-    answer_tokens: int | None = None
 
 
 # How command_line spells the request's fields that are not --field-name options.

@@ -94,6 +94,18 @@ def _rule(text: str) -> ResizeRule:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX,STRIDE in pixels, got {text!r} ({err})") from None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FamilyOptions:
+    """The options ``add_family_arguments`` adds, typed: a request dataclass of a command inherits them (None:
+    the checkpoint family's default); ``resolve`` reads them by name."""
+
+    family: str | None = None
+    vae_resize: ResizeRule | None = None
+    vit_resize: ResizeRule | None = None
+    mode: str | None = None
+    answer_tokens: int | None = None
+
+
 def add_family_arguments(parser: argparse.ArgumentParser, *, generation: bool = True) -> None:
     """``--family``, ``--vae-resize``/``--vit-resize`` and (``generation``) ``--mode``, ``--answer-tokens``. The
     guidance flags (``--cfg-text``/``--cfg-img``, default None) stay with each command."""
@@ -115,7 +127,7 @@ def add_family_arguments(parser: argparse.ArgumentParser, *, generation: bool = 
                            help="token budget of the understanding step (default 800, UniMedVL's)")
 
 
-def resolve(inference, args: argparse.Namespace) -> Settings:
+def resolve(inference, args: argparse.Namespace | FamilyOptions) -> Settings:
     """The run's settings; also applies the resize rules to ``inference`` (its sizes follow them)."""
     from synermedgen_jax.inference.loading import InferenceError
 
