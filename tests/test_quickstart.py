@@ -12,6 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from synermedgen_jax.commands import _stages, quickstart
+from synermedgen_jax.commands._runner import config_arguments, set_fields
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config, to_json
+
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--variant", "tiny", "--budget-minutes", "0.4", "--subjects", "3", "--sim-voxel-mm", "8", "--slice-size", "32",
         "--eval-slices", "1", "--sample-steps", "2"]
@@ -101,3 +105,22 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, bad):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and bad[0] in err
     assert not workdir.exists()  # nothing built
+
+
+@pytest.mark.parametrize("stage", [s[0] for s in quickstart.STAGES])
+def test_echoed_command_line_gives_the_config_of_the_typed_call(tmp_path, stage):
+    """A stage's typed fields (what quickstart trains with) and the ``--config.KEY=VALUE`` options its echoed
+    command line shows give the same config: the log replays the run."""
+    _, config_file, steps, rows, init_from = next(s for s in quickstart.STAGES if s[0] == stage)
+    fields = _stages.quick_train_fields(tmp_path / "data", steps, rows, 7) | quickstart.STAGE_FIELDS.get(stage, {})
+    if init_from:
+        fields |= {"init_from": str(tmp_path / init_from), "init_moe": True, "init_moe_overwrite": True}
+    spec = f"{config_file}:tiny"
+    typed = to_json(set_fields(load_config(spec), fields))
+    assert typed == to_json(apply_overrides(load_config(spec), config_arguments(fields)))
+    assert typed != to_json(load_config(spec))
+
+
+def test_unknown_config_field_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.stepz"):
+        set_fields(load_config("configs/vae.py:tiny"), {"train.stepz": 3})
