@@ -151,10 +151,10 @@ b.build_release(b.SynerMedBuildConfig(root={str(root)!r}, out={str(out)!r}, prog
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert len(list((out / "parts").glob("*.json"))) == 2 and not (out / "manifest.json").exists()
-    assert list((out / "records").glob(".*.tmp"))  # the killed unit's partial shard
+    assert list((out / "records").glob(".tmp-*"))  # the killed unit's partial shard (staging.atomic_path's temp name)
     result = _build(root, out)
     assert result.finished and result.units_resumed == 2
-    assert not list((out / "records").glob(".*.tmp"))
+    assert not list((out / "records").glob(".tmp-*"))
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert (out / "skipped.jsonl").read_text() == (reference / "skipped.jsonl").read_text()
     ref = json.loads((reference / "manifest.json").read_text())

@@ -32,7 +32,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -190,24 +189,19 @@ class _SliceChecker:
 
 
 class _UnitWriter:
-    def __init__(self, out: Path, unit_id: str):
-        self.final = out / "records" / f"{unit_id}{SHARD_SUFFIX}"
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent)
-        os.close(fd)
-        self.writer = ArrayRecordWriter(self.tmp, "group_size:1")
+    """The records of one unit, encoded into one ArrayRecord file (``count``: how many)."""
+
+    def __init__(self, path: Path):
+        self.writer = ArrayRecordWriter(str(path), "group_size:1")
         self.count = 0
 
     def write(self, record: dict) -> None:
         self.writer.write(encode_record(record))
         self.count += 1
 
-    def close(self) -> dict | None:
-        self.writer.close()
-        if self.count == 0:
-            os.unlink(self.tmp)
-            return None
-        os.replace(self.tmp, self.final)
-        return {"file": f"records/{self.final.name}", "records": self.count, "sha256": sha256_file(self.final)}
+
+class _EmptyUnit(Exception):
+    """A unit without a usable row has no shard: raised inside ``atomic_path``, which then removes the temp file."""
 
 
 def _sample_texts(texts: list[str], new: list[str]) -> None:
@@ -320,18 +314,22 @@ def run_unit(root: str, out: str, unit: dict, batch_rows: int = 64) -> dict:
     summary = {"id": unit["id"], "kind": unit["kind"], "rows": 0, "skipped": [], "texts": [],
                "edit_rows_by_route": Counter(), "edit_steps_by_route": Counter(),
                "conversation_images_by_modality": Counter(), "kept": Counter()}
-    writer = _UnitWriter(out_p, unit["id"])
+    final = out_p / "records" / f"{unit['id']}{SHARD_SUFFIX}"
     try:
-        if unit["kind"] == synermed.EDIT:
-            _edit_unit(root_p, unit, writer, summary, batch_rows)
-        else:
-            _conv_unit(root_p, unit, writer, summary)
-        shard = writer.close()
-    except BaseException:
-        writer.writer.close()
-        if os.path.exists(writer.tmp):
-            os.unlink(writer.tmp)
-        raise
+        with atomic_path(final) as tmp:
+            writer = _UnitWriter(tmp)
+            try:
+                if unit["kind"] == synermed.EDIT:
+                    _edit_unit(root_p, unit, writer, summary, batch_rows)
+                else:
+                    _conv_unit(root_p, unit, writer, summary)
+            finally:
+                writer.writer.close()
+            if writer.count == 0:
+                raise _EmptyUnit
+        shard = {"file": f"records/{final.name}", "records": writer.count, "sha256": sha256_file(final)}
+    except _EmptyUnit:
+        shard = None
     summary.update(shard=shard, records=shard["records"] if shard else 0, seconds=round(time.time() - started, 3))
     for key in ("edit_rows_by_route", "edit_steps_by_route", "conversation_images_by_modality", "kept"):
         summary[key] = dict(sorted(summary[key].items()))
@@ -355,7 +353,7 @@ def _prepare(out: Path, root: Path, config: SynerMedBuildConfig) -> dict:
         raise DataError(f"{out}: holds another build (manifest.json without plan.json); pass --overwrite")
     (out / "records").mkdir(parents=True, exist_ok=True)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "records").glob(".*.tmp"):  # left by a killed run
+    for stale in (out / "records").glob(".tmp-*"):  # left by a killed run (staging.atomic_path's temp names)
         stale.unlink(missing_ok=True)
     plan_path = out / "plan.json"
     fresh = make_plan(root, config) if not plan_path.exists() else None
