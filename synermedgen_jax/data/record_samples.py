@@ -31,7 +31,7 @@ from synermedgen_jax.stages import DataStage
 PAIRS, GEN_PRETRAIN = "pairs", "gen_pretrain"  # the task names of Stage II pairs and gen_pretrain edits
 
 
-def stage_weights(config: PipelineConfig) -> dict[str, float]:
+def mix_weights(config: PipelineConfig) -> dict[str, float]:
     """``{task: mix weight}`` of the data stage (tasks of weight 0 left out)."""
     if config.stage not in tuple(DataStage):
         raise ValueError(f"stage {config.stage!r}: expected one of {tuple(str(s) for s in DataStage)}")
@@ -81,7 +81,7 @@ class RecordSamples:
         del geometry  # the records' samples need no model geometry (the release's do: data/release_samples.py)
         self.data_dir, self.split, self.budget, self.config = str(data_dir), config.split, budget, config
         tables = load_instances(Path(data_dir) / "instances" / f"{config.split}.npz")
-        self.weights = stage_weights(config)
+        self.weights = mix_weights(config)
         if GEN_PRETRAIN in self.weights:  # derived from the slice index: builds need no new table
             tables = {**tables, GEN_PRETRAIN: gen_pretrain.edit_table(load_index(self.data_dir, config.split))}
         self.tables = tables

@@ -42,7 +42,7 @@ from synermedgen_jax.data.tokenizer import load_tokenizer
 from synermedgen_jax.stages import DataStage
 
 
-def stage_weights(stage: str, stage2_weight: float) -> dict[str, float]:
+def kind_weights(stage: str, stage2_weight: float) -> dict[str, float]:
     """``{kind: mix weight}`` of the data stage (conversations for Stage I, edit chains for Stage II)."""
     if stage == DataStage.STAGE1:
         return {CONV: 1.0}
@@ -81,7 +81,7 @@ class ReleaseSamples:
             raise ValueError(f"{data_dir}: a SynerMed build has one split, 'train' (asked for {config.split!r})")
         source = cls(data_dir, budget, config, geometry)
         counts = record_counts(data_dir)
-        source.weights = {k: w for k, w in stage_weights(config.stage, config.stage2_weight).items() if w > 0}
+        source.weights = {k: w for k, w in kind_weights(config.stage, config.stage2_weight).items() if w > 0}
         for kind in sorted(source.weights):
             if counts.get(kind, 0) == 0:
                 raise ValueError(f"{data_dir}: the SynerMed build has no {kind} records "

@@ -30,6 +30,9 @@ from synermedgen_jax.stages import DataStage
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """Settings of the stream, its sources and the packer (training/inputs.pipeline_config fills it from
+    ``config.data``)."""
+
     stage: str = DataStage.STAGE1  # stages.DataStage: stage1 | stage2 | mixed | vqa | gen_pretrain
     split: str = "train"
     seed: int = 0
