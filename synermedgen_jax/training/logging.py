@@ -15,6 +15,8 @@ import numpy as np
 from etils.epath import Path  # local paths and gs:// (and other remote) workdirs alike
 from tensorboardX import SummaryWriter
 
+from synermedgen_jax.staging import write_atomic
+
 SCALARS = ("loss", "ce", "mse", "token_accuracy", "grad_norm", "lr", "l1", "l2", "kl", "psnr")
 
 
@@ -35,6 +37,15 @@ def image_grid(columns: list[np.ndarray], *, pad: int = 2) -> np.ndarray:
             grid[y:y + h, x:x + w] = (np.clip(column[i], -1.0, 1.0) + 1.0) / 2.0
     gray = (grid * 255.0).round().astype(np.uint8)
     return np.stack([gray] * 3)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Writes a workdir file that a reader must see whole: on a local disk through staging.write_atomic; an
+    object store (``gs://``) replaces an object in one write already."""
+    if "://" in str(path):
+        path.write_text(text)
+    else:
+        write_atomic(str(path), text)
 
 
 class _Jsonl:
@@ -141,9 +152,7 @@ class RunLogger:
                 keep.append(line if line.endswith("\n") else line + "\n")
         if len(keep) != len(lines):
             self.jsonl.close()
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
+            write_whole(path, "".join(keep))
             self.jsonl = _Jsonl(path)
 
     def images(self, tag: str, grid: np.ndarray, step: int) -> None:

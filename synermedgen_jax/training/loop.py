@@ -29,7 +29,7 @@ from synermedgen_jax.config import to_json
 from synermedgen_jax.stages import Stage
 from synermedgen_jax.training import checkpoint, inputs, optim
 from synermedgen_jax.training import step as step_lib
-from synermedgen_jax.training.logging import RunLogger
+from synermedgen_jax.training.logging import RunLogger, write_whole
 from synermedgen_jax.training.train_eval import Evaluator
 
 NAN_POLICIES = ("stop", "skip")
@@ -275,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
             state = apply_init(config, state, shardings, tx, log=logger.message if logger else None)
             if jax.process_index() == 0:
                 workdir.mkdir(parents=True, exist_ok=True)
-                _atomic_write(workdir / "config.json", to_json(config))
+                write_whole(workdir / "config.json", to_json(config))
         start = int(jax.device_get(state["step"]))
         if logger:
             logger.forget_after(start)  # rows of steps the resumed run recomputes are written once, by it
@@ -413,9 +413,3 @@ def _finish_pending(pending, logger, tcfg, last_time: float) -> float:
     if logger:
         logger.step(step, values, tokens, now - last_time, real_frac=fractions)
     return now
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
