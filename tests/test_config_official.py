@@ -73,6 +73,7 @@ def test_official_packs_build_from_the_release_at_official_sizes(built):
     from synermedgen_jax.data import synermed
     from synermedgen_jax.data.packing import PackBuilder, SpecialTokens, VaeImage, VitImage
     from synermedgen_jax.data.pipeline import slice_shape
+    from synermedgen_jax.data.release_samples import ReleaseSamples
     from synermedgen_jax.training import inputs
 
     config = apply_overrides(load_config("configs/synermed.py:official"), [f"--config.data.dir={built}"])
@@ -82,7 +83,7 @@ def test_official_packs_build_from_the_release_at_official_sizes(built):
     height, width = shape
     assert budget.image_size == synermed_size(height, width, 512, 1024, 16)
     assert tuple(config.data.pack.slice_size) == shape  # written back: config.json names the slots used
-    maker = synermed.SampleMaker(str(built), budget, inputs.pipeline_config(config.data), config.model)
+    maker = ReleaseSamples(str(built), budget, inputs.pipeline_config(config.data), config.model)
     builder = PackBuilder(budget, SpecialTokens(1, 2, 3, 4), config.model)
     rng = np.random.default_rng(0)
     sizes = set()
