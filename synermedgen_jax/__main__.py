@@ -1,9 +1,11 @@
 """Command line: ``python -m synermedgen_jax <command> [options]``.
 
 Each command lives in ``synermedgen_jax/commands/<name>.py`` and exposes ``add_arguments(parser)`` and
-``main(args) -> int``. Before a command runs, its outputs are checked writable and locked against a second
-writer (synermedgen_jax/locking.py); an exception that escapes it is one line naming the command and the error
-(the traceback with ``--debug`` or ``SYNERMEDGEN_DEBUG=1``), exit status 1.
+``main(args) -> int``; those that quickstart and ablate run as stages also expose a typed ``run(...)`` that
+``main`` calls after parsing (commands/_stages.py). Before a command runs, its outputs are checked writable and
+locked against a second writer (synermedgen_jax/locking.py); an exception that escapes it is one line naming the
+command and the error (the traceback with ``--debug`` or ``SYNERMEDGEN_DEBUG=1``), exit status 1
+(commands/_runner.py ``guarded``).
 """
 
 from __future__ import annotations
