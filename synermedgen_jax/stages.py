@@ -29,7 +29,7 @@ UNDERSTANDING_STAGES = frozenset({Stage.STAGE1_GAU, Stage.BASELINE_VQA, Stage.AB
 
 
 class DataStage(enum.StrEnum):
-    """``config.data.stage``: which samples the Grain stream mixes (data/pipeline.py)."""
+    """``config.data.stage``: which samples the Grain stream mixes (data/stream.py, data/record_samples.py)."""
 
     STAGE1 = "stage1"  # CTS / TIA / MI understanding instances
     STAGE2 = "stage2"  # paired slices: one synthesis sample each

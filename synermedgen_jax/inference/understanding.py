@@ -1,6 +1,6 @@
 """Understanding inference: autoregressive answers with a KV cache (BAGEL's ``generate_text``), batched.
 
-A question is packed as in training (``[question text, image 1 (ViT), image 2, ...]``, data/pipeline.py), the
+A question is packed as in training (``[question text, image 1 (ViT), image 2, ...]``, data/record_samples.py), the
 context is prefilled once (inference/kv_cache.py), then the answer split — ``<|im_start|>`` followed by the
 generated tokens, one ``causal`` split at the next RoPE id — is decoded one token per step against the cache.
 Every step writes its key/value into preallocated cache slots, so the loop (``lax.while_loop``, stopping when
