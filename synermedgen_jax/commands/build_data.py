@@ -62,36 +62,41 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults from BuildConfig: the command line and the typed call (quickstart, ablate) build the same data.
     parser.add_argument("--source", required=True, choices=sorted(SOURCES) + ["synermed"],
                         help="dataset layout (synermed: the published SynerMed release folder, see below)")
     parser.add_argument("--root", help="dataset folder (not needed for mni152-sim)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
-    parser.add_argument("--slice-size", type=int_range(8, 4096), default=256, help="square slice side in pixels (256)")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="image storage")
-    parser.add_argument("--min-foreground", type=non_negative_float, default=0.05,
+    parser.add_argument("--slice-size", type=int_range(8, 4096), default=BuildConfig.slice_size,
+                        help="square slice side in pixels (256)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default=BuildConfig.dtype, help="image storage")
+    parser.add_argument("--min-foreground", type=non_negative_float, default=BuildConfig.min_foreground,
                         help="skip slices whose foreground covers less than this fraction (0.05)")
-    parser.add_argument("--seed", type=int, default=0, help="splits, simulation and instances (0)")
-    parser.add_argument("--split", type=fraction, nargs=3, default=(0.8, 0.1, 0.1),
+    parser.add_argument("--seed", type=int, default=BuildConfig.seed, help="splits, simulation and instances (0)")
+    parser.add_argument("--split", type=fraction, nargs=3, default=BuildConfig.split_fractions,
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="patient-level split fractions summing to 1 (0.8 0.1 0.1)")
-    parser.add_argument("--ct-window", type=window(), default=(-1024.0, 3071.0), help="HU window LO,HI")
-    parser.add_argument("--mr-percentiles", type=window(0.0, 100.0), default=(0.5, 99.5), help="MR percentiles LO,HI")
-    parser.add_argument("--pet-suv-max", type=positive_float, default=15.0, help="PET SUV clip (15)")
+    parser.add_argument("--ct-window", type=window(), default=BuildConfig.ct_window, help="HU window LO,HI")
+    parser.add_argument("--mr-percentiles", type=window(0.0, 100.0), default=BuildConfig.mr_percentiles,
+                        help="MR percentiles LO,HI")
+    parser.add_argument("--pet-suv-max", type=positive_float, default=BuildConfig.pet_suv_max, help="PET SUV clip (15)")
     parser.add_argument("--resample", action="store_true",
                         help="resample misaligned modalities onto the first one instead of skipping the case")
-    parser.add_argument("--neighbour-k", type=positive_int, default=3, help="CTS distractors: slices within +-K (3)")
-    parser.add_argument("--instances-per-pair", type=non_negative_float, default=2.3,
+    parser.add_argument("--neighbour-k", type=positive_int, default=BuildConfig.neighbour_k,
+                        help="CTS distractors: slices within +-K (3)")
+    parser.add_argument("--instances-per-pair", type=non_negative_float, default=BuildConfig.instances_per_pair,
                         help="understanding instances per paired sample (2.3, the released ratio)")
-    parser.add_argument("--mix", type=_mix, default=(("cts", 0.468), ("tia", 0.381), ("mi", 0.150)),
+    parser.add_argument("--mix", type=_mix, default=BuildConfig.mix,
                         help="task weights, e.g. cts=0.468,tia=0.381,mi=0.15")
-    parser.add_argument("--records-per-shard", type=positive_int, default=1000)
-    parser.add_argument("--subjects", type=positive_int, default=8, help="mni152-sim: number of subjects (8)")
-    parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=2.0,
+    parser.add_argument("--records-per-shard", type=positive_int, default=BuildConfig.records_per_shard)
+    parser.add_argument("--subjects", type=positive_int, default=BuildConfig.subjects,
+                        help="mni152-sim: number of subjects (8)")
+    parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=BuildConfig.sim_voxel_mm,
                         help="mni152-sim: voxel size in mm, 0.5..20 (2)")
-    parser.add_argument("--sim-lesion-probability", type=fraction, default=0.8,
+    parser.add_argument("--sim-lesion-probability", type=fraction, default=BuildConfig.sim_lesion_probability,
                         help="mni152-sim: chance a subject has a BraTS-like lesion (0.8)")
-    parser.add_argument("--vocab-size", type=int_range(1, 1_000_000), default=512,
+    parser.add_argument("--vocab-size", type=int_range(1, 1_000_000), default=BuildConfig.vocab_size,
                         help="embedded tokenizer vocabulary (512)")
     parser.add_argument("--tokenizer", metavar="FILE_OR_FOLDER",
                         help="the weights' tokenizer instead of the embedded BPE: a tokenizer.json or a Qwen2-format "
