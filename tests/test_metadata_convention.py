@@ -255,15 +255,15 @@ def test_tiny_model_cli_writes_official_style_by_default(tiny_config, tmp_path, 
     it. (``--output-style ours`` is checked above with a stub sampler: one compile here is enough.)"""
     from flax import nnx
 
+    from synermedgen_jax.commands import synthesize_metadata
     from synermedgen_jax.data.tokenizer import build_default_tokenizer
-    from synermedgen_jax.inference import loading
     from synermedgen_jax.modeling.synermedgen import SynerMedGen
 
     config = tiny_config.copy_and_resolve_references()
     config.vae.sample_posterior = False
     inference = Inference(model=SynerMedGen(config, rngs=nnx.Rngs(params=0)), tokenizer=build_default_tokenizer(),
                           image_size=(16, 16), vit_image_size=(28, 28))
-    monkeypatch.setattr(loading, "load_for_inference", lambda path, tokenizer=None: inference)
+    monkeypatch.setattr(synthesize_metadata, "load_for_inference", lambda path, tokenizer=None: inference)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / "s.png")
     path = _metadata_file(tmp_path, {"case": {"id": "s.png", "prompt": "Convert T1 to T2"}})
     argv = ["synthesize", "--checkpoint", "stub", "--metadata", str(path), "--image-root", str(tmp_path),

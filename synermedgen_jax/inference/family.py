@@ -42,9 +42,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from synermedgen_jax.data.geometry import ResizeRule
+from synermedgen_jax.data.geometry import ResizeRule, inference_rules
+from synermedgen_jax.data.packing import Text, VitImage
+from synermedgen_jax.data.volumes import resize_image
+from synermedgen_jax.inference.loading import FAMILIES, InferenceError
+from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
 
-FAMILIES = ("synermedgen", "bagel", "unimedvl")
 MODES = ("edit", "understand-edit", "think-edit")
 
 # UniMedVL's inferencer.py (VLM_THINK_SYSTEM_PROMPT) and interactive_image_generator.py (the analysis prompt).
@@ -129,8 +132,6 @@ def add_family_arguments(parser: argparse.ArgumentParser, *, generation: bool = 
 
 def resolve(inference, args: argparse.Namespace | FamilyOptions) -> Settings:
     """The run's settings; also applies the resize rules to ``inference`` (its sizes follow them)."""
-    from synermedgen_jax.inference.loading import InferenceError
-
     family = getattr(args, "family", None) or getattr(inference, "family", "synermedgen")
     defaults = DEFAULTS[family]
     vae_rule = getattr(args, "vae_resize", None) or defaults.vae_rule
@@ -151,8 +152,6 @@ def apply_rules(inference, vae_rule: ResizeRule | None, vit_rule: ResizeRule | N
                 vit_after_vae: bool) -> None:
     """Sets ``inference``'s resize rules (each clipped to the model's position tables and strides, as
     ``geometry.inference_rules`` clips the official ones) and its square sizes."""
-    from synermedgen_jax.data.geometry import inference_rules
-
     config = inference.model.config
     own_vae, own_vit = inference_rules(config, vae=vae_rule, vit=vit_rule)
     if vae_rule is not None:
@@ -174,8 +173,6 @@ def understanding_items(mode: str, instruction_ids: Sequence[int], vit_image: np
     """The understanding step's context as packing items, in UniMedVL's order: ``[ViT image, question]``
     (``interleave_inference([image, text], understanding_output=True)``; the image enters as ViT tokens only),
     with the think system prompt first in ``think-edit``."""
-    from synermedgen_jax.data.packing import Text, VitImage
-
     if mode == "think-edit":
         return [Text(encode(THINK_SYSTEM_PROMPT)), VitImage(vit_image), Text(list(instruction_ids))]
     return [VitImage(vit_image), Text(list(instruction_ids))]
@@ -198,9 +195,6 @@ def answers_for(inference, settings: Settings, instruction: str, sources: np.nda
                 batch_size: int = 8) -> list[str]:
     """The understanding step's answer for each source ``[N, H, W]`` (in [-1, 1]), greedy, decoded as UniMedVL's
     ``gen_text`` returns it (the text between ``<|im_start|>`` and ``<|im_end|>``, not stripped)."""
-    from synermedgen_jax.data.volumes import resize_image
-    from synermedgen_jax.inference.understanding import Answerer, DecodeConfig
-
     tokenizer = inference.tokenizer
     ids = tokenizer.encode(question(settings.mode, instruction))
     groups: dict[tuple, list[int]] = {}

@@ -27,6 +27,8 @@ from synermedgen_jax.data.packing import SpecialTokens
 from synermedgen_jax.data.volumes import NormConfig
 from synermedgen_jax.stages import Stage
 
+FAMILIES = ("synermedgen", "bagel", "unimedvl")  # what a checkpoint records; inference/family.py their defaults
+
 
 class InferenceError(ValueError):
     """Bad input to an inference command: a one-line message naming the file or field and the problem."""
@@ -129,8 +131,6 @@ def _load_bagel_folder(path: Path, mesh):
 def checkpoint_family(path: str | Path, run_config) -> str:
     """The family an import recorded (``port.json``), a run config's ``family``, else ``synermedgen``; a model
     with UniMedVL's latent BatchNorm is ``unimedvl`` whatever was recorded."""
-    from synermedgen_jax.inference.family import FAMILIES
-
     recorded = None
     info = Path(path) / "port.json"
     if info.is_file():
