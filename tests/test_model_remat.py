@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from synermedgen_jax.accounting.hlo import hlo_matmul_flops
 from synermedgen_jax.data.packing import (
     PackBudget,
     PackBuilder,
@@ -17,7 +18,6 @@ from synermedgen_jax.data.packing import (
     VitImage,
     stack_rows,
 )
-from synermedgen_jax.accounting.hlo import hlo_matmul_flops
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
