@@ -15,8 +15,7 @@ def get_config(variant=None):
     variant, options = parse_variant(variant)
     config = base_config("stage2_ucg", variant, data_stage="stage2", pack="stage2", **options)
     config.init_moe = True
-    # (A source=synermed bagel_7b_mot run takes the mean too, as its old spelling synermed_bagel_7b_mot did.)
-    if variant != "bagel_7b_mot" or options.get("source") == "synermed":
+    if variant != "bagel_7b_mot":
         # BAGEL samples the FLUX posterior, whose spread is negligible. A briefly trained stage-0 VAE is far
         # from that (posterior std ≈ 0.45 against a latent-mean std ≈ 1.7 after 130 steps), so sampling would
         # put unpredictable noise into the flow-matching target and the source condition, while inference

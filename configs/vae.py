@@ -19,7 +19,7 @@ def get_config(variant=None):
     # End by measuring the latents' mean/std on training slices (latent_scale.json); stages that load this VAE
     # (vae_from) use them as shift/scale so flow matching sees unit-scale latents (training/vae_stage.py).
     config.train.fit_latent_scale = True
-    if variant != "bagel_7b_mot" or options.get("source") == "synermed":  # (as the old synermed_bagel_7b_mot)
+    if variant != "bagel_7b_mot":
         # Short CPU runs: a higher peak, annealed by a cosine (a constant rate left the reconstruction, the
         # ceiling of every synthesized slice, bouncing at the end; docs/experiments.md).
         config.train.lr = 2e-3
