@@ -2,7 +2,8 @@
 
 - ``write_atomic(path, text_or_bytes)``: small files (JSON, CSV, reports) through a temp file and a rename.
 - ``atomic_path(path)``: a temp name beside ``path`` for writers that need a file name (numpy, Pillow, nibabel,
-  tensorboard images); renamed onto ``path`` when the block ends, removed if it raises.
+  tensorboard images); renamed onto ``path`` when the block ends, removed if it raises. ``StagedFile``: the
+  same for a writer that stays open across calls (rolling record shards).
 - Staging folders ``.<name>.<tag>-<pid>``: builds (``build-data``) and conversions (``import``, ``export``)
   write into one and rename it into place when complete; the next run clears those of dead processes.
 
@@ -32,16 +33,30 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             tmp.write_text(data)
 
 
+class StagedFile:
+    """A temp file name beside ``path`` (``.tmp``) for a writer whose life is not one ``with`` block (rolling
+    record shards): ``commit()`` renames it onto ``path``, ``discard()`` removes it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = _temp_beside(self.path)
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temp file name beside ``path``; renamed onto ``path`` when the block ends, removed on error."""
-    path = Path(path)
-    tmp = _temp_beside(path)
+    staged = StagedFile(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        yield staged.tmp
+        staged.commit()
     finally:
-        tmp.unlink(missing_ok=True)
+        staged.discard()
 
 
 def pid_alive(pid: int) -> bool:

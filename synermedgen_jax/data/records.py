@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
-from synermedgen_jax.staging import atomic_path, write_atomic
+from synermedgen_jax.staging import StagedFile, atomic_path, write_atomic
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -84,13 +82,6 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def umask_mode(path: str | Path) -> None:
-    """Gives a ``mkstemp`` file (always 0600) the mode a plain ``open`` would have under this umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def write_json(path: str | Path, obj, *, indent: int | None = 2) -> None:
     """``obj`` as JSON, written atomically (``staging.write_atomic``); missing parent folders are made."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
@@ -124,26 +115,23 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.count = 0
         self._writer = None
-        self._tmp: str | None = None
+        self._staged: StagedFile | None = None
         self._in_shard = 0
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}{SHARD_SUFFIX}"
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
+        self._staged = StagedFile(self.directory / name)
         # group_size:1 keeps every record its own chunk: cheapest random access.
-        self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
-        self._name = name
+        self._writer = ArrayRecordWriter(str(self._staged.tmp), "group_size:1")
         self._in_shard = 0
 
     def _finish(self) -> None:
         self._writer.close()
-        final = self.directory / self._name
-        umask_mode(self._tmp)
-        os.replace(self._tmp, final)
-        self.shards.append({"file": f"{self.directory.name}/{self._name}", "records": self._in_shard,
+        self._staged.commit()
+        final = self._staged.path
+        self.shards.append({"file": f"{self.directory.name}/{final.name}", "records": self._in_shard,
                             "sha256": sha256_file(final)})
-        self._writer, self._tmp = None, None
+        self._writer, self._staged = None, None
 
     def write(self, payload: bytes) -> int:
         """Appends one encoded record; returns its index within the split."""
@@ -164,9 +152,8 @@ class ShardWriter:
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            if self._tmp and os.path.exists(self._tmp):
-                os.unlink(self._tmp)
-            self._writer = None
+            self._staged.discard()
+            self._writer, self._staged = None, None
 
 
 def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
