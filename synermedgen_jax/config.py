@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import ml_collections
@@ -251,6 +252,27 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _node_of(config: ml_collections.ConfigDict, key: str, known: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """``(parent ConfigDict, leaf name)`` of a dotted key; an unknown key is an error suggesting close matches."""
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    return node, leaf
+
+
+def _assign(node: ml_collections.ConfigDict, leaf: str, value, shown: str) -> None:
+    try:
+        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
+            node[leaf] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{shown}: {err}") from None
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """Applies ``key.sub=value`` strings (``--config.`` prefix optional). Unknown keys are an error that
     suggests close matches; values are parsed as Python literals where the current value is not a string.
@@ -261,27 +283,27 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         if "=" not in text:
             raise ConfigError(f"override {item!r} is not of the form --config.key=value")
         key, value_text = text.split("=", 1)
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
+        node, leaf = _node_of(config, key, known)
         current = node[leaf]
         value = _parse_value(value_text, current)
         if isinstance(current, (bool, int, float)) and not isinstance(value, (bool, int, float)) or (
                 isinstance(current, bool) != isinstance(value, bool) and current is not None):
             kind = "True or False" if isinstance(current, bool) else f"a {type(current).__name__}"
             raise ConfigError(f"--config.{key}={value_text}: expected {kind} (current value {current!r})")
-        try:
-            with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-                node[leaf] = value
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"--config.{key}={value_text}: {err}") from None
+        _assign(node, leaf, value, f"--config.{key}={value_text}")
     if overrides:
         validate_config(config)
+    return config
+
+
+def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, object]) -> ml_collections.ConfigDict:
+    """Sets dotted keys (``train.steps``) to typed values, as ``apply_overrides`` sets parsed strings (code
+    that builds a config: quickstart, ablate), then validates the config."""
+    known = _all_keys(config)
+    for key, value in fields.items():
+        node, leaf = _node_of(config, key, known)
+        _assign(node, leaf, value, f"--config.{key}={value}")
+    validate_config(config)
     return config
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from synermedgen_jax.commands import _stages, quickstart
-from synermedgen_jax.commands._runner import config_arguments, set_fields
-from synermedgen_jax.config import ConfigError, apply_overrides, load_config, to_json
+from synermedgen_jax.commands._runner import config_arguments
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config, set_fields, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--variant", "tiny", "--budget-minutes", "0.4", "--subjects", "3", "--sim-voxel-mm", "8", "--slice-size", "32",

@@ -5,7 +5,6 @@ as one line, the exit statuses), the resumable stage log of quickstart and ablat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -15,10 +14,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import ml_collections
-
 from synermedgen_jax import locking
-from synermedgen_jax.config import ConfigError, validate_config
 from synermedgen_jax.staging import write_atomic
 
 # The exit-status convention of every command (shown at the end of each --help).
@@ -137,27 +133,6 @@ class StageState:
         if code != 0:
             raise SystemExit(f"error: stage '{name}' failed (exit {code}); rerun the same command to resume")
         self.finish(name, time.time() - start, **extra)
-
-
-def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, object]) -> ml_collections.ConfigDict:
-    """Sets dotted keys (``train.steps``) to typed values, as ``apply_overrides`` sets parsed strings, then
-    validates the config (ConfigError naming an unknown key or a bad value)."""
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent)
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ConfigError(f"unknown config key {key!r}")
-        if leaf not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        try:
-            with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-                node[leaf] = value
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"--config.{key}={value}: {err}") from None
-    validate_config(config)
-    return config
 
 
 def config_arguments(fields: Mapping[str, object]) -> list[str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from synermedgen_jax.commands import build_data, synthesize
 from synermedgen_jax.commands import eval as eval_command
 from synermedgen_jax.commands import train as train_command
-from synermedgen_jax.commands._runner import call, command_line, config_arguments, set_fields
-from synermedgen_jax.config import ConfigError, apply_overrides, load_config
+from synermedgen_jax.commands._runner import call, command_line, config_arguments
+from synermedgen_jax.config import ConfigError, apply_overrides, load_config, set_fields
 from synermedgen_jax.data.build import BuildConfig
 
 
