@@ -5,6 +5,7 @@ Layout (other commands rely on these names)::
     config.stage        "vae" | "stage1_gau" | "stage2_ucg" | "baseline_vqa" | "ablate_no_{cts,mi,tia}"
     config.model        configs/models.py:<variant>
     config.data.dir     built data folder (python -m synermedgen_jax build-data ...)
+    config.data.curriculum  phases ((fraction of train.steps, task_weights), ...) that replace task_weights
     config.data.pack    PackBudget fields (data/packing.py); bagel_7b_mot adds the official resize rules
                         {vae,vit,vlm_vit}_resize and slice_size (data/geometry.py, docs/packing.md)
     config.data.*       Grain pipeline fields (data/pipeline.py PipelineConfig) + shards, eval_split
@@ -140,6 +141,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str, 
     data.eval_split = "val"
     data.seed = 0
     data.task_weights = DEFAULT_MIX  # weight 0 ablates a task
+    data.curriculum = ()  # ((fraction of train.steps, task_weights), ...) from 0: task weights by phase
     data.stage2_weight = 0.5
     data.cfg_text, data.cfg_vit, data.cfg_vae = 0.1, 0.3, 0.3
     data.augment = data_stage in ("stage2", "mixed")

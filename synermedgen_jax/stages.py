@@ -20,12 +20,13 @@ class Stage(enum.StrEnum):
     ABLATE_NO_CTS = "ablate_no_cts"  # Stage I without one of its tasks (configs/ablations.py)
     ABLATE_NO_MI = "ablate_no_mi"
     ABLATE_NO_TIA = "ablate_no_tia"
+    UND_PRETRAIN = "und_pretrain"  # in-context lookups standing in for a pretrained LLM (configs/und_pretrain.py)
     IMPORTED = "imported"  # a parameter checkpoint written by `import` (no training run behind it)
 
 
 # Stages that train the understanding expert on answers (CE only).
 UNDERSTANDING_STAGES = frozenset({Stage.STAGE1_GAU, Stage.BASELINE_VQA, Stage.ABLATE_NO_CTS, Stage.ABLATE_NO_MI,
-                                  Stage.ABLATE_NO_TIA})
+                                  Stage.ABLATE_NO_TIA, Stage.UND_PRETRAIN})
 
 
 class DataStage(enum.StrEnum):
@@ -36,8 +37,9 @@ class DataStage(enum.StrEnum):
     MIXED = "mixed"  # both, by ``data.stage2_weight``
     VQA = "vqa"  # the control's generic questions
     GEN_PRETRAIN = "gen_pretrain"  # same-modality edits of the records (generic generation pre-training)
+    UND_PRETRAIN = "und_pretrain"  # synthetic in-context lookups over the records (data/und_pretrain.py)
 
 
 # Data stages whose samples carry understanding images (ViT) / noised generation targets (VAE).
-UNDERSTANDING_DATA = frozenset({DataStage.STAGE1, DataStage.MIXED, DataStage.VQA})
+UNDERSTANDING_DATA = frozenset({DataStage.STAGE1, DataStage.MIXED, DataStage.VQA, DataStage.UND_PRETRAIN})
 GENERATION_DATA = frozenset({DataStage.STAGE2, DataStage.MIXED, DataStage.GEN_PRETRAIN})

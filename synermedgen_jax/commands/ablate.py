@@ -62,6 +62,7 @@ MODES = ("both", "stage2", "zero-shot")
 ZERO_SHOT_ARMS = ("gau", "vqa", "none")  # the issue's comparison; --zero-shot-arms takes any arm
 STAGE2_CONFIG = "configs/stage2_ucg.py:{variant}"
 GEN_PRETRAIN_CONFIG = "configs/gen_pretrain.py:{variant}"
+UND_PRETRAIN_CONFIG = "configs/und_pretrain.py:{variant}"
 # Understanding columns: (key in the summary, results.json task, field of that task's result, header).
 UNDERSTANDING = (("cts", "cts", "accuracy", "CTS acc %"), ("mi_panel", "mi", "panel_accuracy", "MI panel acc %"),
                  ("tia", "tia", "accuracy", "TIA acc %"))
@@ -94,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage2-steps", type=positive_int, default=400, help="Stage II steps of every arm (400)")
     parser.add_argument("--gen-pretrain-steps", type=positive_int, default=400,
                         help="generic generation pre-training steps, once per seed (400; zero-shot only)")
+    parser.add_argument("--und-pretrain-steps", type=non_negative_int, default=quickstart.UND_PRETRAIN_STEPS,
+                        help="understanding pre-training steps (configs/und_pretrain.py), once per seed; every arm "
+                             f"starts from it, as BAGEL's start from Qwen2.5 (default {quickstart.UND_PRETRAIN_STEPS}; "
+                             "0: every arm starts from the random initialisation)")
     parser.add_argument("--rows", type=positive_int, default=4,
                         help="pack rows per step of the VAE and Stage I (default 4)")
     parser.add_argument("--stage2-rows", type=positive_int, default=8,
@@ -163,6 +168,7 @@ def _check_configs(args: argparse.Namespace, arms: list[str], zero_shot: list[st
     specs = ["configs/vae.py:{variant}", *(ARMS[arm] for arm in arms if ARMS[arm])]
     specs += [STAGE2_CONFIG] if args.mode != "zero-shot" else []
     specs += [GEN_PRETRAIN_CONFIG] if zero_shot else []
+    specs += [UND_PRETRAIN_CONFIG] if args.und_pretrain_steps else []
     for spec in dict.fromkeys(specs):
         try:
             apply_overrides(load_config(spec.format(variant=args.variant)), list(getattr(args, "overrides", [])))
@@ -208,11 +214,21 @@ def main(args: argparse.Namespace) -> int:
     train("vae", "configs/vae.py:{variant}", vae_dir, args.vae_steps, args.rows, args.data_seed, {})
     runs = [(seed, arm) for seed in seeds for arm in arms]
     for k, (seed, arm) in enumerate(runs, 1):
+        # Every arm of a seed starts from the same understanding pre-training (the stand-in for Qwen2.5 + SigLIP):
+        # Stage I from it, `none`'s Stage II from it, the generic generation pre-training from it.
+        und_pretrained = workdir / "und_pretrain" / f"seed{seed}"
+        start_from = {"init_from": str(und_pretrained)} if args.und_pretrain_steps else {}
+        if args.und_pretrain_steps and not state.done(f"und_pretrain/seed{seed}"):
+            print(f"\n[ablate] seed {seed}: understanding pre-training (shared by every arm)", flush=True)
+            train(f"und_pretrain/seed{seed}", UND_PRETRAIN_CONFIG, und_pretrained, args.und_pretrain_steps,
+                  args.rows, seed, {})
         pretrained = workdir / "gen_pretrain" / f"seed{seed}"
         if zero_shot and not state.done(f"gen_pretrain/seed{seed}"):
             print(f"\n[ablate] seed {seed}: generic generation pre-training (shared by the zero-shot arms)", flush=True)
+            # BAGEL's generation expert starts as a copy of Qwen2.5's layers: here, of the pre-trained und expert.
+            copy_und = start_from | {"init_moe": True, "init_moe_overwrite": True} if start_from else {}
             train(f"gen_pretrain/seed{seed}", GEN_PRETRAIN_CONFIG, pretrained, args.gen_pretrain_steps,
-                  args.stage2_rows, seed, vae | stage2_recipe)
+                  args.stage2_rows, seed, vae | stage2_recipe | copy_und)
         stage1_config, run = ARMS[arm], workdir / arm / f"seed{seed}"
         first = ["Stage I"] if stage1_config else []
         plan = [*first, "Stage II", "eval"] if args.mode != "zero-shot" else []
@@ -221,10 +237,13 @@ def main(args: argparse.Namespace) -> int:
         start = time.time()
         if args.mode != "zero-shot":
             stage2_more = vae | stage2_recipe
+            stage2_start = start_from
             if stage1_config:
                 train(f"{arm}/seed{seed}/stage1", stage1_config, run / "stage1", args.stage1_steps, args.rows, seed,
-                      vae)
-                stage2_more |= {"init_from": str(run / "stage1"), "init_moe": True, "init_moe_overwrite": True}
+                      vae | start_from)
+                stage2_start = {"init_from": str(run / "stage1")}
+            if stage2_start:
+                stage2_more |= stage2_start | {"init_moe": True, "init_moe_overwrite": True}
             train(f"{arm}/seed{seed}/stage2", STAGE2_CONFIG, run / "stage2", args.stage2_steps, args.stage2_rows,
                   seed, stage2_more)
             evaluate(f"{arm}/seed{seed}/eval", run / "stage2", run / "eval", seed, args.eval_instances)
@@ -313,7 +332,8 @@ def collect(workdir: Path, arms: list[str], seeds: list[int], zero_shot: list[st
                     table["identity_groups"] = table["identity_groups"] or row[setting]["identity_groups"]
         table["arms"][arm] = {"per_seed": per_seed, "summary": summarise(per_seed)}
     shared = {name: s for name, s in seconds.items()
-              if name in ("data", "vae") or name in {f"gen_pretrain/seed{seed}" for seed in seeds}}
+              if name in ("data", "vae") or name in {f"{pre}/seed{seed}" for seed in seeds
+                                                     for pre in ("gen_pretrain", "und_pretrain")}}
     arm_total = sum(a["summary"]["wall_s"] for a in table["arms"].values())
     table["wall_s"] = {"shared": shared, "arms": round(arm_total, 1),
                        "total": round(arm_total + sum(shared.values()), 1)}

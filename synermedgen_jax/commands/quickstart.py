@@ -50,10 +50,12 @@ from synermedgen_jax.staging import atomic_path, write_atomic
 # others pack rows): the VAE gets enough steps to bound synthesis well, Stage II the rest. Timings and the
 # runs behind these numbers: docs/experiments.md.
 BASE_MINUTES = 15.0
+UND_PRETRAIN_STEPS = 100
 STAGES = (
-    # name, config file, steps at the base budget, rows per step, the stage it is initialised from (init_moe)
+    # name, config file, steps at the base budget, rows per step, the stage it is initialised from
     ("vae", "configs/vae.py", 300, 4, None),
-    ("stage1", "configs/stage1_gau.py", 60, 4, None),
+    ("und_pretrain", "configs/und_pretrain.py", UND_PRETRAIN_STEPS, 4, None),
+    ("stage1", "configs/stage1_gau.py", 60, 4, "und_pretrain"),
     ("stage2", "configs/stage2_ucg.py", 1000, 4, "stage1"),  # small's Stage II rows hold about two samples each
 )
 # Short runs end on an annealed learning rate; Stage II takes more, smaller steps at a higher peak (the model is
@@ -61,6 +63,14 @@ STAGES = (
 # guidance stays at BAGEL's 1.5. The runs: docs/experiments.md.
 CFG_TEXT = 1.5
 STAGE_FIELDS = {"stage2": {"train.schedule": "cosine", "train.lr": 2e-3}}
+
+
+def init_fields(stage: str, init_dir: str) -> dict[str, object]:
+    """How a stage starts from the one before it. Stage II (from scratch, no pretrained generator) copies Stage I's
+    trained understanding expert over its generation expert; the other stages load the checkpoint as it is."""
+    if stage == "stage2":
+        return {"init_from": init_dir, "init_moe": True, "init_moe_overwrite": True}
+    return {"init_from": init_dir}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
         if "vae" in previous:  # every stage after the VAE encodes its images with it
             fields["vae_from"] = previous["vae"]
         if init_from:
-            fields |= {"init_from": previous[init_from], "init_moe": True, "init_moe_overwrite": True}
+            fields |= init_fields(name, previous[init_from])
         run_dir = workdir / name
         state.run(name, lambda spec=f"{config_file}:{args.variant}", run_dir=run_dir, fields=fields:
                   _stages.train(spec, run_dir, fields), steps=steps)

@@ -88,7 +88,8 @@ ROLES = ("vae", "vit", "vlm_vit")  # VAE images; ViT images of edits; ViT images
 CONFIG_KEYS = {"vae": "vae_resize", "vit": "vit_resize", "vlm_vit": "vlm_vit_resize"}  # fields of config.data.pack
 # Which ViT rules a data stage uses (stages.DataStage): understanding samples, edits, or both.
 _STAGE_VIT_ROLES = {DataStage.STAGE1: ("vlm_vit",), DataStage.VQA: ("vlm_vit",), DataStage.STAGE2: ("vit",),
-                    DataStage.GEN_PRETRAIN: ("vit",), DataStage.MIXED: ("vit", "vlm_vit")}
+                    DataStage.GEN_PRETRAIN: ("vit",), DataStage.MIXED: ("vit", "vlm_vit"),
+                    DataStage.UND_PRETRAIN: ("vlm_vit",)}
 
 
 def fit_into(size: tuple[int, int], slot: tuple[int, int], stride: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from the split's slice index, data/gen_pretrain.py); its sample reads the record
 * Stage I / VQA: the rendered question, its ViT images (BAGEL's VLM resize rule), labels and the answer (loss).
 * Stage II pairs and gen_pretrain edits: instruction, source (ViT, clean VAE), noised target; optional paired
   augmentation (one spatial transform for source and target), then CFG dropout.
+* und_pretrain's lookups and same-slice questions (data/und_pretrain.py), laid out as Stage I samples.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 import numpy as np
 from skimage.transform import AffineTransform, warp
 
-from synermedgen_jax.data import gen_pretrain, prompts
+from synermedgen_jax.data import gen_pretrain, prompts, und_pretrain
 from synermedgen_jax.data.geometry import PackImages
 from synermedgen_jax.data.packing import PackBudget, Text, VaeImage, VitImage, cfg_dropout, prompt_items
 from synermedgen_jax.data.records import RecordReader, load_index
 from synermedgen_jax.data.stream import PipelineConfig
 from synermedgen_jax.data.tokenizer import load_tokenizer
-from synermedgen_jax.data.understanding import TASKS, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES
+from synermedgen_jax.data.understanding import TASKS, SliceIndex, load_instances, render
+from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 from synermedgen_jax.stages import DataStage
 
 PAIRS, GEN_PRETRAIN = "pairs", "gen_pretrain"  # the task names of Stage II pairs and gen_pretrain edits
@@ -42,9 +43,11 @@ def mix_weights(config: PipelineConfig) -> dict[str, float]:
     if config.stage == DataStage.GEN_PRETRAIN:
         return {GEN_PRETRAIN: 1.0}
     weights = {t: float(w) for t, w in config.task_weights if w > 0}
-    unknown = set(weights) - set(TASKS)
-    if unknown:
-        raise ValueError(f"task_weights: unknown tasks {sorted(unknown)}")
+    known = und_pretrain.TASKS if config.stage == DataStage.UND_PRETRAIN else TASKS
+    unknown = set(weights) - set(known)
+    if unknown or not weights:
+        raise ValueError(f"task_weights {dict(config.task_weights)}: the {config.stage} stage mixes "
+                         f"{', '.join(known)} (a positive weight for at least one, no other task)")
     if config.stage == DataStage.MIXED:
         total = sum(weights.values())
         weights = {t: w / total * (1 - config.stage2_weight) for t, w in weights.items()}
@@ -84,8 +87,16 @@ class RecordSamples:
         self.weights = mix_weights(config)
         if GEN_PRETRAIN in self.weights:  # derived from the slice index: builds need no new table
             tables = {**tables, GEN_PRETRAIN: gen_pretrain.edit_table(load_index(self.data_dir, config.split))}
+        self.slice_index = None
+        slice_tasks = [task for task in und_pretrain.SLICE_TASKS if task in self.weights]
+        if slice_tasks:
+            self.slice_index = SliceIndex(load_index(self.data_dir, config.split))
+            slices = und_pretrain.slice_table(self.slice_index)
+            tables = {**tables, **{task: slices for task in slice_tasks}}
         self.tables = tables
-        self.rows = {task: len(tables[task]["rec" if task in (PAIRS, GEN_PRETRAIN) else "task"])
+        self.words = und_pretrain.corpus_words() if "lookup" in self.weights else ()
+        self.rows = {task: und_pretrain.LOOKUP_ROWS if task == "lookup" else
+                     len(tables[task]["rec" if task in (PAIRS, GEN_PRETRAIN, *und_pretrain.SLICE_TASKS) else "task"])
                      for task in sorted(self.weights)}
         for task, n in self.rows.items():
             if n == 0:
@@ -127,6 +138,8 @@ class RecordSamples:
             return self._pair(int(row), rng, cache)
         if task == GEN_PRETRAIN:
             return self._gen_pretrain(int(row), rng, cache)
+        if task in und_pretrain.TASKS:
+            return self._und_pretrain(task, int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
         count = len(rendered.images)
         images = [self.images.vlm_vit(self._image(rec, modality, cache), images=count)
@@ -134,6 +147,33 @@ class RecordSamples:
         items: list = prompt_items(self.tokenizer.encode(rendered.question), images,
                                    [self.tokenizer.encode(label) for label in rendered.labels])
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
+        return items, f"{task}#{row}"
+
+    def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
+        """A caption (question, image, caption as the loss); or four labelled options (text, or slices), then
+        each of them asked for once: the query (text, or the slice re-acquired), the letter (loss)."""
+        encode = self.tokenizer.encode
+        if task == "lookup":
+            options, queries = und_pretrain.lookup_texts(self.words, rng)
+            items: list = [Text(encode(options))]
+            for query, answer in queries:
+                items += [Text(encode(query)), Text(encode(answer), loss=True)]
+            return items, f"{task}#{row}"
+        if task == "caption":
+            rec, modality = int(self.tables[task]["rec"][row]), MODALITY_NAMES[int(self.tables[task]["mod"][row])]
+            image = self.images.vlm_vit(self._image(rec, modality, cache), images=1)
+            return [Text(encode(und_pretrain.CAPTION_QUESTION)), VitImage(image),
+                    Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
+        modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng)
+        slices = [self._image(rec, modality, cache) for rec in candidates]
+        count = 2 * len(slices)
+        shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]
+        items = prompt_items(encode(und_pretrain.SAME_SLICE_OPTIONS.format(mod=display_name(modality))), shown,
+                             [encode(label) for label in prompts.MI_IMAGE_LABELS])
+        for i in order:
+            items += [Text(encode(und_pretrain.SAME_SLICE_QUERY)),
+                      VitImage(self.images.vlm_vit(und_pretrain.reacquire(slices[i], rng), images=count)),
+                      Text(encode(prompts.LETTERS[i]), loss=True)]
         return items, f"{task}#{row}"
 
     def _edit_items(self, prompt: str, source: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> list:

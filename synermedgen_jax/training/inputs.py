@@ -17,7 +17,7 @@ import grain
 import jax
 import numpy as np
 
-from synermedgen_jax.data import synermed
+from synermedgen_jax.data import synermed, und_pretrain
 from synermedgen_jax.data.geometry import ImageRules
 from synermedgen_jax.data.packing import LOOKAHEAD, Geometry, PackBudget
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, slice_shape
@@ -128,14 +128,75 @@ class ShardedBatches:
         pass
 
 
-def train_batches(config) -> ShardedBatches:
+class CurriculumBatches:
+    """Batches whose task weights change at given steps (``data.curriculum``): phase ``k`` is a stream of its own
+    (its weights, seed + k) from step ``starts[k]`` on. The checkpointed state is the batch count, the phase and
+    that phase's stream state, so a resumed run continues inside the right phase."""
+
+    def __init__(self, starts: list[int], make_phase):
+        self.starts, self.make_phase = starts, make_phase
+        self.count, self.phase = 0, 0
+        self.batches = make_phase(0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        phase = sum(start <= self.count for start in self.starts) - 1
+        if phase != self.phase:
+            self.phase, self.batches = phase, self.make_phase(phase)
+        self.count += 1
+        return next(self.batches)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"count": self.count, "phase": self.phase,
+                           "batches": self.batches.get_state().decode()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        saved = json.loads(state)
+        if "count" not in saved:
+            raise ValueError("data iterator checkpoint was written without data.curriculum: resume with the "
+                             "config it was trained with")
+        self.count, self.phase = int(saved["count"]), int(saved["phase"])
+        self.batches = self.make_phase(self.phase)
+        self.batches.set_state(saved["batches"].encode())
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+def curriculum_phases(config) -> list[tuple[int, tuple[tuple[str, float], ...]]]:
+    """``[(first step, task_weights)]``: ``data.curriculum`` holds ``(fraction of train.steps, task_weights)``
+    phases in order from fraction 0 (empty: one phase of ``data.task_weights``)."""
+    phases = config.data.get("curriculum", ()) or ()
+    if not phases:
+        return [(0, tuple(config.data.task_weights))]
+    steps = int(config.train.steps)
+    out = [(int(round(float(fraction) * steps)), tuple((str(t), float(w)) for t, w in weights))
+           for fraction, weights in phases]
+    starts = [start for start, _ in out]
+    if starts[0] != 0 or starts != sorted(starts) or float(phases[-1][0]) > 1:
+        raise ValueError(f"config.data.curriculum: phases start at fractions of train.steps in increasing order "
+                         f"from 0 to at most 1, got {[float(p[0]) for p in phases]}")
+    return out
+
+
+def train_batches(config) -> ShardedBatches | CurriculumBatches:
     """The training stream of this process (packed rows, or images for stage 0)."""
     shards, mine, per = shard_layout(config.data, int(config.train.rows))
     if config.stage == Stage.VAE:
         return ShardedBatches({s: iter(image_dataset(config, shard=s, shards=shards, rows=per)) for s in mine})
     budget = pack_budget(config)
-    return ShardedBatches({s: iter(packed_dataset(config.data.dir, budget, config.model, pipeline_config(
-        config.data, shard=s, shards=shards, rows=per))) for s in mine})
+    phases = curriculum_phases(config)
+
+    def phase_batches(k: int) -> ShardedBatches:
+        return ShardedBatches({s: iter(packed_dataset(config.data.dir, budget, config.model, dataclasses.replace(
+            pipeline_config(config.data, shard=s, shards=shards, rows=per, seed_offset=101 * k),
+            task_weights=phases[k][1]))) for s in mine})
+
+    if len(phases) == 1 and not config.data.get("curriculum", ()):
+        return phase_batches(0)
+    return CurriculumBatches([start for start, _ in phases], phase_batches)
 
 
 def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
@@ -150,7 +211,8 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
     elif task == "vqa":
         cfg = pipeline_config(data, stage=DataStage.VQA, split=data.eval_split, rows=rows, seed_offset=7)
     else:
-        cfg = dataclasses.replace(pipeline_config(data, stage=DataStage.STAGE1, split=data.eval_split, rows=rows,
+        stage = DataStage.UND_PRETRAIN if task in und_pretrain.TASKS else DataStage.STAGE1
+        cfg = dataclasses.replace(pipeline_config(data, stage=stage, split=data.eval_split, rows=rows,
                                                   seed_offset=7), task_weights=((task, 1.0),))
     cfg = dataclasses.replace(cfg, augment=False, cfg_text=0.0, cfg_vit=0.0, cfg_vae=0.0)
     return next(iter(packed_dataset(data.dir, budget, config.model, cfg)))

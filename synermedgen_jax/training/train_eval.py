@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from synermedgen_jax import sharding
+from synermedgen_jax.data import und_pretrain
 from synermedgen_jax.stages import Stage
 from synermedgen_jax.training import inputs
 from synermedgen_jax.training import step as step_lib
@@ -27,6 +28,8 @@ def eval_tasks(config) -> tuple[str, ...]:
         return ("images",)
     if config.stage == Stage.STAGE2_UCG:
         return ("pairs",)
+    if config.stage == Stage.UND_PRETRAIN:
+        return und_pretrain.TASKS
     return UND_TASKS + (("vqa",) if config.stage == Stage.BASELINE_VQA else ())
 
 

@@ -1,0 +1,114 @@
+"""Understanding pre-training data (``data.stage = "und_pretrain"``): synthetic tasks over the records.
+
+BAGEL's Stage I starts from Qwen2.5 and SigLIP: an LLM that binds an answer letter to the option a prompt
+labelled with it, and image features that already say what an image shows. A from-scratch understanding expert
+has neither, and on its own answers CTS and TIA at chance (docs/experiments.md). This stage stands in for both
+with three tasks generated on the fly (each sample a function of its row and the stream's per-sample rng), in
+Stage I's layout (labels before images, lettered options, one-letter answers):
+
+* ``lookup`` (text, Qwen's in-context lookup): four lettered options — single names, or ordered pairs with the
+  pair reversed and one side replaced among them — then each option asked for once ("Which option names X?"),
+  each answer a letter (loss). Names are modality names or words of the prompt corpus.
+* ``same_slice`` (images, the comparison CTS needs): four labelled slices of one volume and modality (a slice
+  and three within ±``NEIGHBOUR_K``), then each asked for once by a re-acquired copy (gamma and noise), each
+  answer a letter.
+* ``caption`` (one image, SigLIP's image-text pairs): the slice's modality and body region.
+
+No cross-modal pair is shown and nothing is compared across modalities: CTS and TIA stay Stage I's to learn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from synermedgen_jax.data import prompts
+from synermedgen_jax.data.understanding import CODE, SliceIndex
+from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
+
+TASKS = ("lookup", "same_slice", "caption")
+SLICE_TASKS = ("same_slice", "caption")  # rows of slice_table
+LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
+NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
+# Re-acquisition noise (records' [-1, 1] units) and gamma (on [0, 1]): small enough that the nearest candidate in
+# pixels is the same slice for 99 % of the quickstart data's queries (noise 0.1 / gamma 0.8-1.25: 82 %).
+NOISE_STD = (0.0, 0.02)
+GAMMA = (0.95, 1.05)
+
+LOOKUP_OPTIONS = "Options:\n{options}"
+LOOKUP_QUERY = "Which option names {key}? Answer with one letter."
+CAPTION_QUESTION = "Name the modality and the body region of this image."
+SAME_SLICE_OPTIONS = "Four {mod} slices A, B, C and D of one scan follow."
+SAME_SLICE_QUERY = "Which of A, B, C and D is the same slice as this one? Answer with one letter."
+
+
+def caption(modality: str, anatomy: str) -> str:
+    """The caption of a slice: its modality as MI answers name it, then the body region."""
+    return f"{display_name(modality)}, {anatomy.replace('-', ' ')}"
+
+
+def slice_table(index: Mapping | SliceIndex) -> dict[str, np.ndarray]:
+    """``same_slice`` and ``caption`` rows: every (record, modality) with at least three other slices within
+    ±NEIGHBOUR_K of its volume. Columns (int32): ``rec``, ``mod`` (modality code)."""
+    idx = index if isinstance(index, SliceIndex) else SliceIndex(index)
+    rows = [(rec, CODE[modality]) for rec in range(idx.n) if len(neighbours(idx, rec)) >= 3
+            for modality in idx.modalities(rec)]
+    table = np.asarray(rows, np.int32).reshape(len(rows), 2)
+    return {"rec": table[:, 0], "mod": table[:, 1]}
+
+
+def neighbours(index: SliceIndex, rec: int) -> list[int]:
+    """Records of the slices ±1..±NEIGHBOUR_K of ``rec``'s volume that the split holds."""
+    case, z = int(index.case[rec]), int(index.slice_index[rec])
+    return [index.by_slice[(case, z + d)] for d in range(-NEIGHBOUR_K, NEIGHBOUR_K + 1)
+            if d and (case, z + d) in index.by_slice]
+
+
+def corpus_words() -> tuple[str, ...]:
+    """Words of the prompt corpus (the embedded tokenizer encodes them compactly), sorted."""
+    return tuple(sorted({w for text in prompts.corpus() for w in re.findall(r"[A-Za-z]{3,}", text)}))
+
+
+def reacquire(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The slice as another acquisition might show it: a gamma curve and Gaussian noise, background kept."""
+    image = np.asarray(image, np.float32)
+    unit = np.clip((image + 1.0) / 2.0, 0.0, 1.0) ** rng.uniform(*GAMMA)
+    noisy = unit * 2.0 - 1.0 + rng.normal(0.0, rng.uniform(*NOISE_STD), image.shape).astype(np.float32)
+    return np.where(image > -1.0, np.clip(noisy, -1.0, 1.0), -1.0).astype(np.float32)
+
+
+def _lookup_options(names: list[str], rng: np.random.Generator) -> list[tuple[str, ...]]:
+    """Four distinct options over ``names`` in random order: single names, or (half the time) ordered pairs —
+    a pair, its reverse, the pair with one side replaced and another pair — so that only the order tells some
+    of them apart."""
+    if rng.random() < 0.5:
+        return [(names[i],) for i in rng.choice(len(names), size=4, replace=False)]
+    a, b, c, d, e = (names[i] for i in rng.choice(len(names), size=5, replace=False))
+    replaced = (a, c) if rng.random() < 0.5 else (c, b)
+    pairs = [(a, b), (b, a), replaced, (d, e)]
+    return [pairs[i] for i in rng.permutation(4)]
+
+
+def lookup_texts(words: tuple[str, ...], rng: np.random.Generator) -> tuple[str, list[tuple[str, str]]]:
+    """``(options text, [(query, answer letter)] × 4)`` of one lookup: every option is asked for once, in random
+    order. Half the lookups use modality names, half words of the corpus."""
+    if rng.random() < 0.5:
+        options = _lookup_options(list(MODALITY_NAMES), rng)
+        names = [" to ".join(prompts.PHRASE[m] for m in o) for o in options]
+    else:
+        options = _lookup_options(list(words), rng)
+        names = [" then ".join(o) for o in options]
+    queries = [(LOOKUP_QUERY.format(key=names[i]), prompts.LETTERS[i]) for i in rng.permutation(4)]
+    return LOOKUP_OPTIONS.format(options=prompts.format_options(names)), queries
+
+
+def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int, rng: np.random.Generator
+                    ) -> tuple[str, list[int], list[int]]:
+    """``(modality, candidate records A-D, query order)`` of row ``row``: the row's slice and three of its
+    neighbours in random order; each candidate is asked for once, in the query order."""
+    rec, modality = int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
+    candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=3, replace=False))]
+    candidates = [candidates[i] for i in rng.permutation(4)]
+    return modality, candidates, [int(i) for i in rng.permutation(4)]
