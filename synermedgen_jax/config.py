@@ -215,17 +215,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(config, "data.pack.und_tokens", low=1, integer=True)  # every sample has text
     weights = _get(config, "data.task_weights")
     if weights is not _MISSING and weights is not None:
-        try:
-            values = [float(w) for _, w in weights]
-        except (TypeError, ValueError):
-            raise ConfigError(f"--config.data.task_weights={weights!r}: expected ((task, weight), ...)") from None
-        if any(not math.isfinite(w) or w < 0 for w in values):
-            raise ConfigError(f"--config.data.task_weights={weights!r}: weights must be finite and >= 0")
+        _check_task_weights("data.task_weights", weights)
+    curriculum = _get(config, "data.curriculum")
+    if curriculum not in (_MISSING, None, ()):
+        _check_curriculum(curriculum)
     mesh = _get(config, "mesh")
     if isinstance(mesh, ml_collections.ConfigDict):
         for axis, size in mesh.items():
             if isinstance(size, int) and not isinstance(size, bool) and size != -1 and size < 1:
                 raise ConfigError(f"--config.mesh.{axis}={size}: must be a positive size or -1 (the rest)")
+
+
+def _check_task_weights(field: str, weights) -> None:
+    try:
+        values = [float(w) for _, w in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"--config.{field}={weights!r}: expected ((task, weight), ...)") from None
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ConfigError(f"--config.{field}={weights!r}: weights must be finite and >= 0")
+
+
+def _check_curriculum(curriculum) -> None:
+    """``((fraction of train.steps, task_weights), ...)``: fractions increasing from 0, at most 1."""
+    try:
+        fractions = [float(fraction) for fraction, _ in curriculum]
+    except (TypeError, ValueError):
+        raise ConfigError(f"--config.data.curriculum={curriculum!r}: expected ((fraction, ((task, weight), ...)), "
+                          "...)") from None
+    if fractions[0] != 0 or fractions != sorted(fractions) or fractions[-1] > 1:
+        raise ConfigError(f"--config.data.curriculum: phases start at fractions of train.steps in increasing order "
+                          f"from 0 to at most 1, got {fractions}")
+    for _, weights in curriculum:
+        _check_task_weights("data.curriculum", weights)
 
 
 def _parse_value(text: str, current):

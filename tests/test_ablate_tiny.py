@@ -16,7 +16,8 @@ from train_helpers import REPO, env
 
 ROUTES = "mni152-sim/brain/t1->t2,mni152-sim/brain/t1->ct"  # one route of each group
 TINY = ["--variant", "tiny", "--subjects", "3", "--sim-voxel-mm", "8", "--slice-size", "32", "--vae-steps", "2",
-        "--stage1-steps", "2", "--stage2-steps", "2", "--gen-pretrain-steps", "2", "--rows", "2", "--stage2-rows", "2",
+        "--stage1-steps", "2", "--stage2-steps", "2", "--gen-pretrain-steps", "2", "--und-pretrain-steps", "2",
+        "--rows", "2", "--stage2-rows", "2",
         "--eval-slices", "1", "--sample-steps", "2", "--eval-instances", "0", "--eval-tasks", ROUTES,
         "--config.train.checkpoint_every=1000", "--config.train.progress=False"]
 
@@ -77,8 +78,15 @@ def test_zero_shot_ablation_with_seeds_then_stage2(tmp_path):
     assert "gau/seed0/zero_shot_stage1" in stages and "gau/seed0/stage2" not in stages
     assert table["wall_s"]["total"] == pytest.approx(sum(s["seconds"] for s in stages.values()), abs=0.5)
 
-    # Stage I trained the understanding side only: the generation side is the pre-trained one, unchanged.
+    # Every arm of a seed starts from its understanding pre-training: the generic generation pre-training trains
+    # the generation side only, so its understanding side is the pre-trained one, unchanged.
+    assert "und_pretrain/seed0" in stages and "und_pretrain/seed0" in table["wall_s"]["shared"]
+    und_pretrained = _weights(workdir / "und_pretrain" / "seed0")
     pretrained = _weights(workdir / "gen_pretrain" / "seed0")
+    und = [n for n in und_pretrained if not _gen_side(n) and not n.startswith("vae.")]
+    assert und and all(np.array_equal(und_pretrained[n], pretrained[n]) for n in und)
+
+    # Stage I trained the understanding side only: the generation side is the pre-trained one, unchanged.
     stage1 = _weights(workdir / "gau" / "seed0" / "zero_shot_stage1")
     gen = [n for n in pretrained if _gen_side(n)]
     assert gen and all(np.array_equal(pretrained[n], stage1[n]) for n in gen)

@@ -56,7 +56,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     first = _quickstart(workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     state = json.loads((workdir / "quickstart.json").read_text())
-    assert list(state["stages"]) == ["data", "vae", "stage1", "stage2", "eval", "vae_ceiling", "synthesize"]
+    assert list(state["stages"]) == ["data", "vae", "und_pretrain", "stage1", "stage2", "eval", "vae_ceiling",
+                                     "synthesize"]
     report = (workdir / "report.md").read_text()
     assert "identity SSIM×100" in report and "## Timings" in report and "contact_sheet.png" in report
     assert "Model SSIM above the identity baseline on" in report
@@ -91,7 +92,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
 
     again = _quickstart(workdir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already done") == 6  # vae_ceiling is skipped silently
+    assert again.stdout.count("already done") == 7  # vae_ceiling is skipped silently
     assert "$ python -m synermedgen_jax train" not in again.stdout
 
 
@@ -114,7 +115,7 @@ def test_echoed_command_line_gives_the_config_of_the_typed_call(tmp_path, stage)
     _, config_file, steps, rows, init_from = next(s for s in quickstart.STAGES if s[0] == stage)
     fields = _stages.quick_train_fields(tmp_path / "data", steps, rows, 7) | quickstart.STAGE_FIELDS.get(stage, {})
     if init_from:
-        fields |= {"init_from": str(tmp_path / init_from), "init_moe": True, "init_moe_overwrite": True}
+        fields |= quickstart.init_fields(stage, str(tmp_path / init_from))
     spec = f"{config_file}:tiny"
     typed = to_json(set_fields(load_config(spec), fields))
     assert typed == to_json(apply_overrides(load_config(spec), config_arguments(fields)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from synermedgen_jax.__main__ import main as cli
-from synermedgen_jax.config import load_config, set_fields
+from synermedgen_jax.config import ConfigError, load_config, set_fields
 from synermedgen_jax.data import prompts, und_pretrain
 from synermedgen_jax.data.geometry import PackImages
 from synermedgen_jax.data.packing import PackBudget, Text, VitImage
@@ -165,6 +165,7 @@ def test_curriculum_phases_from_fractions_of_the_run():
                               (2 / 3, (("cts", 1.0), ("mi", 1.0), ("tia", 1.0))))
     phases = inputs.curriculum_phases(config)
     assert [start for start, _ in phases] == [0, 30, 60] and phases[1][1] == (("mi", 0.5), ("tia", 0.5))
-    config.data.curriculum = ((0.5, (("mi", 1.0),)),)
-    with pytest.raises(ValueError, match="data.curriculum"):
-        inputs.curriculum_phases(config)
+    for bad in (((0.5, (("mi", 1.0),)),), ((0.0, (("mi", 1.0),)), (1.5, (("mi", 1.0),))),
+                ((0.0, (("mi", -1.0),)),), ((0.0, "mi"),)):
+        with pytest.raises(ConfigError, match="data.curriculum"):
+            set_fields(load_config("configs/stage1_gau.py:tiny"), {"data.curriculum": bad})

@@ -1,19 +1,23 @@
 """The control the paper lacked: does generation-aligned understanding (GAU) help synthesis at this scale?
 
   python -m synermedgen_jax ablate [--workdir runs/ablate] [--arms gau,vqa,none,...] [--seeds 0,1,2]
-      [--mode both|stage2|zero-shot] [--stage1-steps N] [--stage2-steps N] [--gen-pretrain-steps N] ...
+      [--mode both|stage2|zero-shot] [--stage1-steps N] [--stage2-steps N] [--gen-pretrain-steps N]
+      [--und-pretrain-steps N] ...
 
 Arms, each with the same data, the same Stage I data volume and compute (steps × rows) and the same Stage II:
   gau      Stage I on CTS + MI + TIA (configs/stage1_gau.py)  → Stage II
   vqa      Stage I on non-aligned VQA questions about the same images (configs/baseline_vqa.py) → Stage II
-  none     no Stage I → Stage II from the random initialisation
+  none     no Stage I → Stage II
   no_cts, no_mi, no_tia   Stage I without one task (configs/ablations.py) → Stage II
 Every arm runs once per seed (--seeds): the seed drives model initialisation, data order and sampling noise;
-the built data and the stage-0 VAE (a fixed autoencoder, as BAGEL's FLUX VAE) are shared by all runs.
+the built data and the stage-0 VAE (a fixed autoencoder, as BAGEL's FLUX VAE) are shared by all runs. Per seed,
+one understanding pre-training (configs/und_pretrain.py, --und-pretrain-steps; the stand-in for the Qwen2.5 +
+SigLIP start of BAGEL) is where every arm starts: its Stage I, or `none`'s Stage II.
 
 Zero-shot (--mode both or zero-shot; the paper's headline setting, which rests on BAGEL's pretrained
 generator): per seed, a generic generation pre-training that never sees a cross-modal pair
-(configs/gen_pretrain.py: neighbouring slices, flips, denoising, intensity changes of one modality), then each
+(configs/gen_pretrain.py: neighbouring slices, flips, denoising, intensity changes of one modality; its
+generation expert starts as a copy of the pre-trained understanding expert, as BAGEL's starts from Qwen2.5), then each
 zero-shot arm's Stage I starting from it (Stage I trains only the understanding side, so the pre-trained
 generation expert reaches the checkpoint untouched), then synthesis evaluated with no Stage II.
 
@@ -99,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="understanding pre-training steps (configs/und_pretrain.py), once per seed; every arm "
                              f"starts from it, as BAGEL's start from Qwen2.5 (default {quickstart.UND_PRETRAIN_STEPS}; "
                              "0: every arm starts from the random initialisation)")
+    parser.add_argument("--und-pretrained", metavar="DIR",
+                        help="a finished understanding pre-training every seed's arms start from, instead of one "
+                             "trained per seed (e.g. a quickstart's WORKDIR/und_pretrain)")
     parser.add_argument("--rows", type=positive_int, default=4,
                         help="pack rows per step of the VAE and Stage I (default 4)")
     parser.add_argument("--stage2-rows", type=positive_int, default=8,
@@ -156,6 +163,9 @@ def parse_arguments(args: argparse.Namespace) -> tuple[list[str], list[int], lis
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.eval_instances < 0 or args.data_seed < 0:
         raise ValueError("--eval-instances and --data-seed must be >= 0")
+    problem = quickstart.und_pretrained_error(getattr(args, "und_pretrained", None), args.variant)
+    if problem:
+        raise ValueError(problem)
     if args.data and not (Path(args.data) / "manifest.json").is_file():
         raise ValueError(f"--data {args.data}: not a built data folder (no manifest.json); build it with build-data")
     _check_configs(args, arms, zero_shot)
@@ -168,7 +178,7 @@ def _check_configs(args: argparse.Namespace, arms: list[str], zero_shot: list[st
     specs = ["configs/vae.py:{variant}", *(ARMS[arm] for arm in arms if ARMS[arm])]
     specs += [STAGE2_CONFIG] if args.mode != "zero-shot" else []
     specs += [GEN_PRETRAIN_CONFIG] if zero_shot else []
-    specs += [UND_PRETRAIN_CONFIG] if args.und_pretrain_steps else []
+    specs += [UND_PRETRAIN_CONFIG] if args.und_pretrain_steps and not getattr(args, "und_pretrained", None) else []
     for spec in dict.fromkeys(specs):
         try:
             apply_overrides(load_config(spec.format(variant=args.variant)), list(getattr(args, "overrides", [])))
@@ -216,9 +226,10 @@ def main(args: argparse.Namespace) -> int:
     for k, (seed, arm) in enumerate(runs, 1):
         # Every arm of a seed starts from the same understanding pre-training (the stand-in for Qwen2.5 + SigLIP):
         # Stage I from it, `none`'s Stage II from it, the generic generation pre-training from it.
-        und_pretrained = workdir / "und_pretrain" / f"seed{seed}"
-        start_from = {"init_from": str(und_pretrained)} if args.und_pretrain_steps else {}
-        if args.und_pretrain_steps and not state.done(f"und_pretrain/seed{seed}"):
+        given = getattr(args, "und_pretrained", None)
+        und_pretrained = Path(given).resolve() if given else workdir / "und_pretrain" / f"seed{seed}"
+        start_from = {"init_from": str(und_pretrained)} if args.und_pretrain_steps or given else {}
+        if args.und_pretrain_steps and not given and not state.done(f"und_pretrain/seed{seed}"):
             print(f"\n[ablate] seed {seed}: understanding pre-training (shared by every arm)", flush=True)
             train(f"und_pretrain/seed{seed}", UND_PRETRAIN_CONFIG, und_pretrained, args.und_pretrain_steps,
                   args.rows, seed, {})

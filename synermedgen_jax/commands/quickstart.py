@@ -5,13 +5,15 @@
 Stages (each resumable: running the command again continues where it stopped, finished stages are skipped):
   1. build the mni152-sim data (simulated subjects from nilearn's MNI152 template) + a contact sheet PNG;
   2. stage 0: train the small VAE on it;
-  3. Stage I (GAU): CTS + MI + TIA understanding;
-  4. Stage II (UCG): flow matching, initialised from Stage I (understanding copied into the generation expert);
-  5. evaluate every available route (SSIM×100 / PSNR / MAE next to the identity baseline) and the
+  3. understanding pre-training (configs/und_pretrain.py): in-context lookups and captions, the stand-in for the
+     Qwen2.5 + SigLIP start of BAGEL's Stage I;
+  4. Stage I (GAU): CTS + MI + TIA understanding, from the pre-training;
+  5. Stage II (UCG): flow matching, initialised from Stage I (understanding copied into the generation expert);
+  6. evaluate every available route (SSIM×100 / PSNR / MAE next to the identity baseline) and the
      understanding accuracies; score the VAE's own reconstruction of the same targets (the ceiling of any
      synthesis through it) and a local latent map fitted on the training pairs (a yardstick for Stage II);
-  6. synthesize one whole held-out NIfTI volume;
-  7. write WORKDIR/report.md with the tables, timings per stage and the pictures beside it.
+  7. synthesize one whole held-out NIfTI volume;
+  8. write WORKDIR/report.md with the tables, timings per stage and the pictures beside it.
 
 --budget-minutes scales every stage's step count (the defaults fit ~15 minutes on 2 cores); the seed is fixed.
 """
@@ -39,12 +41,14 @@ from synermedgen_jax.commands._args import (
 from synermedgen_jax.commands._runner import StageState
 from synermedgen_jax.commands.eval import EvalRequest
 from synermedgen_jax.commands.synthesize import SynthesisRequest
+from synermedgen_jax.config import load_config
 from synermedgen_jax.data import phantom
 from synermedgen_jax.data.build import BuildConfig
 from synermedgen_jax.evaluation.ceiling import route_ceilings
 from synermedgen_jax.evaluation.report_io import read_results
 from synermedgen_jax.inference.sampler import SamplerConfig
 from synermedgen_jax.staging import atomic_path, write_atomic
+from synermedgen_jax.training import checkpoint
 
 # Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
 # others pack rows): the VAE gets enough steps to bound synthesis well, Stage II the rest. Timings and the
@@ -89,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-voxel-mm", type=float_range(0.5, 20.0), default=2.0,
                         help="simulation grid in mm (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--und-pretrained", metavar="DIR",
+                        help="start Stage I from this finished understanding pre-training (e.g. another quickstart's "
+                             "WORKDIR/und_pretrain, or `train --config configs/und_pretrain.py:small`) instead of "
+                             "training one")
     one_line_errors(parser)
 
 
@@ -104,6 +112,27 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         SamplerConfig(num_steps=args.sample_steps, cfg_text=args.cfg_text)
     except ValueError as err:
         return f"--sample-steps {args.sample_steps} / --cfg-text {args.cfg_text}: {err}"
+    return und_pretrained_error(getattr(args, "und_pretrained", None), args.variant)
+
+
+def und_pretrained_error(path: str | None, variant: str) -> str | None:
+    """A one-line complaint when ``--und-pretrained`` is not a finished understanding pre-training of ``variant``."""
+    if path is None:
+        return None
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        stage, layers = config["stage"], config["model"]["llm"]["num_layers"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"--und-pretrained {path}: no readable training config.json there ({err})"
+    expected = load_config(f"configs/und_pretrain.py:{variant}").model.llm.num_layers
+    if stage != "und_pretrain" or layers != expected:
+        return (f"--und-pretrained {path}: {config_file} is a {stage!r} run with {layers} LLM layers; expected an "
+                f"und_pretrain run of the {variant} model")
+    try:
+        checkpoint.resolve(path)
+    except (checkpoint.CheckpointError, FileNotFoundError) as err:
+        return f"--und-pretrained {path}: {err}"
     return None
 
 
@@ -124,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
     state.run("data", lambda: _stages.build(build))
     previous: dict[str, str] = {}
     for name, config_file, base_steps, rows, init_from in STAGES:
+        if name == "und_pretrain" and args.und_pretrained:
+            previous[name] = str(Path(args.und_pretrained).resolve())
+            continue
         steps = max(2, int(round(base_steps * scale)))
         fields = _stages.quick_train_fields(data_dir, steps, rows, args.seed) | STAGE_FIELDS.get(name, {})
         if "vae" in previous:  # every stage after the VAE encodes its images with it
