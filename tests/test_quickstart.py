@@ -17,7 +17,7 @@ from synermedgen_jax.commands._runner import config_arguments
 from synermedgen_jax.config import ConfigError, apply_overrides, load_config, set_fields, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--variant", "tiny", "--budget-minutes", "0.4", "--subjects", "3", "--sim-voxel-mm", "8", "--slice-size", "32",
+ARGS = ["--variant", "tiny", "--budget-minutes", "0.5", "--subjects", "3", "--sim-voxel-mm", "8", "--slice-size", "32",
         "--eval-slices", "1", "--sample-steps", "2"]
 
 
@@ -35,8 +35,8 @@ def _quickstart(workdir: Path, args: list[str] = ARGS, timeout: int = 1200) -> s
 def test_default_small_run_beats_the_copy_on_most_routes(tmp_path):
     """The quickstart's claim, checked with a fixed seed: the small model at the default budget beats the
     copy-the-source baseline on SSIM on more than half of the 18 routes. The run is the default one, not a
-    shortened one: at half the training steps (--budget-minutes 7.5) the model was above the copy on 5 of 18
-    routes (README's quickstart section gives the current run's count). Training and evaluation are
+    shortened one: at half the training steps (--budget-minutes 9.5 today) the model was above the copy on 5 of
+    18 routes (README's quickstart section gives the current run's count). Training and evaluation are
     deterministic for a fixed seed on this machine (two runs, the same table)."""
     workdir = tmp_path / "qs_small"
     run = _quickstart(workdir, SMALL_ARGS, timeout=3600)
@@ -71,9 +71,9 @@ def test_quickstart_end_to_end_and_resume(tmp_path):
     better = sum(row["model"]["ssim"] > row["identity"]["ssim"] for row in synthesis.values())
     assert len(synthesis) == 18  # every mni152-sim route of the registry
     assert f"Model SSIM above the identity baseline on **{better} of {len(synthesis)}** routes." in report
-    # Beating the copy is not asserted for this smoke run (tiny model, 8 VAE / 2 Stage I / 27 Stage II steps,
-    # 32-pixel slices at 8 mm, 2 sampling steps: it synthesizes noise); the claim belongs to the small model's
-    # default run and is checked by test_default_small_run_beats_the_copy_on_most_routes.
+    # Beating the copy is not asserted for this smoke run (tiny model, 8 VAE / 3 pre-training / 2 Stage I / 26
+    # Stage II steps, 32-pixel slices at 8 mm, 2 sampling steps: it synthesizes noise); the claim belongs to the
+    # small model's default run and is checked by test_default_small_run_beats_the_copy_on_most_routes.
     for row in synthesis.values():
         assert row["slices"] == 1 and np.isfinite(row["identity"]["ssim"])
     # The ceiling table: the same routes and slices as eval (identity SSIM equal to eval's own), one line each.
@@ -106,6 +106,33 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, bad):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and bad[0] in err
     assert not workdir.exists()  # nothing built
+
+
+def _fake_run(directory: Path, stage: str, layers: int) -> str:
+    """A workdir holding only a training config.json (no checkpoint)."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"stage": stage, "model": {"llm": {"num_layers": layers}}}))
+    return str(directory)
+
+
+@pytest.mark.parametrize("command", ["quickstart", "ablate"])
+def test_und_pretrained_that_is_not_a_finished_pretraining_fails_in_one_line(tmp_path, capsys, command):
+    from synermedgen_jax.__main__ import main as cli
+
+    tiny_layers = load_config("configs/und_pretrain.py:tiny").model.llm.num_layers
+    cases = {  # --und-pretrained DIR -> what the one line must name
+        str(tmp_path / "missing"): "no readable training config.json",
+        _fake_run(tmp_path / "stage1_run", "stage1", tiny_layers): "'stage1' run",
+        _fake_run(tmp_path / "small_run", "und_pretrain", tiny_layers + 1): "und_pretrain run of the tiny model",
+        _fake_run(tmp_path / "no_steps", "und_pretrain", tiny_layers): "holds no complete checkpoint",
+    }
+    for path, reason in cases.items():
+        workdir = tmp_path / f"{command}_work"
+        assert cli([command, "--workdir", str(workdir), "--variant", "tiny", "--und-pretrained", path]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err
+        assert f"--und-pretrained {path}" in err and reason in err, err
+        assert not workdir.exists()  # nothing built
 
 
 @pytest.mark.parametrize("stage", [s[0] for s in quickstart.STAGES])

@@ -143,8 +143,11 @@ def test_latent_scale_file_is_validated(tmp_path):
 def test_stage1_names_modalities_of_a_held_out_subject_above_chance(data, tmp_path):
     """Stage I on the tiny config, MI instances only (the task weights of configs/stage1_gau.py with CTS and
     TIA at 0), 500 steps on one training subject: greedy answers name the panels of the *other* subject's
-    instances well above the image-blind level (the best constant guess, i.e. the commonest held-out modality).
-    Measured accuracies per seed and recipe: docs/experiments.md ("Stage I: a ViT trained from scratch")."""
+    instances well above the image-blind level (the best constant guess, i.e. the commonest held-out modality,
+    15.8 % of the 412 panels). Three seeds (train.seed = data.seed = 0, 1, 2) measured 45.6, 39.3 and 42.7 %
+    of panels; MIN_PANEL_ACCURACY sits ~3.8 standard errors of a 412-panel estimate below the lowest seed.
+    Per-seed and per-recipe numbers: docs/experiments.md ("Stage I that learns its tasks")."""
+    MIN_PANEL_ACCURACY = 0.30
     from collections import Counter
 
     from synermedgen_jax.data.understanding import load_instances, render
@@ -164,7 +167,7 @@ def test_stage1_names_modalities_of_a_held_out_subject_above_chance(data, tmp_pa
                                     EvalConfig(split="val", max_instances=n, batch_size=64))["mi"]
     standard_error = np.sqrt(blind * (1 - blind) / (4 * n))
     assert result["n"] == n and result["unparseable"] <= n // 10, result
-    assert result["panel_accuracy"] > blind + 4 * standard_error, (result, blind, standard_error)
+    assert blind + 4 * standard_error < MIN_PANEL_ACCURACY <= result["panel_accuracy"], (result, blind)
 
 
 def test_vae_then_stage1_then_stage2(data, tmp_path):

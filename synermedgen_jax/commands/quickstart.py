@@ -1,6 +1,6 @@
-"""The main job on the embedded default, end to end, in about 15 minutes on 2 CPU cores.
+"""The main job on the embedded default, end to end, in about 20 minutes on 2 CPU cores.
 
-  python -m synermedgen_jax quickstart [--workdir runs/quickstart] [--budget-minutes 15]
+  python -m synermedgen_jax quickstart [--workdir runs/quickstart] [--budget-minutes 19]
 
 Stages (each resumable: running the command again continues where it stopped, finished stages are skipped):
   1. build the mni152-sim data (simulated subjects from nilearn's MNI152 template) + a contact sheet PNG;
@@ -15,7 +15,7 @@ Stages (each resumable: running the command again continues where it stopped, fi
   7. synthesize one whole held-out NIfTI volume;
   8. write WORKDIR/report.md with the tables, timings per stage and the pictures beside it.
 
---budget-minutes scales every stage's step count (the defaults fit ~15 minutes on 2 cores); the seed is fixed.
+--budget-minutes scales every stage's step count (the defaults take ~19 minutes alone on 2 cores); the seed is fixed.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from synermedgen_jax.inference.sampler import SamplerConfig
 from synermedgen_jax.staging import atomic_path, write_atomic
 from synermedgen_jax.training import checkpoint
 
-# Steps per stage at the default 15-minute budget, and the batch of each step (the VAE's counts images, the
-# others pack rows): the VAE gets enough steps to bound synthesis well, Stage II the rest. Timings and the
-# runs behind these numbers: docs/experiments.md.
-BASE_MINUTES = 15.0
+# Steps per stage at the default budget (BASE_MINUTES, the default run's wall time alone on 2 cores), and the batch
+# of each step (the VAE's counts images, the others pack rows): the VAE gets enough steps to bound synthesis well,
+# Stage II the rest. Timings and the runs behind these numbers: docs/experiments.md.
+BASE_MINUTES = 19.0
 UND_PRETRAIN_STEPS = 100
 STAGES = (
     # name, config file, steps at the base budget, rows per step, the stage it is initialised from
@@ -80,7 +80,7 @@ def init_fields(stage: str, init_dir: str) -> dict[str, object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/quickstart", help="everything is written here (resumable)")
     parser.add_argument("--budget-minutes", type=positive_float, default=BASE_MINUTES,
-                        help="scales the training steps of every stage (default 15: about 15 minutes on 2 cores)")
+                        help="scales the training steps of every stage (default 19: about 19 minutes alone on 2 cores)")
     parser.add_argument("--subjects", type=positive_int, default=8, help="simulated subjects (default 8)")
     parser.add_argument("--eval-slices", type=positive_int, default=4, help="slices evaluated per route (default 4)")
     parser.add_argument("--sample-steps", type=int_range(2, 1000), default=12,
