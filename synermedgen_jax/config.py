@@ -217,7 +217,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if weights is not _MISSING and weights is not None:
         _check_task_weights("data.task_weights", weights)
     curriculum = _get(config, "data.curriculum")
-    if curriculum not in (_MISSING, None, ()):
+    if curriculum is not _MISSING and curriculum is not None:
         _check_curriculum(curriculum)
     mesh = _get(config, "mesh")
     if isinstance(mesh, ml_collections.ConfigDict):
@@ -236,12 +236,15 @@ def _check_task_weights(field: str, weights) -> None:
 
 
 def _check_curriculum(curriculum) -> None:
-    """``((fraction of train.steps, task_weights), ...)``: fractions increasing from 0, at most 1."""
+    """``((fraction of train.steps, task_weights), ...)``: fractions increasing from 0, at most 1; empty (a tuple in
+    a config file, a list once read back from a checkpoint's config.json) means none."""
     try:
         fractions = [float(fraction) for fraction, _ in curriculum]
     except (TypeError, ValueError):
         raise ConfigError(f"--config.data.curriculum={curriculum!r}: expected ((fraction, ((task, weight), ...)), "
                           "...)") from None
+    if not fractions:
+        return
     if fractions[0] != 0 or fractions != sorted(fractions) or fractions[-1] > 1:
         raise ConfigError(f"--config.data.curriculum: phases start at fractions of train.steps in increasing order "
                           f"from 0 to at most 1, got {fractions}")

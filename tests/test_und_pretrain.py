@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from synermedgen_jax.__main__ import main as cli
-from synermedgen_jax.config import ConfigError, load_config, set_fields
+from synermedgen_jax.config import ConfigError, from_json, load_config, set_fields, to_json
 from synermedgen_jax.data import prompts, und_pretrain
 from synermedgen_jax.data.geometry import PackImages
 from synermedgen_jax.data.packing import PackBudget, Text, VitImage
@@ -169,3 +169,13 @@ def test_curriculum_phases_from_fractions_of_the_run():
                 ((0.0, (("mi", -1.0),)),), ((0.0, "mi"),)):
         with pytest.raises(ConfigError, match="data.curriculum"):
             set_fields(load_config("configs/stage1_gau.py:tiny"), {"data.curriculum": bad})
+
+
+def test_curriculum_survives_the_config_json_round_trip():
+    """A saved config.json holds lists where the config file had tuples: an empty curriculum (none) and a real one
+    read back from JSON validate as they did before saving (eval/resume/init_from read configs this way)."""
+    for curriculum in ((), ((0.0, (("mi", 1.0),)), (0.5, (("cts", 1.0), ("tia", 1.0))))):
+        config = set_fields(load_config("configs/stage1_gau.py:tiny"), {"data.curriculum": curriculum})
+        again = set_fields(from_json(to_json(config)), {"train.steps": 10})
+        assert [(float(f), [tuple(w) for w in ws]) for f, ws in again.data.curriculum] == \
+            [(f, list(ws)) for f, ws in curriculum]
