@@ -51,8 +51,9 @@ def test_lookup_answers_name_the_queried_option(data):
         options = dict(line.split(". ", 1) for line in options_text[0].splitlines()[1:])
         assert sorted(options) == list(prompts.LETTERS) and len(set(options.values())) == 4, (seed, options)
         queries, answers = rest[0::2], rest[1::2]
-        assert [loss for _, loss in queries] == [False] * 4 and [loss for _, loss in answers] == [True] * 4
-        assert sorted(a for a, _ in answers) == list(prompts.LETTERS)  # each option asked for once
+        count = und_pretrain.QUERIES
+        assert [loss for _, loss in queries] == [False] * count and [loss for _, loss in answers] == [True] * count
+        assert len({a for a, _ in answers}) == count  # distinct options asked for
         for (query, _), (answer, _) in zip(queries, answers):
             key = query[len("Which option names "):query.index("? ")]
             assert options[answer] == key, (seed, options, query, answer)
@@ -68,7 +69,7 @@ def test_same_slice_query_is_closest_to_the_answered_candidate(data):
         images = [np.squeeze(item.pixels) for item in items if isinstance(item, VitImage)]
         letters = [tokenizer.decode(item.token_ids) for item in items if isinstance(item, Text) and item.loss]
         candidates, queries = images[:4], images[4:]
-        assert len(queries) == 4 and sorted(letters) == list(prompts.LETTERS)
+        assert len(queries) == len(letters) == und_pretrain.QUERIES and len(set(letters)) == len(letters)
         for query, letter in zip(queries, letters):
             distances = [float(np.mean((query - c) ** 2)) for c in candidates]
             nearest.append(prompts.LETTERS[int(np.argmin(distances))] == letter)
@@ -101,7 +102,8 @@ def test_same_slice_candidates_are_neighbours_of_one_volume(data):
     reader = RecordReader(data, "train")
     for row in rng.choice(len(table["rec"]), size=10, replace=False):
         modality, candidates, order = und_pretrain.same_slice_plan(index, table, int(row), rng)
-        assert sorted(order) == [0, 1, 2, 3] and int(table["rec"][row]) in candidates and len(set(candidates)) == 4
+        assert len(set(order)) == len(order) == und_pretrain.QUERIES
+        assert int(table["rec"][row]) in candidates and len(set(candidates)) == 4
         cases = {int(index.case[r]) for r in candidates}
         offsets = sorted(abs(int(index.slice_index[r]) - int(index.slice_index[table["rec"][row]])) for r in candidates)
         assert len(cases) == 1 and offsets[0] == 0 and 0 < offsets[1] and offsets[-1] <= und_pretrain.NEIGHBOUR_K

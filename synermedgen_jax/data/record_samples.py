@@ -151,7 +151,7 @@ class RecordSamples:
 
     def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
         """A caption (question, image, caption as the loss); or four labelled options (text, or slices), then
-        each of them asked for once: the query (text, or the slice re-acquired), the letter (loss)."""
+        ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired), the letter (loss)."""
         encode = self.tokenizer.encode
         if task == "lookup":
             options, queries = und_pretrain.lookup_texts(self.words, rng)
@@ -166,7 +166,7 @@ class RecordSamples:
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
         modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng)
         slices = [self._image(rec, modality, cache) for rec in candidates]
-        count = 2 * len(slices)
+        count = len(slices) + len(order)  # the candidates and the re-acquired queries
         shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]
         items = prompt_items(encode(und_pretrain.SAME_SLICE_OPTIONS.format(mod=display_name(modality))), shown,
                              [encode(label) for label in prompts.MI_IMAGE_LABELS])
