@@ -32,11 +32,11 @@ TASKS = ("lookup", "same_slice", "caption")
 SLICE_TASKS = ("same_slice", "caption")  # rows of slice_table
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
 NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
-# Options asked for per sample. With all four asked, each letter once, guessing a letter not yet answered is right
-# 52 % of the time, and the models settled there without forming the lookup; one query leaves only the lookup.
+# Options asked for per sample: asking all four lets elimination answer half of them, which the models settled for
+# instead of the lookup (docs/experiments.md, "One query per sample").
 QUERIES = 1
 # Re-acquisition noise (records' [-1, 1] units) and gamma (on [0, 1]): small enough that the nearest candidate in
-# pixels is the same slice for 99 % of the quickstart data's queries (noise 0.1 / gamma 0.8-1.25: 82 %).
+# pixels stays the same slice (docs/experiments.md, "Stage I that learns its tasks").
 NOISE_STD = (0.0, 0.02)
 GAMMA = (0.95, 1.05)
 
