@@ -167,7 +167,7 @@ class CurriculumBatches:
 
 def curriculum_phases(config) -> list[tuple[int, tuple[tuple[str, float], ...]]]:
     """``[(first step, task_weights)]``: ``data.curriculum`` holds ``(fraction of train.steps, task_weights)``
-    phases in order from fraction 0, checked by config.validate (empty: one phase of ``data.task_weights``)."""
+    phases in order from fraction 0, checked by config.validate_config (empty: one phase of ``data.task_weights``)."""
     phases = config.data.get("curriculum", ()) or ()
     if not phases:
         return [(0, tuple(config.data.task_weights))]
