@@ -41,15 +41,23 @@ def _samples(data, task: str, count: int, seed: int):
     return [next(stream) for _ in range(count)]
 
 
-def test_lookup_answers_name_the_queried_option(data):
+@pytest.mark.parametrize("task", ["lookup", "lookup_1tok", "lookup_4tok"])
+def test_lookup_answers_name_the_queried_option(data, task):
+    """Full lookups and their easier levels: the answer letter labels the option the query names; a level's
+    options are single corpus words of at most its number of tokens."""
     tokenizer = load_tokenizer(data / "tokenizer.json")
     seed = int(np.random.default_rng().integers(1 << 20))
-    for items, tag in _samples(data, "lookup", 40, seed):
-        assert tag.startswith("lookup#")
+    words = set(und_pretrain.corpus_words())
+    for items, tag in _samples(data, task, 40, seed):
+        assert tag.startswith(f"{task}#")
         texts = [(tokenizer.decode(item.token_ids), item.loss) for item in items]
         options_text, *rest = texts
         options = dict(line.split(". ", 1) for line in options_text[0].splitlines()[1:])
         assert sorted(options) == list(prompts.LETTERS) and len(set(options.values())) == 4, (seed, options)
+        if task in und_pretrain.LEVELS:
+            max_tokens = und_pretrain.LEVELS[task][1]
+            assert set(options.values()) <= words, (seed, options)
+            assert all(len(tokenizer.encode(" " + name)) <= max_tokens for name in options.values()), (seed, options)
         queries, answers = rest[0::2], rest[1::2]
         count = und_pretrain.QUERIES
         assert [loss for _, loss in queries] == [False] * count and [loss for _, loss in answers] == [True] * count
@@ -59,19 +67,25 @@ def test_lookup_answers_name_the_queried_option(data):
             assert options[answer] == key, (seed, options, query, answer)
 
 
-def test_same_slice_query_is_closest_to_the_answered_candidate(data):
+@pytest.mark.parametrize("task, count", [("same_slice", 4), ("same_slice_2", 2)])
+def test_same_slice_query_is_closest_to_the_answered_candidate(data, task, count):
     """The query image is the answered candidate's slice re-acquired (gamma, noise): it is nearer that candidate
-    than the neighbouring slices are, so the letter is determined by the images."""
+    than the neighbouring slices are, so the letter is determined by the images. The prompt names as many
+    candidates as it shows."""
     seed = int(np.random.default_rng().integers(1 << 20))
     tokenizer = load_tokenizer(data / "tokenizer.json")
     nearest = []
-    for items, _ in _samples(data, "same_slice", 20, seed):
+    for items, _ in _samples(data, task, 20, seed):
         images = [np.squeeze(item.pixels) for item in items if isinstance(item, VitImage)]
         letters = [tokenizer.decode(item.token_ids) for item in items if isinstance(item, Text) and item.loss]
-        candidates, queries = images[:4], images[4:]
+        labels = [tokenizer.decode(item.token_ids) for item in items[1:2 * count:2]]
+        assert labels == [f"{letter}:" for letter in prompts.LETTERS[:count]], labels
+        assert tokenizer.decode(items[0].token_ids).startswith(und_pretrain.COUNT_WORDS[count] + " ")
+        candidates, queries = images[:count], images[count:]
         assert len(queries) == len(letters) == und_pretrain.QUERIES and len(set(letters)) == len(letters)
         for query, letter in zip(queries, letters):
             distances = [float(np.mean((query - c) ** 2)) for c in candidates]
+            assert letter in prompts.LETTERS[:count]
             nearest.append(prompts.LETTERS[int(np.argmin(distances))] == letter)
     # 99 % on the quickstart's 2 mm slices; these 8 mm slices differ more from their neighbours.
     assert np.mean(nearest) >= 0.9, (seed, np.mean(nearest))

@@ -26,7 +26,7 @@ from synermedgen_jax.data.records import RecordReader, load_index
 from synermedgen_jax.data.stream import PipelineConfig
 from synermedgen_jax.data.tokenizer import load_tokenizer
 from synermedgen_jax.data.understanding import TASKS, SliceIndex, load_instances, render
-from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
+from synermedgen_jax.data.volumes import MODALITY_NAMES
 from synermedgen_jax.stages import DataStage
 
 PAIRS, GEN_PRETRAIN = "pairs", "gen_pretrain"  # the task names of Stage II pairs and gen_pretrain edits
@@ -43,7 +43,7 @@ def mix_weights(config: PipelineConfig) -> dict[str, float]:
     if config.stage == DataStage.GEN_PRETRAIN:
         return {GEN_PRETRAIN: 1.0}
     weights = {t: float(w) for t, w in config.task_weights if w > 0}
-    known = und_pretrain.TASKS if config.stage == DataStage.UND_PRETRAIN else TASKS
+    known = und_pretrain.ALL_TASKS if config.stage == DataStage.UND_PRETRAIN else TASKS
     unknown = set(weights) - set(known)
     if unknown or not weights:
         raise ValueError(f"task_weights {dict(config.task_weights)}: the {config.stage} stage mixes "
@@ -94,8 +94,10 @@ class RecordSamples:
             slices = und_pretrain.slice_table(self.slice_index)
             tables = {**tables, **{task: slices for task in slice_tasks}}
         self.tables = tables
-        self.words = und_pretrain.corpus_words() if "lookup" in self.weights else ()
-        self.rows = {task: und_pretrain.LOOKUP_ROWS if task == "lookup" else
+        self.words = und_pretrain.corpus_words() if any(
+            und_pretrain.full_task(task) == "lookup" for task in self.weights) else ()
+        self._short_words: dict[int, tuple[str, ...]] = {}
+        self.rows = {task: und_pretrain.LOOKUP_ROWS if und_pretrain.full_task(task) == "lookup" else
                      len(tables[task]["rec" if task in (PAIRS, GEN_PRETRAIN, *und_pretrain.SLICE_TASKS) else "task"])
                      for task in sorted(self.weights)}
         for task, n in self.rows.items():
@@ -138,7 +140,7 @@ class RecordSamples:
             return self._pair(int(row), rng, cache)
         if task == GEN_PRETRAIN:
             return self._gen_pretrain(int(row), rng, cache)
-        if task in und_pretrain.TASKS:
+        if task in und_pretrain.ALL_TASKS:
             return self._und_pretrain(task, int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
         count = len(rendered.images)
@@ -149,12 +151,23 @@ class RecordSamples:
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
         return items, f"{task}#{row}"
 
+    def _lookup_words(self, max_tokens: int) -> tuple[str, ...]:
+        if max_tokens not in self._short_words:
+            words = und_pretrain.short_words(self.words, self.tokenizer.encode, max_tokens)
+            if len(words) < 4:
+                raise ValueError(f"{self.data_dir}/tokenizer.json spells {len(words)} corpus words in at most "
+                                 f"{max_tokens} tokens: a lookup of that level needs four")
+            self._short_words[max_tokens] = words
+        return self._short_words[max_tokens]
+
     def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
-        """A caption (question, image, caption as the loss); or four labelled options (text, or slices), then
+        """A caption (question, image, caption as the loss); or labelled options (text, or slices), then
         ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired), the letter (loss)."""
         encode = self.tokenizer.encode
-        if task == "lookup":
-            options, queries = und_pretrain.lookup_texts(self.words, rng)
+        full, level = und_pretrain.LEVELS.get(task, (task, None))
+        if full == "lookup":
+            words = self.words if level is None else self._lookup_words(level)
+            options, queries = und_pretrain.lookup_texts(words, rng, full=level is None)
             items: list = [Text(encode(options))]
             for query, answer in queries:
                 items += [Text(encode(query)), Text(encode(answer), loss=True)]
@@ -164,14 +177,16 @@ class RecordSamples:
             image = self.images.vlm_vit(self._image(rec, modality, cache), images=1)
             return [Text(encode(und_pretrain.CAPTION_QUESTION)), VitImage(image),
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
-        modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng)
+        modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
+                                                                   count=level or 4)
         slices = [self._image(rec, modality, cache) for rec in candidates]
         count = len(slices) + len(order)  # the candidates and the re-acquired queries
         shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]
-        items = prompt_items(encode(und_pretrain.SAME_SLICE_OPTIONS.format(mod=display_name(modality))), shown,
-                             [encode(label) for label in prompts.MI_IMAGE_LABELS])
+        options_text, query = und_pretrain.same_slice_texts(modality, len(slices))
+        items = prompt_items(encode(options_text), shown,
+                             [encode(label) for label in prompts.MI_IMAGE_LABELS[:len(slices)]])
         for i in order:
-            items += [Text(encode(und_pretrain.SAME_SLICE_QUERY)),
+            items += [Text(encode(query)),
                       VitImage(self.images.vlm_vit(und_pretrain.reacquire(slices[i], rng), images=count)),
                       Text(encode(prompts.LETTERS[i]), loss=True)]
         return items, f"{task}#{row}"

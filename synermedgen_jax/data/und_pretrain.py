@@ -14,6 +14,10 @@ Stage I's layout (labels before images, lettered options, one-letter answers):
   noise), each answer a letter.
 * ``caption`` (one image, SigLIP's image-text pairs): the slice's modality and body region.
 
+Easier levels of the two lookups (``LEVELS``) let ``data.curriculum`` start where a from-scratch model can learn
+and move on: ``lookup_1tok`` / ``lookup_2tok`` / ``lookup_4tok`` ask among four single corpus words of at most that
+many tokens, ``same_slice_2`` among two slices. Training always evaluates the full tasks.
+
 No cross-modal pair is shown and nothing is compared across modalities: CTS and TIA stay Stage I's to learn.
 """
 
@@ -28,8 +32,13 @@ from synermedgen_jax.data import prompts
 from synermedgen_jax.data.understanding import CODE, SliceIndex
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 
-TASKS = ("lookup", "same_slice", "caption")
-SLICE_TASKS = ("same_slice", "caption")  # rows of slice_table
+TASKS = ("lookup", "same_slice", "caption")  # the full tasks: what training evaluates
+# Easier levels: task -> (full task, level); a lookup's level is the most tokens a name has (single words only), a
+# same_slice's the number of candidates.
+LEVELS = {"lookup_1tok": ("lookup", 1), "lookup_2tok": ("lookup", 2), "lookup_4tok": ("lookup", 4),
+          "same_slice_2": ("same_slice", 2)}
+ALL_TASKS = TASKS + tuple(LEVELS)
+SLICE_TASKS = ("same_slice", "caption", "same_slice_2")  # rows of slice_table
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
 NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
 # Options asked for per sample: asking all four lets elimination answer half of them, which the models settled for
@@ -43,8 +52,27 @@ GAMMA = (0.95, 1.05)
 LOOKUP_OPTIONS = "Options:\n{options}"
 LOOKUP_QUERY = "Which option names {key}? Answer with one letter."
 CAPTION_QUESTION = "Name the modality and the body region of this image."
-SAME_SLICE_OPTIONS = "Four {mod} slices A, B, C and D of one scan follow."
-SAME_SLICE_QUERY = "Which of A, B, C and D is the same slice as this one? Answer with one letter."
+SAME_SLICE_OPTIONS = "{count} {mod} slices {letters} of one scan follow."
+SAME_SLICE_QUERY = "Which of {letters} is the same slice as this one? Answer with one letter."
+COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four"}
+
+
+def full_task(task: str) -> str:
+    """The full task a level belongs to (``lookup_2tok`` -> ``lookup``); a full task is its own."""
+    return LEVELS[task][0] if task in LEVELS else task
+
+
+def letters_phrase(count: int) -> str:
+    """``"A, B, C and D"`` for four, ``"A and B"`` for two."""
+    letters = prompts.LETTERS[:count]
+    return f"{', '.join(letters[:-1])} and {letters[-1]}"
+
+
+def same_slice_texts(modality: str, count: int) -> tuple[str, str]:
+    """``(options sentence, query)`` of a same_slice sample over ``count`` candidates."""
+    letters = letters_phrase(count)
+    return (SAME_SLICE_OPTIONS.format(count=COUNT_WORDS[count], mod=display_name(modality), letters=letters),
+            SAME_SLICE_QUERY.format(letters=letters))
 
 
 def caption(modality: str, anatomy: str) -> str:
@@ -82,11 +110,16 @@ def reacquire(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(image > -1.0, np.clip(noisy, -1.0, 1.0), -1.0).astype(np.float32)
 
 
-def _lookup_options(names: list[str], rng: np.random.Generator) -> list[tuple[str, ...]]:
-    """Four distinct options over ``names`` in random order: single names, or (half the time) ordered pairs —
-    a pair, its reverse, the pair with one side replaced and another pair — so that only the order tells some
-    of them apart."""
-    if rng.random() < 0.5:
+def short_words(words: tuple[str, ...], encode, max_tokens: int) -> tuple[str, ...]:
+    """The words an option line spells in at most ``max_tokens`` tokens (``encode``: text -> token ids)."""
+    return tuple(w for w in words if len(encode(" " + w)) <= max_tokens)
+
+
+def _lookup_options(names: list[str], rng: np.random.Generator, pairs: bool = True) -> list[tuple[str, ...]]:
+    """Four distinct options over ``names`` in random order: single names, or (half the time, if ``pairs``)
+    ordered pairs — a pair, its reverse, the pair with one side replaced and another pair — so that only the
+    order tells some of them apart."""
+    if not pairs or rng.random() < 0.5:
         return [(names[i],) for i in rng.choice(len(names), size=4, replace=False)]
     a, b, c, d, e = (names[i] for i in rng.choice(len(names), size=5, replace=False))
     replaced = (a, c) if rng.random() < 0.5 else (c, b)
@@ -94,10 +127,14 @@ def _lookup_options(names: list[str], rng: np.random.Generator) -> list[tuple[st
     return [pairs[i] for i in rng.permutation(4)]
 
 
-def lookup_texts(words: tuple[str, ...], rng: np.random.Generator) -> tuple[str, list[tuple[str, str]]]:
+def lookup_texts(words: tuple[str, ...], rng: np.random.Generator, full: bool = True
+                 ) -> tuple[str, list[tuple[str, str]]]:
     """``(options text, [(query, answer letter)] × QUERIES)`` of one lookup: distinct options asked for, in random
-    order. Half the lookups use modality names, half words of the corpus."""
-    if rng.random() < 0.5:
+    order. In full, half the lookups use modality names, half words of the corpus, singles or pairs; otherwise
+    (a level) single ``words``."""
+    if not full:
+        names = [o[0] for o in _lookup_options(list(words), rng, pairs=False)]
+    elif rng.random() < 0.5:
         options = _lookup_options(list(MODALITY_NAMES), rng)
         names = [" to ".join(prompts.PHRASE[m] for m in o) for o in options]
     else:
@@ -107,11 +144,11 @@ def lookup_texts(words: tuple[str, ...], rng: np.random.Generator) -> tuple[str,
     return LOOKUP_OPTIONS.format(options=prompts.format_options(names)), queries
 
 
-def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int, rng: np.random.Generator
-                    ) -> tuple[str, list[int], list[int]]:
-    """``(modality, candidate records A-D, query order)`` of row ``row``: the row's slice and three of its
+def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int, rng: np.random.Generator,
+                    count: int = 4) -> tuple[str, list[int], list[int]]:
+    """``(modality, candidate records A.., query order)`` of row ``row``: the row's slice and ``count - 1`` of its
     neighbours in random order; ``QUERIES`` distinct candidates are asked for, in the query order."""
     rec, modality = int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
-    candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=3, replace=False))]
-    candidates = [candidates[i] for i in rng.permutation(4)]
-    return modality, candidates, [int(i) for i in rng.permutation(4)[:QUERIES]]
+    candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=count - 1, replace=False))]
+    candidates = [candidates[i] for i in rng.permutation(count)]
+    return modality, candidates, [int(i) for i in rng.permutation(count)[:QUERIES]]

@@ -206,7 +206,7 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
     elif task == "vqa":
         cfg = pipeline_config(data, stage=DataStage.VQA, split=data.eval_split, rows=rows, seed_offset=7)
     else:
-        stage = DataStage.UND_PRETRAIN if task in und_pretrain.TASKS else DataStage.STAGE1
+        stage = DataStage.UND_PRETRAIN if task in und_pretrain.ALL_TASKS else DataStage.STAGE1
         cfg = dataclasses.replace(pipeline_config(data, stage=stage, split=data.eval_split, rows=rows,
                                                   seed_offset=7), task_weights=((task, 1.0),))
     cfg = dataclasses.replace(cfg, augment=False, cfg_text=0.0, cfg_vit=0.0, cfg_vae=0.0)
