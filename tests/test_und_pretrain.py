@@ -41,13 +41,13 @@ def _samples(data, task: str, count: int, seed: int):
     return [next(stream) for _ in range(count)]
 
 
-@pytest.mark.parametrize("task", ["lookup", "lookup_1tok", "lookup_4tok"])
+@pytest.mark.parametrize("task", ["lookup", "lookup_6w", "lookup_1tok", "lookup_4tok"])
 def test_lookup_answers_name_the_queried_option(data, task):
     """Full lookups and their easier levels: the answer letter labels the option the query names; a level's
     options are single corpus words of at most its number of tokens."""
     tokenizer = load_tokenizer(data / "tokenizer.json")
     seed = int(np.random.default_rng().integers(1 << 20))
-    words = set(und_pretrain.corpus_words())
+    words, used = set(und_pretrain.corpus_words()), set()
     for items, tag in _samples(data, task, 40, seed):
         assert tag.startswith(f"{task}#")
         texts = [(tokenizer.decode(item.token_ids), item.loss) for item in items]
@@ -55,8 +55,10 @@ def test_lookup_answers_name_the_queried_option(data, task):
         options = dict(line.split(". ", 1) for line in options_text[0].splitlines()[1:])
         assert sorted(options) == list(prompts.LETTERS) and len(set(options.values())) == 4, (seed, options)
         if task in und_pretrain.LEVELS:
-            max_tokens = und_pretrain.LEVELS[task][1]
+            level = und_pretrain.LEVELS[task]
+            max_tokens = level.max_tokens
             assert set(options.values()) <= words, (seed, options)
+            used |= set(options.values())
             assert all(len(tokenizer.encode(" " + name)) <= max_tokens for name in options.values()), (seed, options)
         queries, answers = rest[0::2], rest[1::2]
         count = und_pretrain.QUERIES
@@ -65,6 +67,8 @@ def test_lookup_answers_name_the_queried_option(data, task):
         for (query, _), (answer, _) in zip(queries, answers):
             key = query[len("Which option names "):query.index("? ")]
             assert options[answer] == key, (seed, options, query, answer)
+    if task in und_pretrain.LEVELS and und_pretrain.LEVELS[task].words:
+        assert len(used) <= und_pretrain.LEVELS[task].words, (seed, sorted(used))
 
 
 @pytest.mark.parametrize("task, count", [("same_slice", 4), ("same_slice_2", 2)])

@@ -96,7 +96,7 @@ class RecordSamples:
         self.tables = tables
         self.words = und_pretrain.corpus_words() if any(
             und_pretrain.full_task(task) == "lookup" for task in self.weights) else ()
-        self._short_words: dict[int, tuple[str, ...]] = {}
+        self._short_words: dict[tuple[int, int], tuple[str, ...]] = {}
         self.rows = {task: und_pretrain.LOOKUP_ROWS if und_pretrain.full_task(task) == "lookup" else
                      len(tables[task]["rec" if task in (PAIRS, GEN_PRETRAIN, *und_pretrain.SLICE_TASKS) else "task"])
                      for task in sorted(self.weights)}
@@ -151,21 +151,22 @@ class RecordSamples:
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))
         return items, f"{task}#{row}"
 
-    def _lookup_words(self, max_tokens: int) -> tuple[str, ...]:
-        if max_tokens not in self._short_words:
-            words = und_pretrain.short_words(self.words, self.tokenizer.encode, max_tokens)
-            if len(words) < 4:
+    def _lookup_words(self, level: und_pretrain.Level) -> tuple[str, ...]:
+        key = (level.max_tokens, level.words)
+        if key not in self._short_words:
+            words = und_pretrain.short_words(self.words, self.tokenizer.encode, *key)
+            if len(words) < max(4, level.words):
                 raise ValueError(f"{self.data_dir}/tokenizer.json spells {len(words)} corpus words in at most "
-                                 f"{max_tokens} tokens: a lookup of that level needs four")
-            self._short_words[max_tokens] = words
-        return self._short_words[max_tokens]
+                                 f"{level.max_tokens} tokens: a lookup of level {level} needs {max(4, level.words)}")
+            self._short_words[key] = words
+        return self._short_words[key]
 
     def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
         """A caption (question, image, caption as the loss); or labelled options (text, or slices), then
         ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired), the letter (loss)."""
         encode = self.tokenizer.encode
-        full, level = und_pretrain.LEVELS.get(task, (task, None))
-        if full == "lookup":
+        level = und_pretrain.LEVELS.get(task)
+        if und_pretrain.full_task(task) == "lookup":
             words = self.words if level is None else self._lookup_words(level)
             options, queries = und_pretrain.lookup_texts(words, rng, full=level is None)
             items: list = [Text(encode(options))]
@@ -178,7 +179,7 @@ class RecordSamples:
             return [Text(encode(und_pretrain.CAPTION_QUESTION)), VitImage(image),
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
         modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
-                                                                   count=level or 4)
+                                                                   count=level.candidates if level else 4)
         slices = [self._image(rec, modality, cache) for rec in candidates]
         count = len(slices) + len(order)  # the candidates and the re-acquired queries
         shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]

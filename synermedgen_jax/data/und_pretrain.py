@@ -15,14 +15,16 @@ Stage I's layout (labels before images, lettered options, one-letter answers):
 * ``caption`` (one image, SigLIP's image-text pairs): the slice's modality and body region.
 
 Easier levels of the two lookups (``LEVELS``) let ``data.curriculum`` start where a from-scratch model can learn
-and move on: ``lookup_1tok`` / ``lookup_2tok`` / ``lookup_4tok`` ask among four single corpus words of at most that
-many tokens, ``same_slice_2`` among two slices. Training always evaluates the full tasks.
+and move on: ``lookup_6w`` / ``lookup_12w`` / ``lookup_24w`` ask among four of that many one-token corpus words,
+``lookup_1tok`` / ``lookup_2tok`` / ``lookup_4tok`` among four of all corpus words of at most that many tokens,
+``same_slice_2`` among two slices. Training always evaluates the full tasks.
 
 No cross-modal pair is shown and nothing is compared across modalities: CTS and TIA stay Stage I's to learn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -33,10 +35,23 @@ from synermedgen_jax.data.understanding import CODE, SliceIndex
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 
 TASKS = ("lookup", "same_slice", "caption")  # the full tasks: what training evaluates
-# Easier levels: task -> (full task, level); a lookup's level is the most tokens a name has (single words only), a
-# same_slice's the number of candidates.
-LEVELS = {"lookup_1tok": ("lookup", 1), "lookup_2tok": ("lookup", 2), "lookup_4tok": ("lookup", 4),
-          "same_slice_2": ("same_slice", 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """An easier form of a full task: a lookup over single corpus words of at most ``max_tokens`` tokens (the
+    first ``words`` of them if set; a small vocabulary makes matching by token identity learnable first), or a
+    same_slice over ``candidates`` slices."""
+    task: str
+    max_tokens: int = 0
+    words: int = 0
+    candidates: int = 4
+
+
+LEVELS = {"lookup_6w": Level("lookup", max_tokens=1, words=6), "lookup_12w": Level("lookup", max_tokens=1, words=12),
+          "lookup_24w": Level("lookup", max_tokens=1, words=24), "lookup_1tok": Level("lookup", max_tokens=1),
+          "lookup_2tok": Level("lookup", max_tokens=2), "lookup_4tok": Level("lookup", max_tokens=4),
+          "same_slice_2": Level("same_slice", candidates=2)}
 ALL_TASKS = TASKS + tuple(LEVELS)
 SLICE_TASKS = ("same_slice", "caption", "same_slice_2")  # rows of slice_table
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
@@ -59,7 +74,7 @@ COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four"}
 
 def full_task(task: str) -> str:
     """The full task a level belongs to (``lookup_2tok`` -> ``lookup``); a full task is its own."""
-    return LEVELS[task][0] if task in LEVELS else task
+    return LEVELS[task].task if task in LEVELS else task
 
 
 def letters_phrase(count: int) -> str:
@@ -110,9 +125,13 @@ def reacquire(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(image > -1.0, np.clip(noisy, -1.0, 1.0), -1.0).astype(np.float32)
 
 
-def short_words(words: tuple[str, ...], encode, max_tokens: int) -> tuple[str, ...]:
-    """The words an option line spells in at most ``max_tokens`` tokens (``encode``: text -> token ids)."""
-    return tuple(w for w in words if len(encode(" " + w)) <= max_tokens)
+def short_words(words: tuple[str, ...], encode, max_tokens: int, count: int = 0) -> tuple[str, ...]:
+    """The words an option line spells in at most ``max_tokens`` tokens (``encode``: text -> token ids); with
+    ``count``, that many of them spread evenly over the sorted list."""
+    short = tuple(w for w in words if len(encode(" " + w)) <= max_tokens)
+    if count and count < len(short):
+        short = tuple(short[i] for i in np.linspace(0, len(short) - 1, count).round().astype(int))
+    return short
 
 
 def _lookup_options(names: list[str], rng: np.random.Generator, pairs: bool = True) -> list[tuple[str, ...]]:
