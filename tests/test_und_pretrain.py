@@ -199,3 +199,23 @@ def test_curriculum_survives_the_config_json_round_trip():
         again = set_fields(from_json(to_json(config)), {"train.steps": 10})
         assert [(float(f), [tuple(w) for w in ws]) for f, ws in again.data.curriculum] == \
             [(f, list(ws)) for f, ws in curriculum]
+
+
+def test_ladder_variant_climbs_the_lookup_levels_to_the_full_task(data):
+    """``ladder_tiny``: a valid config whose phases each build a stream on real data, end on the full lookup and
+    start each level after the one it keeps."""
+    config = load_config("configs/und_pretrain.py:ladder_tiny")
+    tiny = load_config("configs/und_pretrain.py:tiny")
+    assert config.model.to_dict() == tiny.model.to_dict()
+    phases = inputs.curriculum_phases(set_fields(config, {"train.steps": 800}))
+    assert [start for start, _ in phases] == sorted({start for start, _ in phases}) and phases[0][0] == 0
+    assert dict(phases[-1][1])["lookup"] == 1.0
+    for (_, before), (_, after) in zip(phases, phases[1:]):
+        new = [task for task, weight in after if weight == 1.0]
+        assert len(new) == 1 and new[0] not in dict(before) and max(dict(before), key=dict(before).get) in dict(after)
+    budget = PackBudget.from_config(config.data.pack)
+    for _, weights in phases:
+        pipe = PipelineConfig(stage="und_pretrain", task_weights=weights, process_index=0, process_count=1)
+        next(iter(sample_dataset(data, budget, pipe)))
+    with pytest.raises(ValueError, match="ladder_"):
+        load_config("configs/und_pretrain.py:ladder_tiny,colour=red")
