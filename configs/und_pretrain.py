@@ -34,11 +34,8 @@ LOOKUP_LADDER = _ladder(("lookup_6w", "lookup_12w", "lookup_24w", "lookup_1tok",
 
 
 def get_config(variant=None):
-    variant, options = parse_variant(variant)
-    ladder = bool(variant) and variant.startswith("ladder_")
-    if ladder:
-        variant, options = parse_variant(variant.removeprefix("ladder_") + "".join(
-            f",{k}={v}" for k, v in options.items()), head="ladder_")
+    ladder = (variant or "").startswith("ladder_")
+    variant, options = parse_variant((variant or "").removeprefix("ladder_"), head="ladder_" if ladder else "")
     config = base_config("und_pretrain", variant, data_stage="und_pretrain", pack="stage1", **options)
     config.data.task_weights = TASK_WEIGHTS
     if ladder:

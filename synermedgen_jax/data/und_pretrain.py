@@ -39,9 +39,9 @@ TASKS = ("lookup", "same_slice", "caption")  # the full tasks: what training eva
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    """An easier form of a full task: a lookup over single corpus words of at most ``max_tokens`` tokens (the
-    first ``words`` of them if set; a small vocabulary makes matching by token identity learnable first), or a
-    same_slice over ``candidates`` slices."""
+    """An easier form of a full task: a lookup over single corpus words of at most ``max_tokens`` tokens (``words``
+    of them if set, spread over the sorted list: a small vocabulary makes matching by token identity learnable
+    first), or a same_slice over ``candidates`` slices."""
     task: str
     max_tokens: int = 0
     words: int = 0
@@ -134,11 +134,12 @@ def short_words(words: tuple[str, ...], encode, max_tokens: int, count: int = 0)
     return short
 
 
-def _lookup_options(names: list[str], rng: np.random.Generator, pairs: bool = True) -> list[tuple[str, ...]]:
-    """Four distinct options over ``names`` in random order: single names, or (half the time, if ``pairs``)
+def _lookup_options(names: list[str], rng: np.random.Generator, with_pairs: bool = True
+                    ) -> list[tuple[str, ...]]:
+    """Four distinct options over ``names`` in random order: single names, or (half the time, if ``with_pairs``)
     ordered pairs — a pair, its reverse, the pair with one side replaced and another pair — so that only the
     order tells some of them apart."""
-    if not pairs or rng.random() < 0.5:
+    if not with_pairs or rng.random() < 0.5:
         return [(names[i],) for i in rng.choice(len(names), size=4, replace=False)]
     a, b, c, d, e = (names[i] for i in rng.choice(len(names), size=5, replace=False))
     replaced = (a, c) if rng.random() < 0.5 else (c, b)
@@ -152,7 +153,7 @@ def lookup_texts(words: tuple[str, ...], rng: np.random.Generator, full: bool = 
     order. In full, half the lookups use modality names, half words of the corpus, singles or pairs; otherwise
     (a level) single ``words``."""
     if not full:
-        names = [o[0] for o in _lookup_options(list(words), rng, pairs=False)]
+        names = [o[0] for o in _lookup_options(list(words), rng, with_pairs=False)]
     elif rng.random() < 0.5:
         options = _lookup_options(list(MODALITY_NAMES), rng)
         names = [" to ".join(prompts.PHRASE[m] for m in o) for o in options]
