@@ -53,7 +53,8 @@ LEVELS = {"lookup_6w": Level("lookup", max_tokens=1, words=6), "lookup_12w": Lev
           "lookup_2tok": Level("lookup", max_tokens=2), "lookup_4tok": Level("lookup", max_tokens=4),
           "same_slice_2": Level("same_slice", candidates=2)}
 ALL_TASKS = TASKS + tuple(LEVELS)
-SLICE_TASKS = ("same_slice", "caption", "same_slice_2")  # rows of slice_table
+# Rows of slice_table: the image tasks and their levels.
+SLICE_TASKS = ("same_slice", "caption", *(task for task, level in LEVELS.items() if level.task == "same_slice"))
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
 NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
 # Options asked for per sample: asking all four lets elimination answer half of them, which the models settled for
