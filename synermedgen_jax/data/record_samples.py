@@ -93,6 +93,8 @@ class RecordSamples:
             self.slice_index = SliceIndex(load_index(self.data_dir, config.split))
             slices = und_pretrain.slice_table(self.slice_index)
             tables = {**tables, **{task: slices for task in slice_tasks}}
+            if "name_image" in slice_tasks:
+                tables["name_image"] = und_pretrain.slice_table(self.slice_index, min_modalities=2)
         self.tables = tables
         self.words = und_pretrain.corpus_words() if any(
             und_pretrain.full_task(task) == "lookup" for task in self.weights) else ()
@@ -162,8 +164,9 @@ class RecordSamples:
         return self._short_words[key]
 
     def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
-        """A caption (question, image, caption as the loss); or labelled options (text, or slices), then
-        ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired), the letter (loss)."""
+        """A caption (question, image, caption as the loss); a name_image; or labelled options (text, or slices),
+        then ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired or re-contrasted),
+        the letter (loss)."""
         encode = self.tokenizer.encode
         level = und_pretrain.LEVELS.get(task)
         if und_pretrain.full_task(task) == "lookup":
@@ -178,19 +181,32 @@ class RecordSamples:
             image = self.images.vlm_vit(self._image(rec, modality, cache), images=1)
             return [Text(encode(und_pretrain.CAPTION_QUESTION)), VitImage(image),
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
+        if task == "name_image":
+            return self._name_image(row, rng, cache), f"{task}#{row}"
         modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
                                                                    count=level.candidates if level else 4)
         slices = [self._image(rec, modality, cache) for rec in candidates]
         count = len(slices) + len(order)  # the candidates and the re-acquired queries
+        query_view = und_pretrain.recontrast if level and level.contrast else und_pretrain.reacquire
         shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]
         options_text, query = und_pretrain.same_slice_texts(modality, len(slices))
         items = prompt_items(encode(options_text), shown,
                              [encode(label) for label in prompts.MI_IMAGE_LABELS[:len(slices)]])
         for i in order:
             items += [Text(encode(query)),
-                      VitImage(self.images.vlm_vit(und_pretrain.reacquire(slices[i], rng), images=count)),
+                      VitImage(self.images.vlm_vit(query_view(slices[i], rng), images=count)),
                       Text(encode(prompts.LETTERS[i]), loss=True)]
         return items, f"{task}#{row}"
+
+    def _name_image(self, row: int, rng: np.random.Generator, cache: dict) -> list:
+        """One slice in up to four modalities, labelled, then the letter of the one a query names (loss)."""
+        encode = self.tokenizer.encode
+        rec, shown, answer = und_pretrain.name_image_plan(self.slice_index, self.tables["name_image"], row, rng)
+        images = [self.images.vlm_vit(self._image(rec, modality, cache), images=len(shown)) for modality in shown]
+        options_text, query = und_pretrain.name_image_texts(shown[answer], len(shown))
+        labels = [encode(label) for label in prompts.MI_IMAGE_LABELS[:len(shown)]]
+        return [*prompt_items(encode(options_text), images, labels), Text(encode(query)),
+                Text(encode(prompts.LETTERS[answer]), loss=True)]
 
     def _edit_items(self, prompt: str, source: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> list:
         """Instruction, source (ViT, clean VAE), noised target; then CFG dropout."""

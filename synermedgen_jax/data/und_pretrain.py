@@ -13,13 +13,17 @@ Stage I's layout (labels before images, lettered options, one-letter answers):
   and three within ±``NEIGHBOUR_K``), then ``QUERIES`` of them asked for by a re-acquired copy (gamma and
   noise), each answer a letter.
 * ``caption`` (one image, SigLIP's image-text pairs): the slice's modality and body region.
+* ``name_image`` (images and a name, the link TIA needs between what an image shows and the name an option
+  gives): one slice in up to four modalities, labelled, then "Which of A, B, C and D is the T2 image?".
 
 Easier levels of the two lookups (``LEVELS``) let ``data.curriculum`` start where a from-scratch model can learn
 and move on: ``lookup_6w`` / ``lookup_12w`` / ``lookup_24w`` ask among four of that many one-token corpus words,
 ``lookup_1tok`` / ``lookup_2tok`` / ``lookup_4tok`` among four of all corpus words of at most that many tokens,
-``same_slice_2`` among two slices. Training always evaluates the full tasks.
+``same_slice_2`` among two slices; ``same_shape_2`` / ``same_shape`` ask for the slice by a copy under a random
+intensity map (a synthetic contrast), so that only the anatomy's shape tells it, the cue CTS needs across real
+modalities. Training always evaluates the full tasks.
 
-No cross-modal pair is shown and nothing is compared across modalities: CTS and TIA stay Stage I's to learn.
+No real cross-modal pair is compared and no transformation is named: CTS and TIA stay Stage I's to learn.
 """
 
 from __future__ import annotations
@@ -34,27 +38,31 @@ from synermedgen_jax.data import prompts
 from synermedgen_jax.data.understanding import CODE, SliceIndex
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 
-TASKS = ("lookup", "same_slice", "caption")  # the full tasks: what training evaluates
+TASKS = ("lookup", "same_slice", "caption", "name_image")  # the full tasks: what training evaluates
 
 
 @dataclasses.dataclass(frozen=True)
 class Level:
     """An easier form of a full task: a lookup over single corpus words of at most ``max_tokens`` tokens (``words``
     of them if set, spread over the sorted list: a small vocabulary makes matching by token identity learnable
-    first), or a same_slice over ``candidates`` slices."""
+    first), or a same_slice over ``candidates`` slices, the query under a random intensity map if ``contrast``."""
     task: str
     max_tokens: int = 0
     words: int = 0
     candidates: int = 4
+    contrast: bool = False
 
 
 LEVELS = {"lookup_6w": Level("lookup", max_tokens=1, words=6), "lookup_12w": Level("lookup", max_tokens=1, words=12),
           "lookup_24w": Level("lookup", max_tokens=1, words=24), "lookup_1tok": Level("lookup", max_tokens=1),
           "lookup_2tok": Level("lookup", max_tokens=2), "lookup_4tok": Level("lookup", max_tokens=4),
-          "same_slice_2": Level("same_slice", candidates=2)}
+          "same_slice_2": Level("same_slice", candidates=2),
+          "same_shape_2": Level("same_slice", candidates=2, contrast=True),
+          "same_shape": Level("same_slice", contrast=True)}
 ALL_TASKS = TASKS + tuple(LEVELS)
 # Rows of slice_table: the image tasks and their levels.
-SLICE_TASKS = ("same_slice", "caption", *(task for task, level in LEVELS.items() if level.task == "same_slice"))
+SLICE_TASKS = ("same_slice", "caption", "name_image",
+               *(task for task, level in LEVELS.items() if level.task == "same_slice"))
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
 NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
 # Options asked for per sample: asking all four lets elimination answer half of them, which the models settled for
@@ -70,6 +78,9 @@ LOOKUP_QUERY = "Which option names {key}? Answer with one letter."
 CAPTION_QUESTION = "Name the modality and the body region of this image."
 SAME_SLICE_OPTIONS = "{count} {mod} slices {letters} of one scan follow."
 SAME_SLICE_QUERY = "Which of {letters} is the same slice as this one? Answer with one letter."
+NAME_IMAGE_OPTIONS = "{count} images {letters} of one slice follow."
+NAME_IMAGE_QUERY = "Which of {letters} is the {mod} image? Answer with one letter."
+CONTRAST_KNOTS = 5  # a synthetic contrast: a random piecewise-linear map of the foreground's intensities
 COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four"}
 
 
@@ -91,16 +102,25 @@ def same_slice_texts(modality: str, count: int) -> tuple[str, str]:
             SAME_SLICE_QUERY.format(letters=letters))
 
 
+def name_image_texts(modality: str, count: int) -> tuple[str, str]:
+    """``(options sentence, query)`` of a name_image sample over ``count`` images, asking for ``modality``'s."""
+    letters = letters_phrase(count)
+    return (NAME_IMAGE_OPTIONS.format(count=COUNT_WORDS[count], letters=letters),
+            NAME_IMAGE_QUERY.format(letters=letters, mod=display_name(modality)))
+
+
 def caption(modality: str, anatomy: str) -> str:
     """The caption of a slice: its modality as MI answers name it, then the body region."""
     return f"{display_name(modality)}, {anatomy.replace('-', ' ')}"
 
 
-def slice_table(index: Mapping | SliceIndex) -> dict[str, np.ndarray]:
-    """``same_slice`` and ``caption`` rows: every (record, modality) with at least three other slices within
-    ±NEIGHBOUR_K of its volume. Columns (int32): ``rec``, ``mod`` (modality code)."""
+def slice_table(index: Mapping | SliceIndex, min_modalities: int = 1) -> dict[str, np.ndarray]:
+    """The image tasks' rows: every (record, modality) with at least three other slices within ±NEIGHBOUR_K of its
+    volume and at least ``min_modalities`` modalities (name_image: 2). Columns (int32): ``rec``, ``mod`` (modality
+    code)."""
     idx = index if isinstance(index, SliceIndex) else SliceIndex(index)
-    rows = [(rec, CODE[modality]) for rec in range(idx.n) if len(neighbours(idx, rec)) >= 3
+    rows = [(rec, CODE[modality]) for rec in range(idx.n)
+            if len(neighbours(idx, rec)) >= 3 and len(idx.modalities(rec)) >= min_modalities
             for modality in idx.modalities(rec)]
     table = np.asarray(rows, np.int32).reshape(len(rows), 2)
     return {"rec": table[:, 0], "mod": table[:, 1]}
@@ -124,6 +144,16 @@ def reacquire(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     unit = np.clip((image + 1.0) / 2.0, 0.0, 1.0) ** rng.uniform(*GAMMA)
     noisy = unit * 2.0 - 1.0 + rng.normal(0.0, rng.uniform(*NOISE_STD), image.shape).astype(np.float32)
     return np.where(image > -1.0, np.clip(noisy, -1.0, 1.0), -1.0).astype(np.float32)
+
+
+def recontrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The slice under a synthetic contrast: its foreground's [0, 1] intensities through a random piecewise-linear
+    map (``CONTRAST_KNOTS`` random levels, not monotone), background kept: the shape stays, the intensities do not."""
+    image = np.asarray(image, np.float32)
+    unit = np.clip((image + 1.0) / 2.0, 0.0, 1.0)
+    levels = rng.uniform(0.1, 1.0, CONTRAST_KNOTS)  # above the background's 0, so the outline stays visible
+    mapped = np.interp(unit, np.linspace(0.0, 1.0, CONTRAST_KNOTS), levels) * 2.0 - 1.0
+    return np.where(image > -1.0, mapped, -1.0).astype(np.float32)
 
 
 def short_words(words: tuple[str, ...], encode, max_tokens: int, count: int = 0) -> tuple[str, ...]:
@@ -173,3 +203,16 @@ def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int
     candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=count - 1, replace=False))]
     candidates = [candidates[i] for i in rng.permutation(count)]
     return modality, candidates, [int(i) for i in rng.permutation(count)[:QUERIES]]
+
+
+def name_image_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int, rng: np.random.Generator
+                    ) -> tuple[int, list[str], int]:
+    """``(record, modalities shown A.., index of the one asked for)`` of row ``row``: the row's modality and up to
+    three other modalities of its slice, in random order."""
+    rec, modality = int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
+    others = [m for m in index.modalities(rec) if m != modality]
+    if not others:
+        raise ValueError(f"name_image: record {rec} has only {modality}; a name_image row needs two modalities")
+    shown = [modality, *(others[i] for i in rng.choice(len(others), size=min(3, len(others)), replace=False))]
+    order = rng.permutation(len(shown))
+    return rec, [shown[i] for i in order], int(np.argmin(order))
