@@ -158,6 +158,19 @@ def test_name_image_answer_is_the_named_modality(data):
         assert len(set(shown)) == len(shown) == min(4, len(index.modalities(rec)))
 
 
+def test_image_lookup_answer_names_the_images_modality(data):
+    """Four modality names as TIA's options name them, then the image: the answer letter labels its modality."""
+    tokenizer = load_tokenizer(data / "tokenizer.json")
+    table = und_pretrain.slice_table(load_index(data, "train"))
+    for items, tag in _samples(data, "image_lookup", 20, int(np.random.default_rng().integers(1 << 20))):
+        modality = MODALITY_NAMES[int(table["mod"][int(tag.split("#")[1])])]
+        options_text, query, image, answer = items
+        assert isinstance(image, VitImage) and answer.loss and not options_text.loss and not query.loss
+        options = dict(line.split(". ", 1) for line in tokenizer.decode(options_text.token_ids).splitlines()[1:])
+        assert sorted(options) == list(prompts.LETTERS) and len(set(options.values())) == 4
+        assert options[tokenizer.decode(answer.token_ids)] == prompts.PHRASE[modality], (options, modality)
+
+
 def test_caption_names_the_images_modality(data):
     tokenizer = load_tokenizer(data / "tokenizer.json")
     table = und_pretrain.slice_table(load_index(data, "train"))

@@ -164,9 +164,9 @@ class RecordSamples:
         return self._short_words[key]
 
     def _und_pretrain(self, task: str, row: int, rng: np.random.Generator, cache: dict) -> tuple[list, str]:
-        """A caption (question, image, caption as the loss); a name_image; or labelled options (text, or slices),
-        then ``und_pretrain.QUERIES`` of them asked for: the query (text, or the slice re-acquired or re-contrasted),
-        the letter (loss)."""
+        """A caption (question, image, caption as the loss); a name_image or image_lookup (the letter as the loss);
+        or labelled options (text, or slices), then ``und_pretrain.QUERIES`` of them asked for: the query (text, or
+        the slice re-acquired or re-contrasted), the letter (loss)."""
         encode = self.tokenizer.encode
         level = und_pretrain.LEVELS.get(task)
         if und_pretrain.full_task(task) == "lookup":
@@ -183,6 +183,12 @@ class RecordSamples:
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
         if task == "name_image":
             return self._name_image(row, rng, cache), f"{task}#{row}"
+        if task == "image_lookup":
+            rec, modality = int(self.tables[task]["rec"][row]), MODALITY_NAMES[int(self.tables[task]["mod"][row])]
+            options, answer = und_pretrain.image_lookup_options(modality, rng)
+            return [Text(encode(options)), Text(encode(und_pretrain.IMAGE_LOOKUP_QUERY)),
+                    VitImage(self.images.vlm_vit(self._image(rec, modality, cache), images=1)),
+                    Text(encode(answer), loss=True)], f"{task}#{row}"
         modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
                                                                    count=level.candidates if level else 4)
         slices = [self._image(rec, modality, cache) for rec in candidates]

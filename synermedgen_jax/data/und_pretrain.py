@@ -15,6 +15,8 @@ Stage I's layout (labels before images, lettered options, one-letter answers):
 * ``caption`` (one image, SigLIP's image-text pairs): the slice's modality and body region.
 * ``name_image`` (images and a name, the link TIA needs between what an image shows and the name an option
   gives): one slice in up to four modalities, labelled, then "Which of A, B, C and D is the T2 image?".
+* ``image_lookup`` (the lookup with an image as its key, TIA's layout with one image): four lettered modality
+  names, then "Which option names the modality of this image?" and a slice.
 
 Easier levels of the two lookups (``LEVELS``) let ``data.curriculum`` start where a from-scratch model can learn
 and move on: ``lookup_6w`` / ``lookup_12w`` / ``lookup_24w`` ask among four of that many one-token corpus words,
@@ -38,7 +40,7 @@ from synermedgen_jax.data import prompts
 from synermedgen_jax.data.understanding import CODE, SliceIndex
 from synermedgen_jax.data.volumes import MODALITY_NAMES, display_name
 
-TASKS = ("lookup", "same_slice", "caption", "name_image")  # the full tasks: what training evaluates
+TASKS = ("lookup", "same_slice", "caption", "name_image", "image_lookup")  # the full tasks: what training evaluates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ LEVELS = {"lookup_6w": Level("lookup", max_tokens=1, words=6), "lookup_12w": Lev
           "same_shape": Level("same_slice", contrast=True)}
 ALL_TASKS = TASKS + tuple(LEVELS)
 # Rows of slice_table: the image tasks and their levels.
-SLICE_TASKS = ("same_slice", "caption", "name_image",
+SLICE_TASKS = ("same_slice", "caption", "name_image", "image_lookup",
                *(task for task, level in LEVELS.items() if level.task == "same_slice"))
 LOOKUP_ROWS = 1 << 20  # a lookup is drawn from its rng: rows only number the draws
 NEIGHBOUR_K = 6  # distractor slices come from ±1..±K of the same volume
@@ -80,6 +82,7 @@ SAME_SLICE_OPTIONS = "{count} {mod} slices {letters} of one scan follow."
 SAME_SLICE_QUERY = "Which of {letters} is the same slice as this one? Answer with one letter."
 NAME_IMAGE_OPTIONS = "{count} images {letters} of one slice follow."
 NAME_IMAGE_QUERY = "Which of {letters} is the {mod} image? Answer with one letter."
+IMAGE_LOOKUP_QUERY = "Which option names the modality of this image? Answer with one letter."
 CONTRAST_KNOTS = 5  # a synthetic contrast: a random piecewise-linear map of the foreground's intensities
 COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four"}
 
@@ -216,3 +219,13 @@ def name_image_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int
     shown = [modality, *(others[i] for i in rng.choice(len(others), size=min(3, len(others)), replace=False))]
     order = rng.permutation(len(shown))
     return rec, [shown[i] for i in order], int(np.argmin(order))
+
+
+def image_lookup_options(modality: str, rng: np.random.Generator) -> tuple[str, str]:
+    """``(options text, answer letter)``: ``modality`` and three other modalities, named as TIA's options name
+    them, in random order."""
+    others = [m for m in MODALITY_NAMES if m != modality]
+    names = [modality, *(others[i] for i in rng.choice(len(others), size=3, replace=False))]
+    order = rng.permutation(4)
+    options = [prompts.PHRASE[names[i]] for i in order]
+    return LOOKUP_OPTIONS.format(options=prompts.format_options(options)), prompts.LETTERS[int(np.argmin(order))]
