@@ -71,7 +71,7 @@ def test_lookup_answers_name_the_queried_option(data, task):
         assert len(used) <= und_pretrain.LEVELS[task].words, (seed, sorted(used))
 
 
-@pytest.mark.parametrize("task, count", [("same_slice", 4), ("same_slice_2", 2)])
+@pytest.mark.parametrize("task, count", [("same_slice", 4), ("same_slice_2", 2), ("same_image_6", 4)])
 def test_same_slice_query_is_closest_to_the_answered_candidate(data, task, count):
     """The query image is the answered candidate's slice re-acquired (gamma, noise): it is nearer that candidate
     than the neighbouring slices are, so the letter is determined by the images. The prompt names as many
@@ -202,6 +202,20 @@ def test_same_slice_candidates_are_neighbours_of_one_volume(data):
         offsets = sorted(abs(int(index.slice_index[r]) - int(index.slice_index[table["rec"][row]])) for r in candidates)
         assert len(cases) == 1 and offsets[0] == 0 and 0 < offsets[1] and offsets[-1] <= und_pretrain.NEIGHBOUR_K
         assert all(modality in reader[r]["images"] for r in candidates)
+
+
+def test_same_image_candidates_come_from_a_pool_of_distinct_images(data):
+    table = und_pretrain.slice_table(load_index(data, "train"))
+    rng = np.random.default_rng()
+    for pool in (6, 24):
+        seen = set()
+        for _ in range(60):
+            candidates, order = und_pretrain.same_image_plan(table, rng, pool, 4)
+            assert len(set(candidates)) == 4 and len(order) == und_pretrain.QUERIES
+            seen |= set(candidates)
+        assert 4 < len(seen) <= pool, (pool, len(seen))
+    with pytest.raises(ValueError, match="pool of 100000"):
+        und_pretrain.same_image_plan(table, rng, 100_000, 4)
 
 
 def test_reacquire_keeps_background_and_range():

@@ -189,13 +189,18 @@ class RecordSamples:
             return [Text(encode(options)), Text(encode(und_pretrain.IMAGE_LOOKUP_QUERY)),
                     VitImage(self.images.vlm_vit(self._image(rec, modality, cache), images=1)),
                     Text(encode(answer), loss=True)], f"{task}#{row}"
-        modality, candidates, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
-                                                                   count=level.candidates if level else 4)
-        slices = [self._image(rec, modality, cache) for rec in candidates]
+        if level and level.pool:
+            candidates, order = und_pretrain.same_image_plan(self.tables[task], rng, level.pool, level.candidates)
+            options_text, query = und_pretrain.same_image_texts(len(candidates))
+        else:
+            modality, slice_recs, order = und_pretrain.same_slice_plan(self.slice_index, self.tables[task], row, rng,
+                                                                       count=level.candidates if level else 4)
+            candidates = [(rec, modality) for rec in slice_recs]
+            options_text, query = und_pretrain.same_slice_texts(modality, len(candidates))
+        slices = [self._image(rec, modality, cache) for rec, modality in candidates]
         count = len(slices) + len(order)  # the candidates and the re-acquired queries
         query_view = und_pretrain.recontrast if level and level.contrast else und_pretrain.reacquire
         shown = [self.images.vlm_vit(und_pretrain.reacquire(image, rng), images=count) for image in slices]
-        options_text, query = und_pretrain.same_slice_texts(modality, len(slices))
         items = prompt_items(encode(options_text), shown,
                              [encode(label) for label in prompts.MI_IMAGE_LABELS[:len(slices)]])
         for i in order:

@@ -21,9 +21,10 @@ Stage I's layout (labels before images, lettered options, one-letter answers):
 Easier levels of the two lookups (``LEVELS``) let ``data.curriculum`` start where a from-scratch model can learn
 and move on: ``lookup_6w`` / ``lookup_12w`` / ``lookup_24w`` ask among four of that many one-token corpus words,
 ``lookup_1tok`` / ``lookup_2tok`` / ``lookup_4tok`` among four of all corpus words of at most that many tokens,
-``same_slice_2`` among two slices; ``same_shape_2`` / ``same_shape`` ask for the slice by a copy under a random
-intensity map (a synthetic contrast), so that only the anatomy's shape tells it, the cue CTS needs across real
-modalities. Training always evaluates the full tasks.
+``same_slice_2`` among two slices, ``same_image_6`` / ``_24`` / ``_96`` among images of a pool of that many
+(other slices and modalities: a few distinct images first); ``same_shape_2`` / ``same_shape`` ask for the slice by
+a copy under a random intensity map (a synthetic contrast), so that only the anatomy's shape tells it, the cue CTS
+needs across real modalities. Training always evaluates the full tasks.
 
 No real cross-modal pair is compared and no transformation is named: CTS and TIA stay Stage I's to learn.
 """
@@ -47,18 +48,22 @@ TASKS = ("lookup", "same_slice", "caption", "name_image", "image_lookup")  # the
 class Level:
     """An easier form of a full task: a lookup over single corpus words of at most ``max_tokens`` tokens (``words``
     of them if set, spread over the sorted list: a small vocabulary makes matching by token identity learnable
-    first), or a same_slice over ``candidates`` slices, the query under a random intensity map if ``contrast``."""
+    first), or a same_slice over ``candidates`` slices, the query under a random intensity map if ``contrast``; with
+    ``pool``, the candidates are any images of a pool of that many (a few distinct images first, as for the words)."""
     task: str
     max_tokens: int = 0
     words: int = 0
     candidates: int = 4
     contrast: bool = False
+    pool: int = 0
 
 
 LEVELS = {"lookup_6w": Level("lookup", max_tokens=1, words=6), "lookup_12w": Level("lookup", max_tokens=1, words=12),
           "lookup_24w": Level("lookup", max_tokens=1, words=24), "lookup_1tok": Level("lookup", max_tokens=1),
           "lookup_2tok": Level("lookup", max_tokens=2), "lookup_4tok": Level("lookup", max_tokens=4),
           "same_slice_2": Level("same_slice", candidates=2),
+          "same_image_6": Level("same_slice", pool=6), "same_image_24": Level("same_slice", pool=24),
+          "same_image_96": Level("same_slice", pool=96),
           "same_shape_2": Level("same_slice", candidates=2, contrast=True),
           "same_shape": Level("same_slice", contrast=True)}
 ALL_TASKS = TASKS + tuple(LEVELS)
@@ -80,6 +85,7 @@ LOOKUP_QUERY = "Which option names {key}? Answer with one letter."
 CAPTION_QUESTION = "Name the modality and the body region of this image."
 SAME_SLICE_OPTIONS = "{count} {mod} slices {letters} of one scan follow."
 SAME_SLICE_QUERY = "Which of {letters} is the same slice as this one? Answer with one letter."
+SAME_IMAGE_OPTIONS = "{count} images {letters} follow."
 NAME_IMAGE_OPTIONS = "{count} images {letters} of one slice follow."
 NAME_IMAGE_QUERY = "Which of {letters} is the {mod} image? Answer with one letter."
 IMAGE_LOOKUP_QUERY = "Which option names the modality of this image? Answer with one letter."
@@ -110,6 +116,13 @@ def name_image_texts(modality: str, count: int) -> tuple[str, str]:
     letters = letters_phrase(count)
     return (NAME_IMAGE_OPTIONS.format(count=COUNT_WORDS[count], letters=letters),
             NAME_IMAGE_QUERY.format(letters=letters, mod=display_name(modality)))
+
+
+def same_image_texts(count: int) -> tuple[str, str]:
+    """``(options sentence, query)`` of a same_slice level over a pool of images."""
+    letters = letters_phrase(count)
+    return (SAME_IMAGE_OPTIONS.format(count=COUNT_WORDS[count], letters=letters),
+            SAME_SLICE_QUERY.format(letters=letters))
 
 
 def caption(modality: str, anatomy: str) -> str:
@@ -206,6 +219,18 @@ def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int
     candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=count - 1, replace=False))]
     candidates = [candidates[i] for i in rng.permutation(count)]
     return modality, candidates, [int(i) for i in rng.permutation(count)[:QUERIES]]
+
+
+def same_image_plan(table: Mapping[str, np.ndarray], rng: np.random.Generator, pool: int, count: int
+                    ) -> tuple[list[tuple[int, str]], list[int]]:
+    """``([(record, modality)] of the candidates A.., query order)``: ``count`` of ``pool`` images spread evenly
+    over the table's rows (other slices and modalities); ``QUERIES`` distinct candidates are asked for."""
+    if len(table["rec"]) < max(pool, count):
+        raise ValueError(f"same_slice pool of {pool}: the split has only {len(table['rec'])} (slice, modality) rows")
+    pool_rows = np.linspace(0, len(table["rec"]) - 1, pool).round().astype(int)
+    rows = pool_rows[rng.choice(pool, size=count, replace=False)]
+    candidates = [(int(table["rec"][r]), MODALITY_NAMES[int(table["mod"][r])]) for r in rows]
+    return candidates, [int(i) for i in rng.permutation(count)[:QUERIES]]
 
 
 def name_image_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int, rng: np.random.Generator
