@@ -13,7 +13,9 @@ from synermedgen_jax.__main__ import main as cli
 from synermedgen_jax.config import load_config
 from synermedgen_jax.data.packing import PackBudget, PackOverflowError, Text, VaeImage, VitImage
 from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, sample_dataset
-from synermedgen_jax.data.record_samples import paired_augment
+from synermedgen_jax.data.record_samples import RecordSamples, paired_augment
+from synermedgen_jax.data.records import RecordReader
+from synermedgen_jax.data.understanding import render
 
 BUDGET = PackBudget(und_tokens=512, gen_tokens=256, vit_patches=256, vit_images=16, vae_images=8, ce_tokens=64,
                     image_size=(32, 32), vit_image_size=(56, 56))
@@ -118,6 +120,28 @@ def test_paired_augmentation_moves_source_and_target_together():
     assert not np.allclose(a, image)
     again = paired_augment([image], np.random.default_rng(3), config)[0]
     np.testing.assert_array_equal(again, a)
+
+
+@pytest.mark.parametrize("task", ["cts", "mi"])
+def test_understanding_augmentation_moves_an_instances_images_together(data, task):
+    """``augment_understanding``: every image of a Stage I instance under one spatial transform (so that CTS's
+    candidates still line up with the source), drawn from the sample's rng; off, the images are as recorded."""
+    config = _cfg(stage="stage1", augment_understanding=True, aug_rotate_deg=10.0, aug_shift=0.1)
+    source = RecordSamples(data, BUDGET, config)
+    row = int(np.random.default_rng().integers(source.rows[task]))
+    reader = RecordReader(data, "train")
+    raw = [np.asarray(reader[rec]["images"][modality], np.float32)
+           for rec, modality in render(source.tables[task], row).images]
+    shown = [item.pixels for item in source((task, row), np.random.default_rng(5))[0] if isinstance(item, VitImage)]
+    expected = paired_augment(raw, np.random.default_rng(5), config)
+    for got, want in zip(shown, expected, strict=True):
+        np.testing.assert_allclose(got, source.images.vlm_vit(want, images=len(raw)), atol=1e-6)
+    plain = RecordSamples(data, BUDGET, dataclasses.replace(config, augment_understanding=False))
+    unaugmented = [item.pixels for item in plain((task, row), np.random.default_rng(5))[0]
+                   if isinstance(item, VitImage)]
+    for got, image in zip(unaugmented, raw, strict=True):
+        np.testing.assert_allclose(got, plain.images.vlm_vit(image, images=len(raw)), atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(shown, unaugmented))
 
 
 def test_sample_larger_than_budget_is_a_clear_error(data, model_config):

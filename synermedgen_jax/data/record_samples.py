@@ -146,8 +146,10 @@ class RecordSamples:
             return self._und_pretrain(task, int(row), rng, cache)
         rendered = render(self.tables[task], int(row))
         count = len(rendered.images)
-        images = [self.images.vlm_vit(self._image(rec, modality, cache), images=count)
-                  for rec, modality in rendered.images]
+        pixels = [self._image(rec, modality, cache) for rec, modality in rendered.images]
+        if self.config.augment_understanding:
+            pixels = paired_augment(pixels, rng, self.config)
+        images = [self.images.vlm_vit(image, images=count) for image in pixels]
         items: list = prompt_items(self.tokenizer.encode(rendered.question), images,
                                    [self.tokenizer.encode(label) for label in rendered.labels])
         items.append(Text(self.tokenizer.encode(rendered.answer), loss=True))

@@ -41,7 +41,8 @@ class PipelineConfig:
     cfg_text: float = 0.1
     cfg_vit: float = 0.3
     cfg_vae: float = 0.3
-    augment: bool = False
+    augment: bool = False  # Stage II pairs and gen_pretrain edits: one spatial transform per pair
+    augment_understanding: bool = False  # Stage I instances: one spatial transform for all of an instance's images
     aug_rotate_deg: float = 5.0
     aug_scale: float = 0.05
     aug_shift: float = 0.04  # fraction of the image side
