@@ -146,7 +146,7 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str, 
     data.cfg_text, data.cfg_vit, data.cfg_vae = 0.1, 0.3, 0.3
     data.augment = data_stage in ("stage2", "mixed")
     # Stage I's images shared by one flip/rotation/scale/shift: pixels stop identifying an image, CTS's shape
-    # comparison stays valid (docs/experiments.md, "Held out, not learned")
+    # comparison stays valid (docs/experiments.md, "The image side")
     data.augment_understanding = False
     data.workers = 0
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order

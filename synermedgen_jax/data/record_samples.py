@@ -179,14 +179,14 @@ class RecordSamples:
                 items += [Text(encode(query)), Text(encode(answer), loss=True)]
             return items, f"{task}#{row}"
         if task == "caption":
-            rec, modality = int(self.tables[task]["rec"][row]), MODALITY_NAMES[int(self.tables[task]["mod"][row])]
+            rec, modality = und_pretrain.slice_row(self.tables[task], row)
             image = self.images.vlm_vit(self._image(rec, modality, cache), images=1)
             return [Text(encode(und_pretrain.CAPTION_QUESTION)), VitImage(image),
                     Text(encode(und_pretrain.caption(modality, cache[rec]["anatomy"])), loss=True)], f"{task}#{row}"
         if task == "name_image":
             return self._name_image(row, rng, cache), f"{task}#{row}"
         if task == "image_lookup":
-            rec, modality = int(self.tables[task]["rec"][row]), MODALITY_NAMES[int(self.tables[task]["mod"][row])]
+            rec, modality = und_pretrain.slice_row(self.tables[task], row)
             options, answer = und_pretrain.image_lookup_options(modality, rng)
             return [Text(encode(options)), Text(encode(und_pretrain.IMAGE_LOOKUP_QUERY)),
                     VitImage(self.images.vlm_vit(self._image(rec, modality, cache), images=1)),

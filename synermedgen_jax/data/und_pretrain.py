@@ -142,6 +142,11 @@ def slice_table(index: Mapping | SliceIndex, min_modalities: int = 1) -> dict[st
     return {"rec": table[:, 0], "mod": table[:, 1]}
 
 
+def slice_row(table: Mapping[str, np.ndarray], row: int) -> tuple[int, str]:
+    """``(record, modality)`` of row ``row`` of ``slice_table``."""
+    return int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
+
+
 def neighbours(index: SliceIndex, rec: int) -> list[int]:
     """Records of the slices ±1..±NEIGHBOUR_K of ``rec``'s volume that the split holds."""
     case, z = int(index.case[rec]), int(index.slice_index[rec])
@@ -215,7 +220,7 @@ def same_slice_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int
                     count: int = 4) -> tuple[str, list[int], list[int]]:
     """``(modality, candidate records A.., query order)`` of row ``row``: the row's slice and ``count - 1`` of its
     neighbours in random order; ``QUERIES`` distinct candidates are asked for, in the query order."""
-    rec, modality = int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
+    rec, modality = slice_row(table, row)
     candidates = [rec, *(int(r) for r in rng.choice(neighbours(index, rec), size=count - 1, replace=False))]
     candidates = [candidates[i] for i in rng.permutation(count)]
     return modality, candidates, [int(i) for i in rng.permutation(count)[:QUERIES]]
@@ -237,7 +242,7 @@ def name_image_plan(index: SliceIndex, table: Mapping[str, np.ndarray], row: int
                     ) -> tuple[int, list[str], int]:
     """``(record, modalities shown A.., index of the one asked for)`` of row ``row``: the row's modality and up to
     three other modalities of its slice, in random order."""
-    rec, modality = int(table["rec"][row]), MODALITY_NAMES[int(table["mod"][row])]
+    rec, modality = slice_row(table, row)
     others = [m for m in index.modalities(rec) if m != modality]
     if not others:
         raise ValueError(f"name_image: record {rec} has only {modality}; a name_image row needs two modalities")
