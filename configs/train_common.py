@@ -148,6 +148,9 @@ def base_config(stage: str, variant: str | None, *, data_stage: str, pack: str, 
     # Stage I's images shared by one flip/rotation/scale/shift: pixels stop identifying an image, CTS's shape
     # comparison stays valid (docs/experiments.md, "The image side")
     data.augment_understanding = False
+    # Stage I / VQA: each sample's options reordered (answer follows), template and TIA phrasing redrawn, so a
+    # remembered answer letter is worth nothing (docs/experiments.md, "Instances drawn afresh")
+    data.redraw_options = False
     data.workers = 0
     data.shards = 0  # data shards of the global batch (0: one per process); fixed shards keep the data order
     data.source = source  # auto: from the build's manifest | records | synermed (release_config)

@@ -16,6 +16,7 @@ from synermedgen_jax.data.pipeline import PipelineConfig, packed_dataset, sample
 from synermedgen_jax.data.record_samples import RecordSamples, paired_augment
 from synermedgen_jax.data.records import RecordReader
 from synermedgen_jax.data.understanding import render
+from synermedgen_jax.data.volumes import MODALITY_NAMES
 
 BUDGET = PackBudget(und_tokens=512, gen_tokens=256, vit_patches=256, vit_images=16, vae_images=8, ce_tokens=64,
                     image_size=(32, 32), vit_image_size=(56, 56))
@@ -142,6 +143,27 @@ def test_understanding_augmentation_moves_an_instances_images_together(data, tas
     for got, image in zip(unaugmented, raw, strict=True):
         np.testing.assert_allclose(got, plain.images.vlm_vit(image, images=len(raw)), atol=1e-6)
     assert not all(np.allclose(a, b) for a, b in zip(shown, unaugmented))
+
+
+def test_redrawn_options_put_the_true_pair_at_the_answer_letter(data):
+    """``redraw_options``: a CTS sample's answer letter, drawn afresh from the sample's rng, labels the image that is
+    the source's own slice in the target modality (read from the record, not from the instance table)."""
+    source = RecordSamples(data, BUDGET, _cfg(stage="stage1", task_weights=(("cts", 1.0),), redraw_options=True))
+    letters = set()
+    row = int(np.random.default_rng().integers(source.rows["cts"]))  # one instance, met twelve times
+    for seed in range(12):
+        items = source(("cts", row), np.random.default_rng(seed))[0]
+        letter = source.tokenizer.decode(list(items[-1].token_ids)).strip()
+        assert items[-1].loss and letter in "ABCD"
+        letters.add(letter)
+        src_rec = int(source.tables["cts"]["img_rec"][row, 0])
+        target = MODALITY_NAMES[int(source.tables["cts"]["img_mod"][row, 1])]
+        truth = source.images.vlm_vit(np.asarray(RecordReader(data, "train")[src_rec]["images"][target], np.float32),
+                                      images=5)
+        candidates = [item.pixels for item in items if isinstance(item, VitImage)][1:]
+        matches = [i for i, pixels in enumerate(candidates) if np.allclose(pixels, truth, atol=1e-6)]
+        assert matches == ["ABCD".index(letter)]
+    assert len(letters) >= 3  # the same instance's letter moves (12 draws give all four with probability ~0.9)
 
 
 def test_sample_larger_than_budget_is_a_clear_error(data, model_config):

@@ -326,15 +326,16 @@ def _maker(out, stage: str = "stage2"):
                           PipelineConfig(cfg_text=0, cfg_vit=0, cfg_vae=0), config.model)
 
 
-def test_release_source_refuses_understanding_augmentation(built):
+@pytest.mark.parametrize("flag", ["augment_understanding", "redraw_options"])
+def test_release_source_refuses_records_only_flags(built, flag):
     from synermedgen_jax.config import load_config
     from synermedgen_jax.data.packing import PackBudget
     from synermedgen_jax.data.pipeline import PipelineConfig
 
     config = load_config("configs/stage1_gau.py:tiny,source=synermed")
-    with pytest.raises(ValueError, match="augment_understanding is for the records build"):
+    with pytest.raises(ValueError, match=f"{flag} is for the records build"):
         ReleaseSamples.for_stream(str(built[0]), PackBudget.from_config(config.data.pack),
-                                  PipelineConfig(augment_understanding=True), config.model)
+                                  PipelineConfig(**{flag: True}), config.model)
 
 
 def test_combined_rows_are_kept_with_the_official_sequence(release, built):

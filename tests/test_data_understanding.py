@@ -22,6 +22,7 @@ from synermedgen_jax.data.understanding import (
     decode_route,
     load_instances,
     make_instances,
+    redraw_options,
     render,
 )
 from synermedgen_jax.data.volumes import MODALITY_NAMES
@@ -204,6 +205,43 @@ def test_vqa_control_answers(tables, index):
             m = MODALITY_NAMES[vqa["img_mod"][i, 0]]
             a, b = vqa["img_rec"][i, :2]
             assert (index.mean_of(a, m) > index.mean_of(b, m)) == (answer == 0)
+
+
+def test_redraw_options_keeps_the_instance_and_moves_its_answer(tables):
+    """``redraw_options`` (a sample's fresh option order): the same images and options, the answer still the true
+    pair / route / option, every letter reached; the table itself is left as it was."""
+    rng = np.random.default_rng()
+    for task in ("cts", "tia", "mi", "vqa"):
+        cols = tables[task]
+        before = {name: column.copy() for name, column in cols.items()}
+        letters = Counter()
+        for i in rng.choice(len(cols["task"]), size=40):
+            new = redraw_options(cols, int(i), rng)
+            assert all(column.shape[0] == 1 for column in new.values())
+            answer, count = int(new["answer"][0]), int(new["n_options"][0])
+            letters[answer] += 1
+            if task == "cts":
+                assert new["img_rec"][0, 1 + answer] == new["img_rec"][0, 0] and new["opt_value"][0, answer] == 0
+                assert sorted(new["img_rec"][0, 1:].tolist()) == sorted(cols["img_rec"][i, 1:].tolist())
+                offsets = dict(zip(cols["img_rec"][i, 1:].tolist(), cols["opt_value"][i].tolist()))
+                assert [offsets[r] for r in new["img_rec"][0, 1:].tolist()] == new["opt_value"][0].tolist()
+            elif task == "tia":
+                routes = [decode_route(v) for v in new["opt_value"][0]]
+                assert routes[answer] == tuple(MODALITY_NAMES[m] for m in new["img_mod"][0, :2])
+                assert new["opt_kind"][0, answer] == 0
+                assert sorted(routes) == sorted(decode_route(v) for v in cols["opt_value"][i])
+                assert all(0 <= p < len(prompts.description_pool(*r)) for r, p in zip(routes, new["opt_phrase"][0]))
+            elif task == "mi":
+                panels = list(zip(new["img_rec"][0, :4].tolist(), new["img_mod"][0, :4].tolist()))
+                assert sorted(panels) == sorted(zip(cols["img_rec"][i, :4].tolist(), cols["img_mod"][i, :4].tolist()))
+                assert new["opt_value"][0].tolist() == new["img_mod"][0, :4].tolist()
+                assert render(new, 0).answer == prompts.mi_answer([MODALITY_NAMES[m] for m in new["img_mod"][0, :4]])
+            else:
+                assert new["opt_value"][0, answer] == cols["opt_value"][i, cols["answer"][i]]
+                assert sorted(new["opt_value"][0, :count].tolist()) == sorted(cols["opt_value"][i, :count].tolist())
+        if task in ("cts", "tia"):
+            assert set(letters) == {0, 1, 2, 3}, (task, letters)
+        assert all(np.array_equal(before[name], cols[name]) for name in cols)
 
 
 def test_instances_deterministic_and_seed_dependent(sim, index):

@@ -25,7 +25,7 @@ from synermedgen_jax.data.packing import PackBudget, Text, VaeImage, VitImage, c
 from synermedgen_jax.data.records import RecordReader, load_index
 from synermedgen_jax.data.stream import PipelineConfig
 from synermedgen_jax.data.tokenizer import load_tokenizer
-from synermedgen_jax.data.understanding import TASKS, SliceIndex, load_instances, render
+from synermedgen_jax.data.understanding import TASKS, SliceIndex, load_instances, redraw_options, render
 from synermedgen_jax.data.volumes import MODALITY_NAMES
 from synermedgen_jax.stages import DataStage
 
@@ -144,7 +144,10 @@ class RecordSamples:
             return self._gen_pretrain(int(row), rng, cache)
         if task in und_pretrain.ALL_TASKS:
             return self._und_pretrain(task, int(row), rng, cache)
-        rendered = render(self.tables[task], int(row))
+        table, index = self.tables[task], int(row)
+        if self.config.redraw_options:
+            table, index = redraw_options(table, index, rng), 0
+        rendered = render(table, index)
         count = len(rendered.images)
         pixels = [self._image(rec, modality, cache) for rec, modality in rendered.images]
         if self.config.augment_understanding:

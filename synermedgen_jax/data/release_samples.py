@@ -79,9 +79,10 @@ class ReleaseSamples:
         the build lacks, a stage without release samples)."""
         if config.split != "train":
             raise ValueError(f"{data_dir}: a SynerMed build has one split, 'train' (asked for {config.split!r})")
-        if config.augment_understanding:
-            raise ValueError(f"{data_dir}: data.augment_understanding is for the records build; a SynerMed build "
-                             "trains as the official loaders do, unaugmented")
+        for flag in ("augment_understanding", "redraw_options"):
+            if getattr(config, flag):
+                raise ValueError(f"{data_dir}: data.{flag} is for the records build; a SynerMed build trains as "
+                                 "the official loaders do, on the instances as released")
         source = cls(data_dir, budget, config, geometry)
         counts = record_counts(data_dir)
         source.weights = {k: w for k, w in kind_weights(config.stage, config.stage2_weight).items() if w > 0}

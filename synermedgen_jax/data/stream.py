@@ -43,6 +43,7 @@ class PipelineConfig:
     cfg_vae: float = 0.3
     augment: bool = False  # Stage II pairs and gen_pretrain edits: one spatial transform per pair
     augment_understanding: bool = False  # Stage I instances: one spatial transform for all of an instance's images
+    redraw_options: bool = False  # Stage I / VQA instances: option order, template, TIA phrasing drawn per sample
     aug_rotate_deg: float = 5.0
     aug_scale: float = 0.05
     aug_shift: float = 0.04  # fraction of the image side

@@ -329,6 +329,38 @@ def render(cols: Mapping[str, np.ndarray], i: int) -> RenderedInstance:
     return RenderedInstance(task, question, images, answer_letter)
 
 
+def redraw_options(cols: Mapping[str, np.ndarray], i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Row ``i`` as a one-row table with its options in a fresh random order (the answer follows its option), and a
+    fresh template and TIA phrasing: an instance met again is a new question, so a remembered answer letter is
+    worth nothing and only reading the images is (docs/experiments.md, "Instances drawn afresh").
+
+    CTS reorders its candidate images, MI its panels, TIA and VQA their option texts; the images asked about and
+    the answer's content stay the same."""
+    row = {name: np.array(column[i:i + 1]) for name, column in cols.items()}
+    task = TASKS[int(row["task"][0])]
+    count = int(row["n_options"][0])
+    order = rng.permutation(count)  # new position j shows old option order[j]
+    if task == "mi":
+        for name in ("img_rec", "img_mod", "opt_value"):
+            row[name][0, :count] = row[name][0, :count][order]
+    elif task == "cts":
+        for name in ("img_rec", "img_mod"):
+            row[name][0, 1:count + 1] = row[name][0, 1:count + 1][order]
+        row["opt_value"][0, :count] = row["opt_value"][0, :count][order]
+    else:
+        for name in ("opt_value", "opt_kind", "opt_phrase"):
+            row[name][0, :count] = row[name][0, :count][order]
+    if task != "mi":
+        row["answer"][0] = int(np.flatnonzero(order == row["answer"][0])[0])
+    if task == "tia":
+        row["opt_phrase"][0, :count] = [rng.integers(len(prompts.description_pool(*decode_route(int(v)))))
+                                        for v in row["opt_value"][0, :count]]
+    templates = {"cts": prompts.CTS_TEMPLATES, "tia": prompts.TIA_TEMPLATES, "mi": prompts.MI_TEMPLATES}
+    if task in templates:
+        row["template"][0] = rng.integers(len(templates[task]))
+    return row
+
+
 def save_instances(path, tables: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """One ``.npz`` (no pickle: plain int32 arrays named ``<task>.<column>``), written atomically."""
     arrays = {f"{t}.{c}": np.asarray(a) for t, cols in tables.items() for c, a in cols.items()}

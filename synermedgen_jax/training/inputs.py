@@ -46,6 +46,7 @@ def pipeline_config(data, *, stage: str | None = None, split: str | None = None,
                           task_weights=weights, stage2_weight=float(data.stage2_weight), cfg_text=float(data.cfg_text),
                           cfg_vit=float(data.cfg_vit), cfg_vae=float(data.cfg_vae), augment=bool(data.augment),
                           augment_understanding=bool(data.get("augment_understanding", False)),
+                          redraw_options=bool(data.get("redraw_options", False)),
                           rows_per_batch=rows, repeat=repeat, process_index=shard, process_count=shards,
                           workers=int(data.workers), source=str(data.get("source", "auto")),
                           resize=ImageRules.from_pack(data.pack), lookahead=int(data.get("lookahead", LOOKAHEAD)))
@@ -210,7 +211,8 @@ def eval_batches(config, task: str, rows: int) -> dict[str, np.ndarray]:
         stage = DataStage.UND_PRETRAIN if task in und_pretrain.ALL_TASKS else DataStage.STAGE1
         cfg = dataclasses.replace(pipeline_config(data, stage=stage, split=data.eval_split, rows=rows,
                                                   seed_offset=7), task_weights=((task, 1.0),))
-    cfg = dataclasses.replace(cfg, augment=False, augment_understanding=False, cfg_text=0.0, cfg_vit=0.0, cfg_vae=0.0)
+    cfg = dataclasses.replace(cfg, augment=False, augment_understanding=False, redraw_options=False, cfg_text=0.0,
+                              cfg_vit=0.0, cfg_vae=0.0)
     return next(iter(packed_dataset(data.dir, budget, config.model, cfg)))
 
 
