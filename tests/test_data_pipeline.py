@@ -151,15 +151,15 @@ def test_redrawn_options_put_the_true_pair_at_the_answer_letter(data):
     source = RecordSamples(data, BUDGET, _cfg(stage="stage1", task_weights=(("cts", 1.0),), redraw_options=True))
     letters = set()
     row = int(np.random.default_rng().integers(source.rows["cts"]))  # one instance, met twelve times
+    src_rec = int(source.tables["cts"]["img_rec"][row, 0])
+    target = MODALITY_NAMES[int(source.tables["cts"]["img_mod"][row, 1])]
+    truth = source.images.vlm_vit(np.asarray(RecordReader(data, "train")[src_rec]["images"][target], np.float32),
+                                  images=5)
     for seed in range(12):
         items = source(("cts", row), np.random.default_rng(seed))[0]
         letter = source.tokenizer.decode(list(items[-1].token_ids)).strip()
         assert items[-1].loss and letter in "ABCD"
         letters.add(letter)
-        src_rec = int(source.tables["cts"]["img_rec"][row, 0])
-        target = MODALITY_NAMES[int(source.tables["cts"]["img_mod"][row, 1])]
-        truth = source.images.vlm_vit(np.asarray(RecordReader(data, "train")[src_rec]["images"][target], np.float32),
-                                      images=5)
         candidates = [item.pixels for item in items if isinstance(item, VitImage)][1:]
         matches = [i for i, pixels in enumerate(candidates) if np.allclose(pixels, truth, atol=1e-6)]
         assert matches == ["ABCD".index(letter)]

@@ -329,6 +329,16 @@ def render(cols: Mapping[str, np.ndarray], i: int) -> RenderedInstance:
     return RenderedInstance(task, question, images, answer_letter)
 
 
+# The columns an option reorder moves, with the column index of option A: CTS's candidate images follow its source.
+REDRAWN_COLUMNS = {
+    "cts": (("img_rec", 1), ("img_mod", 1), ("opt_value", 0)),
+    "mi": (("img_rec", 0), ("img_mod", 0), ("opt_value", 0)),
+    "tia": (("opt_value", 0), ("opt_kind", 0), ("opt_phrase", 0)),
+    "vqa": (("opt_value", 0), ("opt_kind", 0), ("opt_phrase", 0)),
+}
+TEMPLATES = {"cts": prompts.CTS_TEMPLATES, "tia": prompts.TIA_TEMPLATES, "mi": prompts.MI_TEMPLATES}
+
+
 def redraw_options(cols: Mapping[str, np.ndarray], i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Row ``i`` as a one-row table with its options in a fresh random order (the answer follows its option), and a
     fresh template and TIA phrasing: an instance met again is a new question, so a remembered answer letter is
@@ -340,24 +350,15 @@ def redraw_options(cols: Mapping[str, np.ndarray], i: int, rng: np.random.Genera
     task = TASKS[int(row["task"][0])]
     count = int(row["n_options"][0])
     order = rng.permutation(count)  # new position j shows old option order[j]
-    if task == "mi":
-        for name in ("img_rec", "img_mod", "opt_value"):
-            row[name][0, :count] = row[name][0, :count][order]
-    elif task == "cts":
-        for name in ("img_rec", "img_mod"):
-            row[name][0, 1:count + 1] = row[name][0, 1:count + 1][order]
-        row["opt_value"][0, :count] = row["opt_value"][0, :count][order]
-    else:
-        for name in ("opt_value", "opt_kind", "opt_phrase"):
-            row[name][0, :count] = row[name][0, :count][order]
-    if task != "mi":
+    for name, first in REDRAWN_COLUMNS[task]:
+        row[name][0, first:first + count] = row[name][0, first:first + count][order]
+    if task != "mi":  # MI's answer is the panels' names, in the panels' new order
         row["answer"][0] = int(np.flatnonzero(order == row["answer"][0])[0])
     if task == "tia":
         row["opt_phrase"][0, :count] = [rng.integers(len(prompts.description_pool(*decode_route(int(v)))))
                                         for v in row["opt_value"][0, :count]]
-    templates = {"cts": prompts.CTS_TEMPLATES, "tia": prompts.TIA_TEMPLATES, "mi": prompts.MI_TEMPLATES}
-    if task in templates:
-        row["template"][0] = rng.integers(len(templates[task]))
+    if task in TEMPLATES:
+        row["template"][0] = rng.integers(len(TEMPLATES[task]))
     return row
 
 
